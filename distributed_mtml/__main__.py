@@ -1,0 +1,3 @@
+from distributed_mtml.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The `mtml` command line: parse, load config, call the API. No logic of its own.
+
+Heavy imports (Ray, MLflow, torch) happen inside the command functions, so `mtml --help`
+and `mtml data validate` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, InputError
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs", "demo.yaml")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray address (default: start a local Ray; 'auto' on a cluster)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, 'distributed-mtml')")
+
+
+def _add_data_commands(sub) -> None:
+    from distributed_mtml.data.generators import GENERATORS
+
+    data = sub.add_parser("data", help="make, validate and show task suites").add_subparsers(dest="data_cmd", required=True)
+    make = data.add_parser("make", help="generate a synthetic suite").add_subparsers(dest="generator", required=True)
+    for name, gen in GENERATORS.items():
+        p = make.add_parser(name, help=gen.summary)
+        p.add_argument("--out", required=True, help="directory (or URI) to write the suite to")
+        for field, info in gen.options.model_fields.items():
+            p.add_argument(f"--{field}", type=info.annotation, default=info.default, help=f"{info.description} (default {info.default})")
+    data.add_parser("validate", help="check a suite, one line per problem").add_argument("suite")
+    data.add_parser("show", help="tasks, types, rows per split, features").add_argument("suite")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtml", description="Multi-task and meta-learning on Ray, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train the article's example on local Ray and show where to look")
+    _add_common(demo)
+    _add_data_commands(sub)
+    train = sub.add_parser("train", help="multi-task training on Ray Train workers")
+    train.add_argument("--config", required=True)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
+    _add_common(train)
+    ev = sub.add_parser("evaluate", help="per-task test metrics of a trained model")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="MLflow run id")
+    source.add_argument("--checkpoint", help="checkpoint directory")
+    ev.add_argument("--suite", required=True)
+    _add_common(ev)
+    return parser
+
+
+def cmd_data(args) -> int:
+    from distributed_mtml.data.generators import GENERATORS, make_suite
+
+    if args.data_cmd == "make":
+        fields = GENERATORS[args.generator].options.model_fields
+        spec = make_suite(args.generator, args.out, {f: getattr(args, f) for f in fields})
+        print(f"wrote suite '{spec.name}' with {len(spec.tasks)} tasks to {args.out}")
+        return EXIT_OK
+    if args.data_cmd == "validate":
+        from distributed_mtml.data.validate import validate_suite
+
+        problems = validate_suite(args.suite)
+        if problems:
+            raise InputError(problems)
+        print(f"{args.suite}: ok")
+        return EXIT_OK
+    return show_suite(args.suite)
+
+
+def show_suite(suite_dir: str) -> int:
+    from distributed_mtml.data.suite import SPLITS, load_task
+    from distributed_mtml.data.validate import checked_suite
+    from distributed_mtml.report import table
+
+    spec = checked_suite(suite_dir)
+    rows = []
+    for task in spec.tasks:
+        d = load_task(suite_dir, task)
+        kind = f"classification ({task.num_classes})" if task.type == "classification" else "regression"
+        rows.append([task.name, kind, *(len(d.y[s]) for s in SPLITS), len(d.features), task.target])
+    print(f"suite '{spec.name}': {spec.description}")
+    print(table(["task", "type", *SPLITS, "features", "target"], rows))
+    return EXIT_OK
+
+
+def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False) -> int:
+    from distributed_mtml.config import load_config
+    from distributed_mtml.report import metrics_table
+    from distributed_mtml.train.launch import run_training
+
+    config = load_config(config_path, overrides)
+    if args.experiment:
+        config.tracking.experiment = args.experiment
+    run_name = config.tracking.run_name or os.path.splitext(os.path.basename(config_path))[0]
+    outcome = run_training(config, run_name, args.tracking_uri, resume, args.address)
+    print(f"\nrun {outcome.run_id} finished; validation metrics of the last epoch:")
+    print(metrics_table(outcome.metrics, "val"))
+    print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
+    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
+          + (f" --tracking-uri {outcome.tracking_uri}" if args.tracking_uri else ""))
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from distributed_mtml import tracking
+    from distributed_mtml.evaluate import evaluate, model_from_run
+    from distributed_mtml.report import metrics_table
+    from distributed_mtml.train.checkpoint import load_model
+
+    if args.run:
+        model = model_from_run(args.run, tracking.resolve_tracking_uri(args.tracking_uri))
+    else:
+        model, _ = load_model(args.checkpoint)
+    print(metrics_table(evaluate(model, args.suite), "test"))
+    return EXIT_OK
+
+
+def dispatch(args) -> int:
+    if args.command == "data":
+        return cmd_data(args)
+    if args.command == "train":
+        return cmd_train(args, args.config, args.set, args.resume)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
+    return cmd_train(args, DEMO_CONFIG, [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except InputError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback wall
+        traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return EXIT_FAILURE

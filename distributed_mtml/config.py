@@ -1,0 +1,161 @@
+"""Typed run configuration: YAML in, validated pydantic models out.
+
+pydantic is the single source of truth: every default lives here, unknown keys are
+errors, and `--set a.b=value` overrides are merged into the raw YAML before validation
+so they get exactly the same checks as the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distributed_mtml.errors import InputError, validation_lines
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SuiteConfig(_Section):
+    """Where the task suite lives, or which generator makes it on first use."""
+
+    path: str | None = None
+    generator: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _path_or_generator(self) -> "SuiteConfig":
+        if self.path is None and self.generator is None:
+            raise ValueError("give 'path', 'generator', or both")
+        return self
+
+    def resolved_path(self) -> str:
+        """An absolute location: workers chdir, so relative paths are resolved here, once."""
+        if self.path is not None:
+            return self.path if "://" in self.path else os.path.abspath(self.path)
+        digest = hashlib.sha1(json.dumps(self.options, sort_keys=True).encode()).hexdigest()[:8]
+        return os.path.abspath(os.path.join("mtml_data", f"{self.generator}-{digest}"))
+
+
+class TrunkConfig(_Section):
+    widths: list[int] = Field(default_factory=lambda: [100, 50], min_length=1)
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    layer_norm: bool = False
+
+
+class ModelConfig(_Section):
+    trunk: TrunkConfig = Field(default_factory=TrunkConfig)
+    input_width: int | None = Field(
+        None, ge=1, description="trunk input width; default: the tasks' common feature count"
+    )
+    head_hidden: list[int] = Field(default_factory=list, description="hidden widths of each task head")
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="rows per task per step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    seed: int = 0
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="default: enough steps for the largest task to see its train split once"
+    )
+    sync_every: int = Field(
+        1, ge=1, description="local steps between trunk synchronisations (1 = DDP gradient sync every step)"
+    )
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class AggregationConfig(_Section):
+    method: Literal["mean"] = "mean"
+
+
+class CheckpointSection(_Section):
+    every_n_epochs: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    num_to_keep: int = Field(2, ge=1)
+    dir: str | None = Field(None, description="default: ./mtml_runs in the directory the command started in")
+
+    def resolved_dir(self) -> str:
+        path = self.dir or "mtml_runs"
+        return path if "://" in path else os.path.abspath(path)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    experiment: str = "distributed-mtml"
+    run_name: str | None = None
+
+
+class Config(_Section):
+    suite: SuiteConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str = "--set") -> dict[str, Any]:
+    """Merges `a.b=value` strings into a raw config dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"{where} '{item}': expected key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise InputError(f"{where} '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Reads, overrides and validates a config file; every problem is an InputError line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, where=path)
+
+
+def validate_config(raw: dict[str, Any], where: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise InputError(validation_lines(where, e)) from None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

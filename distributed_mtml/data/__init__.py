@@ -1,0 +1,1 @@
+"""Task suites on Parquet: the format, validation and generators."""

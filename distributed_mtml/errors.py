@@ -1,0 +1,30 @@
+"""Error types and the exit codes the CLI maps them to.
+
+Bad input (a suite, a config, a flag) must be told apart from a crash: scripts that
+drive `mtml` rely on exit code 2 meaning "fix your input" and 1 meaning "something broke".
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+class InputError(Exception):
+    """A problem with what the user supplied; each entry of `problems` is one line
+    that names the file, field or column at fault."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def validation_lines(where: str, err: "pydantic.ValidationError") -> list[str]:  # noqa: F821
+    """One line per pydantic error, naming the file (or object) and the dotted key."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key '{key}'")
+        else:
+            lines.append(f"{where}: key '{key}': {e['msg']}")
+    return lines

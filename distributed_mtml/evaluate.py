@@ -1,0 +1,46 @@
+"""`mtml evaluate`: per-task test metrics of a trained model on a suite."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from distributed_mtml import tracking
+from distributed_mtml.data.suite import load_task
+from distributed_mtml.data.validate import checked_suite
+from distributed_mtml.errors import InputError
+from distributed_mtml.models import MultiTaskModel
+from distributed_mtml.train.checkpoint import load_model
+from distributed_mtml.train.metrics import task_metrics
+
+
+def model_from_run(run_id: str, uri: str) -> MultiTaskModel:
+    """Downloads `runs:/<id>/model` and loads it with weights_only=True."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client(uri)
+    try:
+        c.get_run(run_id)
+    except MlflowException:
+        raise InputError(f"--run: no run '{run_id}' in {uri}") from None
+    with tempfile.TemporaryDirectory() as d:
+        path = c.download_artifacts(run_id, "model", d)
+        model, _ = load_model(path)
+    return model
+
+
+def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test") -> dict[str, float]:
+    """Metrics `<split>/<task>/<metric>` for every suite task the model has a head for."""
+    spec = checked_suite(suite_dir)
+    known = [t for t in spec.tasks if t.name in model.tasks]
+    if not known:
+        raise InputError(f"{suite_dir}: none of its tasks {[t.name for t in spec.tasks]} has a head in the model")
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for task in known:
+            data = load_task(suite_dir, task)
+            x, y = torch.from_numpy(data.x[split]), torch.from_numpy(data.y[split])
+            metrics = task_metrics(model.tasks[task.name], model(task.name, x), y)
+            out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
+    return out

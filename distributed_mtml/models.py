@@ -1,0 +1,108 @@
+"""The shared trunk, per-task heads and per-task input adapters.
+
+The trunk is the only part synchronised across workers; a task's adapter and head live
+on the worker that owns the task. Adapters exist only when tasks disagree on feature
+width: they map each task's features into the trunk's input width ("feature mapping").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distributed_mtml.config import ModelConfig, TrunkConfig
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """What the model must know of a task: its kind and its input and output widths."""
+
+    name: str
+    type: str  # "classification" | "regression"
+    num_features: int
+    num_classes: int | None = None
+
+    @property
+    def out_width(self) -> int:
+        return self.num_classes if self.type == "classification" else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mlp(in_width: int, widths: list[int], cfg: TrunkConfig | None = None) -> nn.Sequential:
+    """Linear layers of `widths`, each followed by norm, activation and dropout (from `cfg`)."""
+    cfg = cfg or TrunkConfig()
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers.append(nn.Linear(in_width, width))
+        if cfg.layer_norm:
+            layers.append(nn.LayerNorm(width))
+        layers.append(ACTIVATIONS[cfg.activation]())
+        if cfg.dropout:
+            layers.append(nn.Dropout(cfg.dropout))
+        in_width = width
+    return nn.Sequential(*layers)
+
+
+def trunk_input_width(cfg: ModelConfig, tasks: list[TaskShape]) -> int:
+    widths = {t.num_features for t in tasks}
+    if cfg.input_width is not None:
+        return cfg.input_width
+    return widths.pop() if len(widths) == 1 else max(widths)
+
+
+def build_trunk(cfg: ModelConfig, tasks: list[TaskShape]) -> nn.Sequential:
+    return mlp(trunk_input_width(cfg, tasks), cfg.trunk.widths, cfg.trunk)
+
+
+class TaskModule(nn.Module):
+    """A task's private parameters: an optional input adapter and its head."""
+
+    def __init__(self, task: TaskShape, cfg: ModelConfig, trunk_in: int):
+        super().__init__()
+        self.adapter = nn.Identity() if task.num_features == trunk_in else nn.Linear(task.num_features, trunk_in)
+        hidden = mlp(cfg.trunk.widths[-1], cfg.head_hidden, cfg.trunk)
+        last = cfg.head_hidden[-1] if cfg.head_hidden else cfg.trunk.widths[-1]
+        self.head = nn.Sequential(hidden, nn.Linear(last, task.out_width))
+
+
+def build_task_modules(
+    cfg: ModelConfig, tasks: list[TaskShape], seed: int, only: list[str] | None = None
+) -> nn.ModuleDict:
+    """Modules of the tasks named in `only` (default: all), each seeded by its index in the
+    suite, so a head's initial weights do not depend on which worker builds it."""
+    trunk_in = trunk_input_width(cfg, tasks)
+    modules = {}
+    for i, task in enumerate(tasks):
+        if only is None or task.name in only:
+            torch.manual_seed(seed * 1000 + i + 1)
+            modules[task.name] = TaskModule(task, cfg, trunk_in)
+    return nn.ModuleDict(modules)
+
+
+def task_loss(task: TaskShape, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification, squared error for regression (the article's losses)."""
+    if task.type == "classification":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output.squeeze(-1), target)
+
+
+class MultiTaskModel(nn.Module):
+    """Trunk plus every task's module; what `mtml evaluate` and transfer load."""
+
+    def __init__(self, cfg: ModelConfig, tasks: list[TaskShape], seed: int = 0):
+        super().__init__()
+        self.tasks = {t.name: t for t in tasks}
+        torch.manual_seed(seed)
+        self.trunk = build_trunk(cfg, tasks)
+        self.task_modules = build_task_modules(cfg, tasks, seed)
+
+    def forward(self, task: str, x: torch.Tensor) -> torch.Tensor:
+        module = self.task_modules[task]
+        return module.head(self.trunk(module.adapter(x)))

@@ -1,0 +1,49 @@
+"""Plain-text tables and learning-curve plots shown to the user."""
+
+from __future__ import annotations
+
+import os
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A left-aligned text table; floats printed with 4 decimals."""
+    cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def metrics_table(metrics: dict[str, float], split: str) -> str:
+    """Rows of `<split>/<task>/<metric>` keys: one row per task, one column per metric."""
+    per_task: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == split:
+            per_task.setdefault(parts[1], {})[parts[2]] = value
+    names = ["loss", "accuracy", "auc", "mse", "mae", "r2"]
+    columns = [n for n in names if any(n in m for m in per_task.values())]
+    rows = [[task, *(m.get(c, "") for c in columns)] for task, m in sorted(per_task.items())]
+    return table(["task", *columns], rows)
+
+
+def learning_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], out_dir: str) -> list[str]:
+    """One PNG per task with its train and validation loss per epoch; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for task, curves in sorted(histories.items()):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, points in sorted(curves.items()):
+            ax.plot([s + 1 for s, _ in points], [v for _, v in points], marker="o", label=label)
+        ax.set(title=f"task {task}", xlabel="epoch", ylabel="loss")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{task}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,137 @@
+"""MLflow: where runs go, how they are named, and the one process that writes them.
+
+SQLite allows one writer at a time, so workers never talk to MLflow. The driver creates
+the run and logs params and artifacts; during training a Ray Train `UserCallback`, which
+runs in the controller process, logs every worker's metrics. The two never overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ray.train import UserCallback
+
+DEFAULT_DB = "mlflow.db"
+
+
+def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
+    """--tracking-uri, then the config, then $MLFLOW_TRACKING_URI, then ./mlflow.db.
+
+    SQLite paths are made absolute here because Ray workers and the controller run in
+    other working directories.
+    """
+    uri = cli_uri or config_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    elif "://" not in uri:
+        uri = "sqlite:///" + os.path.abspath(uri)
+    return uri
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Next to a local SQLite file, artifacts go to ./mlartifacts beside it (absolute);
+    a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :]
+        return "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
+    return None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=_artifact_location(uri))
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    from mlflow.entities import Param
+
+    c = client(uri)
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def find_resumable_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The newest unfinished run of this name: what `--resume` continues."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{run_name}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """FINISHED, FAILED or KILLED; RUNNING again when a run is resumed."""
+    c = client(uri)
+    if status == "RUNNING":
+        c.update_run(run_id, status="RUNNING")
+    else:
+        c.set_terminated(run_id, status=status)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    c = client(uri)
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def merge_worker_metrics(per_worker: list[dict[str, float]]) -> tuple[int, dict[str, float]]:
+    """One epoch's metrics of all ranks -> (epoch, MLflow metrics with run-level aggregates).
+
+    Workers run in lock-step, so the slowest rank's train time is the epoch's wall time.
+    """
+    epoch = int(per_worker[0]["epoch"])
+    merged: dict[str, float] = {}
+    for m in per_worker:
+        merged.update({k: v for k, v in m.items() if "/" in k})
+    seconds = max(m["train_seconds"] for m in per_worker)
+    merged["throughput/samples_per_s"] = sum(m["samples"] for m in per_worker) / max(seconds, 1e-9)
+    val_losses = [v for k, v in merged.items() if k.startswith("val/") and k.endswith("/loss")]
+    merged["val/mean_loss"] = sum(val_losses) / len(val_losses)
+    return epoch, merged
+
+
+def progress_line(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
+    parts = [f"epoch {epoch + 1}/{epochs}", f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
+    parts += [
+        f"{k.split('/')[1]} {k.split('/')[2]} {v:.4f}"
+        for k, v in sorted(metrics.items())
+        if k.startswith("val/") and k.split("/")[-1] in ("accuracy", "r2")
+    ]
+    parts.append(f"{metrics['throughput/samples_per_s']:.0f} samples/s")
+    return "[mtml] " + " | ".join(parts)
+
+
+class MLflowMetricsCallback(UserCallback):
+    """Logs every report of every worker to one MLflow run, from the controller process."""
+
+    def __init__(self, uri: str, run_id: str, epochs: int):
+        self.uri, self.run_id, self.epochs = uri, run_id, epochs
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        epoch, merged = merge_worker_metrics(metrics)
+        log_metrics(self.uri, self.run_id, merged, step=epoch)
+        print(progress_line(epoch, self.epochs, merged), flush=True)

@@ -1,0 +1,47 @@
+"""Per-task evaluation metrics, named as in DESIGN.md (`accuracy`, `auc`, `mse`, `mae`, `r2`)."""
+
+from __future__ import annotations
+
+import torch
+
+from distributed_mtml.models import TaskShape, task_loss
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC as the Mann-Whitney statistic, with ties counted half."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    probs = logits.softmax(-1)
+    accuracy = float((logits.argmax(-1) == labels).double().mean())
+    aucs = [binary_auc(probs[:, c], (labels == c).long()) for c in range(1, logits.shape[-1])]
+    if logits.shape[-1] > 2:  # macro one-vs-rest
+        aucs = [binary_auc(probs[:, c], (labels == c).long()) for c in range(logits.shape[-1])]
+    return {"accuracy": accuracy, "auc": sum(aucs) / len(aucs)}
+
+
+def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    pred = pred.squeeze(-1).double()
+    target = target.double()
+    err = pred - target
+    var = ((target - target.mean()) ** 2).mean()
+    mse = float((err**2).mean())
+    return {"mse": mse, "mae": float(err.abs().mean()), "r2": float(1 - mse / var) if var > 0 else float("nan")}
+
+
+def task_metrics(task: TaskShape, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """The task's metrics plus its loss, all as plain floats."""
+    output, target = output.detach().cpu(), target.detach().cpu()
+    metrics = (
+        classification_metrics(output, target)
+        if task.type == "classification"
+        else regression_metrics(output, target)
+    )
+    metrics["loss"] = float(task_loss(task, output, target))
+    return metrics

@@ -1,0 +1,64 @@
+"""The driver's preparation of a run: the suite checked, task shapes known, tasks placed.
+
+Everything here happens before any Ray worker starts, so bad input fails fast with exit 2.
+The resulting `TrainPlan` is the whole payload a worker receives; the worker re-validates it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from pydantic import BaseModel, ConfigDict
+
+from distributed_mtml.config import Config
+from distributed_mtml.data.generators import make_suite
+from distributed_mtml.data.suite import SUITE_FILE, load_task
+from distributed_mtml.data.validate import checked_suite
+from distributed_mtml.models import TaskShape
+from distributed_mtml.train.placement import place_tasks
+
+
+class TrainPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: Config
+    suite_dir: str
+    suite_name: str
+    tasks: list[dict]  # TaskShape fields
+    train_rows: dict[str, int]
+    placement: list[list[str]]
+    steps_per_epoch: int
+
+    def task_shapes(self) -> list[TaskShape]:
+        return [TaskShape(**t) for t in self.tasks]
+
+
+def ensure_suite(config: Config) -> str:
+    """The suite's absolute location, generating it first when the config names a generator."""
+    path = config.suite.resolved_path()
+    exists = "://" in path or os.path.exists(os.path.join(path, SUITE_FILE))
+    if not exists and config.suite.generator:
+        make_suite(config.suite.generator, path, config.suite.options)
+    return path
+
+
+def make_plan(config: Config) -> TrainPlan:
+    suite_dir = ensure_suite(config)
+    spec = checked_suite(suite_dir)
+    shapes, train_rows = [], {}
+    for task in spec.tasks:
+        data = load_task(suite_dir, task)
+        shapes.append(TaskShape(task.name, task.type, len(data.features), task.num_classes))
+        train_rows[task.name] = len(data.y["train"])
+    placement = place_tasks([t.name for t in spec.tasks], config.scaling.num_workers)
+    steps = config.training.steps_per_epoch or math.ceil(max(train_rows.values()) / config.training.batch_size)
+    return TrainPlan(
+        config=config,
+        suite_dir=suite_dir,
+        suite_name=spec.name,
+        tasks=[s.to_dict() for s in shapes],
+        train_rows=train_rows,
+        placement=placement,
+        steps_per_epoch=steps,
+    )
