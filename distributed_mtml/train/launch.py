@@ -63,6 +63,7 @@ def _trainer(plan: TrainPlan, uri: str, run_id: str, ray_name: str):
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=[tracking.MLflowMetricsCallback(uri, run_id, cfg.training.epochs)],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -93,7 +94,7 @@ def ensure_ray(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None)
+        ray.init(address=address)
 
 
 def run_training(

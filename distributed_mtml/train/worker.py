@@ -9,6 +9,7 @@ collective: a rank that stopped early would hang the others.
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 
@@ -79,8 +80,18 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict[str, TaskSh
     return out
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's full metrics at INFO under a logger outside the
+    `ray.train` tree, which `LoggingConfig` does not reach; the controller prints a
+    one-line summary per epoch instead."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(payload: dict) -> None:
     plan = TrainPlan.model_validate(payload)
+    _quiet_report_log()
     cfg, t = plan.config, plan.config.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,7 +119,7 @@ def train_loop_per_worker(payload: dict) -> None:
     synced = trunk
     if world > 1:
         ids = [device] if device.type == "cuda" else None
-        synced = DistributedDataParallel(trunk, device_ids=ids, broadcast_buffers=False)
+        synced = DistributedDataParallel(trunk, device_ids=ids)
     batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
     # Loss scale so the DDP mean over ranks is the mean over all tasks of the suite.
     scale = world / len(shapes)
@@ -132,7 +143,7 @@ def train_loop_per_worker(payload: dict) -> None:
             if local_only and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
                 _average_parameters(trunk, world)
             for n, loss in zip(mine, losses):
-                sums[n] += float(loss)
+                sums[n] += loss.item()
             samples += sum(len(y) for _, y in group)
         train_seconds = time.perf_counter() - begin
 

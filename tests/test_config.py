@@ -1,0 +1,58 @@
+import glob
+import os
+
+import pytest
+
+from distributed_mtml.config import flatten, load_config
+from distributed_mtml.errors import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_the_articles_model(tmp_path):
+    cfg = load_config(_write(tmp_path, "suite: {generator: seed-example}\n"))
+    assert cfg.model.trunk.widths == [100, 50] and cfg.model.trunk.activation == "relu"
+    assert cfg.scaling.num_workers == 2 and cfg.aggregation.method == "mean"
+
+
+def test_set_overrides_merge_before_validation(tmp_path):
+    path = _write(tmp_path, "suite: {generator: seed-example}\ntraining: {lr: 0.1}\n")
+    cfg = load_config(path, ["training.lr=0.01", "model.trunk.widths=[8, 4]", "scaling.num_workers=1"])
+    assert cfg.training.lr == 0.01 and cfg.model.trunk.widths == [8, 4] and cfg.scaling.num_workers == 1
+
+
+def test_unknown_keys_and_bad_values_name_the_file_and_key(tmp_path):
+    path = _write(tmp_path, "suite: {generator: seed-example}\ntraining: {lr: -1, epoch: 3}\n")
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert f"{path}: unknown key 'training.epoch'" in err.value.problems
+    assert any(p.startswith(f"{path}: key 'training.lr'") for p in err.value.problems)
+    with pytest.raises(InputError, match="unknown key 'training.nope'"):
+        load_config(_write(tmp_path, "suite: {generator: seed-example}\n"), ["training.nope=1"])
+
+
+def test_missing_and_unreadable_config(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(str(tmp_path / "absent.yaml"))
+    with pytest.raises(InputError, match="cannot read"):
+        load_config(_write(tmp_path, "suite: [unclosed\n"))
+    with pytest.raises(InputError, match="give 'path', 'generator', or both"):
+        load_config(_write(tmp_path, "suite: {}\n"))
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
+
+
+def test_every_shipped_config_validates():
+    paths = glob.glob(os.path.join(REPO, "jobs", "**", "*.yaml"), recursive=True)
+    configs = [p for p in paths if "/configs/" in p]
+    assert configs, "no shipped configs found"
+    for path in configs:
+        load_config(path)
