@@ -1,0 +1,114 @@
+"""Integration: real 2-worker TorchTrainer runs on a local Ray, read back through MlflowClient."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from distributed_mtml.config import validate_config
+from distributed_mtml.evaluate import evaluate, model_from_run
+from distributed_mtml.train.launch import run_training
+
+pytestmark = pytest.mark.ray
+
+
+def _config(tmp_path, suite, **sections):
+    raw = {
+        "suite": {"path": suite},
+        "training": {"epochs": 3, "batch_size": 32, "lr": 0.01, "seed": 0},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"every_n_epochs": 1, "dir": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return validate_config(raw)
+
+
+def _uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite):
+    out = run_training(_config(tmp_path, seed_suite), "itest", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mtml.command"] == "train" and run.data.tags["mtml.suite"] == "seed-example"
+    assert run.data.params["training.lr"] == "0.01" and run.data.params["scaling.num_workers"] == "2"
+    for key in ["val/classify/accuracy", "val/classify/auc", "val/regress/mse", "val/regress/mae",
+                "val/regress/r2", "val/mean_loss", "throughput/samples_per_s"]:
+        assert key in run.data.metrics, key
+    history = client.get_metric_history(out.run_id, "train/regress/loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+    val = [m.value for m in sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)]
+    assert val[-1] < val[0]
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)}
+    assert {"config.yaml", "suite.yaml", "model", "plots"} <= artifacts
+    assert {a.path for a in client.list_artifacts(out.run_id, "plots")} == {"plots/classify.png", "plots/regress.png"}
+    model = model_from_run(out.run_id, _uri(tmp_path))
+    test = evaluate(model, seed_suite)
+    assert test["test/classify/accuracy"] > 0.6 and test["test/regress/r2"] > 0.0
+
+
+def test_same_seed_gives_same_metrics(ray_session, tmp_path, seed_suite):
+    a = run_training(_config(tmp_path, seed_suite, training={"epochs": 2}), "det", _uri(tmp_path))
+    b = run_training(_config(tmp_path, seed_suite, training={"epochs": 2}), "det", _uri(tmp_path))
+    keys = [k for k in a.metrics if k.startswith("val/")]
+    assert keys and all(a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-6) for k in keys)
+
+
+def test_more_tasks_than_workers_with_different_feature_widths(ray_session, tmp_path):
+    from distributed_mtml.data.generators import make_suite
+
+    suite = str(tmp_path / "mmoe")
+    make_suite("mmoe", suite, {"tasks": 3, "features": 8, "rows": 150})
+    raw = yaml.safe_load(open(f"{suite}/suite.yaml"))
+    raw["tasks"][2]["features"] = ["x0", "x1", "x2", "x3"]  # task2 is narrower: it gets an adapter
+    yaml.safe_dump(raw, open(f"{suite}/suite.yaml", "w"))
+    out = run_training(_config(tmp_path, suite, training={"epochs": 2}), "placed", _uri(tmp_path))
+    params = MlflowClient(_uri(tmp_path)).get_run(out.run_id).data.params
+    assert params["plan.placement"] == str([["task0", "task2"], ["task1"]])
+    assert {f"val/task{i}/r2" for i in range(3)} <= set(out.metrics)
+
+
+def test_single_worker(ray_session, tmp_path, seed_suite):
+    out = run_training(_config(tmp_path, seed_suite, scaling={"num_workers": 1}, training={"epochs": 1}), "one", _uri(tmp_path))
+    assert {"val/classify/accuracy", "val/regress/r2"} <= set(out.metrics)
+
+
+def test_resume_continues_from_the_last_checkpoint(ray_session, tmp_path, seed_suite):
+    uri = _uri(tmp_path)
+    first = run_training(_config(tmp_path, seed_suite, training={"epochs": 2}), "resumable", uri)
+    client = MlflowClient(uri)
+    client.set_terminated(first.run_id, status="KILLED")  # as if interrupted after epoch 2
+    again = run_training(_config(tmp_path, seed_suite, training={"epochs": 4}), "resumable", uri, resume=True)
+    assert again.run_id == first.run_id
+    steps = sorted(m.step for m in client.get_metric_history(first.run_id, "train/classify/loss"))
+    assert steps == [0, 1, 2, 3]  # epochs 0-1 from the first attempt, 2-3 after resuming
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_failed_run_is_marked_failed(ray_session, tmp_path, seed_suite):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the checkpoint directory should be")
+    cfg = _config(tmp_path, seed_suite, checkpoint={"dir": str(blocker)}, training={"epochs": 1})
+    with pytest.raises(Exception):
+        run_training(cfg, "doomed", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_bad_suite_exits_2_before_ray_starts(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"suite: {{path: {tmp_path}/missing}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path}/missing/suite.yaml: file not found"
+    assert not os.path.exists(tmp_path / "mlflow.db")  # nothing started, nothing logged
