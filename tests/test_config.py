@@ -56,3 +56,22 @@ def test_every_shipped_config_validates():
     assert configs, "no shipped configs found"
     for path in configs:
         load_config(path)
+
+
+def _leaf_keys(model, prefix=""):
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_keys(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_readme_config_reference_lists_every_key():
+    from distributed_mtml.config import Config
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    missing = [k for k in _leaf_keys(Config) if f"`{k}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}"
