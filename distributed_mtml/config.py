@@ -77,6 +77,10 @@ class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
+    grad_compression: Literal["none", "fp16", "bf16"] = Field(
+        "none", description="DDP communication hook that compresses trunk gradients for the all-reduce"
+    )
 
 
 class AggregationConfig(_Section):

@@ -112,3 +112,13 @@ def test_bad_suite_exits_2_before_ray_starts(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path}/missing/suite.yaml: file not found"
     assert not os.path.exists(tmp_path / "mlflow.db")  # nothing started, nothing logged
+
+
+def test_local_sgd_sync_every_trains(ray_session, tmp_path, seed_suite):
+    cfg = _config(tmp_path, seed_suite, training={"epochs": 3, "sync_every": 4})
+    out = run_training(cfg, "localsgd", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    val = [m.value for m in sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)]
+    assert val[-1] < val[0]
+    test = evaluate(model_from_run(out.run_id, _uri(tmp_path)), seed_suite)
+    assert test["test/classify/accuracy"] > 0.6

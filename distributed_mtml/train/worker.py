@@ -8,53 +8,35 @@ collective: a rank that stopped early would hang the others.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import time
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_mtml.data.suite import load_suite_spec, load_task
-from distributed_mtml.models import TaskShape, build_task_modules, build_trunk, task_loss
+from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
 from distributed_mtml.train.metrics import task_metrics
 from distributed_mtml.train.plan import TrainPlan
+from distributed_mtml.train.step import TaskBatches, make_optimizer, multitask_step
 
 
-class TaskBatches:
-    """Endless shuffled mini-batches of one task's train split, reproducible per epoch.
-
-    The permutation depends only on (seed, task index, epoch, pass), so a run resumed from
-    a checkpoint sees the same batches it would have seen without the interruption.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, task_index: int):
-        self.x, self.y, self.batch_size = x, y, min(batch_size, len(y))
-        self.seed, self.task_index = seed, task_index
-
-    def epoch(self, epoch: int, steps: int):
-        order = np.empty(0, dtype=np.int64)
-        needed, passes = steps * self.batch_size, 0
-        while len(order) < needed:
-            rng = np.random.default_rng([self.seed, self.task_index, epoch, passes])
-            order = np.concatenate([order, rng.permutation(len(self.y))])
-            passes += 1
-        index = torch.from_numpy(order[:needed]).view(steps, self.batch_size).to(self.x.device)
-        for rows in index:
-            yield self.x[rows], self.y[rows]
-
-
-def _optimizer(plan: TrainPlan, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    t = plan.config.training
-    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    return kinds[t.optimizer](params, lr=t.lr, weight_decay=t.weight_decay)
+def _wrap_trunk(trunk: nn.Module, plan: TrainPlan, device: torch.device) -> nn.Module:
+    """DDP over the trunk only, with the configured bucket size and gradient compression."""
+    s = plan.config.scaling
+    ids = [device] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(trunk, device_ids=ids, bucket_cap_mb=s.bucket_cap_mb)
+    hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+    if s.grad_compression in hooks:
+        ddp.register_comm_hook(dist.group.WORLD, hooks[s.grad_compression])
+    return ddp
 
 
 def _average_parameters(module: nn.Module, world: int) -> None:
@@ -110,44 +92,36 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(t.seed)
     trunk = build_trunk(cfg.model, list(shapes.values())).to(device)
     modules = build_task_modules(cfg.model, list(shapes.values()), t.seed, only=mine).to(device)
-    optimizer = _optimizer(plan, [*trunk.parameters(), *modules.parameters()])
+    optimizer = make_optimizer(t.optimizer, [*trunk.parameters(), *modules.parameters()], t.lr, t.weight_decay)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             start_epoch = restore_worker_state(d, rank, trunk, modules, optimizer)
-    synced = trunk
-    if world > 1:
-        ids = [device] if device.type == "cuda" else None
-        synced = DistributedDataParallel(trunk, device_ids=ids)
+    # sync_every > 1 is local SGD: no per-step gradient sync, so no DDP wrapper and its hooks.
+    local_sgd = t.sync_every > 1 and world > 1
+    synced = _wrap_trunk(trunk, plan, device) if world > 1 and not local_sgd else trunk
+    if local_sgd:
+        _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
     batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
     # Loss scale so the DDP mean over ranks is the mean over all tasks of the suite.
     scale = world / len(shapes)
 
     for epoch in range(start_epoch, t.epochs):
         torch.manual_seed(t.seed * 100_003 + epoch * 101 + rank)  # dropout, reproducible on resume
-        sums = {n: 0.0 for n in mine}
+        sums = {n: torch.zeros((), device=device) for n in mine}
         samples, begin = 0, time.perf_counter()
         streams = [batches[n].epoch(epoch, plan.steps_per_epoch) for n in mine]
         for step, group in enumerate(zip(*streams)):
-            local_only = t.sync_every > 1 and world > 1
-            with synced.no_sync() if local_only else contextlib.nullcontext():
-                inputs = [modules[n].adapter(x) for n, (x, _) in zip(mine, group)]
-                features = synced(torch.cat(inputs)).split([len(x) for x in inputs])
-                losses = [
-                    task_loss(shapes[n], modules[n].head(f), y) for n, f, (_, y) in zip(mine, features, group)
-                ]
-                optimizer.zero_grad(set_to_none=True)
-                (torch.stack(losses).sum() * scale).backward()
-            optimizer.step()
-            if local_only and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
+            losses = multitask_step(synced, modules, shapes, dict(zip(mine, group)), optimizer, scale)
+            if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
                 _average_parameters(trunk, world)
-            for n, loss in zip(mine, losses):
-                sums[n] += loss.item()
+            for n, loss in losses.items():
+                sums[n] += loss
             samples += sum(len(y) for _, y in group)
         train_seconds = time.perf_counter() - begin
 
-        metrics = {f"train/{n}/loss": sums[n] / plan.steps_per_epoch for n in mine}
+        metrics = {f"train/{n}/loss": sums[n].item() / plan.steps_per_epoch for n in mine}
         metrics.update(_evaluate(trunk, modules, shapes, data, "val"))
         metrics.update({"epoch": epoch, "samples": samples, "train_seconds": train_seconds})
         last = epoch + 1 == t.epochs

@@ -1,0 +1,72 @@
+"""One multi-task optimisation step and the batches that feed it.
+
+Shared by the Ray worker loop and by the single-process baseline of the throughput
+benchmark, so the two measure exactly the same work.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from distributed_mtml.models import TaskShape, task_loss
+
+
+class TaskBatches:
+    """Endless shuffled mini-batches of one task's train split, reproducible per epoch.
+
+    The permutation depends only on (seed, task index, epoch, pass), so a run resumed from
+    a checkpoint sees the same batches it would have seen without the interruption.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, task_index: int):
+        self.x, self.y, self.batch_size = x, y, min(batch_size, len(y))
+        self.seed, self.task_index = seed, task_index
+
+    def epoch(self, epoch: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = np.empty(0, dtype=np.int64)
+        needed, passes = steps * self.batch_size, 0
+        while len(order) < needed:
+            rng = np.random.default_rng([self.seed, self.task_index, epoch, passes])
+            order = np.concatenate([order, rng.permutation(len(self.y))])
+            passes += 1
+        index = torch.from_numpy(order[:needed]).view(steps, self.batch_size).to(self.x.device)
+        for rows in index:
+            yield self.x[rows], self.y[rows]
+
+
+def multitask_step(
+    trunk: nn.Module,
+    modules: nn.ModuleDict,
+    shapes: dict[str, TaskShape],
+    batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    loss_scale: float,
+) -> dict[str, torch.Tensor]:
+    """Forward all owned tasks' batches through the trunk in one call, backward, step.
+
+    One trunk forward per step (not one per task) keeps DDP's one-forward-one-backward
+    contract and gives the trunk larger, more efficient matrix products.
+    Returns each task's (detached) loss.
+    """
+    names = list(batches)
+    inputs = [modules[n].adapter(batches[n][0]) for n in names]
+    features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+    losses = [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+    optimizer.zero_grad(set_to_none=True)
+    (torch.stack(losses).sum() * loss_scale).backward()
+    optimizer.step()
+    return {n: loss.detach() for n, loss in zip(names, losses)}
+
+
+def make_optimizer(kind: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam and AdamW use the fused kernels (CPU and CUDA): on a 4 x 1024 trunk they cut a
+    one-thread step from about 60 to 45 ms here, and every DDP worker pays for the full
+    trunk update, so this matters more for the distributed run than for one process."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    adam = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    return adam(params, lr=lr, weight_decay=weight_decay, fused=True)

@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmark scripts: run a config through the real system and
+read its results back from MLflow, so a benchmark measures what users run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from distributed_mtml.config import Config, validate_config
+from distributed_mtml.train.launch import TrainOutcome, ensure_ray, run_training
+
+WORKDIR = tempfile.mkdtemp(prefix="mtml_bench_")
+URI = f"sqlite:///{WORKDIR}/mlflow.db"
+
+
+def config(**sections) -> Config:
+    """A config with benchmark defaults: checkpoints only at the end, in a scratch dir."""
+    raw: dict = {"checkpoint": {"every_n_epochs": 1000, "dir": os.path.join(WORKDIR, "runs")},
+                 "tracking": {"experiment": "benchmarks"}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return validate_config(raw)
+
+
+def train(cfg: Config, name: str) -> TrainOutcome:
+    ensure_ray(None)
+    return run_training(cfg, name, URI)
+
+
+def best_throughput(outcome: TrainOutcome) -> float:
+    """Best samples/s over the epochs after the first (which pays for warm-up): the same
+    best-of-N estimator as `loop_throughput`, robust to a noisy machine."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(URI).get_metric_history(outcome.run_id, "throughput/samples_per_s")
+    values = [m.value for m in sorted(history, key=lambda m: m.step)]
+    return max(values[1:] or values)
+
+
+def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> float:
+    """Samples/s of one process training every task of the suite with `threads` threads,
+    using the same step function, model and batches as a worker. Best of `repeats` runs of
+    `steps` steps, after a warm-up, since this machine is noisy."""
+    import time
+
+    import torch
+
+    from distributed_mtml.data.suite import load_suite_spec, load_task
+    from distributed_mtml.models import build_task_modules, build_trunk
+    from distributed_mtml.train.plan import make_plan
+    from distributed_mtml.train.step import TaskBatches, make_optimizer, multitask_step
+
+    plan = make_plan(cfg)
+    t = cfg.training
+    shapes = {s.name: s for s in plan.task_shapes()}
+    specs = load_suite_spec(plan.suite_dir).tasks
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(t.seed)
+    trunk = build_trunk(cfg.model, list(shapes.values()))
+    modules = build_task_modules(cfg.model, list(shapes.values()), t.seed)
+    optimizer = make_optimizer(t.optimizer, [*trunk.parameters(), *modules.parameters()], t.lr, t.weight_decay)
+    batches = {}
+    for i, spec in enumerate(specs):
+        d = load_task(plan.suite_dir, spec)
+        batches[spec.name] = TaskBatches(torch.from_numpy(d.x["train"]), torch.from_numpy(d.y["train"]), t.batch_size, t.seed, i)
+    best = 0.0
+    for r in range(repeats + 1):
+        streams = [batches[n].epoch(r, steps) for n in shapes]
+        begin, samples = time.perf_counter(), 0
+        for group in zip(*streams):
+            multitask_step(trunk, modules, shapes, dict(zip(shapes, group)), optimizer, 1 / len(shapes))
+            samples += sum(len(y) for _, y in group)
+        if r > 0:  # the first pass is warm-up
+            best = max(best, samples / (time.perf_counter() - begin))
+    torch.set_num_threads(previous)
+    return best
