@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import traceback
+import typing
 
 from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, InputError
 
@@ -22,6 +23,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, 'distributed-mtml')")
 
 
+def _scalar_type(annotation) -> type:
+    """`int | None` -> int: argparse needs a callable, pydantic validates the rest."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
 def _add_data_commands(sub) -> None:
     from distributed_mtml.data.generators import GENERATORS
 
@@ -31,7 +38,8 @@ def _add_data_commands(sub) -> None:
         p = make.add_parser(name, help=gen.summary)
         p.add_argument("--out", required=True, help="directory (or URI) to write the suite to")
         for field, info in gen.options.model_fields.items():
-            p.add_argument(f"--{field}", type=info.annotation, default=info.default, help=f"{info.description} (default {info.default})")
+            p.add_argument(f"--{field}", type=_scalar_type(info.annotation), default=info.default,
+                           help=f"{info.description} (default {info.default})")
     data.add_parser("validate", help="check a suite, one line per problem").add_argument("suite")
     data.add_parser("show", help="tasks, types, rows per split, features").add_argument("suite")
 

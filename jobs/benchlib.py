@@ -75,3 +75,24 @@ def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> 
             best = max(best, samples / (time.perf_counter() - begin))
     torch.set_num_threads(previous)
     return best
+
+
+def single_task_suite(suite_dir: str, task: str) -> str:
+    """A suite holding only `task`, pointing at the same Parquet file: the single-task baseline."""
+    from distributed_mtml.data.suite import SuiteSpec, join_path, load_suite_spec, suite_yaml_path, write_text
+
+    import yaml
+
+    spec = load_suite_spec(suite_dir)
+    (chosen,) = [t for t in spec.tasks if t.name == task]
+    chosen = chosen.model_copy(update={"path": join_path(suite_dir, chosen.path)})
+    out = os.path.join(WORKDIR, "single", f"{os.path.basename(suite_dir)}-{task}")
+    one = SuiteSpec(name=f"{spec.name}-{task}", tasks=[chosen])
+    write_text(suite_yaml_path(out), yaml.safe_dump(one.model_dump(exclude_none=True), sort_keys=False))
+    return out
+
+
+def test_metrics(outcome: TrainOutcome, suite_dir: str) -> dict[str, float]:
+    from distributed_mtml.evaluate import evaluate, model_from_run
+
+    return evaluate(model_from_run(outcome.run_id, URI), suite_dir)

@@ -122,3 +122,49 @@ def test_local_sgd_sync_every_trains(ray_session, tmp_path, seed_suite):
     assert val[-1] < val[0]
     test = evaluate(model_from_run(out.run_id, _uri(tmp_path)), seed_suite)
     assert test["test/classify/accuracy"] > 0.6
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed_suite):
+    """SIGKILL one worker after the first checkpoint: with max_failures the group restarts
+    from that checkpoint and the run still finishes with every epoch logged."""
+    import signal
+    import threading
+    import time
+
+    cfg = _config(tmp_path, seed_suite, training={"epochs": 6, "steps_per_epoch": 40},
+                  checkpoint={"every_n_epochs": 1, "max_failures": 2})
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            done = list((tmp_path / "runs").glob("*/checkpoint_epoch=0001"))
+            pids = _train_worker_pids()
+            if done and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    chaos = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    chaos.start()
+    out = run_training(cfg, "crashy", _uri(tmp_path))
+    chaos.join()
+    assert killed, "no worker was killed: the test did not exercise a restart"
+    client = MlflowClient(_uri(tmp_path))
+    assert client.get_run(out.run_id).info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(out.run_id, "train/classify/loss")}
+    assert steps == set(range(6))

@@ -13,43 +13,53 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distributed_mtml.data.suite import SuiteSpec, TaskSpec, write_suite
 from distributed_mtml.errors import InputError, validation_lines
 
-SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test by default
 
 
-class SeedExampleOptions(BaseModel):
+class _SuiteOptions(BaseModel):
+    """Options every generator takes: size, split and seed."""
+
     model_config = ConfigDict(extra="forbid")
     rows: int = Field(2000, ge=20, description="rows per task (all splits)")
-    noise: float = Field(0.1, ge=0, description="noise added to the latent signal")
+    train_rows: int | None = Field(
+        None, ge=1, description="rows in the train split (rest halved into val and test); default 70%%"
+    )
     seed: int = Field(0, description="random seed")
 
+    @model_validator(mode="after")
+    def _train_fits(self) -> "_SuiteOptions":
+        if self.train_rows is not None and self.rows - self.train_rows < 2:
+            raise ValueError(f"train_rows ({self.train_rows}) must leave at least 2 of {self.rows} rows for val and test")
+        return self
 
-class MMoEOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class SeedExampleOptions(_SuiteOptions):
+    noise: float = Field(0.1, ge=0, description="noise added to the latent signal")
+
+
+class MMoEOptions(_SuiteOptions):
     tasks: int = Field(2, ge=2, description="number of regression tasks")
     correlation: float = Field(0.9, ge=0, le=1, description="pairwise cosine of the task weight vectors")
     features: int = Field(16, ge=3, description="input width d")
-    rows: int = Field(2000, ge=20, description="rows per task (all splits)")
     scale: float = Field(1.0, gt=0, description="scale c of the weight vectors")
     sines: int = Field(10, ge=0, description="number m of sine terms")
     noise: float = Field(0.01, ge=0, description="label noise standard deviation")
-    seed: int = Field(0, description="random seed")
 
 
-class SinusoidOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SinusoidOptions(_SuiteOptions):
     tasks: int = Field(20, ge=1, description="number of sinusoid tasks")
     rows: int = Field(100, ge=20, description="points per task (all splits)")
-    seed: int = Field(0, description="random seed")
 
 
-def _split_column(rows: int, rng: np.random.Generator) -> pa.Array:
-    n_train = int(rows * SPLIT_FRACTIONS[0])
-    n_val = int(rows * SPLIT_FRACTIONS[1])
+def _split_column(opts: _SuiteOptions, rng: np.random.Generator) -> pa.Array:
+    rows = opts.rows
+    n_train = opts.train_rows if opts.train_rows is not None else int(rows * SPLIT_FRACTIONS[0])
+    n_val = (rows - n_train) // 2
     labels = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * (rows - n_train - n_val))
     rng.shuffle(labels)
     return pa.array(labels)
@@ -81,8 +91,8 @@ def seed_example(opts: SeedExampleOptions) -> tuple[SuiteSpec, dict[str, pa.Tabl
     x_r, h_r = latent(opts.rows)
     target = (h_r @ w_reg + np.sin(2.0 * h_r[:, 0])).astype(np.float32)
     tables = {
-        "classify": _table(x_c, label, _split_column(opts.rows, rng)),
-        "regress": _table(x_r, target, _split_column(opts.rows, rng)),
+        "classify": _table(x_c, label, _split_column(opts, rng)),
+        "regress": _table(x_r, target, _split_column(opts, rng)),
     }
     spec = SuiteSpec(
         name="seed-example",
@@ -116,7 +126,7 @@ def mmoe(opts: MMoEOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
         dot = x @ w
         y = dot + np.sin(np.outer(dot, alphas) + betas).sum(axis=1) + opts.noise * rng.normal(size=opts.rows)
         name = f"task{k}"
-        tables[name] = _table(x, y.astype(np.float32), _split_column(opts.rows, rng))
+        tables[name] = _table(x, y.astype(np.float32), _split_column(opts, rng))
         tasks.append(TaskSpec(name=name, type="regression", path=f"{name}.parquet", target="y"))
     return SuiteSpec(name="mmoe", description=f"MMoE synthetic, pairwise correlation {p}", tasks=tasks), tables
 
@@ -130,7 +140,7 @@ def sinusoid(opts: SinusoidOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
         x = rng.uniform(-5.0, 5.0, size=(opts.rows, 1))
         y = (amp * np.sin(x[:, 0] - phase)).astype(np.float32)
         name = f"sine{k:03d}"
-        tables[name] = _table(x, y, _split_column(opts.rows, rng))
+        tables[name] = _table(x, y, _split_column(opts, rng))
         tasks.append(TaskSpec(name=name, type="regression", path=f"{name}.parquet", target="y"))
     return SuiteSpec(name="sinusoid", description="MAML sinusoid regression tasks", tasks=tasks), tables
 

@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+from distributed_mtml.cli import main
+
+
+def test_help_lists_every_command_and_generator(capsys):
+    proc = subprocess.run([sys.executable, "-m", "distributed_mtml", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in ["demo", "data", "train", "evaluate"]:
+        assert command in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "distributed_mtml", "data", "make", "--help"], capture_output=True, text=True)
+    for generator in ["seed-example", "mmoe", "sinusoid"]:
+        assert generator in proc.stdout
+
+
+def test_data_make_and_show(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert main(["data", "make", "mmoe", "--out", out, "--tasks", "3", "--rows", "100", "--train_rows", "20"]) == 0
+    assert main(["data", "show", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    task_rows = [line.split() for line in lines if line.startswith("task")][1:]
+    assert [r[0] for r in task_rows] == ["task0", "task1", "task2"]
+    assert [r[2:5] for r in task_rows] == [["20", "40", "40"]] * 3
+
+
+def test_bad_generator_option_exits_2(tmp_path, capsys):
+    assert main(["data", "make", "seed-example", "--out", str(tmp_path), "--rows", "30", "--train_rows", "29"]) == 2
+    err = capsys.readouterr().err
+    assert "train_rows (29) must leave at least 2 of 30 rows" in err
