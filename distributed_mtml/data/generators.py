@@ -72,24 +72,30 @@ def _table(x: np.ndarray, y: np.ndarray, split: pa.Array, prefix: str = "x") -> 
     return pa.table(cols)
 
 
+LATENT = 2
+
+
 def seed_example(opts: SeedExampleOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
     """The founding article's example: 10 features, a 2-class task and a regression task.
 
-    Both targets are read off one hidden 4-dimensional representation h = tanh(A x), so a
-    trunk that learns h from either task's data helps the other; each task draws its own x.
+    Both targets are read off one hidden representation h = tanh(A x) (4 units): the
+    regression target is a score s(h) = w.h + sin(2 h_0) plus a task-specific part, and the
+    class is whether s(h) is positive. A trunk that learns h from either task's data helps
+    the other, most when each task has few rows; each task draws its own x.
     """
     rng = np.random.default_rng(opts.seed)
-    a = rng.normal(size=(4, 10)) / math.sqrt(10) * 2.0
-    w_cls, w_reg = rng.normal(size=4), rng.normal(size=4)
+    a = rng.normal(size=(LATENT, 10)) / math.sqrt(10) * 2.0
+    w, v = rng.normal(size=LATENT), rng.normal(size=LATENT)
 
-    def latent(n: int) -> tuple[np.ndarray, np.ndarray]:
+    def latent(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = rng.normal(size=(n, 10))
-        return x, np.tanh(x @ a.T) + opts.noise * rng.normal(size=(n, 4))
+        h = np.tanh(x @ a.T) + opts.noise * rng.normal(size=(n, LATENT))
+        return x, h, h @ w + np.sin(2.0 * h[:, 0])
 
-    x_c, h_c = latent(opts.rows)
-    label = (h_c @ w_cls > 0).astype(np.int64)
-    x_r, h_r = latent(opts.rows)
-    target = (h_r @ w_reg + np.sin(2.0 * h_r[:, 0])).astype(np.float32)
+    x_c, _, score_c = latent(opts.rows)
+    label = (score_c > 0).astype(np.int64)
+    x_r, h_r, score_r = latent(opts.rows)
+    target = (score_r + 0.5 * h_r @ v).astype(np.float32)
     tables = {
         "classify": _table(x_c, label, _split_column(opts, rng)),
         "regress": _table(x_r, target, _split_column(opts, rng)),
