@@ -25,7 +25,7 @@ from distributed_mtml.report import table
 
 # name -> (generator, options, steps per epoch). Small train splits, large test splits.
 SUITES = {
-    "seed-example, 128 train rows/task": ("seed-example", {"rows": 1128, "train_rows": 128}, 60),
+    "seed-example, 32 train rows/task": ("seed-example", {"rows": 1032, "train_rows": 32}, 30),
     "mmoe p=0.9, 64 train rows/task": (
         "mmoe", {"tasks": 2, "correlation": 0.9, "features": 16, "sines": 2, "rows": 1064, "train_rows": 64}, 24),
 }
