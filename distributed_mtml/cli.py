@@ -102,6 +102,7 @@ def show_suite(suite_dir: str) -> int:
 def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False) -> int:
     from distributed_mtml.config import load_config
     from distributed_mtml.report import metrics_table
+    from distributed_mtml.tracking import resolve_tracking_uri
     from distributed_mtml.train.launch import run_training
 
     config = load_config(config_path, overrides)
@@ -113,8 +114,8 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
     print(metrics_table(outcome.metrics, "val"))
     print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
     print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
-          + (f" --tracking-uri {outcome.tracking_uri}" if args.tracking_uri else ""))
+    uri_flag = "" if outcome.tracking_uri == resolve_tracking_uri() else f" --tracking-uri {outcome.tracking_uri}"
+    print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}{uri_flag}")
     return EXIT_OK
 
 
@@ -139,6 +140,8 @@ def dispatch(args) -> int:
         return cmd_train(args, args.config, args.set, args.resume)
     if args.command == "evaluate":
         return cmd_evaluate(args)
+    if not os.path.exists(DEMO_CONFIG):
+        raise InputError(f"{DEMO_CONFIG}: demo config not found; install from a checkout with `pip install -e .`")
     return cmd_train(args, DEMO_CONFIG, [])
 
 
