@@ -28,3 +28,15 @@ def test_bad_generator_option_exits_2(tmp_path, capsys):
     assert main(["data", "make", "seed-example", "--out", str(tmp_path), "--rows", "30", "--train_rows", "29"]) == 2
     err = capsys.readouterr().err
     assert "train_rows (29) must leave at least 2 of 30 rows" in err
+
+
+def test_help_and_validate_do_not_import_ray_mlflow_or_torch(seed_suite):
+    code = (
+        "import sys\n"
+        "from distributed_mtml.cli import main\n"
+        f"assert main(['data', 'validate', {seed_suite!r}]) == 0\n"
+        "heavy = [m for m in ('ray', 'mlflow', 'torch') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
