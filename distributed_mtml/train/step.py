@@ -54,10 +54,14 @@ def multitask_step(
     """
     names = list(batches)
     inputs = [modules[n].adapter(batches[n][0]) for n in names]
-    features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+    if len(inputs) == 1:  # one task per worker is the common case: skip the cat/split copies
+        features = [trunk(inputs[0])]
+    else:
+        features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
     losses = [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     optimizer.zero_grad(set_to_none=True)
-    (torch.stack(losses).sum() * loss_scale).backward()
+    (total if loss_scale == 1.0 else total * loss_scale).backward()
     optimizer.step()
     return {n: loss.detach() for n, loss in zip(names, losses)}
 
