@@ -1,0 +1,25 @@
+"""CAGrad: the update that maximises the worst task improvement within a ball around the mean.
+
+Reference: Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS
+2021. Dual: w* = argmin_{w in simplex} w^T G b + c |g0| sqrt(w^T G w), b = 1/K, |g0|^2 = b^T G b;
+update d = g0 + (c |g0| / |g_w|) g_w, rescaled by 1 / (1 + c^2) (the paper's rescale=1).
+c = 0 is plain averaging.
+"""
+
+import torch
+
+from distributed_mtml.aggregation.simplex import minimise
+
+
+def weights(gram: torch.Tensor, *, seed: int = 0, c: float = 0.4) -> torch.Tensor:
+    k = gram.shape[0]
+    b = torch.full((k,), 1.0 / k, dtype=gram.dtype)
+    g0_norm = torch.sqrt(torch.clamp(b @ gram @ b, min=0))
+    if c == 0 or g0_norm == 0:
+        return b
+    scale = c * g0_norm
+    w = minimise(lambda w: w @ gram @ b + scale * torch.sqrt(torch.clamp(w @ gram @ w, min=1e-20)), k)
+    gw_norm = torch.sqrt(torch.clamp(w @ gram @ w, min=0))
+    if gw_norm < 1e-12:
+        return b
+    return (b + (scale / gw_norm) * w) / (1 + c**2)

@@ -1,0 +1,113 @@
+"""Properties every aggregation method shares, known answers, and the cross-worker exchange
+against the single-process reference."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distributed_mtml.aggregation import METHODS
+from distributed_mtml.aggregation.exchange import combine, gather_task_grads
+
+NAMES = sorted(METHODS)
+
+
+def _gram(g):
+    return g.double() @ g.double().T
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_are_finite_and_one_per_task(name):
+    g = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    w = METHODS[name].weights(_gram(g), seed=3)
+    assert w.shape == (4,) and torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "cagrad"])
+def test_identical_gradients_give_the_mean(name):
+    g = torch.randn(1, 10).repeat(3, 1)
+    agg, _ = combine(g, name, seed=0)
+    assert torch.allclose(agg, g[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "upgrad"])
+def test_non_conflicting_gradients_give_the_mean(name):
+    g = torch.tensor([[1.0, 0.2, 0.0], [0.3, 1.0, 0.0], [0.1, 0.1, 1.0]])
+    agg, _ = combine(g, name, seed=0)
+    assert torch.allclose(agg, g.mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "pcgrad"])
+def test_permutation_equivariance(name):
+    g = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    perm = [2, 0, 1]
+    w = METHODS[name].weights(_gram(g), seed=0)
+    w_perm = METHODS[name].weights(_gram(g[perm]), seed=0)
+    assert torch.allclose(w[perm], w_perm, atol=1e-5)
+
+
+def test_mgda_two_tasks_closed_form_and_min_norm():
+    g = torch.tensor([[1.0, 0.0], [-0.5, 1.0]], dtype=torch.float64)
+    w = METHODS["mgda"].weights(_gram(g))
+    d = w @ g
+    # closed form gamma = (g2 - g1).g2 / |g1 - g2|^2
+    gamma = ((g[1] - g[0]) @ g[1]) / ((g[0] - g[1]) @ (g[0] - g[1]))
+    assert w[0] == pytest.approx(float(gamma)) and w.sum() == pytest.approx(1.0)
+    assert (g @ d >= -1e-9).all()  # a common descent direction
+    three = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    w3 = METHODS["mgda"].weights(_gram(three))
+    for _ in range(200):  # no point of the simplex has a smaller norm
+        v = torch.distributions.Dirichlet(torch.ones(3, dtype=torch.float64)).sample()
+        assert (w3 @ three).norm() <= (v @ three).norm() + 1e-6
+
+
+def test_pcgrad_two_conflicting_tasks_by_hand():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    agg, _ = combine(torch.stack([g1, g2]), "pcgrad", seed=0)
+    assert torch.allclose(agg, (p1 + p2) / 2, atol=1e-6)
+
+
+def test_cagrad_c_zero_is_the_mean_and_improves_the_worst_task():
+    g = torch.tensor([[1.0, 0.0], [-0.8, 0.3]])
+    agg0, _ = combine(g, "cagrad", seed=0, c=0.0)
+    assert torch.allclose(agg0, g.mean(0))
+    agg, _ = combine(g, "cagrad", seed=0, c=0.5)
+    assert (g @ agg).min() > (g @ g.mean(0)).min()
+
+
+def test_imtl_projects_equally_on_every_task_direction():
+    g = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    agg, w = combine(g, "imtl", seed=0)
+    cos = (g @ agg) / g.norm(dim=1)
+    assert torch.allclose(cos, cos[0].expand(3), atol=1e-8) and w.sum() == pytest.approx(1.0)
+
+
+def _worker(rank, placement, grads, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(placement))
+    order = sorted(n for tasks in placement for n in tasks)
+    local = torch.stack([grads[order.index(n)] for n in placement[rank]])
+    for method in NAMES:
+        agg, _ = combine(gather_task_grads(local, placement, order), method, seed=7)
+        torch.save(agg, f"{out}/{method}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("placement", [[["a"], ["b"]], [["a", "c"], ["b"]]], ids=["one-per-worker", "several"])
+@pytest.mark.parametrize("conflict", [False, True])
+def test_exchange_equals_single_process_reference(tmp_path, placement, conflict):
+    k = sum(len(t) for t in placement)
+    grads = torch.randn(k, 257, generator=torch.Generator().manual_seed(5))
+    if conflict:
+        grads[1] = -0.9 * grads[0] + 0.1 * grads[1]  # deliberately opposed
+    port = 29600 + conflict + 2 * len(placement[0])
+    mp.spawn(_worker, args=(placement, grads, port, str(tmp_path)), nprocs=len(placement))
+    for method in NAMES:
+        reference, _ = combine(grads, method, seed=7)
+        for rank in range(len(placement)):
+            got = torch.load(tmp_path / f"{method}-rank{rank}.pt", weights_only=True)
+            assert (got - reference).abs().max() <= 1e-5, (method, rank)
