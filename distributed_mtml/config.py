@@ -84,7 +84,22 @@ class ScalingSection(_Section):
 
 
 class AggregationConfig(_Section):
-    method: Literal["mean"] = "mean"
+    method: str = Field("mean", description="mean, pcgrad, cagrad, mgda, upgrad, imtl")
+    c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "AggregationConfig":
+        from distributed_mtml.aggregation import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}' (choose from: {', '.join(METHODS)})")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The method's own parameters, passed to its weights function."""
+        from distributed_mtml.aggregation import METHODS
+
+        return {key: getattr(self, key) for key in METHODS[self.method].params}
 
 
 class CheckpointSection(_Section):
@@ -105,6 +120,12 @@ class TrackingConfig(_Section):
 
 
 class Config(_Section):
+    @model_validator(mode="after")
+    def _local_sgd_is_mean_only(self) -> "Config":
+        if self.training.sync_every > 1 and self.aggregation.method != "mean":
+            raise ValueError("training.sync_every > 1 (local SGD) works only with aggregation.method 'mean'")
+        return self
+
     suite: SuiteConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

@@ -168,3 +168,26 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
     assert client.get_run(out.run_id).info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(out.run_id, "train/classify/loss")}
     assert steps == set(range(6))
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "cagrad", "mgda", "upgrad", "imtl"])
+def test_conflict_aware_methods_end_to_end(ray_session, tmp_path, seed_suite, method):
+    cfg = _config(tmp_path, seed_suite, training={"epochs": 2}, aggregation={"method": method})
+    out = run_training(cfg, f"agg-{method}", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mtml.aggregation"] == method and run.data.params["aggregation.method"] == method
+    assert {"aggregation/classify/weight", "aggregation/regress/weight"} <= set(run.data.metrics)
+    assert {"model", "plots", "config.yaml"} <= {a.path for a in client.list_artifacts(out.run_id)}
+    assert run.data.metrics["val/classify/accuracy"] > 0.6  # learned something (chance is about 0.5)
+
+
+def test_shipped_mmoe_pcgrad_config_runs_as_is(ray_session, tmp_path, monkeypatch):
+    from distributed_mtml.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # the generated suite and checkpoints land here
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(repo, "jobs", "configs", "mmoe_pcgrad.yaml"), ["training.epochs=1"])
+    out = run_training(cfg, "mmoe_pcgrad", _uri(tmp_path))
+    assert {f"aggregation/task{i}/weight" for i in range(4)} <= set(out.metrics)

@@ -16,10 +16,6 @@ from torch import nn
 from distributed_mtml.aggregation import METHODS
 
 
-def flat_grad(params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-
-
 def combine(grads: torch.Tensor, method: str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-process reference: [K, P] task gradients -> (aggregated [P], weights [K])."""
     gram = (grads.double() @ grads.double().T).cpu()
@@ -44,3 +40,41 @@ def write_grad(params: list[nn.Parameter], flat: torch.Tensor) -> None:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+
+
+def aggregated_step(
+    trunk: nn.Module,
+    modules: nn.ModuleDict,
+    shapes: dict,
+    batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    placement: list[list[str]],
+    order: list[str],
+    method: str,
+    seed: int,
+    options: dict,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One step with a conflict-aware trunk update; returns task losses and the weights [K].
+
+    Each owned task's trunk gradient is taken separately from one shared forward; the heads
+    and adapters get their own task's plain gradient; the trunk gets sum_k w_k g_k.
+    """
+    from distributed_mtml.models import task_loss
+
+    names = list(batches)
+    inputs = [modules[n].adapter(batches[n][0]) for n in names]
+    features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+    losses = [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+    params = [p for p in trunk.parameters() if p.requires_grad]
+    local = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        local.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    optimizer.zero_grad(set_to_none=True)
+    torch.stack(losses).sum().backward(inputs=list(modules.parameters()))
+    stacked = torch.stack(local)
+    all_grads = gather_task_grads(stacked, placement, order) if len(placement) > 1 else stacked
+    aggregated, w = combine(all_grads, method, seed, **options)
+    write_grad(params, aggregated)
+    optimizer.step()
+    return {n: loss.detach() for n, loss in zip(names, losses)}, w

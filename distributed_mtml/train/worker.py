@@ -20,6 +20,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from distributed_mtml.aggregation import METHODS
+from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
@@ -98,9 +100,11 @@ def train_loop_per_worker(payload: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             start_epoch = restore_worker_state(d, rank, trunk, modules, optimizer)
-    # sync_every > 1 is local SGD: no per-step gradient sync, so no DDP wrapper and its hooks.
+    # sync_every > 1 is local SGD and conflict-aware methods exchange gradients themselves:
+    # neither wants DDP's per-step average, its wrapper or its hooks.
     local_sgd = t.sync_every > 1 and world > 1
-    synced = _wrap_trunk(trunk, plan, device) if world > 1 and not local_sgd else trunk
+    exchange = METHODS[cfg.aggregation.method].needs_exchange
+    synced = _wrap_trunk(trunk, plan, device) if world > 1 and not (local_sgd or exchange) else trunk
     if local_sgd:
         _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
     batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
@@ -112,8 +116,15 @@ def train_loop_per_worker(payload: dict) -> None:
         sums = {n: torch.zeros((), device=device) for n in mine}
         samples, begin = 0, time.perf_counter()
         streams = [batches[n].epoch(epoch, plan.steps_per_epoch) for n in mine]
+        weight_sums = torch.zeros(len(order), dtype=torch.float64)
         for step, group in enumerate(zip(*streams)):
-            losses = multitask_step(synced, modules, shapes, dict(zip(mine, group)), optimizer, scale)
+            if exchange:
+                seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
+                losses, w = aggregated_step(synced, modules, shapes, dict(zip(mine, group)), optimizer,
+                                            plan.placement, order, cfg.aggregation.method, seed, cfg.aggregation.options())
+                weight_sums += w
+            else:
+                losses = multitask_step(synced, modules, shapes, dict(zip(mine, group)), optimizer, scale)
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
                 _average_parameters(trunk, world)
             for n, loss in losses.items():
@@ -122,6 +133,8 @@ def train_loop_per_worker(payload: dict) -> None:
         train_seconds = time.perf_counter() - begin
 
         metrics = {f"train/{n}/loss": sums[n].item() / plan.steps_per_epoch for n in mine}
+        if exchange:
+            metrics.update({f"aggregation/{n}/weight": float(weight_sums[order.index(n)]) / plan.steps_per_epoch for n in mine})
         metrics.update(_evaluate(trunk, modules, shapes, data, "val"))
         metrics.update({"epoch": epoch, "samples": samples, "train_seconds": train_seconds})
         last = epoch + 1 == t.epochs
