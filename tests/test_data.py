@@ -77,7 +77,7 @@ def test_unknown_generator_and_bad_option_are_input_errors(tmp_path):
         make_suite("nope", str(tmp_path))
     with pytest.raises(InputError, match="'rows'"):
         make_suite("seed-example", str(tmp_path), {"rows": -5})
-    with pytest.raises(InputError, match="must exceed 'tasks'"):
+    with pytest.raises(InputError, match="must be at least 'tasks' \+ 'groups'"):
         make_suite("mmoe", str(tmp_path), {"tasks": 5, "features": 4})
 
 
@@ -104,3 +104,11 @@ def test_features_default_to_numeric_columns_but_target_and_split(seed_suite):
     assert data.features == [f"x{i}" for i in range(10)]
     assert data.x["train"].dtype == np.float32 and data.y["train"].dtype == np.int64
     assert math.isclose(len(data.y["train"]) / 200, 0.7, abs_tol=0.01)
+
+
+def test_mmoe_groups_correlate_within_and_not_across():
+    opts = GENERATORS["mmoe"].options(tasks=4, groups=2, correlation=0.9, features=8, rows=400, sines=0, noise=0.0)
+    ws = _mmoe_weights(opts)
+    cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
+    assert cos(ws[0], ws[1]) == pytest.approx(0.9, abs=1e-4) and cos(ws[2], ws[3]) == pytest.approx(0.9, abs=1e-4)
+    assert cos(ws[0], ws[2]) == pytest.approx(0.0, abs=1e-4) and cos(ws[1], ws[3]) == pytest.approx(0.0, abs=1e-4)

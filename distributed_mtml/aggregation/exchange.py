@@ -42,6 +42,24 @@ def write_grad(params: list[nn.Parameter], flat: torch.Tensor) -> None:
         offset += n
 
 
+def task_trunk_gradients(
+    trunk: nn.Module, modules: nn.ModuleDict, shapes: dict, batches: dict, keep_graph: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each owned task's loss and its flat trunk gradient [n, P], from one shared forward."""
+    from distributed_mtml.models import task_loss
+
+    names = list(batches)
+    inputs = [modules[n].adapter(batches[n][0]) for n in names]
+    features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+    losses = [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+    params = [p for p in trunk.parameters() if p.requires_grad]
+    rows = []
+    for i, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, params, retain_graph=keep_graph or i + 1 < len(losses), allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    return losses, torch.stack(rows)
+
+
 def aggregated_step(
     trunk: nn.Module,
     modules: nn.ModuleDict,
@@ -59,20 +77,11 @@ def aggregated_step(
     Each owned task's trunk gradient is taken separately from one shared forward; the heads
     and adapters get their own task's plain gradient; the trunk gets sum_k w_k g_k.
     """
-    from distributed_mtml.models import task_loss
-
     names = list(batches)
-    inputs = [modules[n].adapter(batches[n][0]) for n in names]
-    features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
-    losses = [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+    losses, stacked = task_trunk_gradients(trunk, modules, shapes, batches, keep_graph=True)
     params = [p for p in trunk.parameters() if p.requires_grad]
-    local = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        local.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
     optimizer.zero_grad(set_to_none=True)
     torch.stack(losses).sum().backward(inputs=list(modules.parameters()))
-    stacked = torch.stack(local)
     all_grads = gather_task_grads(stacked, placement, order) if len(placement) > 1 else stacked
     aggregated, w = combine(all_grads, method, seed, **options)
     write_grad(params, aggregated)

@@ -44,6 +44,7 @@ class SeedExampleOptions(_SuiteOptions):
 
 class MMoEOptions(_SuiteOptions):
     tasks: int = Field(2, ge=2, description="number of regression tasks")
+    groups: int = Field(1, ge=1, description="task groups: correlation within a group, 0 across groups")
     correlation: float = Field(0.9, ge=0, le=1, description="pairwise cosine of the task weight vectors")
     features: int = Field(16, ge=3, description="input width d")
     scale: float = Field(1.0, gt=0, description="scale c of the weight vectors")
@@ -114,20 +115,24 @@ def seed_example(opts: SeedExampleOptions) -> tuple[SuiteSpec, dict[str, pa.Tabl
 def mmoe(opts: MMoEOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
     """K regression tasks after the MMoE paper's synthetic procedure.
 
-    Weight vectors w_k = c(sqrt(p) u_0 + sqrt(1-p) u_k) over orthonormal u_0..u_K give every
-    pair of tasks cosine exactly p (the paper's two-task formula gives p^2 for K>2).
+    Weight vectors w_k = c(sqrt(p) a_g + sqrt(1-p) u_k) over orthonormal directions give every
+    pair of tasks in the same group g cosine exactly p (the paper's two-task formula gives p^2
+    for K>2) and tasks of different groups cosine 0: a known grouping to test affinity against.
     Labels: y = w^T x + sum_i sin(alpha_i w^T x + beta_i) + noise, alpha_i = i, beta_i = (i-1)^2.
     """
-    if opts.tasks + 1 > opts.features:
-        raise InputError(f"mmoe: option 'features' ({opts.features}) must exceed 'tasks' ({opts.tasks})")
+    if opts.tasks + opts.groups > opts.features:
+        raise InputError(
+            f"mmoe: option 'features' ({opts.features}) must be at least 'tasks' + 'groups' ({opts.tasks + opts.groups})"
+        )
     rng = np.random.default_rng(opts.seed)
-    basis, _ = np.linalg.qr(rng.normal(size=(opts.features, opts.tasks + 1)))
+    basis, _ = np.linalg.qr(rng.normal(size=(opts.features, opts.tasks + opts.groups)))
     p = opts.correlation
     alphas = np.arange(1, opts.sines + 1)
     betas = np.arange(opts.sines) ** 2
     tables, tasks = {}, []
     for k in range(opts.tasks):
-        w = opts.scale * (math.sqrt(p) * basis[:, 0] + math.sqrt(1 - p) * basis[:, k + 1])
+        anchor = basis[:, opts.tasks + k * opts.groups // opts.tasks]  # task k's group shares this direction
+        w = opts.scale * (math.sqrt(p) * anchor + math.sqrt(1 - p) * basis[:, k])
         x = rng.normal(size=(opts.rows, opts.features))
         dot = x @ w
         y = dot + np.sin(np.outer(dot, alphas) + betas).sum(axis=1) + opts.noise * rng.normal(size=opts.rows)
