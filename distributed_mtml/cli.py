@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="checkpoint directory")
     ev.add_argument("--suite", required=True)
     _add_common(ev)
+    aff = sub.add_parser("affinity", help="task-affinity matrix of a run and the best groupings")
+    aff.add_argument("--run", required=True, help="MLflow run id of a `mtml train` run with relations.enabled")
+    aff.add_argument("--max-groups", type=int, default=None, help="groupings for 2..G groups (default: up to 4)")
+    _add_common(aff)
     return parser
 
 
@@ -133,6 +137,34 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
+def cmd_affinity(args) -> int:
+    import tempfile
+
+    from distributed_mtml import relations, tracking
+    from distributed_mtml.report import table
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    c = tracking.client(uri)
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = c.download_artifacts(args.run, "relations/affinity.csv", d)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run or file
+            raise InputError(f"--run {args.run}: no relations/affinity.csv in {uri} (train with relations.enabled: true)") from None
+        values, order = relations.from_csv(open(path).read())
+    print("TAG affinity, source (row) -> recipient (column); positive: a step on the source helps the recipient")
+    print(table(["source", *order], [[a, *map(float, row)] for a, row in zip(order, values)]))
+    most = min(args.max_groups or 4, len(order))
+    lines = []
+    for g in range(2, most + 1):
+        groups, score = relations.best_grouping(values, g)
+        named = " | ".join("{" + ", ".join(order[i] for i in grp) + "}" for grp in groups)
+        lines.append(f"{g} groups (score {score:.4g}): {named}")
+    print("\nbest groupings (TAG rule" + (", exhaustive" if len(order) <= relations.EXHAUSTIVE_UP_TO else ", greedy") + "):")
+    print("\n".join(lines))
+    c.log_text(args.run, "\n".join(lines) + "\n", "relations/groupings.txt")
+    return EXIT_OK
+
+
 def dispatch(args) -> int:
     if args.command == "data":
         return cmd_data(args)
@@ -140,6 +172,8 @@ def dispatch(args) -> int:
         return cmd_train(args, args.config, args.set, args.resume)
     if args.command == "evaluate":
         return cmd_evaluate(args)
+    if args.command == "affinity":
+        return cmd_affinity(args)
     if not os.path.exists(DEMO_CONFIG):
         raise InputError(f"{DEMO_CONFIG}: demo config not found; install from a checkout with `pip install -e .`")
     return cmd_train(args, DEMO_CONFIG, [])

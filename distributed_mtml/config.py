@@ -102,6 +102,12 @@ class AggregationConfig(_Section):
         return {key: getattr(self, key) for key in METHODS[self.method].params}
 
 
+class RelationsConfig(_Section):
+    enabled: bool = False
+    every_n_steps: int = Field(10, ge=1, description="steps between affinity measurements")
+    lr: float | None = Field(None, gt=0, description="lookahead step size; default training.lr")
+
+
 class CheckpointSection(_Section):
     every_n_epochs: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)
@@ -131,6 +137,7 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    relations: RelationsConfig = Field(default_factory=RelationsConfig)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -106,7 +106,7 @@ def merge_worker_metrics(per_worker: list[dict[str, float]]) -> tuple[int, dict[
     epoch = int(per_worker[0]["epoch"])
     merged: dict[str, float] = {}
     for m in per_worker:
-        merged.update({k: v for k, v in m.items() if "/" in k})
+        merged.update({k: v for k, v in m.items() if "/" in k})  # ranks own disjoint keys, or agree
     seconds = max(m["train_seconds"] for m in per_worker)
     merged["throughput/samples_per_s"] = sum(m["samples"] for m in per_worker) / max(seconds, 1e-9)
     val_losses = [v for k, v in merged.items() if k.startswith("val/") and k.endswith("/loss")]
@@ -119,7 +119,7 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
     parts += [
         f"{k.split('/')[1]} {k.split('/')[2]} {v:.4f}"
         for k, v in sorted(metrics.items())
-        if k.startswith("val/") and k.split("/")[-1] in ("accuracy", "r2")
+        if k.startswith("val/") and k.count("/") == 2 and k.split("/")[-1] in ("accuracy", "r2")
     ]
     parts.append(f"{metrics['throughput/samples_per_s']:.0f} samples/s")
     return "[mtml] " + " | ".join(parts)

@@ -191,3 +191,30 @@ def test_shipped_mmoe_pcgrad_config_runs_as_is(ray_session, tmp_path, monkeypatc
     cfg = load_config(os.path.join(repo, "jobs", "configs", "mmoe_pcgrad.yaml"), ["training.epochs=1"])
     out = run_training(cfg, "mmoe_pcgrad", _uri(tmp_path))
     assert {f"aggregation/task{i}/weight" for i in range(4)} <= set(out.metrics)
+
+
+def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_session, tmp_path, capsys):
+    """mmoe, 4 tasks in two pairs (correlation 0.9 within, 0 across), two tasks per worker
+    with each pair split across workers: TAG affinity must find the pairs."""
+    from distributed_mtml.cli import main
+    from distributed_mtml.data.generators import make_suite
+    from distributed_mtml.relations import from_csv
+
+    suite = str(tmp_path / "pairs")
+    make_suite("mmoe", suite, {"tasks": 4, "groups": 2, "correlation": 0.9, "features": 12, "sines": 2, "rows": 600, "seed": 1})
+    cfg = _config(tmp_path, suite, training={"epochs": 6, "lr": 0.003, "steps_per_epoch": 150},
+                  relations={"enabled": True, "every_n_steps": 10})
+    out = run_training(cfg, "pairs", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    assert {"relations/affinity.csv", "relations/cosine.csv", "relations/affinity.png", "relations/cosine.png"} <= {
+        a.path for a in client.list_artifacts(out.run_id, "relations")}
+    values, order = from_csv(open(client.download_artifacts(out.run_id, "relations/affinity.csv", str(tmp_path))).read())
+    assert order == ["task0", "task1", "task2", "task3"]
+    partner = {0: 1, 1: 0, 2: 3, 3: 2}
+    for j in range(4):  # for every recipient, its partner helps more than either task of the other pair
+        others = [i for i in range(4) if i not in (j, partner[j])]
+        assert values[partner[j], j] > max(values[i, j] for i in others), values
+    assert main(["affinity", "--run", out.run_id, "--tracking-uri", _uri(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 groups" in printed and "{task0, task1} | {task2, task3}" in printed
+    assert "relations/groupings.txt" in {a.path for a in client.list_artifacts(out.run_id, "relations")}

@@ -87,6 +87,28 @@ def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) 
         }
         plots = report.learning_curves(histories, os.path.join(d, "plots"))
         c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
+        if plan.config.relations.enabled:
+            _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
+
+
+def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
+    """Affinity and cosine averaged over all epochs (TAG averages over training), as CSV and heatmaps."""
+    from distributed_mtml import relations
+
+    os.makedirs(out_dir)
+    for kind, title in [("affinity", "TAG affinity (source -> recipient)"), ("cosine", "gradient cosine")]:
+        means = {}
+        for a in order:
+            for b in order:
+                key = f"relations/{kind}/{a}/{b}"
+                history = c.get_metric_history(run_id, key)
+                if history:
+                    means[key] = sum(m.value for m in history) / len(history)
+        values = relations.matrix(means, kind, order)
+        with open(os.path.join(out_dir, f"{kind}.csv"), "w") as f:
+            f.write(relations.to_csv(values, order))
+        relations.heatmap(values, order, title, os.path.join(out_dir, f"{kind}.png"))
+    c.log_artifacts(run_id, out_dir, "relations")
 
 
 def ensure_ray(address: str | None) -> None:

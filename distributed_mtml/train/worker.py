@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from distributed_mtml import relations
 from distributed_mtml.aggregation import METHODS
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.data.suite import load_suite_spec, load_task
@@ -117,7 +118,14 @@ def train_loop_per_worker(payload: dict) -> None:
         samples, begin = 0, time.perf_counter()
         streams = [batches[n].epoch(epoch, plan.steps_per_epoch) for n in mine]
         weight_sums = torch.zeros(len(order), dtype=torch.float64)
+        relation_sums: dict[str, float] = {}
+        measured = 0
         for step, group in enumerate(zip(*streams)):
+            if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
+                found = relations.measure(trunk, modules, shapes, dict(zip(mine, group)), plan.placement, order,
+                                          cfg.relations.lr or t.lr)
+                relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
+                measured += 1
             if exchange:
                 seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
                 losses, w = aggregated_step(synced, modules, shapes, dict(zip(mine, group)), optimizer,
@@ -135,6 +143,7 @@ def train_loop_per_worker(payload: dict) -> None:
         metrics = {f"train/{n}/loss": sums[n].item() / plan.steps_per_epoch for n in mine}
         if exchange:
             metrics.update({f"aggregation/{n}/weight": float(weight_sums[order.index(n)]) / plan.steps_per_epoch for n in mine})
+        metrics.update({k: v / measured for k, v in relation_sums.items()})
         metrics.update(_evaluate(trunk, modules, shapes, data, "val"))
         metrics.update({"epoch": epoch, "samples": samples, "train_seconds": train_seconds})
         last = epoch + 1 == t.epochs
