@@ -6,6 +6,7 @@ update d = g0 + (c |g0| / |g_w|) g_w, rescaled by 1 / (1 + c^2) (the paper's res
 c = 0 is plain averaging.
 """
 
+import numpy as np
 import torch
 
 from distributed_mtml.aggregation.simplex import minimise
@@ -17,8 +18,10 @@ def weights(gram: torch.Tensor, *, seed: int = 0, c: float = 0.4) -> torch.Tenso
     g0_norm = torch.sqrt(torch.clamp(b @ gram @ b, min=0))
     if c == 0 or g0_norm == 0:
         return b
-    scale = c * g0_norm
-    w = minimise(lambda w: w @ gram @ b + scale * torch.sqrt(torch.clamp(w @ gram @ w, min=1e-20)), k)
+    scale = float(c * g0_norm)
+    g, gb = gram.numpy(), (gram @ b).numpy()
+    norm = lambda w: np.sqrt(max(w @ g @ w, 1e-20))  # noqa: E731 - |g_w|
+    w = torch.from_numpy(minimise(lambda w: w @ gb + scale * norm(w), lambda w: gb + scale * (g @ w) / norm(w), k))
     gw_norm = torch.sqrt(torch.clamp(w @ gram @ w, min=0))
     if gw_norm < 1e-12:
         return b

@@ -18,7 +18,9 @@ from distributed_mtml.aggregation import METHODS
 
 def combine(grads: torch.Tensor, method: str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-process reference: [K, P] task gradients -> (aggregated [P], weights [K])."""
-    gram = (grads.double() @ grads.double().T).cpu()
+    # The Gram in the gradients' own precision (float64 copies of P-vectors cost more than the
+    # whole solve); the K x K result is solved in float64.
+    gram = (grads @ grads.T).double().cpu()
     w = METHODS[method].weights(gram, seed=seed, **options)
     return (w.to(grads.dtype).to(grads.device) @ grads), w
 
