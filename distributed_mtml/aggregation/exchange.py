@@ -48,12 +48,9 @@ def task_trunk_gradients(
     trunk: nn.Module, modules: nn.ModuleDict, shapes: dict, batches: dict, keep_graph: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each owned task's loss and its flat trunk gradient [n, P], from one shared forward."""
-    from distributed_mtml.models import task_loss
+    from distributed_mtml.train.step import task_losses
 
-    names = list(batches)
-    inputs = [modules[n].adapter(batches[n][0]) for n in names]
-    features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
-    losses = [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+    losses = task_losses(trunk, modules, shapes, batches)
     params = [p for p in trunk.parameters() if p.requires_grad]
     rows = []
     for i, loss in enumerate(losses):

@@ -38,6 +38,26 @@ class TaskBatches:
             yield self.x[rows], self.y[rows]
 
 
+def task_losses(
+    trunk: nn.Module,
+    modules: nn.ModuleDict,
+    shapes: dict[str, TaskShape],
+    batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Every batch's loss, with all tasks through the trunk in one forward call.
+
+    One trunk forward per step (not one per task) keeps DDP's one-forward-one-backward
+    contract and gives the trunk larger, more efficient matrix products.
+    """
+    names = list(batches)
+    inputs = [modules[n].adapter(batches[n][0]) for n in names]
+    if len(inputs) == 1:  # one task per worker is the common case: skip the cat/split copies
+        features = [trunk(inputs[0])]
+    else:
+        features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+    return [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+
+
 def multitask_step(
     trunk: nn.Module,
     modules: nn.ModuleDict,
@@ -46,19 +66,10 @@ def multitask_step(
     optimizer: torch.optim.Optimizer,
     loss_scale: float,
 ) -> dict[str, torch.Tensor]:
-    """Forward all owned tasks' batches through the trunk in one call, backward, step.
-
-    One trunk forward per step (not one per task) keeps DDP's one-forward-one-backward
-    contract and gives the trunk larger, more efficient matrix products.
-    Returns each task's (detached) loss.
-    """
+    """Forward all owned tasks' batches, backward the scaled sum of their losses, step.
+    Returns each task's (detached) loss."""
     names = list(batches)
-    inputs = [modules[n].adapter(batches[n][0]) for n in names]
-    if len(inputs) == 1:  # one task per worker is the common case: skip the cat/split copies
-        features = [trunk(inputs[0])]
-    else:
-        features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
-    losses = [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+    losses = task_losses(trunk, modules, shapes, batches)
     total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     optimizer.zero_grad(set_to_none=True)
     (total if loss_scale == 1.0 else total * loss_scale).backward()
