@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector
 
 from distributed_mtml.aggregation.exchange import gather_task_grads, task_trunk_gradients
 from distributed_mtml.models import task_loss
@@ -39,14 +40,13 @@ def measure(
     norms = torch.sqrt(torch.clamp(torch.diagonal(gram), min=1e-30))
     cos = gram / torch.outer(norms, norms)
     out = {f"relations/cosine/{a}/{b}": float(cos[i, j]) for i, a in enumerate(order) for j, b in enumerate(order)}
-    names = [n for n, p in trunk.named_parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for p in trunk.parameters() if p.requires_grad])
-    shapes_of = [p.shape for p in trunk.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in trunk.named_parameters() if p.requires_grad]
+    flat = parameters_to_vector([p for _, p in named]).detach()
     before = {n: float(loss) for n, loss in zip(batches, losses)}
     with torch.no_grad():
         for i, src in enumerate(order):
-            shifted = torch.split(flat - lr * grads[i], [int(np.prod(s)) for s in shapes_of])
-            params = {n: t.view(s) for n, t, s in zip(names, shifted, shapes_of)}
+            shifted = torch.split(flat - lr * grads[i], [p.numel() for _, p in named])
+            params = {n: t.view_as(p) for (n, p), t in zip(named, shifted)}
             for dst, (x, y) in batches.items():
                 after = task_loss(shapes[dst], modules[dst].head(functional_call(trunk, params, (modules[dst].adapter(x),))), y)
                 out[f"relations/affinity/{src}/{dst}"] = (1 - float(after) / max(before[dst], 1e-12)) / lr

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml import relations
 from distributed_mtml.aggregation import METHODS
@@ -44,13 +45,9 @@ def _wrap_trunk(trunk: nn.Module, plan: TrainPlan, device: torch.device) -> nn.M
 
 def _average_parameters(module: nn.Module, world: int) -> None:
     """Local-SGD synchronisation: replace every rank's trunk by the mean over ranks."""
-    flat = torch.cat([p.data.reshape(-1) for p in module.parameters()])
+    flat = parameters_to_vector(module.parameters())
     dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in module.parameters():
-        p.data.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    vector_to_parameters(flat / world, module.parameters())
 
 
 def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict[str, TaskShape], data: dict, split: str) -> dict:
@@ -121,18 +118,19 @@ def train_loop_per_worker(payload: dict) -> None:
         relation_sums: dict[str, float] = {}
         measured = 0
         for step, group in enumerate(zip(*streams)):
+            batch = dict(zip(mine, group))
             if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
-                found = relations.measure(trunk, modules, shapes, dict(zip(mine, group)), plan.placement, order,
+                found = relations.measure(trunk, modules, shapes, batch, plan.placement, order,
                                           cfg.relations.lr or t.lr)
                 relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
                 measured += 1
             if exchange:
                 seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
-                losses, w = aggregated_step(synced, modules, shapes, dict(zip(mine, group)), optimizer,
+                losses, w = aggregated_step(synced, modules, shapes, batch, optimizer,
                                             plan.placement, order, cfg.aggregation.method, seed, cfg.aggregation.options())
                 weight_sums += w
             else:
-                losses = multitask_step(synced, modules, shapes, dict(zip(mine, group)), optimizer, scale)
+                losses = multitask_step(synced, modules, shapes, batch, optimizer, scale)
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
                 _average_parameters(trunk, world)
             for n, loss in losses.items():
