@@ -18,6 +18,10 @@ def weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     # (D U^T)[i, j] = (g_1 - g_i).(u_1 - u_j);  (g_1 U^T)[j] = g_1.(u_1 - u_j)
     du = gu[0, 0] - gu[0, rest][None, :] - gu[rest, 0][:, None] + gu[rest][:, rest]
     g1u = gu[0, 0] - gu[0, rest]
-    alpha_rest = torch.linalg.lstsq(du.T, g1u.unsqueeze(1)).solution.squeeze(1)
+    # Directions the float32 Gram cannot resolve (near-identical gradients) are rounding
+    # noise; a pseudo-inverse that drops them keeps the weights at the mean's instead of
+    # amplifying that noise into huge opposite weights.
+    tol = 1e-5 * float(gu.abs().max())
+    alpha_rest = torch.linalg.pinv(du.T, atol=tol) @ g1u
     alpha = torch.cat([1 - alpha_rest.sum().unsqueeze(0), alpha_rest])
     return alpha
