@@ -84,8 +84,10 @@ class ScalingSection(_Section):
 
 
 class AggregationConfig(_Section):
-    method: str = Field("mean", description="mean, pcgrad, cagrad, mgda, upgrad, imtl")
+    method: str = Field("mean", description="mean, pcgrad, cagrad, mgda, upgrad, imtl, graddrop, uw, dwa")
     c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
+    leak: float = Field(0.0, ge=0, le=1, description="GradDrop's leak: fraction of every gradient kept unmasked")
+    temperature: float = Field(2.0, gt=0, description="DWA's softmax temperature T")
 
     @model_validator(mode="after")
     def _known_method(self) -> "AggregationConfig":
@@ -127,9 +129,12 @@ class TrackingConfig(_Section):
 
 class Config(_Section):
     @model_validator(mode="after")
-    def _local_sgd_is_mean_only(self) -> "Config":
-        if self.training.sync_every > 1 and self.aggregation.method != "mean":
-            raise ValueError("training.sync_every > 1 (local SGD) works only with aggregation.method 'mean'")
+    def _local_sgd_without_exchange(self) -> "Config":
+        from distributed_mtml.aggregation import METHODS
+
+        if self.training.sync_every > 1 and METHODS[self.aggregation.method].needs_exchange:
+            keeps_ddp = ", ".join(n for n, m in METHODS.items() if not m.needs_exchange)
+            raise ValueError(f"training.sync_every > 1 (local SGD) works only with aggregation.method {keeps_ddp}")
         return self
 
     suite: SuiteConfig

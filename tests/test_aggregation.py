@@ -1,6 +1,7 @@
 """Properties every aggregation method shares, known answers, and the cross-worker exchange
 against the single-process reference."""
 
+import math
 import os
 
 import pytest
@@ -8,17 +9,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_mtml.aggregation import METHODS
+from distributed_mtml.aggregation import GRADIENT_METHODS, METHODS
 from distributed_mtml.aggregation.exchange import combine, gather_task_grads
+from distributed_mtml.aggregation.loss_weighting import DynamicWeightAverage, UncertaintyWeighting
 
-NAMES = sorted(METHODS)
+NAMES = sorted(GRADIENT_METHODS)  # what has a single-process gradient reference
+GRAM_NAMES = sorted(n for n in NAMES if METHODS[n].kind == "gram")
 
 
 def _gram(g):
     return g.double() @ g.double().T
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GRAM_NAMES)
 def test_weights_are_finite_and_one_per_task(name):
     g = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
     w = METHODS[name].weights(_gram(g), seed=3)
@@ -33,14 +36,14 @@ def test_identical_gradients_give_the_mean(name):
         assert torch.allclose(agg, g[0], atol=1e-5), seed
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "upgrad"])
+@pytest.mark.parametrize("name", ["pcgrad", "upgrad", "graddrop"])
 def test_non_conflicting_gradients_give_the_mean(name):
     g = torch.tensor([[1.0, 0.2, 0.0], [0.3, 1.0, 0.0], [0.1, 0.1, 1.0]])
     agg, _ = combine(g, name, seed=0)
     assert torch.allclose(agg, g.mean(0), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "pcgrad"])
+@pytest.mark.parametrize("name", [n for n in GRAM_NAMES if n != "pcgrad"])
 def test_permutation_equivariance(name):
     g = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     perm = [2, 0, 1]
@@ -85,6 +88,47 @@ def test_imtl_projects_equally_on_every_task_direction():
     agg, w = combine(g, "imtl", seed=0)
     cos = (g @ agg) / g.norm(dim=1)
     assert torch.allclose(cos, cos[0].expand(3), atol=1e-8) and w.sum() == pytest.approx(1.0)
+
+
+def test_graddrop_keeps_one_sign_per_coordinate_with_the_purity_as_probability():
+    # coordinate 0: two positive, one negative (purity 2/3 of the mass is positive)
+    g = torch.tensor([[2.0, 1.0], [1.0, -1.0], [-1.0, 1.0]]).repeat(1, 2000)
+    agg, kept = combine(g, "graddrop", seed=3)
+    first = agg[0::2]  # every draw keeps either {2, 1} -> 1.0 or {-1} -> -1/3
+    assert torch.isclose(first, torch.tensor(1.0)).logical_or(torch.isclose(first, torch.tensor(-1 / 3))).all()
+    positive = (first > 0).double().mean()
+    assert positive == pytest.approx(0.5 * (1 + 2 / 4), abs=0.03)  # P = (1 + sum/sum|.|) / 2 = 0.75
+    assert kept.shape == (3,) and ((kept > 0) & (kept < 1)).all()
+    leaky, _ = combine(g, "graddrop", seed=3, leak=1.0)
+    assert torch.allclose(leaky, g.mean(0))
+
+
+def test_uncertainty_weighting_learns_a_smaller_weight_for_the_noisier_task():
+    uw = UncertaintyWeighting(["clean", "noisy"], ["clean", "noisy"])
+    start = 0.5 * math.exp(0.5) / 2  # multiplier e^{-s}/2 at s = -0.5, over K = 2
+    assert uw.weights() == pytest.approx({"clean": start, "noisy": start})
+    opt = torch.optim.SGD(uw.parameters(), lr=0.1)
+    for _ in range(300):  # the optimum is s_i = log(L_i)
+        opt.zero_grad()
+        uw.total([torch.tensor(0.1), torch.tensor(2.0)]).backward()
+        opt.step()
+    assert uw.log_var.detach().tolist() == pytest.approx([math.log(0.1), math.log(2.0)], abs=0.05)
+    w = uw.weights()
+    assert w["clean"] > w["noisy"]
+
+
+def test_dwa_equal_for_two_epochs_then_favours_the_slow_task():
+    dwa = DynamicWeightAverage(["b"], ["a", "b"], temperature=2.0)
+    assert dwa.multipliers().tolist() == [1.0]
+    dwa.end_epoch(torch.tensor([1.0, 1.0]))
+    dwa.end_epoch(torch.tensor([0.5, 0.9]))  # a halved, b barely moved
+    ratios = torch.tensor([0.5, 0.9])
+    expected = 2 * torch.softmax(ratios / 2.0, 0)[1]
+    assert dwa.multipliers().item() == pytest.approx(expected.item())
+    assert dwa.weights()["b"] == pytest.approx(expected.item() / 2) and expected > 1
+    restored = DynamicWeightAverage(["b"], ["a", "b"])
+    restored.load_state_dict(dwa.state_dict())
+    assert restored.multipliers().item() == pytest.approx(expected.item())
 
 
 def _worker(rank, placement, grads, port, out):

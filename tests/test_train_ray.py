@@ -170,7 +170,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
     assert steps == set(range(6))
 
 
-@pytest.mark.parametrize("method", ["pcgrad", "cagrad", "mgda", "upgrad", "imtl"])
+@pytest.mark.parametrize("method", ["pcgrad", "cagrad", "mgda", "upgrad", "imtl", "graddrop", "uw"])
 def test_conflict_aware_methods_end_to_end(ray_session, tmp_path, seed_suite, method):
     cfg = _config(tmp_path, seed_suite, training={"epochs": 2}, aggregation={"method": method})
     out = run_training(cfg, f"agg-{method}", _uri(tmp_path))
@@ -181,6 +181,19 @@ def test_conflict_aware_methods_end_to_end(ray_session, tmp_path, seed_suite, me
     assert {"aggregation/classify/weight", "aggregation/regress/weight"} <= set(run.data.metrics)
     assert {"model", "plots", "config.yaml"} <= {a.path for a in client.list_artifacts(out.run_id)}
     assert run.data.metrics["val/classify/accuracy"] > 0.6  # learned something (chance is about 0.5)
+
+
+def test_dwa_weights_are_equal_for_two_epochs_then_follow_the_loss_ratios(ray_session, tmp_path, seed_suite):
+    cfg = _config(tmp_path, seed_suite, training={"epochs": 3}, aggregation={"method": "dwa"})
+    out = run_training(cfg, "agg-dwa", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    history = {
+        task: [m.value for m in sorted(client.get_metric_history(out.run_id, f"aggregation/{task}/weight"), key=lambda m: m.step)]
+        for task in ("classify", "regress")
+    }
+    assert history["classify"][:2] == [0.5, 0.5] and history["regress"][:2] == [0.5, 0.5]
+    assert history["classify"][2] != 0.5  # the ratios of epochs 0 and 1, gathered across both workers
+    assert history["classify"][2] + history["regress"][2] == pytest.approx(1.0)
 
 
 def test_shipped_mmoe_pcgrad_config_runs_as_is(ray_session, tmp_path, monkeypatch):

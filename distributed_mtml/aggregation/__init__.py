@@ -1,37 +1,65 @@
-"""Trunk-gradient aggregation: methods are pure functions of the task Gram matrix.
+"""Trunk-gradient aggregation methods, in three kinds.
 
-Every method maps the K x K Gram matrix G = [g_i . g_j] of the task gradients (and a seed,
-for methods with a random order) to K weights w; the trunk update is sum_i w_i g_i. Methods
-never touch `.grad` or `torch.distributed`: forming G across workers lives in `exchange.py`.
-Weights follow the mean convention: with no conflict every method returns 1/K each, the
-plain DDP average.
+- "gram": a pure function of the K x K Gram matrix G = [g_i . g_j] of the task gradients
+  (and a seed, for methods with a random order) to K weights w; the update is sum_i w_i g_i.
+- "coordinate": a function of the full [K, P] task gradients (GradDrop), for rules that
+  look at every coordinate and so cannot be written with G alone.
+- "loss": a per-task multiplier on the losses before an ordinary DDP backward (UW, DWA).
+
+Methods never touch `.grad` or `torch.distributed`: the exchange lives in `exchange.py`.
+All follow the mean convention: with no conflict each task weighs 1/K, the DDP average.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
-from distributed_mtml.aggregation import cagrad, imtl, mean, mgda, pcgrad, upgrad
+from distributed_mtml.aggregation import cagrad, graddrop, imtl, mean, mgda, pcgrad, upgrad
+from distributed_mtml.aggregation.loss_weighting import DynamicWeightAverage, LossWeighting, UncertaintyWeighting
 
 
 @dataclass(frozen=True)
 class Method:
-    weights: Callable[..., torch.Tensor]  # (gram [K, K] float64, *, seed: int, **params) -> [K]
     summary: str
-    needs_exchange: bool = True  # False: DDP's own gradient average is the method
+    kind: Literal["gram", "coordinate", "loss"] = "gram"
+    weights: Callable[..., torch.Tensor] | None = None  # gram: (G [K, K] float64, *, seed, **params) -> [K]
+    aggregate: Callable[..., tuple] | None = None  # coordinate: ([K, P], *, seed, **params) -> ([P], [K])
+    loss_weighting: type[LossWeighting] | None = None  # loss: built per worker as cls(owned, order, **params)
     params: tuple[str, ...] = ()  # keys of the `aggregation` config section it takes
+    needs_exchange: bool = True  # False: DDP's own gradient average carries the method
 
 
 METHODS: dict[str, Method] = {
-    "mean": Method(mean.weights, "equal weights: plain DDP averaging", needs_exchange=False),
-    "pcgrad": Method(pcgrad.weights, "PCGrad: project away conflicting components (Yu et al. 2020)"),
+    "mean": Method("equal weights: plain DDP averaging", weights=mean.weights, needs_exchange=False),
+    "pcgrad": Method("PCGrad: project away conflicting components (Yu et al. 2020)", weights=pcgrad.weights),
     "cagrad": Method(
-        cagrad.weights, "CAGrad: best worst-case improvement near the mean (Liu et al. 2021)", params=("c",)
+        "CAGrad: best worst-case improvement near the mean (Liu et al. 2021)", weights=cagrad.weights, params=("c",)
     ),
-    "mgda": Method(mgda.weights, "MGDA: min-norm point of the convex hull (Desideri 2012; Sener & Koltun 2018)"),
-    "upgrad": Method(upgrad.weights, "UPGrad: mean of projections onto the dual cone (Quinton & Rey 2024)"),
-    "imtl": Method(imtl.weights, "IMTL-G: equal projection onto every task direction (Liu et al. 2021)"),
+    "mgda": Method("MGDA: min-norm point of the convex hull (Desideri 2012; Sener & Koltun 2018)", weights=mgda.weights),
+    "upgrad": Method("UPGrad: mean of projections onto the dual cone (Quinton & Rey 2024)", weights=upgrad.weights),
+    "imtl": Method("IMTL-G: equal projection onto every task direction (Liu et al. 2021)", weights=imtl.weights),
+    "graddrop": Method(
+        "GradDrop: per coordinate keep one randomly drawn sign (Chen et al. 2020)",
+        kind="coordinate", aggregate=graddrop.aggregate, params=("leak",),
+    ),
+    "uw": Method(
+        "uncertainty weighting: learned per-task log-variance (Kendall et al. 2018)",
+        kind="loss", loss_weighting=UncertaintyWeighting, needs_exchange=False,
+    ),
+    "dwa": Method(
+        "dynamic weight average: weight by the epoch-to-epoch loss ratio (Liu et al. 2019)",
+        kind="loss", loss_weighting=DynamicWeightAverage, params=("temperature",), needs_exchange=False,
+    ),
 }
+
+GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
+"""The methods that act on task gradients (and so have a single-process reference, `combine`)."""
+
+
+def loss_weighting(method: str, owned: list[str], order: list[str], options: dict) -> LossWeighting:
+    """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise."""
+    cls = METHODS[method].loss_weighting or LossWeighting
+    return cls(owned, order, **options) if cls is not LossWeighting else cls(owned, order)

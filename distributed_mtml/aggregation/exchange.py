@@ -17,11 +17,18 @@ from distributed_mtml.aggregation import METHODS
 
 
 def combine(grads: torch.Tensor, method: str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-process reference: [K, P] task gradients -> (aggregated [P], weights [K])."""
+    """Single-process reference: [K, P] task gradients -> (aggregated [P], weights [K]).
+
+    For coordinate-wise methods the second result is each task's fraction of kept coordinates."""
+    m = METHODS[method]
+    if m.kind == "coordinate":
+        return m.aggregate(grads, seed=seed, **options)
+    if m.kind != "gram":
+        raise ValueError(f"'{method}' weights losses, not gradients: it has no gradient reference")
     # The Gram in the gradients' own precision (float64 copies of P-vectors cost more than the
     # whole solve); the K x K result is solved in float64.
     gram = (grads @ grads.T).double().cpu()
-    w = METHODS[method].weights(gram, seed=seed, **options)
+    w = m.weights(gram, seed=seed, **options)
     return (w.to(grads.dtype).to(grads.device) @ grads), w
 
 

@@ -4,7 +4,7 @@ Layout of one checkpoint directory (Ray merges what every worker writes into it)
   state.pt          rank 0: epoch, plan (config, tasks, placement), package version
   trunk.pt          rank 0: trunk state_dict (identical on every rank)
   task_<name>.pt    owner rank: the task's adapter + head state_dict
-  optim_rank<r>.pt  rank r: optimiser state and the tasks it covered
+  optim_rank<r>.pt  rank r: optimiser and loss-weighting state, and the tasks it covered
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def save_worker_state(
     trunk: nn.Module,
     task_modules: nn.ModuleDict,
     optimizer: torch.optim.Optimizer,
+    weighting: nn.Module,
 ) -> None:
     if rank == 0:
         torch.save({"epoch": epoch, "plan": plan_dict, "version": __version__}, os.path.join(directory, STATE_FILE))
@@ -44,7 +45,7 @@ def save_worker_state(
     for name, module in task_modules.items():
         torch.save(module.state_dict(), os.path.join(directory, task_file(name)))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "tasks": sorted(task_modules.keys())},
+        {"optimizer": optimizer.state_dict(), "weighting": weighting.state_dict(), "tasks": sorted(task_modules.keys())},
         os.path.join(directory, optim_file(rank)),
     )
 
@@ -58,13 +59,18 @@ def load_state(directory: str) -> dict:
 
 
 def restore_worker_state(
-    directory: str, rank: int, trunk: nn.Module, task_modules: nn.ModuleDict, optimizer: torch.optim.Optimizer
+    directory: str,
+    rank: int,
+    trunk: nn.Module,
+    task_modules: nn.ModuleDict,
+    optimizer: torch.optim.Optimizer,
+    weighting: nn.Module,
 ) -> int:
     """Loads what this rank owns and returns the next epoch to run.
 
-    The optimiser state is restored only when this rank owned the same tasks before; after a
-    change of `num_workers` the optimiser starts fresh rather than pairing moments with the
-    wrong parameters.
+    The optimiser and loss-weighting state are restored only when this rank owned the same
+    tasks before; after a change of `num_workers` they start fresh rather than pairing
+    moments or log-variances with the wrong tasks.
     """
     trunk.load_state_dict(_load(os.path.join(directory, TRUNK_FILE)))
     for name, module in task_modules.items():
@@ -74,6 +80,7 @@ def restore_worker_state(
         saved = _load(optim_path)
         if saved["tasks"] == sorted(task_modules.keys()):
             optimizer.load_state_dict(saved["optimizer"])
+            weighting.load_state_dict(saved["weighting"])
     return int(load_state(directory)["epoch"]) + 1
 
 

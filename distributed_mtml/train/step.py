@@ -6,7 +6,7 @@ benchmark, so the two measure exactly the same work.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -65,12 +65,16 @@ def multitask_step(
     batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     loss_scale: float,
+    weighted_total: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Forward all owned tasks' batches, backward the scaled sum of their losses, step.
-    Returns each task's (detached) loss."""
+    """Forward all owned tasks' batches, backward the scaled (weighted) sum of their losses,
+    step. Returns each task's (detached, unweighted) loss."""
     names = list(batches)
     losses = task_losses(trunk, modules, shapes, batches)
-    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    if weighted_total is not None:
+        total = weighted_total(losses)
+    else:
+        total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     optimizer.zero_grad(set_to_none=True)
     (total if loss_scale == 1.0 else total * loss_scale).backward()
     optimizer.step()

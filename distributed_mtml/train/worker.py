@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml import relations
-from distributed_mtml.aggregation import METHODS
+from distributed_mtml.aggregation import METHODS, loss_weighting
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
@@ -48,6 +48,18 @@ def _average_parameters(module: nn.Module, world: int) -> None:
     flat = parameters_to_vector(module.parameters())
     dist.all_reduce(flat)
     vector_to_parameters(flat / world, module.parameters())
+
+
+def _suite_losses(sums: dict[str, torch.Tensor], order: list[str], steps: int, world: int) -> torch.Tensor:
+    """Every task's mean training loss this epoch, [K] in suite order, the same on every rank:
+    each rank fills the tasks it owns and one all-reduce sums the disjoint entries."""
+    device = next(iter(sums.values())).device
+    out = torch.zeros(len(order), dtype=torch.float64, device=device)
+    for n, total in sums.items():
+        out[order.index(n)] = total.double() / steps
+    if world > 1:
+        dist.all_reduce(out)
+    return out.cpu()
 
 
 def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict[str, TaskShape], data: dict, split: str) -> dict:
@@ -92,16 +104,20 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(t.seed)
     trunk = build_trunk(cfg.model, list(shapes.values())).to(device)
     modules = build_task_modules(cfg.model, list(shapes.values()), t.seed, only=mine).to(device)
-    optimizer = make_optimizer(t.optimizer, [*trunk.parameters(), *modules.parameters()], t.lr, t.weight_decay)
+    method = METHODS[cfg.aggregation.method]
+    weighting = loss_weighting(cfg.aggregation.method, mine, order, cfg.aggregation.options()).to(device)
+    params = [*trunk.parameters(), *modules.parameters(), *weighting.parameters()]
+    optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            start_epoch = restore_worker_state(d, rank, trunk, modules, optimizer)
+            start_epoch = restore_worker_state(d, rank, trunk, modules, optimizer, weighting)
     # sync_every > 1 is local SGD and conflict-aware methods exchange gradients themselves:
     # neither wants DDP's per-step average, its wrapper or its hooks.
     local_sgd = t.sync_every > 1 and world > 1
-    exchange = METHODS[cfg.aggregation.method].needs_exchange
+    exchange = method.needs_exchange
+    weighted_total = weighting.total if method.kind == "loss" else None
     synced = _wrap_trunk(trunk, plan, device) if world > 1 and not (local_sgd or exchange) else trunk
     if local_sgd:
         _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
@@ -130,7 +146,7 @@ def train_loop_per_worker(payload: dict) -> None:
                                             plan.placement, order, cfg.aggregation.method, seed, cfg.aggregation.options())
                 weight_sums += w
             else:
-                losses = multitask_step(synced, modules, shapes, batch, optimizer, scale)
+                losses = multitask_step(synced, modules, shapes, batch, optimizer, scale, weighted_total)
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
                 _average_parameters(trunk, world)
             for n, loss in losses.items():
@@ -141,13 +157,16 @@ def train_loop_per_worker(payload: dict) -> None:
         metrics = {f"train/{n}/loss": sums[n].item() / plan.steps_per_epoch for n in mine}
         if exchange:
             metrics.update({f"aggregation/{n}/weight": float(weight_sums[order.index(n)]) / plan.steps_per_epoch for n in mine})
+        elif method.kind == "loss":
+            metrics.update({f"aggregation/{n}/weight": w for n, w in weighting.weights().items()})
+            weighting.end_epoch(_suite_losses(sums, order, plan.steps_per_epoch, world))
         metrics.update({k: v / measured for k, v in relation_sums.items()})
         metrics.update(_evaluate(trunk, modules, shapes, data, "val"))
         metrics.update({"epoch": epoch, "samples": samples, "train_seconds": train_seconds})
         last = epoch + 1 == t.epochs
         if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last:
             with tempfile.TemporaryDirectory() as d:
-                save_worker_state(d, rank, epoch, payload, trunk, modules, optimizer)
+                save_worker_state(d, rank, epoch, payload, trunk, modules, optimizer, weighting)
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(d),

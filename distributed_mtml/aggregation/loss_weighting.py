@@ -1,0 +1,82 @@
+"""Loss-weighting methods: each task's loss gets a multiplier before the ordinary backward.
+
+They need no gradient exchange: every worker scales the losses of the tasks it owns and
+DDP's average does the rest, so they cost what `mean` costs. Their state (UW's learned
+log-variances, DWA's loss history) is training state, checkpointed with the optimiser.
+
+The effective weight of task i in the trunk update is multiplier_i / K, the same scale as
+the Gram methods' weights (1/K each for `mean`); that is what `weights()` reports.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LossWeighting(nn.Module):
+    """Equal weights; the base of the others."""
+
+    def __init__(self, owned: list[str], order: list[str]):
+        super().__init__()
+        self.owned, self.order = owned, order
+
+    def multipliers(self) -> torch.Tensor:
+        """One multiplier per owned task, in `owned` order."""
+        return torch.ones(len(self.owned))
+
+    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The sum of the owned tasks' weighted losses, with any regulariser."""
+        m = self.multipliers().to(losses[0].device)
+        return (torch.stack(losses) * m).sum()
+
+    def weights(self) -> dict[str, float]:
+        m = self.multipliers().detach()
+        return {n: float(v) / len(self.order) for n, v in zip(self.owned, m)}
+
+    def end_epoch(self, epoch_losses: torch.Tensor) -> None:
+        """Every task's mean training loss this epoch, [K] in suite order, same on all ranks."""
+
+
+class UncertaintyWeighting(LossWeighting):
+    """UW (Kendall et al., CVPR 2018): L_i / (2 e^{s_i}) + s_i / 2 with a learned s_i per task.
+
+    s_i starts at -0.5 as in LibMTL's configuration; a noisy task learns a large s_i and so a
+    small weight. Each s_i lives on the worker that owns the task: only its loss depends on it.
+    """
+
+    def __init__(self, owned: list[str], order: list[str]):
+        super().__init__(owned, order)
+        self.log_var = nn.Parameter(torch.full((len(owned),), -0.5))
+
+    def multipliers(self) -> torch.Tensor:
+        return 0.5 * torch.exp(-self.log_var)
+
+    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        return super().total(losses) + 0.5 * self.log_var.sum()
+
+
+class DynamicWeightAverage(LossWeighting):
+    """DWA (Liu et al., CVPR 2019): w_i = K softmax_i(r_i / T) with r_i = L_i(e-1) / L_i(e-2),
+    from epoch-mean training losses; equal weights for the first two epochs.
+
+    A task whose loss falls more slowly gets more weight. The ratios need every task's loss,
+    so `end_epoch` takes the suite-wide vector that the worker all-reduces once per epoch.
+    """
+
+    def __init__(self, owned: list[str], order: list[str], temperature: float = 2.0):
+        super().__init__(owned, order)
+        self.temperature = temperature
+        self.register_buffer("history", torch.zeros(2, len(order), dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def multipliers(self) -> torch.Tensor:
+        if self.seen < 2:
+            return torch.ones(len(self.owned))
+        ratio = self.history[1] / self.history[0].clamp_min(1e-12)
+        w = len(self.order) * torch.softmax(ratio / self.temperature, dim=0)
+        return w[[self.order.index(n) for n in self.owned]].float()
+
+    def end_epoch(self, epoch_losses: torch.Tensor) -> None:
+        self.history = torch.stack([self.history[1], epoch_losses.to(self.history)])
+        self.seen += 1
