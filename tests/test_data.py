@@ -50,7 +50,7 @@ def _mmoe_weights(opts):
     return ws
 
 
-@pytest.mark.parametrize("p", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("p", [-0.5, -0.3, 0.0, 0.5, 0.9])
 def test_mmoe_pairwise_correlation_is_exact_for_three_tasks(p):
     opts = GENERATORS["mmoe"].options(tasks=3, correlation=p, features=8, rows=400, sines=0, noise=0.0)
     ws = _mmoe_weights(opts)
@@ -59,6 +59,13 @@ def test_mmoe_pairwise_correlation_is_exact_for_three_tasks(p):
         for j in range(i + 1, 3):
             cos = ws[i] @ ws[j] / (np.linalg.norm(ws[i]) * np.linalg.norm(ws[j]))
             assert cos == pytest.approx(p, abs=1e-4)
+
+
+def test_mmoe_refuses_a_correlation_no_three_vectors_can_have():
+    from distributed_mtml.errors import InputError
+
+    with pytest.raises(InputError, match="'correlation'.*-1/\\(n-1\\).*n=3"):
+        GENERATORS["mmoe"].make(GENERATORS["mmoe"].options(tasks=3, correlation=-0.6, features=8))
 
 
 def test_sinusoid_ranges():

@@ -45,7 +45,9 @@ class SeedExampleOptions(_SuiteOptions):
 class MMoEOptions(_SuiteOptions):
     tasks: int = Field(2, ge=2, description="number of regression tasks")
     groups: int = Field(1, ge=1, description="task groups: correlation within a group, 0 across groups")
-    correlation: float = Field(0.9, ge=0, le=1, description="pairwise cosine of the task weight vectors")
+    correlation: float = Field(
+        0.9, ge=-1, le=1, description="pairwise cosine of the task weight vectors; >= -1/(n-1) for a group of n tasks"
+    )
     features: int = Field(16, ge=3, description="input width d")
     scale: float = Field(1.0, gt=0, description="scale c of the weight vectors")
     sines: int = Field(10, ge=0, description="number m of sine terms")
@@ -118,21 +120,34 @@ def mmoe(opts: MMoEOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
     Weight vectors w_k = c(sqrt(p) a_g + sqrt(1-p) u_k) over orthonormal directions give every
     pair of tasks in the same group g cosine exactly p (the paper's two-task formula gives p^2
     for K>2) and tasks of different groups cosine 0: a known grouping to test affinity against.
+    Negative p (conflicting tasks) takes w_k = c(a u_k + b sum_{j in g} u_j) with a = sqrt(1-p)
+    and b the root of n b^2 + 2ab - p = 0 for a group of n tasks: again unit norm and cosine p,
+    which exists down to p = -1/(n-1).
     Labels: y = w^T x + sum_i sin(alpha_i w^T x + beta_i) + noise, alpha_i = i, beta_i = (i-1)^2.
     """
     if opts.tasks + opts.groups > opts.features:
         raise InputError(
             f"mmoe: option 'features' ({opts.features}) must be at least 'tasks' + 'groups' ({opts.tasks + opts.groups})"
         )
+    group_of = [k * opts.groups // opts.tasks for k in range(opts.tasks)]
+    largest = max(group_of.count(g) for g in set(group_of))
+    p = opts.correlation
+    if largest > 1 and p < -1 / (largest - 1):
+        raise InputError(f"mmoe: option 'correlation' ({p}) must be at least -1/(n-1) for groups of n={largest} tasks")
     rng = np.random.default_rng(opts.seed)
     basis, _ = np.linalg.qr(rng.normal(size=(opts.features, opts.tasks + opts.groups)))
-    p = opts.correlation
     alphas = np.arange(1, opts.sines + 1)
     betas = np.arange(opts.sines) ** 2
     tables, tasks = {}, []
     for k in range(opts.tasks):
-        anchor = basis[:, opts.tasks + k * opts.groups // opts.tasks]  # task k's group shares this direction
-        w = opts.scale * (math.sqrt(p) * anchor + math.sqrt(1 - p) * basis[:, k])
+        if p >= 0:
+            anchor = basis[:, opts.tasks + group_of[k]]  # task k's group shares this direction
+            w = opts.scale * (math.sqrt(p) * anchor + math.sqrt(1 - p) * basis[:, k])
+        else:
+            mates = [j for j in range(opts.tasks) if group_of[j] == group_of[k]]
+            a = math.sqrt(1 - p)
+            b = (-a + math.sqrt(max(a * a + len(mates) * p, 0.0))) / len(mates)
+            w = opts.scale * (a * basis[:, k] + b * basis[:, mates].sum(axis=1))
         x = rng.normal(size=(opts.rows, opts.features))
         dot = x @ w
         y = dot + np.sin(np.outer(dot, alphas) + betas).sum(axis=1) + opts.noise * rng.normal(size=opts.rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from typing import Callable
 
 import ray.train
 import ray.train.torch
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml import relations
-from distributed_mtml.aggregation import METHODS, loss_weighting
+from distributed_mtml.aggregation import METHODS, loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
@@ -41,6 +42,43 @@ def _wrap_trunk(trunk: nn.Module, plan: TrainPlan, device: torch.device) -> nn.M
     if s.grad_compression in hooks:
         ddp.register_comm_hook(dist.group.WORLD, hooks[s.grad_compression])
     return ddp
+
+
+def _make_step(
+    plan: TrainPlan,
+    trunk: nn.Module,
+    modules: nn.ModuleDict,
+    shapes: dict[str, TaskShape],
+    optimizer: torch.optim.Optimizer,
+    weighting: nn.Module,
+    device: torch.device,
+    world: int,
+) -> Callable[[dict, int], tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """The step function for this run: (batch, seed) -> (task losses, task weights or None).
+
+    - Gradient methods with one task per rank: DDP whose hook all-gathers the buckets during
+      the backward (`aggregation.overlap`), the fastest exchange.
+    - Other gradient methods: each owned task's gradient, one all-gather (`aggregation.exchange`).
+    - mean and the loss weightings: DDP's own average (none with local SGD, which averages
+      parameters instead), over losses scaled so that it is the mean over the suite's tasks.
+    """
+    cfg = plan.config
+    agg = cfg.aggregation
+    method, order = METHODS[agg.method], [s.name for s in plan.task_shapes()]
+    if method.needs_exchange:
+        if method.kind == "gram" and world > 1 and all(len(tasks) == 1 for tasks in plan.placement):
+            ddp, gathered = overlap.wrap_trunk(trunk, device, cfg.scaling.bucket_cap_mb)
+            rank_order = [plan.placement.index([name]) for name in order]
+            return lambda batch, seed: overlap.overlapped_step(
+                ddp, gathered, modules, shapes, batch, optimizer, rank_order, agg.method, seed, agg.options())
+        return lambda batch, seed: aggregated_step(
+            trunk, modules, shapes, batch, optimizer, plan.placement, order, agg.method, seed, agg.options())
+    local_sgd = cfg.training.sync_every > 1
+    synced = _wrap_trunk(trunk, plan, device) if world > 1 and not local_sgd else trunk
+    weighted_total = weighting.total if method.kind == "loss" else None
+    scale = world / len(order)
+    return lambda batch, seed: (
+        multitask_step(synced, modules, shapes, batch, optimizer, scale, weighted_total), None)
 
 
 def _average_parameters(module: nn.Module, world: int) -> None:
@@ -113,17 +151,11 @@ def train_loop_per_worker(payload: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             start_epoch = restore_worker_state(d, rank, trunk, modules, optimizer, weighting)
-    # sync_every > 1 is local SGD and conflict-aware methods exchange gradients themselves:
-    # neither wants DDP's per-step average, its wrapper or its hooks.
     local_sgd = t.sync_every > 1 and world > 1
-    exchange = method.needs_exchange
-    weighted_total = weighting.total if method.kind == "loss" else None
-    synced = _wrap_trunk(trunk, plan, device) if world > 1 and not (local_sgd or exchange) else trunk
     if local_sgd:
         _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
+    step_fn = _make_step(plan, trunk, modules, shapes, optimizer, weighting, device, world)
     batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
-    # Loss scale so the DDP mean over ranks is the mean over all tasks of the suite.
-    scale = world / len(shapes)
 
     for epoch in range(start_epoch, t.epochs):
         torch.manual_seed(t.seed * 100_003 + epoch * 101 + rank)  # dropout, reproducible on resume
@@ -140,13 +172,10 @@ def train_loop_per_worker(payload: dict) -> None:
                                           cfg.relations.lr or t.lr)
                 relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
                 measured += 1
-            if exchange:
-                seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
-                losses, w = aggregated_step(synced, modules, shapes, batch, optimizer,
-                                            plan.placement, order, cfg.aggregation.method, seed, cfg.aggregation.options())
+            seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
+            losses, w = step_fn(batch, seed)
+            if w is not None:
                 weight_sums += w
-            else:
-                losses = multitask_step(synced, modules, shapes, batch, optimizer, scale, weighted_total)
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
                 _average_parameters(trunk, world)
             for n, loss in losses.items():
@@ -155,7 +184,7 @@ def train_loop_per_worker(payload: dict) -> None:
         train_seconds = time.perf_counter() - begin
 
         metrics = {f"train/{n}/loss": sums[n].item() / plan.steps_per_epoch for n in mine}
-        if exchange:
+        if method.needs_exchange:
             metrics.update({f"aggregation/{n}/weight": float(weight_sums[order.index(n)]) / plan.steps_per_epoch for n in mine})
         elif method.kind == "loss":
             metrics.update({f"aggregation/{n}/weight": w for n, w in weighting.weights().items()})

@@ -1,0 +1,81 @@
+"""Does conflict-aware aggregation beat equal weighting? Every method against `mean`.
+
+For mmoe suites of two regression tasks at pairwise correlations 0.9, 0.5, 0 and -0.5 (the
+last one: the tasks' weight vectors point apart), and several seeds, trains each method
+through `mtml train` (2 workers, one task each, same model, budget and seed for every
+method) and prints the final validation loss, averaged over tasks, as mean +- 95% CI over
+seeds (Student t), with the paired difference to `mean` (negative: the method is better)
+and on how many seeds the method beat `mean`.
+
+Published comparisons often find equal weighting as good as these methods: read the CI
+before reading a ranking.
+
+Usage: python jobs/compare_methods.py [--seeds 3] [--epochs 4] [--correlations 0.9 0.5 0 -0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+
+import benchlib
+
+from distributed_mtml.aggregation import METHODS
+from distributed_mtml.data.generators import make_suite
+from distributed_mtml.report import table
+
+# two-sided 95% Student t quantiles by degrees of freedom; the normal 1.96 beyond
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def _ci(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.4f}"
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{mean:.4f} +- {half:.4f}"
+
+
+def _val_loss(suite_dir: str, method: str, seed: int, epochs: int, steps: int) -> float:
+    cfg = benchlib.config(
+        suite={"path": suite_dir},
+        model={"trunk": {"widths": [64, 32]}},
+        training={"epochs": epochs, "batch_size": 32, "steps_per_epoch": steps, "lr": 0.003, "seed": seed},
+        scaling={"num_workers": 2},
+        aggregation={"method": method},
+    )
+    return benchlib.train(cfg, f"compare-{method}").metrics["val/mean_loss"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40, help="steps per epoch")
+    parser.add_argument("--correlations", type=float, nargs="*", default=[0.9, 0.5, 0.0, -0.5])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+    methods = ["mean", *[m for m in args.methods if m != "mean"]]
+    rows = []
+    for p in args.correlations:
+        losses: dict[str, list[float]] = {m: [] for m in methods}
+        for seed in range(args.seeds):
+            suite = os.path.join(benchlib.WORKDIR, f"mmoe-{p}-{seed}")
+            make_suite("mmoe", suite, {"tasks": 2, "correlation": p, "features": 16, "sines": 2,
+                                       "rows": 1256, "train_rows": 256, "seed": seed})
+            for method in methods:
+                losses[method].append(_val_loss(suite, method, seed, args.epochs, args.steps))
+                print(f"[compare] p={p} seed {seed} {method}: val loss {losses[method][-1]:.4f}", flush=True)
+        for method in methods:
+            diff = [a - b for a, b in zip(losses[method], losses["mean"])]
+            wins = sum(d < 0 for d in diff)
+            rows.append([p, method, _ci(losses[method]), "" if method == "mean" else _ci(diff),
+                         "" if method == "mean" else f"{wins}/{len(diff)}"])
+    print()
+    print(table(["correlation", "method", "val loss (mean +- 95% CI)", "minus mean's (paired)", "seeds better"], rows))
+
+
+if __name__ == "__main__":
+    main()
