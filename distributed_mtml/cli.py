@@ -55,11 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
     _add_common(train)
-    ev = sub.add_parser("evaluate", help="per-task test metrics of a trained model")
+    meta = sub.add_parser("meta-train", help="meta-learning (MAML, FOMAML, Reptile, ANIL, Meta-SGD) on Ray Train workers")
+    meta.add_argument("--config", required=True)
+    meta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    meta.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
+    _add_common(meta)
+    ev = sub.add_parser("evaluate", help="test metrics of a trained model; few-shot adaptation of a meta-learned one")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="MLflow run id")
     source.add_argument("--checkpoint", help="checkpoint directory")
-    ev.add_argument("--suite", required=True)
+    ev.add_argument("--suite", help="suite to score on (meta-learned models: held-out tasks; default: the run's family)")
+    ev.add_argument("--shots", type=int, default=None, help="meta: support points per task (default: meta.shots)")
+    ev.add_argument("--steps", type=int, default=10, help="meta: adaptation steps to score (0..N)")
+    ev.add_argument("--tasks", type=int, default=600, help="meta: held-out tasks")
     _add_common(ev)
     aff = sub.add_parser("affinity", help="task-affinity matrix of a run and the best groupings")
     aff.add_argument("--run", required=True, help="MLflow run id of a `mtml train` run with relations.enabled")
@@ -103,37 +111,87 @@ def show_suite(suite_dir: str) -> int:
     return EXIT_OK
 
 
-def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False) -> int:
+def _load_run_config(args, config_path: str, overrides: list[str]):
     from distributed_mtml.config import load_config
-    from distributed_mtml.report import metrics_table
-    from distributed_mtml.tracking import resolve_tracking_uri
-    from distributed_mtml.train.launch import run_training
 
     config = load_config(config_path, overrides)
     if args.experiment:
         config.tracking.experiment = args.experiment
-    run_name = config.tracking.run_name or os.path.splitext(os.path.basename(config_path))[0]
+    return config, config.tracking.run_name or os.path.splitext(os.path.basename(config_path))[0]
+
+
+def _uri_flag(uri: str) -> str:
+    from distributed_mtml.tracking import resolve_tracking_uri
+
+    return "" if uri == resolve_tracking_uri() else f" --tracking-uri {uri}"
+
+
+def cmd_meta_train(args) -> int:
+    from distributed_mtml.meta.launch import run_meta_training
+
+    config, run_name = _load_run_config(args, args.config, args.set)
+    outcome = run_meta_training(config, run_name, args.tracking_uri, args.resume, args.address)
+    m = outcome.metrics
+    print(f"\nrun {outcome.run_id} finished: validation query loss {m['val/meta/loss_before']:.4f} before and "
+          f"{m['val/meta/loss']:.4f} after {config.meta.inner_steps} adaptation step(s)")
+    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"evaluate it: mtml evaluate --run {outcome.run_id} --shots {config.meta.shots} --steps 10"
+          f"{_uri_flag(outcome.tracking_uri)}")
+    return EXIT_OK
+
+
+def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False) -> int:
+    from distributed_mtml.report import metrics_table
+    from distributed_mtml.train.launch import run_training
+
+    config, run_name = _load_run_config(args, config_path, overrides)
     outcome = run_training(config, run_name, args.tracking_uri, resume, args.address)
     print(f"\nrun {outcome.run_id} finished; validation metrics of the last epoch:")
     print(metrics_table(outcome.metrics, "val"))
     print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
     print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    uri_flag = "" if outcome.tracking_uri == resolve_tracking_uri() else f" --tracking-uri {outcome.tracking_uri}"
-    print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}{uri_flag}")
+    print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
+          f"{_uri_flag(outcome.tracking_uri)}")
     return EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
     from distributed_mtml import tracking
-    from distributed_mtml.evaluate import evaluate, model_from_run
+    from distributed_mtml.evaluate import evaluate, model_dir
     from distributed_mtml.report import metrics_table
-    from distributed_mtml.train.checkpoint import load_model
+    from distributed_mtml.train.checkpoint import load_model, load_state
 
-    if args.run:
-        model = model_from_run(args.run, tracking.resolve_tracking_uri(args.tracking_uri))
-    else:
-        model, _ = load_model(args.checkpoint)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    with model_dir(args.run, args.checkpoint, uri) as directory:
+        if load_state(directory).get("kind") == "meta":
+            return _evaluate_meta(args, directory, uri)
+        if args.suite is None:
+            raise InputError("--suite: required to evaluate a multi-task model")
+        model, _ = load_model(directory)
     print(metrics_table(evaluate(model, args.suite), "test"))
+    return EXIT_OK
+
+
+def _evaluate_meta(args, directory: str, uri: str) -> int:
+    from distributed_mtml.meta.checkpoint import load_learner
+    from distributed_mtml.meta.evaluate import few_shot_curve, held_out_episodes, log_curve
+    from distributed_mtml.report import table
+
+    learner, plan = load_learner(directory)
+    meta = plan["config"]["meta"]
+    shots = args.shots or meta["shots"]
+    query = meta["query"] or meta["shots"]
+    for name, value in [("--shots", shots), ("--steps", args.steps + 1), ("--tasks", args.tasks)]:
+        if value < 1:
+            raise InputError(f"{name}: must be positive")
+    episodes = held_out_episodes(plan, args.suite, shots, query, args.tasks)
+    curve = few_shot_curve(learner, episodes, args.steps)
+    print(f"{meta['algorithm']}: {args.tasks} held-out tasks, {shots} shots, {query} query points each (95% CI)")
+    rows = [[step, *(f"{curve[m][step][0]:.4f} +- {curve[m][step][1]:.4f}" for m in curve)] for step in range(args.steps + 1)]
+    print(table(["steps", *(f"query {m}" for m in curve)], rows))
+    if args.run:
+        log_curve(uri, args.run, curve, shots)
+        print(f"logged fewshot/{shots}shot/* and plots/fewshot_{shots}shot_*.png to run {args.run}")
     return EXIT_OK
 
 
@@ -170,6 +228,8 @@ def dispatch(args) -> int:
         return cmd_data(args)
     if args.command == "train":
         return cmd_train(args, args.config, args.set, args.resume)
+    if args.command == "meta-train":
+        return cmd_meta_train(args)
     if args.command == "evaluate":
         return cmd_evaluate(args)
     if args.command == "affinity":

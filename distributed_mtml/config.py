@@ -127,6 +127,24 @@ class TrackingConfig(_Section):
     run_name: str | None = None
 
 
+class MetaConfig(_Section):
+    algorithm: Literal["maml", "fomaml", "reptile", "anil", "metasgd"] = Field(
+        "maml", description="maml (second order), fomaml, reptile, anil (heads only), metasgd (learned inner rates)"
+    )
+    iterations: int = Field(1000, ge=1, description="outer (meta) updates")
+    meta_batch_size: int = Field(25, ge=1, description="tasks per outer update, split over the workers")
+    inner_steps: int = Field(1, ge=1, description="adaptation steps per task during meta-training")
+    inner_lr: float = Field(0.01, gt=0, description="adaptation step size (Meta-SGD: ignored, rates are learned)")
+    shots: int = Field(10, ge=1, description="support points per task (K)")
+    query: int | None = Field(None, ge=1, description="query points per task; default: shots")
+    outer_lr: float = Field(1e-3, gt=0, description="Adam step size of the outer update")
+    report_every: int = Field(500, ge=1, description="iterations between MLflow reports and checkpoints")
+    val_tasks: int = Field(100, ge=1, description="held-out tasks scored at every report")
+
+    def query_size(self) -> int:
+        return self.query or self.shots
+
+
 class Config(_Section):
     @model_validator(mode="after")
     def _local_sgd_without_exchange(self) -> "Config":
@@ -143,6 +161,7 @@ class Config(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     relations: RelationsConfig = Field(default_factory=RelationsConfig)
+    meta: MetaConfig = Field(default_factory=MetaConfig)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

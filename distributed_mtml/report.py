@@ -26,20 +26,32 @@ def metrics_table(metrics: dict[str, float], split: str) -> str:
     return table(["task", *columns], rows)
 
 
-def learning_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], out_dir: str) -> list[str]:
-    """One PNG per task with its train and validation loss per epoch; returns the paths."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def learning_curves(
+    histories: dict[str, dict[str, list[tuple[int, float]]]],
+    out_dir: str,
+    x_label: str = "epoch",
+    y_label: str = "loss",
+) -> list[str]:
+    """One PNG per task with its train and validation loss per MLflow step; returns the paths.
+    Epochs are logged from 0 and shown from 1; any other step is shown as logged."""
+    plt = _pyplot()
+    shift = 1 if x_label == "epoch" else 0
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for task, curves in sorted(histories.items()):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for label, points in sorted(curves.items()):
-            ax.plot([s + 1 for s, _ in points], [v for _, v in points], marker="o", label=label)
-        ax.set(title=f"task {task}", xlabel="epoch", ylabel="loss")
+            ax.plot([s + shift for s, _ in points], [v for _, v in points], marker="o", label=label)
+        ax.set(title=f"task {task}", xlabel=x_label, ylabel=y_label)
         ax.legend()
         fig.tight_layout()
         path = os.path.join(out_dir, f"{task}.png")
@@ -47,3 +59,18 @@ def learning_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], ou
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def adaptation_plot(means: list[float], cis: list[float], title: str, y_label: str, path: str) -> str:
+    """Query metric against adaptation steps, with the 95% confidence band."""
+    plt = _pyplot()
+    steps = list(range(len(means)))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(steps, means, marker="o")
+    ax.fill_between(steps, [m - c for m, c in zip(means, cis)], [m + c for m, c in zip(means, cis)], alpha=0.25)
+    ax.set(title=title, xlabel="adaptation steps", ylabel=y_label)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

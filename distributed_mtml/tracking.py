@@ -98,12 +98,15 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
         c.log_batch(run_id, metrics=items[i : i + 500])
 
 
-def merge_worker_metrics(per_worker: list[dict[str, float]]) -> tuple[int, dict[str, float]]:
-    """One epoch's metrics of all ranks -> (epoch, MLflow metrics with run-level aggregates).
+def merge_worker_metrics(
+    per_worker: list[dict[str, float]], counter: str = "epoch"
+) -> tuple[int, dict[str, float]]:
+    """One report's metrics of all ranks -> (its `counter` value: the epoch, or the
+    meta-iteration, MLflow metrics with run-level aggregates).
 
-    Workers run in lock-step, so the slowest rank's train time is the epoch's wall time.
+    Workers run in lock-step, so the slowest rank's train time is the report's wall time.
     """
-    epoch = int(per_worker[0]["epoch"])
+    epoch = int(per_worker[0][counter])
     merged: dict[str, float] = {}
     for m in per_worker:
         merged.update({k: v for k, v in m.items() if "/" in k})  # ranks own disjoint keys, or agree
@@ -114,24 +117,26 @@ def merge_worker_metrics(per_worker: list[dict[str, float]]) -> tuple[int, dict[
     return epoch, merged
 
 
-def progress_line(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
-    parts = [f"epoch {epoch + 1}/{epochs}", f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
+def progress_line(epoch: int, epochs: int, metrics: dict[str, float], counter: str = "epoch") -> str:
+    done = epoch + 1 if counter == "epoch" else epoch  # epochs count from 0, iterations done from 1
+    parts = [f"{counter} {done}/{epochs}", f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
     parts += [
         f"{k.split('/')[1]} {k.split('/')[2]} {v:.4f}"
         for k, v in sorted(metrics.items())
         if k.startswith("val/") and k.count("/") == 2 and k.split("/")[-1] in ("accuracy", "r2")
     ]
-    parts.append(f"{metrics['throughput/samples_per_s']:.0f} samples/s")
+    unit = "samples" if counter == "epoch" else "tasks"
+    parts.append(f"{metrics['throughput/samples_per_s']:.0f} {unit}/s")
     return "[mtml] " + " | ".join(parts)
 
 
 class MLflowMetricsCallback(UserCallback):
     """Logs every report of every worker to one MLflow run, from the controller process."""
 
-    def __init__(self, uri: str, run_id: str, epochs: int):
-        self.uri, self.run_id, self.epochs = uri, run_id, epochs
+    def __init__(self, uri: str, run_id: str, epochs: int, counter: str = "epoch"):
+        self.uri, self.run_id, self.epochs, self.counter = uri, run_id, epochs, counter
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        epoch, merged = merge_worker_metrics(metrics)
+        epoch, merged = merge_worker_metrics(metrics, self.counter)
         log_metrics(self.uri, self.run_id, merged, step=epoch)
-        print(progress_line(epoch, self.epochs, merged), flush=True)
+        print(progress_line(epoch, self.epochs, merged, self.counter), flush=True)

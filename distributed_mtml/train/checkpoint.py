@@ -85,10 +85,16 @@ def restore_worker_state(
 
 
 def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
-    """The full trunk + every head from a checkpoint (or model artifact) directory, and its plan."""
+    """The full trunk + every head from a checkpoint (or model artifact) directory, and its plan.
+    A meta-learned model is a trunk with one head, "meta"."""
     from distributed_mtml.train.plan import TrainPlan
 
     state = load_state(directory)
+    if state.get("kind") == "meta":
+        from distributed_mtml.meta.checkpoint import load_learner
+
+        learner, plan = load_learner(directory)
+        return learner.model, plan
     plan = TrainPlan.model_validate(state["plan"])
     model = MultiTaskModel(plan.config.model, plan.task_shapes(), plan.config.training.seed)
     model.trunk.load_state_dict(_load(os.path.join(directory, TRUNK_FILE)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 
 import yaml
 
@@ -23,36 +24,33 @@ class TrainOutcome:
     checkpoint_path: str
 
 
-def _start_or_resume_run(plan: TrainPlan, uri: str, run_name: str, resume: bool) -> tuple[str, str]:
+def start_or_resume_run(
+    cfg: Config, uri: str, run_name: str, resume: bool, tags: dict[str, str], plan_params: dict
+) -> tuple[str, str]:
     """(MLflow run id, Ray Train run name). The Ray name is derived from the MLflow run, so a
     resumed run finds both its metrics and its checkpoints again."""
-    cfg = plan.config
     if resume:
         run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
         if run_id is None:
             raise InputError(f"--resume: no unfinished run named '{run_name}' in experiment '{cfg.tracking.experiment}'")
         tracking.set_status(uri, run_id, "RUNNING")
     else:
-        tags = {"mtml.command": "train", "mtml.suite": plan.suite_name, "mtml.aggregation": cfg.aggregation.method}
-        params = flatten(cfg.model_dump(mode="json"))
-        params.update({"plan.steps_per_epoch": plan.steps_per_epoch, "plan.placement": plan.placement})
+        params = {**flatten(cfg.model_dump(mode="json")), **{f"plan.{k}": v for k, v in plan_params.items()}}
         run_id = tracking.create_run(uri, cfg.tracking.experiment, run_name, tags, params)
     return run_id, f"{run_name}-{run_id[:12]}"
 
 
-def _trainer(plan: TrainPlan, uri: str, run_id: str, ray_name: str):
+def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback):
+    """A TorchTrainer with the config's scaling, storage, failure and checkpoint settings."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distributed_mtml.train.worker import train_loop_per_worker
-
-    cfg = plan.config
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=plan.model_dump(mode="json"),
+        loop,
+        train_loop_config=payload,
         torch_config=TorchConfig(timeout_s=600),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
@@ -62,22 +60,29 @@ def _trainer(plan: TrainPlan, uri: str, run_id: str, ray_name: str):
             storage_path=cfg.checkpoint.resolved_dir(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            callbacks=[tracking.MLflowMetricsCallback(uri, run_id, cfg.training.epochs)],
+            callbacks=[callback],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
 
-def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:
-    c = tracking.client(uri)
+def log_run_files(c, run_id: str, cfg: Config, checkpoint_dir: str, suite_dir: str | None) -> None:
+    """The model (the final checkpoint), the config and the suite description."""
     c.log_artifacts(run_id, checkpoint_dir, "model")
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.yaml"), "w") as f:
-            yaml.safe_dump(plan.config.model_dump(mode="json"), f, sort_keys=False)
-        with open(os.path.join(d, "suite.yaml"), "w") as f:
-            f.write(read_text(suite_yaml_path(plan.suite_dir)))
+            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
         c.log_artifact(run_id, os.path.join(d, "config.yaml"))
-        c.log_artifact(run_id, os.path.join(d, "suite.yaml"))
+        if suite_dir is not None:
+            with open(os.path.join(d, "suite.yaml"), "w") as f:
+                f.write(read_text(suite_yaml_path(suite_dir)))
+            c.log_artifact(run_id, os.path.join(d, "suite.yaml"))
+
+
+def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:
+    c = tracking.client(uri)
+    log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
+    with tempfile.TemporaryDirectory() as d:
         histories = {
             task: {
                 split: [(m.step, m.value) for m in c.get_metric_history(run_id, f"{split}/{task}/loss")]
@@ -119,18 +124,33 @@ def ensure_ray(address: str | None) -> None:
         ray.init(address=address)
 
 
-def run_training(
-    config: Config, run_name: str, tracking_uri: str | None = None, resume: bool = False, address: str | None = None
-) -> TrainOutcome:
-    plan = make_plan(config)  # bad input stops here, before Ray starts
+@dataclass
+class RunSpec:
+    """What differs between `mtml train` and `mtml meta-train` runs; `launch` does the rest."""
+
+    tags: dict[str, str]
+    plan_params: dict
+    loop: Callable[[dict], None]  # the Ray Train loop per worker
+    payload: dict  # its plan, as JSON
+    total: int  # epochs or meta-iterations, for the progress line
+    counter: str  # "epoch" or "iteration": the MLflow step of every metric
+    log_artifacts: Callable[[str, str, str], None]  # (uri, run id, final checkpoint dir)
+
+
+def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | None, resume: bool,
+           address: str | None) -> TrainOutcome:
+    """Creates (or resumes) the MLflow run, fits the TorchTrainer, logs the artifacts from its
+    last checkpoint and sets the run's final status: FINISHED, KILLED on Ctrl-C, FAILED on
+    anything else."""
     uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
-    run_id, ray_name = _start_or_resume_run(plan, uri, run_name, resume)
+    run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
+    callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter)
     status = "FAILED"
     try:
         ensure_ray(address)
-        result = _trainer(plan, uri, run_id, ray_name).fit()
+        result = make_trainer(spec.loop, spec.payload, config, ray_name, callback).fit()
         with result.checkpoint.as_directory() as d:
-            _log_artifacts(plan, uri, run_id, d)
+            spec.log_artifacts(uri, run_id, d)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -139,3 +159,21 @@ def run_training(
         tracking.set_status(uri, run_id, status)
     metrics = tracking.client(uri).get_run(run_id).data.metrics
     return TrainOutcome(run_id, uri, metrics, result.checkpoint.path)
+
+
+def run_training(
+    config: Config, run_name: str, tracking_uri: str | None = None, resume: bool = False, address: str | None = None
+) -> TrainOutcome:
+    from distributed_mtml.train.worker import train_loop_per_worker
+
+    plan = make_plan(config)  # bad input stops here, before Ray starts
+    spec = RunSpec(
+        tags={"mtml.command": "train", "mtml.suite": plan.suite_name, "mtml.aggregation": config.aggregation.method},
+        plan_params={"steps_per_epoch": plan.steps_per_epoch, "placement": plan.placement},
+        loop=train_loop_per_worker,
+        payload=plan.model_dump(mode="json"),
+        total=config.training.epochs,
+        counter="epoch",
+        log_artifacts=lambda uri, run_id, d: _log_artifacts(plan, uri, run_id, d),
+    )
+    return launch(config, run_name, spec, tracking_uri, resume, address)

@@ -112,7 +112,7 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict[str, TaskSh
     return out
 
 
-def _quiet_report_log() -> None:
+def quiet_report_log() -> None:
     """Ray Train logs every report's full metrics at INFO under a logger outside the
     `ray.train` tree, which `LoggingConfig` does not reach; the controller prints a
     one-line summary per epoch instead."""
@@ -123,7 +123,7 @@ def _quiet_report_log() -> None:
 
 def train_loop_per_worker(payload: dict) -> None:
     plan = TrainPlan.model_validate(payload)
-    _quiet_report_log()
+    quiet_report_log()
     cfg, t = plan.config, plan.config.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,0 +1,83 @@
+"""Episodes for meta-learning: per task, K support points to adapt on and Q query points to
+score the adapted model, stacked over tasks so that one batched call adapts them all.
+
+Two sources share one interface, `sample(generator, n) -> Episodes`:
+- a procedural family sampled on the fly (the MAML sinusoid), an endless task distribution;
+- the tasks of a Parquet suite, each episode drawn without replacement from one task's rows.
+Every draw comes from an explicit `torch.Generator`, so a (seed, rank, iteration) triple fixes
+the episodes: runs repeat, and a resumed run sees what it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Episodes:
+    xs: torch.Tensor  # [B, K, d] support inputs
+    ys: torch.Tensor  # [B, K] support targets (float for regression, long for classes)
+    xq: torch.Tensor  # [B, Q, d] query inputs
+    yq: torch.Tensor  # [B, Q]
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def to(self, device: torch.device) -> "Episodes":
+        return Episodes(*(t.to(device) for t in (self.xs, self.ys, self.xq, self.yq)))
+
+    def chunk(self, size: int) -> list["Episodes"]:
+        parts = zip(*(t.split(size) for t in (self.xs, self.ys, self.xq, self.yq)))
+        return [Episodes(*p) for p in parts]
+
+
+def episode_generator(seed: int, *stream: int) -> torch.Generator:
+    """A generator for one stream of draws, e.g. (seed, rank, iteration)."""
+    state = np.random.SeedSequence([seed, *stream]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class SinusoidFamily:
+    """The MAML sinusoid family: y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi],
+    x ~ U[-5, 5] (the original code's ranges and sign convention)."""
+
+    num_features = 1
+
+    def __init__(self, shots: int, query: int):
+        self.shots, self.query = shots, query
+
+    def sample(self, generator: torch.Generator, n: int) -> Episodes:
+        amp = 0.1 + 4.9 * torch.rand(n, 1, generator=generator)
+        phase = math.pi * torch.rand(n, 1, generator=generator)
+        x = -5.0 + 10.0 * torch.rand(n, self.shots + self.query, generator=generator)
+        y = amp * torch.sin(x - phase)
+        k = self.shots
+        return Episodes(x[:, :k, None], y[:, :k], x[:, k:, None], y[:, k:])
+
+
+FAMILIES = {"sinusoid": SinusoidFamily}
+
+
+class SuiteEpisodes:
+    """Episodes from a fixed set of tasks, each given as (x [N, d], y [N]) rows."""
+
+    def __init__(self, tasks: dict[str, tuple[torch.Tensor, torch.Tensor]], shots: int, query: int):
+        self.names = list(tasks)
+        self.rows = [tasks[n] for n in self.names]
+        self.shots, self.query = shots, query
+
+    def sample(self, generator: torch.Generator, n: int) -> Episodes:
+        picks = torch.randint(len(self.rows), (n,), generator=generator).tolist()
+        parts = []
+        for i in picks:  # sampling only; the adaptation itself is batched
+            x, y = self.rows[i]
+            rows = torch.randperm(len(y), generator=generator)[: self.shots + self.query]
+            parts.append((x[rows], y[rows]))
+        x = torch.stack([p[0] for p in parts])
+        y = torch.stack([p[1] for p in parts])
+        k = self.shots
+        return Episodes(x[:, :k], y[:, :k], x[:, k:], y[:, k:])

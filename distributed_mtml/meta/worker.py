@@ -1,0 +1,118 @@
+"""The meta-training loop that Ray Train runs on every rank.
+
+Each rank samples its share of every meta-batch from its own stream (a family) or its own
+shard of the suite's tasks, adapts all of them in one batched call, and contributes its
+tasks' sum of meta-gradients; one all-reduce of the flat gradient in Ray Train's process
+group gives every rank the meta-batch mean, and each steps the same outer optimiser. DDP is
+not used: it cannot carry the second-order gradients MAML needs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from distributed_mtml.data.suite import load_suite_spec, load_task
+from distributed_mtml.meta.algorithms import adaptation_curve, meta_gradient
+from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
+from distributed_mtml.meta.plan import MetaPlan, share
+from distributed_mtml.meta.tasks import FAMILIES, SuiteEpisodes, episode_generator
+from distributed_mtml.train.worker import quiet_report_log
+
+VAL_STREAM = 2**31 - 1  # the validation tasks' stream, apart from every (rank, iteration) stream
+
+
+def _sources(plan: MetaPlan, rank: int):
+    """(training source, validation source) of this rank."""
+    meta = plan.config.meta
+    if plan.source == "family":
+        family = FAMILIES[plan.name](meta.shots, meta.query_size())
+        return family, family
+    specs = {t.name: t for t in load_suite_spec(plan.suite_dir).tasks}
+    train, val = {}, {}
+    for name in plan.shards[rank]:
+        data = load_task(plan.suite_dir, specs[name])
+        rows = {s: (torch.from_numpy(data.x[s]), torch.from_numpy(data.y[s])) for s in data.x}
+        train[name] = rows["train"]
+        # the val split when it holds a whole episode, else the train rows (small suites)
+        val[name] = rows["val"] if len(rows["val"][1]) >= meta.shots + meta.query_size() else rows["train"]
+    return SuiteEpisodes(train, meta.shots, meta.query_size()), SuiteEpisodes(val, meta.shots, meta.query_size())
+
+
+def _all_reduce(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """One flat all-reduce SUM: ranks already divided their sums by the meta-batch size."""
+    if world == 1:
+        return
+    flat = _all_reduce(parameters_to_vector([p.grad for p in params]), world)
+    grads = [torch.empty_like(p) for p in params]
+    vector_to_parameters(flat, grads)
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def _validation(learner, episodes, steps: int, count: int, world: int) -> dict[str, float]:
+    curve = adaptation_curve(learner, episodes, steps)["loss"]
+    sums = _all_reduce(torch.stack([curve[:, 0].sum(), curve[:, -1].sum()]).double(), world)
+    return {"val/meta/loss": float(sums[1]) / count, "val/meta/loss_before": float(sums[0]) / count}
+
+
+def meta_train_loop_per_worker(payload: dict) -> None:
+    plan = MetaPlan.model_validate(payload)
+    quiet_report_log()
+    cfg, meta, seed = plan.config, plan.config.meta, plan.config.training.seed
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    train_source, val_source = _sources(plan, rank)
+    learner = build_learner(payload).to(device)
+    params = list(learner.parameters())
+    optimizer = torch.optim.Adam(params, lr=meta.outer_lr)
+    done = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            done = restore_meta_state(d, learner, optimizer)
+    mine = share(meta.meta_batch_size, world, rank)
+    val = val_source.sample(episode_generator(seed, VAL_STREAM, rank), share(meta.val_tasks, world, rank)).to(device)
+
+    loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+    for iteration in range(done, meta.iterations):
+        episodes = train_source.sample(episode_generator(seed, rank, iteration), mine).to(device)
+        losses = meta_gradient(learner, episodes, meta.inner_steps, meta.meta_batch_size)
+        _all_reduce_grads(params, world)
+        optimizer.step()
+        loss_sum += losses.sum().double().cpu()
+        block += 1
+        finished = iteration + 1
+        if finished % meta.report_every and finished != meta.iterations:
+            continue
+        seconds = time.perf_counter() - begin
+        metrics = {"train/meta/loss": float(_all_reduce(loss_sum, world)) / (block * meta.meta_batch_size)}
+        metrics.update(_validation(learner, val, meta.inner_steps, meta.val_tasks, world))
+        metrics.update({"iteration": finished, "samples": block * mine, "train_seconds": seconds})
+        _report(metrics, finished, rank, payload, learner, optimizer)
+        loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+
+
+def _report(metrics: dict, finished: int, rank: int, payload: dict, learner, optimizer) -> None:
+    """Every rank reports (a barrier); rank 0 alone writes the checkpoint, the same on all."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            save_meta_state(d, finished, payload, learner, optimizer)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_iteration={finished:07d}")
