@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=10, help="meta: adaptation steps to score (0..N)")
     ev.add_argument("--tasks", type=int, default=600, help="meta: held-out tasks")
     _add_common(ev)
+    for name, text in [("transfer", "carry a trained model to a target task with every configured strategy"),
+                       ("tune", "Ray Tune search over transfer strategies, then repeats with 95% CIs")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+        _add_common(p)
     aff = sub.add_parser("affinity", help="task-affinity matrix of a run and the best groupings")
     aff.add_argument("--run", required=True, help="MLflow run id of a `mtml train` run with relations.enabled")
     aff.add_argument("--max-groups", type=int, default=None, help="groupings for 2..G groups (default: up to 4)")
@@ -195,6 +201,32 @@ def _evaluate_meta(args, directory: str, uri: str) -> int:
     return EXIT_OK
 
 
+def cmd_transfer(args) -> int:
+    from distributed_mtml import tracking
+    from distributed_mtml.report import table
+    from distributed_mtml.transfer.run import run_transfer
+
+    config, run_name = _load_run_config(args, args.config, args.set)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
+    parent, rows = run_transfer(config, uri, run_name)
+    print(table(["strategy", "final target metric", "final loss", "seconds"], rows))
+    print(f"\nparent run {parent}; one child run per strategy: mlflow ui --backend-store-uri {uri}")
+    return EXIT_OK
+
+
+def cmd_tune(args) -> int:
+    from distributed_mtml import tracking
+    from distributed_mtml.report import table
+    from distributed_mtml.transfer.search import run_tune
+
+    config, run_name = _load_run_config(args, args.config, args.set)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
+    parent, rows, best = run_tune(config, uri, run_name, args.address)
+    print(table(["strategy", "final metric (mean)", "95% CI +-", "repeats", "seconds per trial"], rows))
+    print(f"\nbest: {best} (tagged mtml.best_strategy on parent run {parent}); mlflow ui --backend-store-uri {uri}")
+    return EXIT_OK
+
+
 def cmd_affinity(args) -> int:
     import tempfile
 
@@ -234,6 +266,10 @@ def dispatch(args) -> int:
         return cmd_evaluate(args)
     if args.command == "affinity":
         return cmd_affinity(args)
+    if args.command == "transfer":
+        return cmd_transfer(args)
+    if args.command == "tune":
+        return cmd_tune(args)
     if not os.path.exists(DEMO_CONFIG):
         raise InputError(f"{DEMO_CONFIG}: demo config not found; install from a checkout with `pip install -e .`")
     return cmd_train(args, DEMO_CONFIG, [])

@@ -137,12 +137,41 @@ class MetaConfig(_Section):
     inner_lr: float = Field(0.01, gt=0, description="adaptation step size (Meta-SGD: ignored, rates are learned)")
     shots: int = Field(10, ge=1, description="support points per task (K)")
     query: int | None = Field(None, ge=1, description="query points per task; default: shots")
-    outer_lr: float = Field(1e-3, gt=0, description="Adam step size of the outer update")
+    outer_optimizer: Literal["adam", "sgd"] = Field("adam", description="optimiser of the outer update")
+    outer_lr: float = Field(1e-3, gt=0, description="step size of the outer update")
     report_every: int = Field(500, ge=1, description="iterations between MLflow reports and checkpoints")
     val_tasks: int = Field(100, ge=1, description="held-out tasks scored at every report")
 
     def query_size(self) -> int:
         return self.query or self.shots
+
+
+STRATEGIES = ("scratch", "finetune", "linear_probe", "partial", "adapter", "meta_adapt", "nearest_head")
+
+
+class TransferConfig(_Section):
+    source: str | None = Field(
+        None, description="MLflow run id, runs:/<id>, a checkpoint directory, or the name of a finished run"
+    )
+    target: SuiteConfig | None = Field(None, description="the suite holding the target task (path or generator)")
+    target_task: str | None = Field(None, description="the target task's name in that suite")
+    shots: int = Field(10, ge=1, description="labelled target examples (K), drawn from its train split")
+    strategies: list[Literal[STRATEGIES]] = Field(default_factory=lambda: list(STRATEGIES), min_length=1)
+    steps: int = Field(100, ge=1, description="full-batch optimisation steps on the K examples")
+    lr: float = Field(0.01, gt=0, description="Adam step size (meta_adapt: the source's inner rule instead)")
+    eval_every: int = Field(10, ge=1, description="steps between evaluations: the learning curve and ASHA's rungs")
+    eval_split: Literal["test", "val"] = Field("test", description="the fixed split every strategy is scored on")
+    partial_layers: int = Field(1, ge=1, description="partial: trunk layers (from the top) that train")
+    adapter_width: int = Field(8, ge=1, description="adapter: bottleneck width of each residual adapter")
+    seed: int = Field(0, description="initialisation and K-shot draw")
+
+
+class TuneSection(_Section):
+    num_samples: int = Field(4, ge=1, description="sampled settings per strategy in the search")
+    repeats: int = Field(3, ge=1, description="seeds x K-shot resamples of each strategy's best setting")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: fitted to the cluster's CPUs")
+    cpus_per_trial: float = Field(0.5, gt=0, description="a trial trains in its own process with this CPU share")
+    grace_period: int = Field(2, ge=1, description="ASHA: evaluations before a trial may be stopped")
 
 
 class Config(_Section):
@@ -155,13 +184,15 @@ class Config(_Section):
             raise ValueError(f"training.sync_every > 1 (local SGD) works only with aggregation.method {keeps_ddp}")
         return self
 
-    suite: SuiteConfig
+    suite: SuiteConfig | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     relations: RelationsConfig = Field(default_factory=RelationsConfig)
     meta: MetaConfig = Field(default_factory=MetaConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    tune: TuneSection = Field(default_factory=TuneSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -74,3 +74,16 @@ def adaptation_plot(means: list[float], cis: list[float], title: str, y_label: s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def bar_chart(labels: list[str], means: list[float], cis: list[float], title: str, path: str) -> str:
+    """One bar per label with its 95% interval as an error bar."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(labels)), 3.5))
+    ax.bar(labels, means, yerr=[0 if c != c else c for c in cis], capsize=4)
+    ax.set(title=title)
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

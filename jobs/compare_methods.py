@@ -16,27 +16,14 @@ Usage: python jobs/compare_methods.py [--seeds 3] [--epochs 4] [--correlations 0
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 
 import benchlib
 
 from distributed_mtml.aggregation import METHODS
 from distributed_mtml.data.generators import make_suite
 from distributed_mtml.report import table
-
-# two-sided 95% Student t quantiles by degrees of freedom; the normal 1.96 beyond
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def _ci(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return f"{mean:.4f}"
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{mean:.4f} +- {half:.4f}"
-
+from distributed_mtml.stats import fmt
 
 def _val_loss(suite_dir: str, method: str, seed: int, epochs: int, steps: int) -> float:
     cfg = benchlib.config(
@@ -71,7 +58,7 @@ def main() -> None:
         for method in methods:
             diff = [a - b for a, b in zip(losses[method], losses["mean"])]
             wins = sum(d < 0 for d in diff)
-            rows.append([p, method, _ci(losses[method]), "" if method == "mean" else _ci(diff),
+            rows.append([p, method, fmt(losses[method]), "" if method == "mean" else fmt(diff),
                          "" if method == "mean" else f"{wins}/{len(diff)}"])
     print()
     print(table(["correlation", "method", "val loss (mean +- 95% CI)", "minus mean's (paired)", "seeds better"], rows))

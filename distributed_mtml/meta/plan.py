@@ -65,7 +65,7 @@ def make_meta_plan(config: Config) -> MetaPlan:
     meta, workers = config.meta, config.scaling.num_workers
     if meta.meta_batch_size < workers:
         raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least scaling.num_workers ({workers})")
-    family = config.suite.generator if config.suite.path is None else None
+    family = config.suite.generator if config.suite is not None and config.suite.path is None else None
     if family in FAMILIES:
         if config.suite.options:
             raise InputError(f"suite.options: the '{family}' family is sampled on the fly and takes no options")

@@ -23,6 +23,7 @@ from distributed_mtml.meta.algorithms import adaptation_curve, meta_gradient
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
 from distributed_mtml.meta.plan import MetaPlan, share
 from distributed_mtml.meta.tasks import FAMILIES, SuiteEpisodes, episode_generator
+from distributed_mtml.train.step import make_optimizer
 from distributed_mtml.train.worker import quiet_report_log
 
 VAL_STREAM = 2**31 - 1  # the validation tasks' stream, apart from every (rank, iteration) stream
@@ -80,7 +81,7 @@ def meta_train_loop_per_worker(payload: dict) -> None:
     train_source, val_source = _sources(plan, rank)
     learner = build_learner(payload).to(device)
     params = list(learner.parameters())
-    optimizer = torch.optim.Adam(params, lr=meta.outer_lr)
+    optimizer = make_optimizer(meta.outer_optimizer, params, meta.outer_lr, weight_decay=0.0)
     done = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

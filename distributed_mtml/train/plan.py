@@ -11,10 +11,11 @@ import os
 
 from pydantic import BaseModel, ConfigDict
 
-from distributed_mtml.config import Config
+from distributed_mtml.config import Config, SuiteConfig
 from distributed_mtml.data.generators import make_suite
 from distributed_mtml.data.suite import SUITE_FILE, load_task
 from distributed_mtml.data.validate import checked_suite
+from distributed_mtml.errors import InputError
 from distributed_mtml.models import TaskShape
 from distributed_mtml.train.placement import place_tasks
 
@@ -36,10 +37,16 @@ class TrainPlan(BaseModel):
 
 def ensure_suite(config: Config) -> str:
     """The suite's absolute location, generating it first when the config names a generator."""
-    path = config.suite.resolved_path()
+    if config.suite is None:
+        raise InputError("suite: this command needs a 'suite' section (path or generator)")
+    return ensure_suite_at(config.suite)
+
+
+def ensure_suite_at(suite: SuiteConfig) -> str:
+    path = suite.resolved_path()
     exists = "://" in path or os.path.exists(os.path.join(path, SUITE_FILE))
-    if not exists and config.suite.generator:
-        make_suite(config.suite.generator, path, config.suite.options)
+    if not exists and suite.generator:
+        make_suite(suite.generator, path, suite.options)
     return path
 
 

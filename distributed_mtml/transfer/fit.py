@@ -1,0 +1,64 @@
+"""Training a built strategy on the K labelled examples, with its learning curve.
+
+Full-batch steps (K is small); the fixed evaluation split is scored before training and
+every `eval_every` steps, and each point goes to `report` (MLflow, or Tune for ASHA, whose
+rungs are these evaluations). Frozen parameters have `requires_grad=False`, so neither the
+backward nor the optimiser touches them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from distributed_mtml.models import task_loss
+from distributed_mtml.train.metrics import task_metrics
+from distributed_mtml.transfer.source import TransferInputs
+from distributed_mtml.transfer.strategies import Built
+
+Curve = list[tuple[int, dict[str, float]]]
+
+
+def _evaluate(built: Built, inputs: TransferInputs) -> dict[str, float]:
+    x, y = inputs.evaluation
+    built.model.eval()
+    with torch.no_grad():
+        metrics = task_metrics(inputs.target, built.model(x), y)
+    built.model.train()
+    return metrics
+
+
+def fit(built: Built, inputs: TransferInputs, steps: int, lr: float, eval_every: int,
+        report: Callable[[int, dict[str, float]], None] | None = None) -> Curve:
+    names = set(built.trainable)
+    params = []
+    for name, p in built.model.named_parameters():
+        p.requires_grad_(name in names)
+        if name in names:
+            params.append((name, p))
+    optimizer = torch.optim.Adam([p for _, p in params], lr=lr) if built.rates is None else None
+    x, y = inputs.train
+    curve: Curve = []
+
+    def record(step: int) -> None:
+        metrics = _evaluate(built, inputs)
+        curve.append((step, metrics))
+        if report is not None:
+            report(step, metrics)
+
+    record(0)
+    for step in range(1, steps + 1):
+        loss = task_loss(inputs.target, built.model(x), y)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        else:  # the meta-learned inner rule: p <- p - rate * grad
+            grads = torch.autograd.grad(loss, [p for _, p in params])
+            with torch.no_grad():
+                for (name, p), g in zip(params, grads):
+                    p -= built.rates[name] * g
+        if step % eval_every == 0 or step == steps:
+            record(step)
+    return curve

@@ -1,0 +1,81 @@
+"""`mtml transfer`: every configured strategy once, each a child MLflow run of one parent.
+
+Strategies run one after another in this process (a K-shot target is small); each child run
+gets tags `mtml.command`, `mtml.strategy`, its settings as params, the learning curve as
+`target/<metric>` (step = optimisation step) and a plot; the parent gets the summary table.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from distributed_mtml import report, tracking
+from distributed_mtml.config import Config, flatten
+from distributed_mtml.transfer.fit import Curve, fit
+from distributed_mtml.transfer.source import TransferInputs, load_inputs
+from distributed_mtml.transfer.strategies import build, check
+
+HEADLINE = {"classification": ("accuracy", "max"), "regression": ("mse", "min")}
+
+
+def strategy_settings(strategy: str, lr: float, steps: int, partial_layers: int, adapter_width: int) -> dict:
+    """The settings a strategy actually uses (logged as its child run's params)."""
+    settings = {"steps": steps}
+    if strategy != "meta_adapt":
+        settings["lr"] = lr
+    if strategy == "partial":
+        settings["partial_layers"] = partial_layers
+    if strategy == "adapter":
+        settings["adapter_width"] = adapter_width
+    return settings
+
+
+def log_curve(uri: str, run_id: str, curve: Curve, title: str) -> None:
+    for step, metrics in curve:
+        tracking.log_metrics(uri, run_id, {f"target/{k}": v for k, v in metrics.items()}, step)
+    with tempfile.TemporaryDirectory() as d:
+        path = report.learning_curves({title: {"target loss": [(s, m["loss"]) for s, m in curve]}},
+                                      d, x_label="step", y_label="evaluation loss")[0]
+        tracking.client(uri).log_artifact(run_id, path, "plots")
+
+
+def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[list]]:
+    """Runs every strategy of `transfer.strategies`; returns the parent run id and table rows."""
+    t = config.transfer
+    inputs = load_inputs(config, uri)
+    for strategy in t.strategies:  # all problems before anything runs
+        check(strategy, inputs, t.partial_layers)
+    metric, _ = HEADLINE[inputs.target.type]
+    tags = {"mtml.command": "transfer", "mtml.suite": os.path.basename(t.target.resolved_path())}
+    parent = tracking.create_run(uri, config.tracking.experiment, run_name, tags, flatten(config.model_dump(mode="json")))
+    rows, status = [], "FAILED"
+    try:
+        for strategy in t.strategies:
+            rows.append(_one_strategy(strategy, inputs, config, uri, parent, metric))
+        tracking.client(uri).log_text(parent, report.table(["strategy", f"final {metric}", "final loss", "seconds"], rows),
+                                      "transfer/results.txt")
+        status = "FINISHED"
+    finally:
+        tracking.set_status(uri, parent, status)
+    return parent, rows
+
+
+def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, uri: str, parent: str, metric: str) -> list:
+    t = config.transfer
+    settings = strategy_settings(strategy, t.lr, t.steps, t.partial_layers, t.adapter_width)
+    tags = {"mtml.command": "transfer", "mtml.strategy": strategy, "mlflow.parentRunId": parent}
+    child = tracking.create_run(uri, config.tracking.experiment, strategy, tags, {**settings, "shots": t.shots})
+    status = "FAILED"
+    try:
+        begin = time.perf_counter()
+        built = build(strategy, inputs, t.partial_layers, t.adapter_width, t.seed)
+        curve = fit(built, inputs, t.steps, t.lr, t.eval_every)
+        seconds = time.perf_counter() - begin
+        log_curve(uri, child, curve, f"{strategy} on {inputs.target.name}")
+        status = "FINISHED"
+    finally:
+        tracking.set_status(uri, child, status)
+    final = curve[-1][1]
+    return [strategy, final[metric], final["loss"], seconds]

@@ -1,0 +1,185 @@
+"""`mtml tune`: Ray Tune over transfer strategies and their settings, then honest repeats.
+
+Stage 1, search: every strategy with `tune.num_samples` sampled settings (learning rate,
+partial's k, the adapter width: each strategy uses only its own), all trials under one ASHA
+scheduler on the evaluation loss, whose rungs are the fit's evaluations.
+Stage 2, repeats: each strategy's best setting again under `tune.repeats` seeds, each seed
+also redrawing the K examples, run to the end; their final metric gives the mean +- 95% CI.
+
+Trials train in their own processes with `tune.cpus_per_trial` CPUs (fractions allowed, so a
+2-core laptop runs several without deadlock). MLflow: one parent run; a Tune callback in this
+driver process (one writer) makes a child run per trial with `mtml.strategy` and
+`mtml.stage`, and logs its learning curve. The parent gets the table as CSV, a bar chart and
+the tag `mtml.best_strategy`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+from distributed_mtml import report, tracking
+from distributed_mtml.config import Config, flatten
+from distributed_mtml.stats import mean_ci
+from distributed_mtml.transfer.fit import fit
+from distributed_mtml.transfer.run import HEADLINE, strategy_settings
+from distributed_mtml.transfer.source import TransferInputs, load_inputs
+from distributed_mtml.transfer.strategies import build, check
+
+
+def transfer_trial(config: dict[str, Any], inputs: TransferInputs) -> None:
+    """One Tune trial: draw K examples by the trial's seed, build, fit, report every evaluation."""
+    import ray.tune
+    import torch
+
+    torch.set_num_threads(1)
+    drawn = inputs.draw(config["seed"])
+    begin = time.perf_counter()
+    built = build(config["strategy"], drawn, config["partial_layers"], config["adapter_width"], config["seed"])
+    fit(built, drawn, config["steps"], config["lr"], config["eval_every"],
+        report=lambda step, m: ray.tune.report({**m, "step": step, "seconds": time.perf_counter() - begin}))
+
+
+def _callback(uri: str, experiment: str, parent: str, stage: str, shots: int):
+    import ray.tune
+
+    class MLflowChildRuns(ray.tune.Callback):
+        """A child MLflow run per trial, written from the Tune driver (one writer)."""
+
+        def __init__(self):
+            self.runs: dict[str, str] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            c = trial.config
+            settings = strategy_settings(c["strategy"], c["lr"], c["steps"], c["partial_layers"], c["adapter_width"])
+            tags = {"mtml.command": "tune", "mtml.strategy": c["strategy"], "mtml.stage": stage,
+                    "mlflow.parentRunId": parent}
+            name = f"{stage}-{c['strategy']}-{trial.trial_id}"
+            self.runs[trial.trial_id] = tracking.create_run(uri, experiment, name, tags,
+                                                            {**settings, "seed": c["seed"], "shots": shots})
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            metrics = {f"target/{k}": v for k, v in result.items()
+                       if k in ("loss", "accuracy", "auc", "mse", "mae", "r2")}
+            tracking.log_metrics(uri, self.runs[trial.trial_id], metrics, int(result["step"]))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            tracking.set_status(uri, self.runs[trial.trial_id], "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            tracking.set_status(uri, self.runs[trial.trial_id], "FAILED")
+
+    return MLflowChildRuns()
+
+
+def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri: str, parent: str, asha: bool):
+    import ray
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    t, tn = config.transfer, config.tune
+    evaluations = t.steps // t.eval_every + 1 + (t.steps % t.eval_every > 0)
+    concurrent = tn.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // tn.cpus_per_trial))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations, grace_period=tn.grace_period) if asha else None
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(transfer_trial, inputs=inputs), {"cpu": tn.cpus_per_trial})
+    return ray.tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=ray.tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler,
+                                        num_samples=tn.num_samples if asha else 1, max_concurrent_trials=concurrent),
+        run_config=ray.tune.RunConfig(
+            name=f"{stage}-{parent[:12]}", storage_path=config.checkpoint.resolved_dir(), verbose=0,
+            callbacks=[_callback(uri, config.tracking.experiment, parent, stage, t.shots)],
+        ),
+    )
+
+
+def _search_space(config: Config, inputs: TransferInputs) -> dict:
+    import ray.tune
+
+    t = config.transfer
+    depth = sum(1 for m in inputs.model.trunk.modules() if m.__class__.__name__ == "Linear")
+    return {
+        "strategy": ray.tune.grid_search(t.strategies),
+        "lr": ray.tune.loguniform(t.lr / 10, t.lr * 10),
+        "partial_layers": ray.tune.randint(1, depth + 1),
+        "adapter_width": ray.tune.choice([4, 8, 16, 32]),
+        "steps": t.steps, "eval_every": t.eval_every, "seed": t.seed,
+    }
+
+
+def _best_settings(results, strategies: list[str]) -> dict[str, dict]:
+    """Per strategy, the setting of its trial with the lowest last evaluation loss."""
+    best: dict[str, tuple[float, dict]] = {}
+    for result in results:
+        if result.error is not None or "loss" not in result.metrics:
+            continue
+        s = result.config["strategy"]
+        if s not in best or result.metrics["loss"] < best[s][0]:
+            best[s] = (result.metrics["loss"], result.config)
+    return {s: best[s][1] for s in strategies if s in best}
+
+
+def run_tune(config: Config, uri: str, run_name: str, address: str | None = None) -> tuple[str, list[list], str]:
+    """Search, repeat, summarise; returns (parent run id, table rows, best strategy)."""
+    import ray.tune
+
+    from distributed_mtml.train.launch import ensure_ray
+
+    t, tn = config.transfer, config.tune
+    inputs = load_inputs(config, uri)
+    for strategy in t.strategies:
+        check(strategy, inputs, t.partial_layers)
+    metric, direction = HEADLINE[inputs.target.type]
+    tags = {"mtml.command": "tune", "mtml.suite": os.path.basename(t.target.resolved_path())}
+    parent = tracking.create_run(uri, config.tracking.experiment, run_name, tags, flatten(config.model_dump(mode="json")))
+    status = "FAILED"
+    try:
+        ensure_ray(address)
+        print(f"[tune] search: {len(t.strategies)} strategies x {tn.num_samples} settings, ASHA on evaluation loss", flush=True)
+        searched = _tuner(config, inputs, _search_space(config, inputs), "search", uri, parent, asha=True).fit()
+        best = _best_settings(searched, t.strategies)
+        print(f"[tune] repeats: best setting of each strategy x {tn.repeats} seeds and K-shot draws", flush=True)
+        space = {"strategy": ray.tune.grid_search(list(best)), "repeat": ray.tune.grid_search(list(range(tn.repeats))),
+                 **{k: ray.tune.sample_from(lambda spec, k=k: best[spec.config["strategy"]][k])
+                    for k in ("lr", "partial_layers", "adapter_width", "steps", "eval_every")},
+                 "seed": ray.tune.sample_from(lambda spec: t.seed + 1000 * (1 + spec.config["repeat"]))}
+        repeated = _tuner(config, inputs, space, "repeat", uri, parent, asha=False).fit()
+        rows, best_strategy = _summarise(repeated, list(best), metric, direction)
+        _log_summary(uri, parent, rows, metric, best_strategy)
+        status = "FINISHED"
+    finally:
+        tracking.set_status(uri, parent, status)
+    return parent, rows, best_strategy
+
+
+def _summarise(results, strategies: list[str], metric: str, direction: str) -> tuple[list[list], str]:
+    finals: dict[str, list[float]] = {s: [] for s in strategies}
+    seconds: dict[str, list[float]] = {s: [] for s in strategies}
+    for result in results:
+        if result.error is None and metric in result.metrics:
+            finals[result.config["strategy"]].append(result.metrics[metric])
+            seconds[result.config["strategy"]].append(result.metrics["seconds"])
+    rows = []
+    for s in strategies:
+        if finals[s]:
+            mean, half = mean_ci(finals[s])
+            rows.append([s, mean, half, len(finals[s]), sum(seconds[s]) / len(seconds[s])])
+    pick = max if direction == "max" else min
+    return rows, pick(rows, key=lambda r: r[1])[0]
+
+
+def _log_summary(uri: str, parent: str, rows: list[list], metric: str, best: str) -> None:
+    c = tracking.client(uri)
+    with tempfile.TemporaryDirectory() as d:
+        csv = os.path.join(d, "results.csv")
+        with open(csv, "w") as f:
+            f.write(f"strategy,{metric}_mean,{metric}_ci95,repeats,seconds\n")
+            f.writelines(",".join(str(v) for v in row) + "\n" for row in rows)
+        chart = report.bar_chart([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                 f"final {metric} (mean, 95% CI)", os.path.join(d, "results.png"))
+        c.log_artifact(parent, csv, "tune")
+        c.log_artifact(parent, chart, "tune")
+    c.set_tag(parent, "mtml.best_strategy", best)

@@ -1,0 +1,117 @@
+"""The source model and the target task, loaded and checked on the driver.
+
+Everything a strategy needs travels as one `TransferInputs` object: the source's trunk and
+heads (and, for a meta-learned source, its inner rule), and the target's K training rows and
+fixed evaluation split. Bad input (no such run, unknown task, K above the train split) is an
+InputError here, before any trial starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from distributed_mtml.config import Config
+from distributed_mtml.data.suite import load_task
+from distributed_mtml.data.validate import checked_suite
+from distributed_mtml.errors import InputError
+from distributed_mtml.models import MultiTaskModel, TaskShape
+from distributed_mtml.train.plan import ensure_suite_at
+
+
+@dataclass
+class TransferInputs:
+    model: MultiTaskModel  # the source: trunk + every head ("meta" for a meta-learned one)
+    source_config: dict  # the source run's config (model architecture, meta inner rule)
+    meta_rates: dict[str, torch.Tensor] | None  # Meta-SGD's learned rates, when the source has them
+    target: TaskShape
+    pool: tuple[torch.Tensor, torch.Tensor]  # the target's whole train split
+    shots: int
+    evaluation: tuple[torch.Tensor, torch.Tensor]  # the fixed evaluation split
+    train: tuple[torch.Tensor, torch.Tensor] | None = None  # the K labelled examples, once drawn
+
+    def draw(self, seed: int) -> "TransferInputs":
+        """These inputs with K examples drawn from the pool by `seed` (a K-shot resample)."""
+        rows = torch.from_numpy(k_shot_rows(self.pool[1].numpy(), self.shots, seed))
+        return replace(self, train=(self.pool[0][rows], self.pool[1][rows]))
+
+    @property
+    def is_meta(self) -> bool:
+        """A meta-learned source carries exactly one head, "meta"."""
+        return list(self.model.tasks) == ["meta"]
+
+
+def _source_dir(source: str, uri: str, experiment: str):
+    """The model directory of `source`: runs:/<id>, a checkpoint directory, a run id, or the
+    newest finished run of that name in `experiment` (so `source: demo` follows `mtml demo`)."""
+    import os
+
+    from distributed_mtml import tracking
+    from distributed_mtml.evaluate import model_dir
+
+    if source.startswith("runs:/"):
+        return model_dir(source[len("runs:/"):].split("/")[0], None, uri)
+    if os.path.isdir(source):
+        return model_dir(None, source, uri)
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    named = [] if exp is None else c.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{source}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if named:
+        return model_dir(named[0].info.run_id, None, uri)
+    if len(source) != 32:
+        raise InputError(f"transfer.source: '{source}' is no checkpoint directory, run id, or finished run "
+                         f"name in experiment '{experiment}' of {uri}")
+    return model_dir(source, None, uri)
+
+
+def load_source(source: str, uri: str, experiment: str) -> tuple[MultiTaskModel, dict, dict | None]:
+    from distributed_mtml.train.checkpoint import load_model, load_state
+
+    with _source_dir(source, uri, experiment) as directory:
+        model, plan = load_model(directory)
+        rates = None
+        if load_state(directory).get("kind") == "meta":
+            from distributed_mtml.meta.checkpoint import load_learner
+
+            learner, _ = load_learner(directory)
+            if learner.algorithm.learned_rates:
+                rates = {n: r.detach().clone() for n, r in zip(learner.adapted, learner.rates)}
+    return model, plan["config"], rates
+
+
+def k_shot_rows(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Which train rows form the K-shot set: a seeded draw, so repeats resample K."""
+    return np.random.default_rng([seed, shots]).permutation(len(y))[:shots]
+
+
+def load_inputs(config: Config, uri: str) -> TransferInputs:
+    """The source model and the target's data; K examples drawn by `transfer.seed`."""
+    t = config.transfer
+    for key in ("source", "target", "target_task"):
+        if getattr(t, key) is None:
+            raise InputError(f"transfer.{key}: required")
+    model, source_config, rates = load_source(t.source, uri, config.tracking.experiment)
+    suite_dir = ensure_suite_at(t.target)
+    spec = checked_suite(suite_dir)
+    tasks = {task.name: task for task in spec.tasks}
+    if t.target_task not in tasks:
+        raise InputError(f"transfer.target_task: no task '{t.target_task}' in {suite_dir}/suite.yaml "
+                         f"(tasks: {', '.join(tasks)})")
+    task = tasks[t.target_task]
+    data = load_task(suite_dir, task)
+    available = len(data.y["train"])
+    if t.shots > available:
+        raise InputError(f"transfer.shots: {t.shots} exceeds the {available} rows of split 'train' "
+                         f"in {suite_dir}/{task.path}")
+    if len(data.y[t.eval_split]) == 0:
+        raise InputError(f"transfer.eval_split: split '{t.eval_split}' of {suite_dir}/{task.path} is empty")
+    pool = (torch.from_numpy(data.x["train"]), torch.from_numpy(data.y["train"]))
+    evaluation = (torch.from_numpy(data.x[t.eval_split]), torch.from_numpy(data.y[t.eval_split]))
+    target = TaskShape(task.name, task.type, len(data.features), task.num_classes)
+    return TransferInputs(model, source_config, rates, target, pool, t.shots, evaluation).draw(t.seed)
+
+

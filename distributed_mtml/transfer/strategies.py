@@ -1,0 +1,170 @@
+"""What each transfer strategy builds, and which of its parameters train.
+
+Every strategy yields a `TargetModel` (input map -> trunk -> head) and the names of its
+trainable parameters; everything else is frozen. Heads are new unless a strategy says
+otherwise, built like the source's heads for the target's output width.
+
+  scratch       the source architecture, freshly initialised; all of it trains
+  finetune      the source trunk and a new head; all of it trains
+  linear_probe  the source trunk frozen, a new head
+  partial       the top `partial_layers` linear layers of the trunk and a new head
+  adapter       the source trunk frozen with a residual bottleneck adapter after every layer
+                (starting as the identity) and a linear input map when the target's features
+                differ ("feature mapping"); adapters, input map and head train
+  meta_adapt    the meta-learned trunk and head, adapted by the source's own inner rule
+                (plain SGD at its inner rate, Meta-SGD's learned rates, ANIL: the head only)
+  nearest_head  the source trunk and a copy of the source head that fits the K examples best
+                before any training (lowest loss); all of it trains
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distributed_mtml.config import ModelConfig
+from distributed_mtml.errors import InputError
+from distributed_mtml.models import TaskModule, build_trunk, task_loss
+from distributed_mtml.transfer.source import TransferInputs
+
+
+class Adapter(nn.Module):
+    """x + up(relu(down(x))), with `up` zero-initialised: the frozen network is unchanged at start."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight), nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(torch.relu(self.down(x)))
+
+
+class TargetModel(nn.Module):
+    def __init__(self, input_map: nn.Module, trunk: nn.Module, head: nn.Module):
+        super().__init__()
+        self.input_map, self.trunk, self.head = input_map, trunk, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(self.input_map(x)))
+
+
+@dataclass
+class Built:
+    model: TargetModel
+    trainable: list[str]
+    rates: dict[str, torch.Tensor | float] | None = None  # meta_adapt: its SGD rates instead of Adam
+
+
+def _linears(trunk: nn.Module) -> list[nn.Linear]:
+    return [m for m in trunk.modules() if isinstance(m, nn.Linear)]
+
+
+def _trunk_in(inputs: TransferInputs) -> int:
+    return _linears(inputs.model.trunk)[0].in_features
+
+
+def _model_config(inputs: TransferInputs) -> ModelConfig:
+    return ModelConfig.model_validate(inputs.source_config["model"])
+
+
+def _new_head(inputs: TransferInputs, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return TaskModule(inputs.target, _model_config(inputs), _trunk_in(inputs)).head
+
+
+def _compatible_heads(inputs: TransferInputs) -> list[str]:
+    t = inputs.target
+    return [n for n, s in inputs.model.tasks.items() if s.type == t.type and s.out_width == t.out_width]
+
+
+def check(strategy: str, inputs: TransferInputs, partial_layers: int) -> None:
+    """One clear InputError when `strategy` cannot apply to this source and target."""
+    t, trunk_in = inputs.target, _trunk_in(inputs)
+    if t.num_features != trunk_in and strategy not in ("scratch", "adapter"):
+        raise InputError(f"transfer.strategies: '{strategy}' needs the target's features to match the source trunk's "
+                         f"input ({t.num_features} vs {trunk_in}); only 'adapter' and 'scratch' map features")
+    if strategy == "meta_adapt" and not (inputs.is_meta and _compatible_heads(inputs)):
+        raise InputError("transfer.strategies: 'meta_adapt' needs a source from `mtml meta-train` whose head "
+                         f"matches the target ({t.type}, {t.out_width} outputs)")
+    if strategy == "nearest_head" and not _compatible_heads(inputs):
+        raise InputError(f"transfer.strategies: 'nearest_head' found no source head of type {t.type} "
+                         f"with {t.out_width} outputs")
+    if strategy == "partial" and partial_layers > len(_linears(inputs.model.trunk)):
+        raise InputError(f"transfer.partial_layers: {partial_layers} exceeds the trunk's "
+                         f"{len(_linears(inputs.model.trunk))} layers")
+
+
+def _nearest_head(inputs: TransferInputs) -> str:
+    """The compatible source head with the lowest loss on the K examples, before any training."""
+    x, y = inputs.train
+    with torch.no_grad():
+        features = inputs.model.trunk(x)
+        losses = {n: float(task_loss(inputs.target, inputs.model.task_modules[n].head(features), y))
+                  for n in _compatible_heads(inputs)}
+    return min(losses, key=losses.get)
+
+
+def _adapted_trunk(trunk: nn.Module, width: int) -> nn.Sequential:
+    """The trunk with an adapter after each layer's activation (after every Linear's block)."""
+    layers: list[nn.Module] = []
+    blocks = list(trunk)
+    for i, module in enumerate(blocks):
+        layers.append(module)
+        ends_block = i + 1 == len(blocks) or isinstance(blocks[i + 1], nn.Linear)
+        if ends_block:
+            out = [m for m in blocks[: i + 1] if isinstance(m, nn.Linear)][-1].out_features
+            layers.append(Adapter(out, width))
+    return nn.Sequential(*layers)
+
+
+def build(strategy: str, inputs: TransferInputs, partial_layers: int, adapter_width: int, seed: int) -> Built:
+    check(strategy, inputs, partial_layers)
+    source_trunk = copy.deepcopy(inputs.model.trunk)
+    head = _new_head(inputs, seed)
+    if strategy == "scratch":
+        torch.manual_seed(seed)
+        model = TargetModel(nn.Identity(), build_trunk(_model_config(inputs), [inputs.target]), head)
+        return Built(model, [n for n, _ in model.named_parameters()])
+    if strategy in ("finetune", "linear_probe", "partial"):
+        model = TargetModel(nn.Identity(), source_trunk, head)
+        trainable = [n for n, _ in model.named_parameters() if n.startswith("head.")]
+        if strategy == "finetune":
+            trainable = [n for n, _ in model.named_parameters()]
+        if strategy == "partial":
+            top = {id(p) for layer in _linears(source_trunk)[-partial_layers:] for p in layer.parameters()}
+            trainable += [f"trunk.{n}" for n, p in source_trunk.named_parameters() if id(p) in top]
+        return Built(model, trainable)
+    if strategy == "adapter":
+        mismatch = inputs.target.num_features != _trunk_in(inputs)
+        torch.manual_seed(seed)
+        input_map = nn.Linear(inputs.target.num_features, _trunk_in(inputs)) if mismatch else nn.Identity()
+        model = TargetModel(input_map, _adapted_trunk(source_trunk, adapter_width), head)
+        trainable = [n for n, _ in model.named_parameters()
+                     if n.startswith(("head.", "input_map.")) or ".down." in n or ".up." in n]
+        return Built(model, trainable)
+    if strategy == "nearest_head":
+        chosen = copy.deepcopy(inputs.model.task_modules[_nearest_head(inputs)].head)
+        model = TargetModel(nn.Identity(), source_trunk, chosen)
+        return Built(model, [n for n, _ in model.named_parameters()])
+    return _meta_adapt(inputs, source_trunk)
+
+
+def _meta_adapt(inputs: TransferInputs, trunk: nn.Module) -> Built:
+    """The meta-learned initialisation with the source's inner rule, renamed to TargetModel's names."""
+    meta = inputs.source_config["meta"]
+    model = TargetModel(nn.Identity(), trunk, copy.deepcopy(inputs.model.task_modules["meta"].head))
+    rename = {f"task_modules.meta.head.{n}": f"head.{n}" for n, _ in model.head.named_parameters()}
+    rename.update({f"trunk.{n}": f"trunk.{n}" for n, _ in trunk.named_parameters()})
+    if meta["algorithm"] == "anil":
+        trainable = [n for n, _ in model.named_parameters() if n.startswith("head.")]
+    else:
+        trainable = [n for n, _ in model.named_parameters()]
+    if inputs.meta_rates is not None:
+        rates = {rename[n]: r for n, r in inputs.meta_rates.items()}
+    else:
+        rates = {n: meta["inner_lr"] for n in trainable}
+    return Built(model, trainable, rates)

@@ -1,0 +1,119 @@
+"""Integration: `mtml transfer` and `mtml tune` from a real source run, read back from MLflow,
+including against a real `mlflow server` on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from distributed_mtml.cli import main
+from distributed_mtml.config import validate_config
+from distributed_mtml.train.launch import run_training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, ray_session):
+    """A multi-task run on seed-example: the source model every test transfers from."""
+    from distributed_mtml.data.generators import make_suite
+
+    d = tmp_path_factory.mktemp("source")
+    suite = str(d / "suite")
+    make_suite("seed-example", suite, {"rows": 1000, "seed": 1})
+    uri = f"sqlite:///{d}/mlflow.db"
+    cfg = validate_config({"suite": {"path": suite}, "training": {"epochs": 8, "lr": 0.01},
+                           "checkpoint": {"dir": str(d / "runs")}})
+    out = run_training(cfg, "source", uri)
+    return {"uri": uri, "run_id": out.run_id, "checkpoint": out.checkpoint_path, "dir": d}
+
+
+def _write(tmp_path, source_ref, **transfer):
+    raw = {"transfer": {"source": source_ref, "target": {"generator": "seed-example", "options": {"rows": 400, "seed": 1}},
+                        "target_task": "regress", "shots": 10, "steps": 40, "eval_every": 10, **transfer},
+           "tune": {"num_samples": 2, "repeats": 3, "grace_period": 1},
+           "checkpoint": {"dir": str(tmp_path / "runs")}}
+    path = tmp_path / "transfer.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_transfer_runs_each_strategy_as_a_child_run(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = _write(tmp_path, source["checkpoint"], strategies=["scratch", "linear_probe", "adapter"])
+    assert main(["transfer", "--config", config, "--tracking-uri", source["uri"]]) == 0
+    assert "linear_probe" in capsys.readouterr().out
+    client = MlflowClient(source["uri"])
+    exp = client.get_experiment_by_name("distributed-mtml")
+    children = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'transfer' and tags.`mlflow.parentRunId` != ''")
+    assert sorted(r.data.tags["mtml.strategy"] for r in children) == ["adapter", "linear_probe", "scratch"]
+    curve = client.get_metric_history(children[0].info.run_id, "target/mse")
+    assert sorted(m.step for m in curve) == [0, 10, 20, 30, 40]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    MlflowClient(uri).search_experiments()  # the server answers
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server(source, tmp_path, monkeypatch, capsys, mlflow_server):
+    """10 labelled rows of a task the source trunk already knows: starting from the source
+    must beat training from scratch, and the table, children and tags land on the server."""
+    monkeypatch.chdir(tmp_path)
+    config = _write(tmp_path, source["checkpoint"], strategies=["scratch", "linear_probe"])
+    assert main(["tune", "--config", config, "--tracking-uri", mlflow_server]) == 0
+    out = capsys.readouterr().out
+    assert "best: linear_probe" in out
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("distributed-mtml")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune' and tags.`mtml.best_strategy` != ''")
+    assert parent.data.tags["mtml.best_strategy"] == "linear_probe" and parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages = [(r.data.tags["mtml.stage"], r.data.tags["mtml.strategy"]) for r in children]
+    assert stages.count(("search", "scratch")) == 2 and stages.count(("repeat", "linear_probe")) == 3
+    assert all(r.info.status == "FINISHED" for r in children)
+    paths = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
+    assert paths == {"tune/results.csv", "tune/results.png"}
+    csv = client.download_artifacts(parent.info.run_id, "tune/results.csv", str(tmp_path))
+    assert open(csv).read().startswith("strategy,mse_mean,mse_ci95,repeats,seconds")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"source": "no-such-run"}, "transfer.source: 'no-such-run' is no checkpoint directory"),
+    ({"shots": 5000}, "transfer.shots: 5000 exceeds the"),
+    ({"strategies": ["finetune"], "target": {"generator": "mmoe", "options": {"features": 6, "tasks": 2}},
+      "target_task": "task0"}, "only 'adapter' and 'scratch' map features"),
+])
+def test_bad_transfer_configs_exit_2_with_one_line(source, tmp_path, monkeypatch, capsys, change, message):
+    monkeypatch.chdir(tmp_path)
+    ref = change.pop("source", source["checkpoint"])
+    config = _write(tmp_path, ref, **change)
+    assert main(["transfer", "--config", config, "--tracking-uri", source["uri"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
