@@ -79,16 +79,20 @@ def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> 
 
 def single_task_suite(suite_dir: str, task: str) -> str:
     """A suite holding only `task`, pointing at the same Parquet file: the single-task baseline."""
+    return subset_suite(suite_dir, [task])
+
+
+def subset_suite(suite_dir: str, tasks: list[str]) -> str:
+    """A suite holding only `tasks`, pointing at the same Parquet files (held-out splits of tasks)."""
     from distributed_mtml.data.suite import SuiteSpec, join_path, load_suite_spec, suite_yaml_path, write_text
 
     import yaml
 
     spec = load_suite_spec(suite_dir)
-    (chosen,) = [t for t in spec.tasks if t.name == task]
-    chosen = chosen.model_copy(update={"path": join_path(suite_dir, chosen.path)})
-    out = os.path.join(WORKDIR, "single", f"{os.path.basename(suite_dir)}-{task}")
-    one = SuiteSpec(name=f"{spec.name}-{task}", tasks=[chosen])
-    write_text(suite_yaml_path(out), yaml.safe_dump(one.model_dump(exclude_none=True), sort_keys=False))
+    chosen = [t.model_copy(update={"path": join_path(suite_dir, t.path)}) for t in spec.tasks if t.name in tasks]
+    out = os.path.join(WORKDIR, "subsets", f"{os.path.basename(suite_dir)}-{'-'.join(tasks)}")
+    subset = SuiteSpec(name=f"{spec.name}-{'-'.join(tasks)}", tasks=chosen)
+    write_text(suite_yaml_path(out), yaml.safe_dump(subset.model_dump(exclude_none=True), sort_keys=False))
     return out
 
 
