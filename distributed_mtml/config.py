@@ -171,6 +171,9 @@ class TuneSection(_Section):
     repeats: int = Field(3, ge=1, description="seeds x K-shot resamples of each strategy's best setting")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: fitted to the cluster's CPUs")
     cpus_per_trial: float = Field(0.5, gt=0, description="a trial trains in its own process with this CPU share")
+    workers_per_trial: int = Field(
+        1, ge=1, description="> 1: each trial is a TorchTrainer of this many workers (DDP over the K rows), for large targets"
+    )
     grace_period: int = Field(2, ge=1, description="ASHA: evaluations before a trial may be stopped")
 
 

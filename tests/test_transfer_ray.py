@@ -29,7 +29,7 @@ def source(tmp_path_factory, ray_session):
     uri = f"sqlite:///{d}/mlflow.db"
     cfg = validate_config({"suite": {"path": suite}, "training": {"epochs": 8, "lr": 0.01},
                            "checkpoint": {"dir": str(d / "runs")}})
-    out = run_training(cfg, "source", uri)
+    out = run_training(cfg, "demo", uri)  # the name the shipped transfer_tune.yaml looks up
     return {"uri": uri, "run_id": out.run_id, "checkpoint": out.checkpoint_path, "dir": d}
 
 
@@ -102,6 +102,27 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     assert paths == {"tune/results.csv", "tune/results.png"}
     csv = client.download_artifacts(parent.info.run_id, "tune/results.csv", str(tmp_path))
     assert open(csv).read().startswith("strategy,mse_mean,mse_ci95,repeats,seconds")
+
+
+def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = _write(tmp_path, source["checkpoint"], strategies=["finetune"], steps=20)
+    sets = ["tune.workers_per_trial=2", "tune.num_samples=1", "tune.repeats=1"]
+    assert main(["tune", "--config", config, "--tracking-uri", source["uri"], *(x for s in sets for x in ("--set", s))]) == 0
+    assert "best: finetune" in capsys.readouterr().out
+    client = MlflowClient(source["uri"])
+    exp = client.get_experiment_by_name("distributed-mtml")
+    (repeat,) = client.search_runs([exp.experiment_id], "tags.`mtml.stage` = 'repeat' and tags.`mtml.strategy` = 'finetune'")
+    assert sorted(m.step for m in client.get_metric_history(repeat.info.run_id, "target/mse")) == [0, 10, 20]
+
+
+def test_shipped_transfer_tune_config_runs_as_is(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the target suite is generated here
+    config = os.path.join(REPO, "jobs", "configs", "transfer_tune.yaml")
+    small = ["tune.num_samples=1", "tune.repeats=2", "transfer.steps=20", f"checkpoint.dir={tmp_path}/runs"]
+    args = ["tune", "--config", config, "--tracking-uri", source["uri"]]
+    assert main([*args, *(x for s in small for x in ("--set", s))]) == 0
+    assert "best:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [

@@ -30,7 +30,10 @@ def _evaluate(built: Built, inputs: TransferInputs) -> dict[str, float]:
 
 
 def fit(built: Built, inputs: TransferInputs, steps: int, lr: float, eval_every: int,
-        report: Callable[[int, dict[str, float]], None] | None = None) -> Curve:
+        report: Callable[[int, dict[str, float]], None] | None = None, forward: torch.nn.Module | None = None) -> Curve:
+    """`forward` (default: the model itself) computes the training loss: a DDP wrapper when
+    several Ray Train workers share the fit, each on its shard of `inputs.train`."""
+    forward = forward or built.model
     names = set(built.trainable)
     params = []
     for name, p in built.model.named_parameters():
@@ -49,7 +52,7 @@ def fit(built: Built, inputs: TransferInputs, steps: int, lr: float, eval_every:
 
     record(0)
     for step in range(1, steps + 1):
-        loss = task_loss(inputs.target, built.model(x), y)
+        loss = task_loss(inputs.target, forward(x), y)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

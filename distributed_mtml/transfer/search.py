@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 from distributed_mtml import report, tracking
@@ -30,16 +31,61 @@ from distributed_mtml.transfer.strategies import build, check
 
 
 def transfer_trial(config: dict[str, Any], inputs: TransferInputs) -> None:
-    """One Tune trial: draw K examples by the trial's seed, build, fit, report every evaluation."""
+    """One Tune trial: draw K examples by the trial's seed, build, fit, report every evaluation.
+    With `workers` > 1 the fit is a TorchTrainer built here (Ray Train V2 inside Tune)."""
     import ray.tune
     import torch
 
+    if config["workers"] > 1:
+        return _distributed_trial(config, inputs)
     torch.set_num_threads(1)
     drawn = inputs.draw(config["seed"])
     begin = time.perf_counter()
     built = build(config["strategy"], drawn, config["partial_layers"], config["adapter_width"], config["seed"])
     fit(built, drawn, config["steps"], config["lr"], config["eval_every"],
         report=lambda step, m: ray.tune.report({**m, "step": step, "seconds": time.perf_counter() - begin}))
+
+
+def _fit_worker(payload: dict) -> None:
+    """One rank of a distributed trial: the same model on every rank, DDP over its K-row shard."""
+    import ray.train
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    config, ctx = payload["config"], ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    drawn = ray.get(payload["inputs"]).draw(config["seed"])
+    built = build(config["strategy"], drawn, config["partial_layers"], config["adapter_width"], config["seed"])
+    begin = time.perf_counter()
+    report = lambda step, m: ray.train.report({**m, "step": step, "seconds": time.perf_counter() - begin})  # noqa: E731
+    if built.rates is not None:  # meta_adapt's inner rule is not a DDP backward: every rank runs it whole
+        fit(built, drawn, config["steps"], config["lr"], config["eval_every"], report=report)
+        return
+    for name, p in built.model.named_parameters():
+        p.requires_grad_(name in set(built.trainable))
+    shard = replace(drawn, train=tuple(t[rank::world] for t in drawn.train))
+    fit(built, shard, config["steps"], config["lr"], config["eval_every"], report=report,
+        forward=DistributedDataParallel(built.model))
+
+
+def _distributed_trial(config: dict[str, Any], inputs: TransferInputs) -> None:
+    import ray
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = ray.tune.get_context()
+    trainer = TorchTrainer(
+        _fit_worker,
+        train_loop_config={"config": config, "inputs": ray.put(inputs)},
+        scaling_config=ray.train.ScalingConfig(num_workers=config["workers"],
+                                               resources_per_worker={"CPU": config["cpus_per_worker"]}),
+        run_config=ray.train.RunConfig(name=f"trial-{trial.get_trial_id()}", storage_path=config["storage"],
+                                       callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
 
 
 def _callback(uri: str, experiment: str, parent: str, stage: str, shots: int):
@@ -81,9 +127,12 @@ def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri:
 
     t, tn = config.transfer, config.tune
     evaluations = t.steps // t.eval_every + 1 + (t.steps % t.eval_every > 0)
-    concurrent = tn.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // tn.cpus_per_trial))
+    per_trial = tn.cpus_per_trial * tn.workers_per_trial
+    concurrent = tn.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations, grace_period=tn.grace_period) if asha else None
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(transfer_trial, inputs=inputs), {"cpu": tn.cpus_per_trial})
+    # a distributed trial's driver only waits on its workers, which hold their own CPUs
+    driver_cpus = tn.cpus_per_trial if tn.workers_per_trial == 1 else 0.01
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(transfer_trial, inputs=inputs), {"cpu": driver_cpus})
     return ray.tune.Tuner(
         trainable,
         param_space=space,
@@ -106,8 +155,15 @@ def _search_space(config: Config, inputs: TransferInputs) -> dict:
         "lr": ray.tune.loguniform(t.lr / 10, t.lr * 10),
         "partial_layers": ray.tune.randint(1, depth + 1),
         "adapter_width": ray.tune.choice([4, 8, 16, 32]),
-        "steps": t.steps, "eval_every": t.eval_every, "seed": t.seed,
+        "steps": t.steps, "eval_every": t.eval_every, "seed": t.seed, **_trial_scaling(config),
     }
+
+
+def _trial_scaling(config: Config) -> dict:
+    """Constants every trial needs to decide whether it is one process or a TorchTrainer."""
+    tn = config.tune
+    return {"workers": tn.workers_per_trial, "cpus_per_worker": tn.cpus_per_trial,
+            "storage": config.checkpoint.resolved_dir()}
 
 
 def _best_settings(results, strategies: list[str]) -> dict[str, dict]:
@@ -145,6 +201,7 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
         space = {"strategy": ray.tune.grid_search(list(best)), "repeat": ray.tune.grid_search(list(range(tn.repeats))),
                  **{k: ray.tune.sample_from(lambda spec, k=k: best[spec.config["strategy"]][k])
                     for k in ("lr", "partial_layers", "adapter_width", "steps", "eval_every")},
+                 **_trial_scaling(config),
                  "seed": ray.tune.sample_from(lambda spec: t.seed + 1000 * (1 + spec.config["repeat"]))}
         repeated = _tuner(config, inputs, space, "repeat", uri, parent, asha=False).fit()
         rows, best_strategy = _summarise(repeated, list(best), metric, direction)
