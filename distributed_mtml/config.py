@@ -71,6 +71,9 @@ class TrainingConfig(_Section):
     sync_every: int = Field(
         1, ge=1, description="local steps between trunk synchronisations (1 = DDP gradient sync every step)"
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward passes under torch.autocast (GPU mixed precision; also works on CPU)"
+    )
 
 
 class ScalingSection(_Section):

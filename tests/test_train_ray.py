@@ -114,8 +114,8 @@ def test_bad_suite_exits_2_before_ray_starts(tmp_path):
     assert not os.path.exists(tmp_path / "mlflow.db")  # nothing started, nothing logged
 
 
-def test_local_sgd_sync_every_trains(ray_session, tmp_path, seed_suite):
-    cfg = _config(tmp_path, seed_suite, training={"epochs": 3, "sync_every": 4})
+def test_local_sgd_sync_every_trains_in_bf16(ray_session, tmp_path, seed_suite):
+    cfg = _config(tmp_path, seed_suite, training={"epochs": 3, "sync_every": 4, "precision": "bf16"})
     out = run_training(cfg, "localsgd", _uri(tmp_path))
     client = MlflowClient(_uri(tmp_path))
     val = [m.value for m in sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)]

@@ -173,7 +173,8 @@ def train_loop_per_worker(payload: dict) -> None:
                 relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
                 measured += 1
             seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
-            losses, w = step_fn(batch, seed)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                losses, w = step_fn(batch, seed)
             if w is not None:
                 weight_sums += w
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
