@@ -276,7 +276,10 @@ def dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distributed_mtml.interrupts import interrupt_on_sigterm, restore
+
     args = build_parser().parse_args(argv)
+    previous = interrupt_on_sigterm()
     try:
         return dispatch(args)
     except InputError as e:
@@ -284,9 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: the MLflow run is marked KILLED; continue it with --resume", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback wall
         traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        restore(previous)

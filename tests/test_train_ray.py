@@ -231,3 +231,38 @@ def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_sessio
     printed = capsys.readouterr().out
     assert "2 groups" in printed and "{task0, task1} | {task2, task3}" in printed
     assert "relations/groupings.txt" in {a.path for a in client.list_artifacts(out.run_id, "relations")}
+
+
+def test_sigterm_marks_the_run_killed_and_resume_finishes_it(tmp_path, seed_suite):
+    """What `ray job stop` does to a job's driver: SIGTERM. The run must end KILLED with its
+    checkpoints intact, and `--resume` must continue the same MLflow run to the end."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({
+        "suite": {"path": seed_suite}, "training": {"epochs": 40, "batch_size": 16, "lr": 0.01},
+        "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")},
+    }))
+    command = [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config), "--tracking-uri", _uri(tmp_path)]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait for the second epoch's progress line: a checkpoint exists
+        if "[mtml] epoch 2/40" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and "marked KILLED" in rest
+    client = MlflowClient(_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
+    assert run.info.status == "KILLED"
+    done = len(client.get_metric_history(run.info.run_id, "train/classify/loss"))
+    resumed = subprocess.run([*command, "--resume", "--set", f"training.epochs={done + 1}"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/classify/loss"))
+    assert steps == list(range(done + 1))

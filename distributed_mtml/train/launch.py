@@ -120,8 +120,11 @@ def ensure_ray(address: str | None) -> None:
     """Joins the cluster at `address`, or starts a local Ray inside this process."""
     import ray
 
+    from distributed_mtml.interrupts import interrupt_on_sigterm
+
     if not ray.is_initialized():
         ray.init(address=address)
+        interrupt_on_sigterm()  # ray.init replaced it with Ray's own (log and abort)
 
 
 @dataclass
