@@ -27,7 +27,25 @@ def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = No
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     elif "://" not in uri:
         uri = "sqlite:///" + os.path.abspath(uri)
+    check_reachable(uri)
     return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server that does not answer is bad input: say so before anything starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from distributed_mtml.errors import InputError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(f"--tracking-uri {uri}: the MLflow server does not answer ({reason})") from None
 
 
 def _artifact_location(uri: str) -> str | None:

@@ -114,6 +114,25 @@ def test_bad_suite_exits_2_before_ray_starts(tmp_path):
     assert not os.path.exists(tmp_path / "mlflow.db")  # nothing started, nothing logged
 
 
+def test_unreachable_tracking_server_exits_2_before_ray_starts(tmp_path, seed_suite):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"suite: {{path: {seed_suite}}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config),
+         "--tracking-uri", f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --tracking-uri http://127.0.0.1:{port}: the MLflow server does not answer")
+    assert not os.path.exists(tmp_path / "mtml_runs")  # no Ray Train run was started
+
+
 def test_local_sgd_sync_every_trains_in_bf16(ray_session, tmp_path, seed_suite):
     cfg = _config(tmp_path, seed_suite, training={"epochs": 3, "sync_every": 4, "precision": "bf16"})
     out = run_training(cfg, "localsgd", _uri(tmp_path))
