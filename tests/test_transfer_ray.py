@@ -119,7 +119,7 @@ def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch
 def test_shipped_transfer_tune_config_runs_as_is(source, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the target suite is generated here
     config = os.path.join(REPO, "jobs", "configs", "transfer_tune.yaml")
-    small = ["tune.num_samples=1", "tune.repeats=2", "transfer.steps=20", f"checkpoint.dir={tmp_path}/runs"]
+    small = ["tune.num_samples=1", "tune.repeats=1", "transfer.steps=20", f"checkpoint.dir={tmp_path}/runs"]
     args = ["tune", "--config", config, "--tracking-uri", source["uri"]]
     assert main([*args, *(x for s in small for x in ("--set", s))]) == 0
     assert "best:" in capsys.readouterr().out
