@@ -1,8 +1,8 @@
 """Does transfer pay? Strategies against `scratch` on held-out targets, for K in {5, 10, 20, 50}.
 
 Three sources and held-out targets:
-  seed-example  source: `mtml train` on seed-example (seed 1); target: the regression task of
-                another seed's variant (seed 7), whose latent weights differ
+  seed-example  source: `mtml train` on seed-example (seed 1); target: the regression task of a
+                held-out variant (seed 1, variant 1: the same latent map, new readouts and rows)
   mmoe          source: `mtml train` on tasks 0-4 of a 6-task mmoe suite (correlation 0.9);
                 target: task 5, never seen
   sinusoid      source: `mtml meta-train` (MAML) on the sinusoid family; target: tasks of a
@@ -13,6 +13,7 @@ validation split (mean over draws), then its best setting is scored on the test 
 whether it beats scratch on test. Strategies are the ones `mtml transfer` runs, in-process.
 
 Usage: python jobs/bench_transfer.py [--draws 5] [--shots 5 10 20 50] [--meta-iterations 5000]
+       [--targets seed-example mmoe sinusoid]
 """
 
 from __future__ import annotations
@@ -38,29 +39,46 @@ STRATEGIES = ["scratch", "finetune", "linear_probe", "partial", "adapter", "meta
 LRS = [0.003, 0.01, 0.03]
 
 
-def _sources(meta_iterations: int) -> dict[str, tuple[str, str, list[str]]]:
-    """name -> (source checkpoint, target suite dir, target tasks)."""
+def _sources(meta_iterations: int, targets: list[str]) -> dict[str, tuple[str, str, list[str]]]:
+    """name -> (source checkpoint, target suite dir, target tasks), for the chosen targets."""
+    out = {}
+    if "seed-example" in targets:
+        out["seed-example"] = _seed_example()
+    if "mmoe" in targets:
+        out["mmoe"] = _mmoe()
+    if "sinusoid" in targets:
+        out["sinusoid"] = _sinusoid(meta_iterations)
+    return out
+
+
+TRAIN = {"epochs": 10, "lr": 0.003}
+
+
+def _seed_example() -> tuple[str, str, list[str]]:
     w = benchlib.WORKDIR
     seed_src, seed_tgt = os.path.join(w, "seed-src"), os.path.join(w, "seed-tgt")
     make_suite("seed-example", seed_src, {"rows": 2000, "seed": 1})
-    make_suite("seed-example", seed_tgt, {"rows": 600, "seed": 7})
-    mmoe = os.path.join(w, "mmoe6")
+    make_suite("seed-example", seed_tgt, {"rows": 600, "seed": 1, "variant": 1})
+    run = benchlib.train(benchlib.config(suite={"path": seed_src}, training=TRAIN), "transfer-src-seed")
+    return run.checkpoint_path, seed_tgt, ["regress"]
+
+
+def _mmoe() -> tuple[str, str, list[str]]:
+    mmoe = os.path.join(benchlib.WORKDIR, "mmoe6")
     make_suite("mmoe", mmoe, {"tasks": 6, "correlation": 0.9, "features": 16, "sines": 2, "rows": 1200, "seed": 0})
-    sines = os.path.join(w, "sine-tgt")
+    source = benchlib.subset_suite(mmoe, [f"task{i}" for i in range(5)])
+    run = benchlib.train(benchlib.config(suite={"path": source}, training=TRAIN), "transfer-src-mmoe")
+    return run.checkpoint_path, mmoe, ["task5"]
+
+
+def _sinusoid(meta_iterations: int) -> tuple[str, str, list[str]]:
+    sines = os.path.join(benchlib.WORKDIR, "sine-tgt")
     make_suite("sinusoid", sines, {"tasks": 10, "rows": 100, "seed": 99})
-    train = {"epochs": 10, "lr": 0.003}
-    seed_run = benchlib.train(benchlib.config(suite={"path": seed_src}, training=train), "transfer-src-seed")
-    mmoe_src = benchlib.subset_suite(mmoe, [f"task{i}" for i in range(5)])
-    mmoe_run = benchlib.train(benchlib.config(suite={"path": mmoe_src}, training=train), "transfer-src-mmoe")
     meta_cfg = benchlib.config(suite={"generator": "sinusoid"}, model={"trunk": {"widths": [40, 40]}},
                                meta={"iterations": meta_iterations, "report_every": meta_iterations, "shots": 10})
     benchlib.ensure_ray(None)
-    sine_run = run_meta_training(meta_cfg, "transfer-src-sinusoid", benchlib.URI)
-    return {
-        "seed-example": (seed_run.checkpoint_path, seed_tgt, ["regress"]),
-        "mmoe": (mmoe_run.checkpoint_path, mmoe, ["task5"]),
-        "sinusoid": (sine_run.checkpoint_path, sines, [f"sine{i:03d}" for i in range(10)]),
-    }
+    run = run_meta_training(meta_cfg, "transfer-src-sinusoid", benchlib.URI)
+    return run.checkpoint_path, sines, [f"sine{i:03d}" for i in range(10)]
 
 
 def _score(strategy: str, source: str, suite: str, tasks: list[str], shots: int, lr: float, split: str,
@@ -82,9 +100,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--shots", type=int, nargs="*", default=[5, 10, 20, 50])
     parser.add_argument("--meta-iterations", type=int, default=5000)
+    parser.add_argument("--targets", nargs="*", default=["seed-example", "mmoe", "sinusoid"],
+                        choices=["seed-example", "mmoe", "sinusoid"])
     args = parser.parse_args()
     rows = []
-    for name, (source, suite, tasks) in _sources(args.meta_iterations).items():
+    for name, (source, suite, tasks) in _sources(args.meta_iterations, args.targets).items():
         for shots in args.shots:
             results = {}
             for strategy in STRATEGIES:

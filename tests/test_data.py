@@ -68,6 +68,14 @@ def test_mmoe_refuses_a_correlation_no_three_vectors_can_have():
         GENERATORS["mmoe"].make(GENERATORS["mmoe"].options(tasks=3, correlation=-0.6, features=8))
 
 
+def test_seed_example_variant_keeps_seed_0_data_and_draws_new_tasks():
+    g = GENERATORS["seed-example"]
+    base = g.make(g.options(rows=60, seed=3))[1]["regress"].column("y").to_numpy()
+    same = g.make(g.options(rows=60, seed=3, variant=0))[1]["regress"].column("y").to_numpy()
+    other = g.make(g.options(rows=60, seed=3, variant=1))[1]["regress"].column("y").to_numpy()
+    assert np.array_equal(base, same) and not np.allclose(base, other)
+
+
 def test_sinusoid_ranges():
     spec, tables = GENERATORS["sinusoid"].make(GENERATORS["sinusoid"].options(tasks=30, rows=50))
     for table in tables.values():

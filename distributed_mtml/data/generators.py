@@ -40,6 +40,9 @@ class _SuiteOptions(BaseModel):
 
 class SeedExampleOptions(_SuiteOptions):
     noise: float = Field(0.1, ge=0, description="noise added to the latent signal")
+    variant: int = Field(
+        0, ge=0, description="> 0: new task readouts and rows on the same latent map (a held-out variant of seed)"
+    )
 
 
 class MMoEOptions(_SuiteOptions):
@@ -85,9 +88,13 @@ def seed_example(opts: SeedExampleOptions) -> tuple[SuiteSpec, dict[str, pa.Tabl
     regression target is a score s(h) = w.h + sin(2 h_0) plus a task-specific part, and the
     class is whether s(h) is positive. A trunk that learns h from either task's data helps
     the other, most when each task has few rows; each task draws its own x.
+    A `variant` keeps the latent map A of its seed and draws new readouts w, v and new rows:
+    new tasks on the same hidden structure, the case transfer is for.
     """
     rng = np.random.default_rng(opts.seed)
     a = rng.normal(size=(LATENT, 10)) / math.sqrt(10) * 2.0
+    if opts.variant:
+        rng = np.random.default_rng([opts.seed, opts.variant])
     w, v = rng.normal(size=LATENT), rng.normal(size=LATENT)
 
     def latent(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
