@@ -9,11 +9,11 @@ c = 0 is plain averaging.
 import numpy as np
 import torch
 
-from distributed_mtml.aggregation.simplex import minimise
+from distributed_mtml.aggregation.simplex import minimise, unit_scale
 
 
 def weights(gram: torch.Tensor, *, seed: int = 0, c: float = 0.4) -> torch.Tensor:
-    k = gram.shape[0]
+    k, gram = gram.shape[0], unit_scale(gram)
     b = torch.full((k,), 1.0 / k, dtype=gram.dtype)
     g0_norm = torch.sqrt(torch.clamp(b @ gram @ b, min=0))
     if c == 0 or g0_norm == 0:

@@ -9,7 +9,7 @@ scale of the gradients, which is the method's own behaviour.
 
 import torch
 
-from distributed_mtml.aggregation.simplex import minimise
+from distributed_mtml.aggregation.simplex import minimise, unit_scale
 
 
 def weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
@@ -19,6 +19,6 @@ def weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         denom = g11 - 2 * g12 + g22
         gamma = torch.clamp((g22 - g12) / denom, 0.0, 1.0) if denom > 0 else torch.tensor(0.5, dtype=gram.dtype)
         return torch.stack([gamma, 1 - gamma])
-    g = gram.numpy()
+    g = unit_scale(gram).numpy()
     w = minimise(lambda w: w @ g @ w, lambda w: 2 * g @ w, k)
     return torch.from_numpy(w)
