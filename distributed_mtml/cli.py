@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=int, default=600, help="meta: held-out tasks")
     _add_common(ev)
     for name, text in [("transfer", "carry a trained model to a target task with every configured strategy"),
-                       ("tune", "Ray Tune search over transfer strategies, then repeats with 95% CIs")]:
+                       ("tune", "Ray Tune search over transfer strategies, then repeats with confidence intervals")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
