@@ -127,9 +127,9 @@ def _load_run_config(args, config_path: str, overrides: list[str]):
 
 
 def _uri_flag(uri: str) -> str:
-    from distributed_mtml.tracking import resolve_tracking_uri
+    from distributed_mtml.tracking import default_tracking_uri
 
-    return "" if uri == resolve_tracking_uri() else f" --tracking-uri {uri}"
+    return "" if uri == default_tracking_uri() else f" --tracking-uri {uri}"
 
 
 def cmd_meta_train(args) -> int:

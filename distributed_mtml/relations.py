@@ -127,11 +127,9 @@ def from_csv(text: str) -> tuple[np.ndarray, list[str]]:
 
 
 def heatmap(values: np.ndarray, order: list[str], title: str, path: str) -> None:
-    import matplotlib
+    from distributed_mtml.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(order) + 2, 1.0 * len(order) + 1.5))
     image = ax.imshow(values, cmap="RdBu_r", vmin=-np.nanmax(np.abs(values)), vmax=np.nanmax(np.abs(values)))
     ax.set(xticks=range(len(order)), yticks=range(len(order)), xlabel="recipient", ylabel="source", title=title)

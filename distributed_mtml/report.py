@@ -26,7 +26,8 @@ def metrics_table(metrics: dict[str, float], split: str) -> str:
     return table(["task", *columns], rows)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (workers and servers have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +44,7 @@ def learning_curves(
 ) -> list[str]:
     """One PNG per task with its train and validation loss per MLflow step; returns the paths.
     Epochs are logged from 0 and shown from 1; any other step is shown as logged."""
-    plt = _pyplot()
+    plt = pyplot()
     shift = 1 if x_label == "epoch" else 0
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -63,7 +64,7 @@ def learning_curves(
 
 def adaptation_plot(means: list[float], cis: list[float], title: str, y_label: str, path: str) -> str:
     """Query metric against adaptation steps, with the 95% confidence band."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = list(range(len(means)))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(steps, means, marker="o")
@@ -78,7 +79,7 @@ def adaptation_plot(means: list[float], cis: list[float], title: str, y_label: s
 
 def bar_chart(labels: list[str], means: list[float], cis: list[float], title: str, path: str) -> str:
     """One bar per label with its 95% interval as an error bar."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(labels)), 3.5))
     ax.bar(labels, means, yerr=[0 if c != c else c for c in cis], capsize=4)
     ax.set(title=title)

@@ -16,17 +16,23 @@ from ray.train import UserCallback
 DEFAULT_DB = "mlflow.db"
 
 
-def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
+def default_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
     """--tracking-uri, then the config, then $MLFLOW_TRACKING_URI, then ./mlflow.db.
 
     SQLite paths are made absolute here because Ray workers and the controller run in
-    other working directories.
+    other working directories. Pure: no I/O.
     """
     uri = cli_uri or config_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     elif "://" not in uri:
         uri = "sqlite:///" + os.path.abspath(uri)
+    return uri
+
+
+def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
+    """The tracking URI a command will use, checked to answer when it is a server."""
+    uri = default_tracking_uri(cli_uri, config_uri)
     check_reachable(uri)
     return uri
 
