@@ -2,10 +2,6 @@
 including against a real `mlflow server` on loopback."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
@@ -54,32 +50,6 @@ def test_transfer_runs_each_strategy_as_a_child_run(source, tmp_path, monkeypatc
     assert sorted(r.data.tags["mtml.strategy"] for r in children) == ["adapter", "linear_probe", "scratch"]
     curve = client.get_metric_history(children[0].info.run_id, "target/mse")
     assert sorted(m.step for m in curve) == [0, 10, 20, 30, 40]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    MlflowClient(uri).search_experiments()  # the server answers
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server(source, tmp_path, monkeypatch, capsys, mlflow_server):
