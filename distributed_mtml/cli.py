@@ -12,7 +12,7 @@ import sys
 import traceback
 import typing
 
-from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, InputError
+from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, InputError, TrainingFailed
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs", "demo.yaml")
 
@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted: the MLflow run is marked KILLED; continue it with --resume", file=sys.stderr)
         return EXIT_FAILURE

@@ -18,6 +18,11 @@ class InputError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class TrainingFailed(Exception):
+    """Training stopped for a reason the run can tell in one line (a dead worker, a diverged
+    loss), with the checkpoint to continue from: printed without a traceback, exit code 1."""
+
+
 def validation_lines(where: str, err: "pydantic.ValidationError") -> list[str]:  # noqa: F821
     """One line per pydantic error, naming the file (or object) and the dotted key."""
     lines = []

@@ -154,13 +154,38 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float], counter: s
     return "[mtml] " + " | ".join(parts)
 
 
-class MLflowMetricsCallback(UserCallback):
-    """Logs every report of every worker to one MLflow run, from the controller process."""
+def worker_error_summary(worker_exceptions: dict[int, BaseException]) -> str:
+    """'rank 1: <first sentence of its error>' per failed rank: the last line of each (Ray wraps a
+    worker's exception in its traceback text, whose last line is the exception itself)."""
+    parts = []
+    for rank, e in sorted(worker_exceptions.items()):
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        parts.append(f"rank {rank}: {lines[-1].split('. ')[0][:200]}")
+    return "; ".join(parts)
 
-    def __init__(self, uri: str, run_id: str, epochs: int, counter: str = "epoch"):
+
+class MLflowMetricsCallback(UserCallback):
+    """Logs every report of every worker to one MLflow run, from the controller process, and
+    records worker failures: each one the trainer will restart from the last checkpoint is
+    counted in the tag `mtml.restarts` and the metric `system/restarts`."""
+
+    def __init__(self, uri: str, run_id: str, epochs: int, counter: str = "epoch", max_failures: int = 0):
         self.uri, self.run_id, self.epochs, self.counter = uri, run_id, epochs, counter
+        self.max_failures, self.failures, self.next_step = max_failures, 0, 0
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         epoch, merged = merge_worker_metrics(metrics, self.counter)
         log_metrics(self.uri, self.run_id, merged, step=epoch)
+        self.next_step = epoch + 1
         print(progress_line(epoch, self.epochs, merged, self.counter), flush=True)
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        what = worker_error_summary(worker_exceptions)
+        c = client(self.uri)
+        c.set_tag(self.run_id, "mtml.last_worker_error", what[:5000])
+        if self.max_failures != -1 and self.failures > self.max_failures:
+            return  # no restart left: the driver reports the failure
+        c.set_tag(self.run_id, "mtml.restarts", str(self.failures))
+        log_metrics(self.uri, self.run_id, {"system/restarts": self.failures}, step=self.next_step)
+        print(f"[mtml] worker failure ({what}): restart {self.failures} from the last checkpoint", flush=True)

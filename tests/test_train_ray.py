@@ -144,34 +144,41 @@ def test_local_sgd_sync_every_trains_in_bf16(ray_session, tmp_path, seed_suite):
 
 
 def _train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
+    """PIDs of this test session's live Ray Train workers: processes titled
+    `ray::RayTrainWorker...` whose parent is our Ray's raylet (another Ray on the machine
+    has workers of its own)."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-            except OSError:
+                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if b"RayTrainWorker" in cmdline:
+            if b"RayTrainWorker" in cmdline and parent == raylet:
                 pids.append(int(entry))
     return pids
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed_suite):
     """SIGKILL one worker after the first checkpoint: with max_failures the group restarts
-    from that checkpoint and the run still finishes with every epoch logged."""
+    from that checkpoint, the run finishes with every epoch logged once and the restart
+    recorded, and its final metrics equal those of an uninterrupted run with the same seed
+    (batches and dropout are seeded per epoch, optimiser state is checkpointed)."""
     import signal
     import threading
     import time
 
-    cfg = _config(tmp_path, seed_suite, training={"epochs": 6, "steps_per_epoch": 40},
-                  checkpoint={"every_n_epochs": 1, "max_failures": 2})
+    sections = {"training": {"epochs": 6, "steps_per_epoch": 40}, "checkpoint": {"every_n_epochs": 1, "max_failures": 2}}
     killed = []
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            done = list((tmp_path / "runs").glob("*/checkpoint_epoch=0001"))
+            done = list((tmp_path / "runs").glob("crashy*/checkpoint_epoch=0001"))
             pids = _train_worker_pids()
             if done and pids:
                 os.kill(pids[0], signal.SIGKILL)
@@ -180,13 +187,67 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
 
     chaos = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     chaos.start()
-    out = run_training(cfg, "crashy", _uri(tmp_path))
+    out = run_training(_config(tmp_path, seed_suite, **sections), "crashy", _uri(tmp_path))
     chaos.join()
     assert killed, "no worker was killed: the test did not exercise a restart"
     client = MlflowClient(_uri(tmp_path))
-    assert client.get_run(out.run_id).info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(out.run_id, "train/classify/loss")}
-    assert steps == set(range(6))
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mtml.restarts"] == "1"
+    assert "died" in run.data.tags["mtml.last_worker_error"]
+    steps = sorted(m.step for m in client.get_metric_history(out.run_id, "train/classify/loss"))
+    assert steps == list(range(6))
+    calm = run_training(_config(tmp_path, seed_suite, **sections), "calm", _uri(tmp_path))
+    for key in ("val/classify/loss", "val/regress/loss", "train/regress/loss"):
+        assert out.metrics[key] == pytest.approx(calm.metrics[key], rel=1e-5), key
+
+
+def _cli_train(tmp_path, suite, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    """`mtml train` in its own process with its own local Ray, as a user runs it."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "suite": {"path": suite}, "training": {"epochs": 4, "batch_size": 16, "steps_per_epoch": 10},
+        "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
+    command = [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config), "--tracking-uri", _uri(tmp_path),
+               *extra]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, **env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
+
+
+def test_worker_exit_without_restarts_names_the_worker_and_the_checkpoint(tmp_path, seed_suite):
+    """A worker calling os._exit(1) mid-epoch with max_failures 0: one line naming the dead rank
+    and the checkpoint to resume from, exit 1, run FAILED; then --resume finishes it."""
+    proc = _cli_train(tmp_path, seed_suite, {"MTML_FAULT": "exit@2:5:1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "training failed: " in line and "rank 1: The actor is dead because its worker process has died" in line
+    assert "checkpoint_epoch=0001 (continue with --resume)" in line
+    client = MlflowClient(_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
+    assert run.info.status == "FAILED" and "mtml.restarts" not in run.data.tags
+    resumed = _cli_train(tmp_path, seed_suite, {}, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_non_finite_loss_fails_the_run_naming_task_and_step(ray_session, tmp_path, seed_suite, monkeypatch):
+    """NaN features reach task 'regress' (rank 1) at epoch 2, step 3; DDP spreads the NaN to
+    every rank a step later, yet the error names the first task and step, the run is FAILED and
+    the epoch-1 checkpoint is the last one, intact."""
+    from distributed_mtml.errors import TrainingFailed
+    from distributed_mtml.train.checkpoint import latest_checkpoint, load_model
+
+    monkeypatch.setenv("MTML_FAULT", "nan@2:3:1")
+    cfg = _config(tmp_path, seed_suite, training={"epochs": 4, "steps_per_epoch": 10})
+    with pytest.raises(TrainingFailed, match=r"non-finite loss in task 'regress' at epoch 2, step 3") as failed:
+        run_training(cfg, "diverges", _uri(tmp_path))
+    assert "checkpoint_epoch=0001 (continue with --resume)" in str(failed.value)
+    client = MlflowClient(_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
+    assert run.info.status == "FAILED"
+    last = latest_checkpoint(str(tmp_path / "runs"), f"diverges-{run.info.run_id[:12]}")
+    assert last.endswith("checkpoint_epoch=0001")
+    model, _ = load_model(last)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "cagrad", "mgda", "upgrad", "imtl", "graddrop", "uw"])

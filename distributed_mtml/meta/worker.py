@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml.data.suite import load_suite_spec, load_task
-from distributed_mtml.meta.algorithms import adaptation_curve, meta_gradient
+from distributed_mtml.faults import FaultInjector, FiniteLossGuard
+from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_gradient
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
 from distributed_mtml.meta.plan import MetaPlan, share
 from distributed_mtml.meta.tasks import FAMILIES, SuiteEpisodes, episode_generator
@@ -90,11 +91,14 @@ def meta_train_loop_per_worker(payload: dict) -> None:
     mine = share(meta.meta_batch_size, world, rank)
     val = val_source.sample(episode_generator(seed, VAL_STREAM, rank), share(meta.val_tasks, world, rank)).to(device)
 
+    fault, guard = FaultInjector(rank, restored=checkpoint is not None), FiniteLossGuard([META_TASK], device)
     loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
     for iteration in range(done, meta.iterations):
+        fault.strike(0, iteration)  # meta-training has no epochs: MTML_FAULT=<kind>@0:<iteration>
         episodes = train_source.sample(episode_generator(seed, rank, iteration), mine).to(device)
         losses = meta_gradient(learner, episodes, meta.inner_steps, meta.meta_batch_size)
         _all_reduce_grads(params, world)
+        guard.observe({META_TASK: losses.sum()}, iteration)
         optimizer.step()
         loss_sum += losses.sum().double().cpu()
         block += 1
@@ -102,6 +106,7 @@ def meta_train_loop_per_worker(payload: dict) -> None:
         if finished % meta.report_every and finished != meta.iterations:
             continue
         seconds = time.perf_counter() - begin
+        guard.raise_if_diverged(world, lambda step: f"meta-iteration {step + 1}")
         metrics = {"train/meta/loss": float(_all_reduce(loss_sum, world)) / (block * meta.meta_batch_size)}
         metrics.update(_validation(learner, val, meta.inner_steps, meta.val_tasks, world))
         metrics.update({"iteration": finished, "samples": block * mine, "train_seconds": seconds})

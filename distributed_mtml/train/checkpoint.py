@@ -84,6 +84,18 @@ def restore_worker_state(
     return int(load_state(directory)["epoch"]) + 1
 
 
+def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
+    """The newest checkpoint Ray Train persisted for this run: its directory names sort by
+    epoch (or meta-iteration). Any pyarrow filesystem URI, or a local path."""
+    import pyarrow.fs
+
+    scheme = storage_path.split("://")[0] + "://" if "://" in storage_path else ""
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path) if scheme else (pyarrow.fs.LocalFileSystem(), storage_path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
+    found = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    return scheme + found[-1] if found else None
+
+
 def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
     """The full trunk + every head from a checkpoint (or model artifact) directory, and its plan.
     A meta-learned model is a trunk with one head, "meta"."""

@@ -9,10 +9,10 @@ from typing import Callable
 
 import yaml
 
-from distributed_mtml import report, tracking
+from distributed_mtml import faults, report, tracking
 from distributed_mtml.config import Config, flatten
 from distributed_mtml.data.suite import read_text, suite_yaml_path
-from distributed_mtml.errors import InputError
+from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
@@ -61,6 +61,7 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback):
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=[callback],
+            worker_runtime_env={"env_vars": faults.fault_env()},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -140,6 +141,24 @@ class RunSpec:
     log_artifacts: Callable[[str, str, str], None]  # (uri, run id, final checkpoint dir)
 
 
+def _fit(trainer, config: Config, ray_name: str):
+    """trainer.fit(), with a failure of the worker group told in one line: which rank failed
+    and how, and the checkpoint that `--resume` continues from."""
+    from ray.train import TrainingFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from distributed_mtml.train.checkpoint import latest_checkpoint
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        what = tracking.worker_error_summary(e.worker_failures) if isinstance(e, WorkerGroupError) else str(e)
+        last = latest_checkpoint(config.checkpoint.resolved_dir(), ray_name)
+        resume = f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written"
+        tries = f" after {config.checkpoint.max_failures} restarts" if config.checkpoint.max_failures > 0 else ""
+        raise TrainingFailed(f"training failed{tries}: {what}; {resume}") from e
+
+
 def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | None, resume: bool,
            address: str | None) -> TrainOutcome:
     """Creates (or resumes) the MLflow run, fits the TorchTrainer, logs the artifacts from its
@@ -147,11 +166,11 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     anything else."""
     uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
     run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
-    callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter)
+    callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures)
     status = "FAILED"
     try:
         ensure_ray(address)
-        result = make_trainer(spec.loop, spec.payload, config, ray_name, callback).fit()
+        result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback), config, ray_name)
         with result.checkpoint.as_directory() as d:
             spec.log_artifacts(uri, run_id, d)
         status = "FINISHED"

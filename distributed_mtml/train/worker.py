@@ -25,6 +25,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from distributed_mtml import relations
 from distributed_mtml.aggregation import METHODS, loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
+from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
@@ -156,6 +157,7 @@ def train_loop_per_worker(payload: dict) -> None:
         _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
     step_fn = _make_step(plan, trunk, modules, shapes, optimizer, weighting, device, world)
     batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
+    fault, guard = FaultInjector(rank, restored=checkpoint is not None), FiniteLossGuard(order, device)
 
     for epoch in range(start_epoch, t.epochs):
         torch.manual_seed(t.seed * 100_003 + epoch * 101 + rank)  # dropout, reproducible on resume
@@ -166,7 +168,7 @@ def train_loop_per_worker(payload: dict) -> None:
         relation_sums: dict[str, float] = {}
         measured = 0
         for step, group in enumerate(zip(*streams)):
-            batch = dict(zip(mine, group))
+            batch = fault.strike(epoch, step, dict(zip(mine, group)))
             if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
                 found = relations.measure(trunk, modules, shapes, batch, plan.placement, order,
                                           cfg.relations.lr or t.lr)
@@ -181,8 +183,10 @@ def train_loop_per_worker(payload: dict) -> None:
                 _average_parameters(trunk, world)
             for n, loss in losses.items():
                 sums[n] += loss
+            guard.observe(losses, step)
             samples += sum(len(y) for _, y in group)
         train_seconds = time.perf_counter() - begin
+        guard.raise_if_diverged(world, lambda step: f"epoch {epoch}, step {step}")
 
         metrics = {f"train/{n}/loss": sums[n].item() / plan.steps_per_epoch for n in mine}
         if method.needs_exchange:

@@ -1,0 +1,40 @@
+"""The fault-injection spec and the non-finite loss guard, in one process."""
+
+import pytest
+import torch
+
+from distributed_mtml.faults import FaultInjector, FiniteLossGuard, NonFiniteLoss, parse_fault
+
+
+def test_fault_spec_parses_and_bad_specs_name_the_variable():
+    assert parse_fault("sigkill@2:5:1") == ("sigkill", 2, 5, 1)
+    assert parse_fault("exit@0:7") == ("exit", 0, 7, None)
+    for bad in ("boom@1:2", "exit@1", "exit@a:b", "exit1:2"):
+        with pytest.raises(ValueError, match="MTML_FAULT="):
+            parse_fault(bad)
+
+
+def test_nan_fault_poisons_only_the_first_task_at_its_step_and_never_after_a_restore(monkeypatch):
+    monkeypatch.setenv("MTML_FAULT", "nan@1:2")
+    batch = {"a": (torch.ones(2, 3), torch.zeros(2)), "b": (torch.ones(2, 3), torch.zeros(2))}
+    fresh = FaultInjector(rank=0, restored=False)
+    assert fresh.strike(1, 1, batch) is batch
+    poisoned = fresh.strike(1, 2, batch)
+    assert poisoned["a"][0].isnan().all() and not poisoned["b"][0].isnan().any()
+    assert FaultInjector(rank=0, restored=True).strike(1, 2, batch) is batch
+
+
+def test_guard_names_the_first_diverged_task_and_step():
+    guard = FiniteLossGuard(["a", "b", "c"], torch.device("cpu"))
+    guard.observe({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, 0)
+    guard.raise_if_diverged(1, str)  # all finite: no error
+    guard.observe({"a": torch.tensor(1.0), "c": torch.tensor(float("inf"))}, 4)
+    guard.observe({"b": torch.tensor(float("nan")), "c": torch.tensor(float("nan"))}, 2)
+    with pytest.raises(NonFiniteLoss, match="task 'b' at epoch 7, step 2"):
+        guard.raise_if_diverged(1, lambda step: f"epoch 7, step {step}")
+    guard = FiniteLossGuard(["a"], torch.device("cpu"))
+    guard.observe({"a": torch.tensor(float("nan"))}, 0)
+    with pytest.raises(NonFiniteLoss):
+        guard.raise_if_diverged(1, str)
+    with pytest.raises(NonFiniteLoss):  # a caught error does not clear it: the run must not go on
+        guard.raise_if_diverged(1, str)
