@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from distributed_mtml.interrupts import interrupt_on_sigterm, restore
 
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (database set-up) are not ours to show
     previous = interrupt_on_sigterm()
     try:
         return dispatch(args)

@@ -19,13 +19,13 @@ import torch
 from distributed_mtml import __version__
 from distributed_mtml.meta.algorithms import META_TASK, MetaLearner
 from distributed_mtml.models import MultiTaskModel
-from distributed_mtml.train.checkpoint import STATE_FILE, TRUNK_FILE, load_state, task_file
+from distributed_mtml.train.checkpoint import STATE_FILE, TRUNK_FILE, load_file, load_into, load_state, task_file
 
 RATES_FILE, OPTIM_FILE = "rates.pt", "optim.pt"
 
 
 def _load(directory: str, name: str) -> dict:
-    return torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+    return load_file(os.path.join(directory, name))
 
 
 def save_meta_state(directory: str, iteration: int, plan: dict, learner: MetaLearner, optimizer) -> None:
@@ -39,9 +39,9 @@ def save_meta_state(directory: str, iteration: int, plan: dict, learner: MetaLea
 
 def restore_meta_state(directory: str, learner: MetaLearner, optimizer) -> int:
     """Loads everything and returns the iterations already done."""
-    learner.model.trunk.load_state_dict(_load(directory, TRUNK_FILE))
-    learner.model.task_modules[META_TASK].load_state_dict(_load(directory, task_file(META_TASK)))
-    learner.rates.load_state_dict(_load(directory, RATES_FILE))
+    load_into(learner.model.trunk, os.path.join(directory, TRUNK_FILE))
+    load_into(learner.model.task_modules[META_TASK], os.path.join(directory, task_file(META_TASK)))
+    load_into(learner.rates, os.path.join(directory, RATES_FILE))
     optimizer.load_state_dict(_load(directory, OPTIM_FILE))
     return int(load_state(directory)["iterations_done"])
 
@@ -60,8 +60,8 @@ def load_learner(directory: str) -> tuple[MetaLearner, dict]:
     """The meta-learned model and its rates from a checkpoint (or model artifact), and its plan."""
     state = load_state(directory)
     learner = build_learner(state["plan"])
-    learner.model.trunk.load_state_dict(_load(directory, TRUNK_FILE))
-    learner.model.task_modules[META_TASK].load_state_dict(_load(directory, task_file(META_TASK)))
-    learner.rates.load_state_dict(_load(directory, RATES_FILE))
+    load_into(learner.model.trunk, os.path.join(directory, TRUNK_FILE))
+    load_into(learner.model.task_modules[META_TASK], os.path.join(directory, task_file(META_TASK)))
+    load_into(learner.rates, os.path.join(directory, RATES_FILE))
     learner.eval()
     return learner, state["plan"]

@@ -10,11 +10,13 @@ Layout of one checkpoint directory (Ray merges what every worker writes into it)
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from torch import nn
 
 from distributed_mtml import __version__
+from distributed_mtml.errors import InputError
 from distributed_mtml.models import MultiTaskModel
 
 STATE_FILE = "state.pt"
@@ -50,12 +52,31 @@ def save_worker_state(
     )
 
 
-def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_file(path: str) -> dict:
+    """One checkpoint file, as plain tensors and containers only: `weights_only=True` refuses
+    anything whose unpickling would run code. A refused, missing or damaged file is bad input."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: not a plain tensor checkpoint "
+                         "(loading it would run code; torch.load weights_only=True)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+
+
+def load_into(module: nn.Module, path: str) -> None:
+    """A state dict into a module built from the checkpoint's own description (state.pt)."""
+    try:
+        module.load_state_dict(load_file(path))
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise InputError(f"{path}: does not fit the model described in {STATE_FILE} ({detail})") from None
 
 
 def load_state(directory: str) -> dict:
-    return _load(os.path.join(directory, STATE_FILE))
+    return load_file(os.path.join(directory, STATE_FILE))
 
 
 def restore_worker_state(
@@ -72,12 +93,12 @@ def restore_worker_state(
     tasks before; after a change of `num_workers` they start fresh rather than pairing
     moments or log-variances with the wrong tasks.
     """
-    trunk.load_state_dict(_load(os.path.join(directory, TRUNK_FILE)))
+    load_into(trunk, os.path.join(directory, TRUNK_FILE))
     for name, module in task_modules.items():
-        module.load_state_dict(_load(os.path.join(directory, task_file(name))))
+        load_into(module, os.path.join(directory, task_file(name)))
     optim_path = os.path.join(directory, optim_file(rank))
     if os.path.exists(optim_path):
-        saved = _load(optim_path)
+        saved = load_file(optim_path)
         if saved["tasks"] == sorted(task_modules.keys()):
             optimizer.load_state_dict(saved["optimizer"])
             weighting.load_state_dict(saved["weighting"])
@@ -96,6 +117,20 @@ def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
     return scheme + found[-1] if found else None
 
 
+def check_resumable(storage_path: str, run_name: str, model: dict) -> None:
+    """`--resume` continues from the run's newest checkpoint, so the config must still build the
+    model that checkpoint holds; said here, before any worker fails to load it."""
+    from distributed_mtml.config import flatten
+
+    last = latest_checkpoint(storage_path, run_name)
+    if last is None or "://" in last:  # nothing saved yet; remote storage is read by the workers
+        return
+    saved = flatten(load_state(last)["plan"]["config"]["model"], "model.")
+    for key, value in flatten(model, "model.").items():
+        if saved.get(key) != value:
+            raise InputError(f"--resume: checkpoint {last} was trained with {key} {saved.get(key)}, this config {value}")
+
+
 def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
     """The full trunk + every head from a checkpoint (or model artifact) directory, and its plan.
     A meta-learned model is a trunk with one head, "meta"."""
@@ -109,8 +144,8 @@ def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
         return learner.model, plan
     plan = TrainPlan.model_validate(state["plan"])
     model = MultiTaskModel(plan.config.model, plan.task_shapes(), plan.config.training.seed)
-    model.trunk.load_state_dict(_load(os.path.join(directory, TRUNK_FILE)))
+    load_into(model.trunk, os.path.join(directory, TRUNK_FILE))
     for name, module in model.task_modules.items():
-        module.load_state_dict(_load(os.path.join(directory, task_file(name))))
+        load_into(module, os.path.join(directory, task_file(name)))
     model.eval()
     return model, state["plan"]

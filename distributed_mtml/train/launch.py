@@ -29,10 +29,13 @@ def start_or_resume_run(
 ) -> tuple[str, str]:
     """(MLflow run id, Ray Train run name). The Ray name is derived from the MLflow run, so a
     resumed run finds both its metrics and its checkpoints again."""
+    from distributed_mtml.train.checkpoint import check_resumable
+
     if resume:
         run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
         if run_id is None:
             raise InputError(f"--resume: no unfinished run named '{run_name}' in experiment '{cfg.tracking.experiment}'")
+        check_resumable(cfg.checkpoint.resolved_dir(), f"{run_name}-{run_id[:12]}", cfg.model.model_dump(mode="json"))
         tracking.set_status(uri, run_id, "RUNNING")
     else:
         params = {**flatten(cfg.model_dump(mode="json")), **{f"plan.{k}": v for k, v in plan_params.items()}}
@@ -117,6 +120,22 @@ def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
     c.log_artifacts(run_id, out_dir, "relations")
 
 
+def check_local_cpus(cfg: Config, address: str | None) -> None:
+    """A command that starts its own Ray can only use this machine's CPUs: more workers than
+    that would wait for ever. A cluster's autoscaler may add nodes, so there it is no error."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    from ray._private.utils import get_num_cpus
+
+    s = cfg.scaling
+    need, have = s.num_workers * s.cpus_per_worker, get_num_cpus()
+    if need > have:
+        raise InputError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPU need {need:g} CPUs; "
+                         f"this machine has {have} (use fewer workers or cpus_per_worker, or --address a cluster)")
+
+
 def ensure_ray(address: str | None) -> None:
     """Joins the cluster at `address`, or starts a local Ray inside this process."""
     import ray
@@ -165,6 +184,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     last checkpoint and sets the run's final status: FINISHED, KILLED on Ctrl-C, FAILED on
     anything else."""
     uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
+    check_local_cpus(config, address)
     run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
     callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures)
     status = "FAILED"

@@ -1,0 +1,272 @@
+"""The bad-input matrix: every case is a real broken file, config, flag or checkpoint; each must
+end with exit code 2 and exactly one line on stderr that names what is wrong, before any Ray
+worker starts (starting Ray or building a trainer fails these tests)."""
+
+import os
+import pickle
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from distributed_mtml import tracking
+from distributed_mtml.cli import main
+from distributed_mtml.data.generators import make_suite
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Starting Ray, a Ray Train trainer or a Tune search counts as a failure of the case."""
+    import ray
+    import ray.train.torch
+    import ray.tune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray worker was started for bad input")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `mtml` process
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray.train.torch.TorchTrainer, "__init__", refuse)
+    monkeypatch.setattr(ray.tune.Tuner, "__init__", refuse)
+
+
+class Case:
+    """A scratch directory with a good suite and a good config, to break one thing in."""
+
+    def __init__(self, root):
+        self.root = root
+        self.suite = str(root / "suite")
+        make_suite("seed-example", self.suite, {"rows": 120, "seed": 1})
+        self.config = {"suite": {"path": self.suite}, "training": {"epochs": 1}, "scaling": {"num_workers": 2},
+                       "checkpoint": {"dir": str(root / "runs")}}
+        self.uri = f"sqlite:///{root}/mlflow.db"
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.suite, name)
+
+    def rewrite(self, task_file: str, column: str, values) -> None:
+        table = pq.read_table(self.path(task_file))
+        index = table.schema.get_field_index(column)
+        table = table.set_column(index, column, pa.array(values(table.column(column).to_pylist())))
+        pq.write_table(table, self.path(task_file))
+
+    def edit_suite(self, change) -> None:
+        with open(self.path("suite.yaml")) as f:
+            spec = yaml.safe_load(f)
+        change(spec)
+        with open(self.path("suite.yaml"), "w") as f:
+            yaml.safe_dump(spec, f)
+
+    def write_config(self, raw=None) -> str:
+        path = str(self.root / "config.yaml")
+        with open(path, "w") as f:
+            f.write(raw if isinstance(raw, str) else yaml.safe_dump(self.config))
+        return path
+
+    def train(self, *extra: str) -> list[str]:
+        return ["train", "--config", self.write_config(), "--tracking-uri", self.uri, *extra]
+
+    def checkpoint(self, name: str, widths: list[int]) -> str:
+        """A real checkpoint directory of this suite's model, written as a worker writes it."""
+        from distributed_mtml.aggregation import loss_weighting
+        from distributed_mtml.config import validate_config
+        from distributed_mtml.models import build_task_modules, build_trunk
+        from distributed_mtml.train.checkpoint import save_worker_state
+        from distributed_mtml.train.plan import make_plan
+        from distributed_mtml.train.step import make_optimizer
+
+        plan = make_plan(validate_config({**self.config, "model": {"trunk": {"widths": widths}}}))
+        shapes = plan.task_shapes()
+        trunk, modules = build_trunk(plan.config.model, shapes), build_task_modules(plan.config.model, shapes, 0)
+        optimizer = make_optimizer("adam", [*trunk.parameters(), *modules.parameters()], 1e-3, 0.0)
+        directory = self.root / name
+        directory.mkdir(parents=True)
+        names = [s.name for s in shapes]
+        save_worker_state(str(directory), 0, 0, plan.model_dump(mode="json"), trunk, modules, optimizer,
+                          loss_weighting("mean", names, names, {}))
+        return str(directory)
+
+
+class Exploit:
+    """What a tampered checkpoint holds: unpickling it would run a shell command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _suite_cases():
+    def corrupt_parquet(c):
+        with open(c.path("classify.parquet"), "wb") as f:
+            f.write(b"PAR1 this is not parquet")
+        return c.train(), "classify.parquet: not a readable Parquet file (task 'classify')"
+
+    def string_feature(c):  # listed features: by default a string column is just not a feature
+        c.edit_suite(lambda s: s["tasks"][0].update(features=[f"x{i}" for i in range(10)]))
+        c.rewrite("classify.parquet", "x3", lambda v: [str(x) for x in v])
+        return c.train(), "classify.parquet: feature column 'x3' is not numeric (type string)"
+
+    def label_out_of_range(c):
+        c.rewrite("classify.parquet", "y", lambda v: [5] + v[1:])
+        return c.train(), "classify.parquet: target column 'y' has label 5 outside 0..1"
+
+    def nan_feature(c):
+        c.rewrite("regress.parquet", "x0", lambda v: [float("nan")] + v[1:])
+        return c.train(), "regress.parquet: feature column 'x0' has NaN, infinite or null values"
+
+    def string_target(c):
+        c.rewrite("regress.parquet", "y", lambda v: ["high"] * len(v))
+        return c.train(), "regress.parquet: target column 'y' is not numeric (type string)"
+
+    def unknown_split(c):
+        c.rewrite("regress.parquet", "split", lambda v: ["training"] + v[1:])
+        return c.train(), "regress.parquet: split column 'split' has values ['training'] (allowed: train, val, test)"
+
+    def missing_target(c):
+        c.edit_suite(lambda s: s["tasks"][1].update(target="price"))
+        return c.train(), "regress.parquet: target column 'price' not found"
+
+    def missing_file(c):
+        os.remove(c.path("regress.parquet"))
+        return c.train(), "regress.parquet: file not found (task 'regress')"
+
+    def duplicate_task(c):
+        c.edit_suite(lambda s: s["tasks"][1].update(name="classify"))
+        return c.train(), "suite.yaml: key 'tasks.1.name': duplicate task name 'classify'"
+
+    def suite_unknown_key(c):
+        c.edit_suite(lambda s: s["tasks"][0].update(weight=2))
+        return c.train(), "suite.yaml: unknown key 'tasks.0.weight'"
+
+    def suite_not_yaml(c):
+        with open(c.path("suite.yaml"), "w") as f:
+            f.write("tasks: [unclosed\n")
+        return c.train(), "suite.yaml: cannot read"
+
+    def no_classes(c):
+        c.edit_suite(lambda s: s["tasks"][0].pop("num_classes"))
+        return c.train(), "suite.yaml: key 'tasks.0.num_classes': required for classification task 'classify'"
+
+    def missing_suite(c):
+        shutil.rmtree(c.suite)
+        return c.train(), "suite.yaml: file not found"
+
+    return [corrupt_parquet, string_feature, label_out_of_range, nan_feature, string_target, unknown_split,
+            missing_target, missing_file, duplicate_task, suite_unknown_key, suite_not_yaml, no_classes, missing_suite]
+
+
+def _config_cases():
+    def unknown_key(c):
+        c.config["training"]["epoch"] = 3
+        return c.train(), "config.yaml: unknown key 'training.epoch'"
+
+    def wrong_type(c):
+        c.config["training"]["epochs"] = "ten"
+        return c.train(), "config.yaml: key 'training.epochs': Input should be a valid integer"
+
+    def negative_batch(c):
+        c.config["training"]["batch_size"] = -4
+        return c.train(), "config.yaml: key 'training.batch_size': Input should be greater than or equal to 1"
+
+    def zero_workers(c):
+        return c.train("--set", "scaling.num_workers=0"), "key 'scaling.num_workers': Input should be greater than or equal to 1"
+
+    def zero_lr(c):
+        return c.train("--set", "training.lr=0"), "key 'training.lr': Input should be greater than 0"
+
+    def unknown_method(c):
+        return c.train("--set", "aggregation.method=pcgradd"), "key 'aggregation': Value error, unknown method 'pcgradd'"
+
+    def set_without_value(c):
+        return c.train("--set", "training.epochs"), "--set 'training.epochs': expected key=value"
+
+    def set_unknown_key(c):
+        return c.train("--set", "training.momentum=0.9"), "unknown key 'training.momentum'"
+
+    def too_many_cpus(c):  # on a cluster address this is no error: the autoscaler may add nodes
+        from ray._private.utils import get_num_cpus
+
+        n = get_num_cpus() + 1
+        return c.train("--set", f"scaling.cpus_per_worker={n}"), f"scaling.num_workers: 2 workers x {n} CPU need {2 * n} CPUs"
+
+    def config_not_found(c):
+        return ["train", "--config", str(c.root / "nope.yaml")], "nope.yaml: config file not found"
+
+    def config_not_a_mapping(c):
+        return ["train", "--config", c.write_config("- just\n- a list\n")], "config.yaml: expected a mapping"
+
+    def unknown_algorithm(c):
+        c.config["meta"] = {"algorithm": "protonet"}
+        return ["meta-train", "--config", c.write_config(), "--tracking-uri", c.uri], "key 'meta.algorithm'"
+
+    return [unknown_key, wrong_type, negative_batch, zero_workers, zero_lr, unknown_method, set_without_value,
+            set_unknown_key, too_many_cpus, config_not_found, config_not_a_mapping, unknown_algorithm]
+
+
+def _argument_and_checkpoint_cases():
+    def unknown_run(c):
+        return ["evaluate", "--run", "0123456789abcdef", "--tracking-uri", c.uri], "--run: no run '0123456789abcdef'"
+
+    def evaluate_without_suite(c):
+        return ["evaluate", "--checkpoint", c.checkpoint("ck", [16]), "--tracking-uri", c.uri], "--suite: required"
+
+    def missing_checkpoint(c):
+        return ["evaluate", "--checkpoint", str(c.root / "gone"), "--suite", c.suite], "gone"
+
+    def other_architecture(c):
+        good, other = c.checkpoint("ck", [16]), c.checkpoint("other", [32, 8])
+        shutil.copy(os.path.join(other, "trunk.pt"), os.path.join(good, "trunk.pt"))
+        return (["evaluate", "--checkpoint", good, "--suite", c.suite],
+                "trunk.pt: does not fit the model described in")
+
+    def resume_other_architecture(c):
+        run_id = tracking.create_run(c.uri, "distributed-mtml", "config", {}, {})
+        tracking.set_status(c.uri, run_id, "KILLED")
+        saved = c.checkpoint("saved", [16])
+        target = c.root / "runs" / f"config-{run_id[:12]}" / "checkpoint_epoch=0000"
+        shutil.copytree(saved, target)
+        c.config["model"] = {"trunk": {"widths": [64]}}
+        return c.train("--resume"), "model.trunk.widths [16], this config [64]"
+
+    def tampered_checkpoint(c):
+        directory = c.checkpoint("ck", [16])
+        with open(os.path.join(directory, "state.pt"), "wb") as f:
+            pickle.dump(Exploit(str(c.root / "pwned")), f)
+        return (["evaluate", "--checkpoint", directory, "--suite", c.suite],
+                "state.pt: refused: not a plain tensor checkpoint")
+
+    def truncated_checkpoint(c):
+        directory = c.checkpoint("ck", [16])
+        with open(os.path.join(directory, "trunk.pt"), "r+b") as f:
+            f.truncate(100)
+        return ["evaluate", "--checkpoint", directory, "--suite", c.suite], "trunk.pt: cannot read"
+
+    def shots_zero(c):
+        return ["meta-train", "--config", c.write_config(), "--set", "meta.shots=0"], "key 'meta.shots'"
+
+    return [unknown_run, evaluate_without_suite, missing_checkpoint, other_architecture, resume_other_architecture,
+            tampered_checkpoint, truncated_checkpoint, shots_zero]
+
+
+CASES = _suite_cases() + _config_cases() + _argument_and_checkpoint_cases()
+
+
+def test_the_matrix_has_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("make", CASES, ids=[f.__name__ for f in CASES])
+def test_bad_input_exits_2_with_one_line_before_ray(make, tmp_path, monkeypatch, capsys, no_ray):
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    argv, expected = make(case)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert expected in lines[0]
+    assert not (tmp_path / "pwned").exists(), "unpickling ran the checkpoint's code"
