@@ -3,8 +3,7 @@
 Reference: Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (gradient part).
 With u_i = g_i / |g_i|, D rows g_1 - g_i and U rows u_1 - u_i (i = 2..K):
 alpha_{2..K} = g_1 U^T (D U^T)^-1, alpha_1 = 1 - sum alpha_{2..K}; all products are
-entries of G. The alphas sum to one, like the mean's weights; with identical gradients
-any such alpha gives the mean itself.
+entries of G. The alphas sum to one, like the mean's weights.
 """
 
 import torch
@@ -18,10 +17,12 @@ def weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     # (D U^T)[i, j] = (g_1 - g_i).(u_1 - u_j);  (g_1 U^T)[j] = g_1.(u_1 - u_j)
     du = gu[0, 0] - gu[0, rest][None, :] - gu[rest, 0][:, None] + gu[rest][:, rest]
     g1u = gu[0, 0] - gu[0, rest]
-    # Directions the float32 Gram cannot resolve (near-identical gradients) are rounding
-    # noise; a pseudo-inverse that drops them keeps the weights at the mean's instead of
-    # amplifying that noise into huge opposite weights.
+    # Solved as a minimal change from the mean's weights 1/K: where the system says nothing
+    # (collinear gradients, whose unit vectors coincide, or directions the float32 Gram cannot
+    # resolve) the weights stay the mean's, whatever the task order, instead of rounding noise
+    # growing into huge opposite weights.
     tol = 1e-5 * float(gu.abs().max())
-    alpha_rest = torch.linalg.pinv(du.T, atol=tol) @ g1u
+    uniform = torch.full((k - 1,), 1.0 / k, dtype=gram.dtype)
+    alpha_rest = uniform + torch.linalg.pinv(du.T, atol=tol) @ (g1u - du.T @ uniform)
     alpha = torch.cat([1 - alpha_rest.sum().unsqueeze(0), alpha_rest])
     return alpha

@@ -20,6 +20,30 @@ def _box_qp(gram: torch.Tensor, lower: torch.Tensor, steps: int = 2000) -> torch
         if torch.allclose(nxt, u, atol=1e-13, rtol=0):
             break
         u = nxt
+    return _polish(gram, lower, u)
+
+
+def _polish(gram: torch.Tensor, lower: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The exact box-QP optimum by an active-set search from the iterate's free set: projected
+    gradient with step 1/lambda_max crawls when G is ill-conditioned (gradients of very
+    different sizes), but on a fixed free set F the optimum solves G_FF u_F = -G_FB l_B. An
+    entry that falls below its bound is fixed there; a bound one with negative (G u) is freed."""
+    free = u > lower + 1e-9
+    tol = 1e-9 * max(float(torch.diagonal(gram).max()), 1e-30)
+    for _ in range(2 * len(u)):
+        exact = lower.clone()
+        if free.any():
+            rhs = -gram[free][:, ~free] @ lower[~free]
+            exact[free] = torch.linalg.lstsq(gram[free][:, free], rhs.unsqueeze(1)).solution.squeeze(1)
+        below = exact - lower
+        if below.min() < -1e-12:
+            free[torch.argmin(below)] = False
+            continue
+        pull = torch.where(free, torch.zeros_like(u), gram @ exact)
+        if pull.min() < -tol:
+            free[torch.argmin(pull)] = True
+            continue
+        return exact if exact @ gram @ exact <= u @ gram @ u + tol else u
     return u
 
 
