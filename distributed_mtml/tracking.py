@@ -7,6 +7,7 @@ runs in the controller process, logs every worker's metrics. The two never overl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -112,10 +113,10 @@ def set_status(uri: str, run_id: str, status: str) -> None:
         c.set_terminated(run_id, status=status)
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = timestamp_ms or int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     c = client(uri)
     for i in range(0, len(items), 500):
@@ -164,20 +165,103 @@ def worker_error_summary(worker_exceptions: dict[int, BaseException]) -> str:
     return "; ".join(parts)
 
 
+@contextlib.contextmanager
+def fail_fast():
+    """MLflow's HTTP client without its retries (seven, with exponential backoff): for callers
+    that keep what failed and try again themselves."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class MetricSpool:
+    """Reports the tracking server did not take, in order, mirrored to a local JSON-lines file
+    so that nothing is lost if the run ends before the server returns. Each keeps its original
+    timestamp, so that sending it again is the same metric, not a second one."""
+
+    def __init__(self, path: str):
+        self.path, self.reports = path, []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.reports.append({"step": step, "timestamp_ms": int(time.time() * 1000), "metrics": metrics})
+        self._write()
+
+    def send(self, uri: str, run_id: str) -> None:
+        """Logs what is kept, oldest first, dropping each once the server took it; raises on
+        the first that fails."""
+        while self.reports:
+            r = self.reports[0]
+            log_metrics(uri, run_id, r["metrics"], r["step"], r["timestamp_ms"])
+            self.reports.pop(0)
+            self._write()
+
+    def _write(self) -> None:
+        import json
+
+        if not self.reports:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.reports)
+        os.replace(self.path + ".tmp", self.path)
+
+    @classmethod
+    def load(cls, path: str) -> "MetricSpool":
+        import json
+
+        spool = cls(path)
+        if os.path.exists(path):
+            with open(path) as f:
+                spool.reports = [json.loads(line) for line in f if line.strip()]
+        return spool
+
+
+def spool_path(storage_path: str, ray_name: str) -> str:
+    """Beside the run's checkpoints when they are local, else in the working directory."""
+    base = storage_path if "://" not in storage_path else os.path.abspath("mtml_runs")
+    return os.path.join(base, ray_name, "unlogged_metrics.jsonl")
+
+
 class MLflowMetricsCallback(UserCallback):
     """Logs every report of every worker to one MLflow run, from the controller process, and
     records worker failures: each one the trainer will restart from the last checkpoint is
-    counted in the tag `mtml.restarts` and the metric `system/restarts`."""
+    counted in the tag `mtml.restarts` and the metric `system/restarts`.
 
-    def __init__(self, uri: str, run_id: str, epochs: int, counter: str = "epoch", max_failures: int = 0):
+    A tracking server that stops answering does not stop training: the report is kept in a
+    `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
+
+    def __init__(self, uri: str, run_id: str, epochs: int, counter: str = "epoch", max_failures: int = 0,
+                 spool: str | None = None):
         self.uri, self.run_id, self.epochs, self.counter = uri, run_id, epochs, counter
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
+        self.spool_file, self.spool = spool, None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         epoch, merged = merge_worker_metrics(metrics, self.counter)
-        log_metrics(self.uri, self.run_id, merged, step=epoch)
+        self._log(merged, epoch)
         self.next_step = epoch + 1
         print(progress_line(epoch, self.epochs, merged, self.counter), flush=True)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.spool is None:
+            self.spool = MetricSpool(self.spool_file or os.path.abspath(f"unlogged_{self.run_id}.jsonl"))
+        self.spool.add(step, metrics)
+        try:
+            with fail_fast():  # MLflow's own retries would hold every worker at the next report for minutes
+                self.spool.send(self.uri, self.run_id)
+        except Exception as e:  # noqa: BLE001 - whatever the client raises, training goes on
+            reason = str(e).splitlines()[0][:160]
+            print(f"[mtml] warning: tracking server not answering ({reason}); {len(self.spool.reports)} "
+                  f"report(s) kept in {self.spool.path}, sent when it answers", flush=True)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         self.failures += 1

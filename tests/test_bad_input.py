@@ -2,6 +2,7 @@
 end with exit code 2 and exactly one line on stderr that names what is wrong, before any Ray
 worker starts (starting Ray or building a trainer fails these tests)."""
 
+import json
 import os
 import pickle
 import shutil
@@ -193,6 +194,11 @@ def _config_cases():
         n = get_num_cpus() + 1
         return c.train("--set", f"scaling.cpus_per_worker={n}"), f"scaling.num_workers: 2 workers x {n} CPU need {2 * n} CPUs"
 
+    def unwritable_checkpoint_dir(c):
+        (c.root / "a_file").write_text("where the checkpoint directory should go")
+        c.config["checkpoint"]["dir"] = str(c.root / "a_file" / "runs")
+        return c.train(), "checkpoint.dir: " + str(c.root / "a_file" / "runs") + " is not writable (Not a directory)"
+
     def config_not_found(c):
         return ["train", "--config", str(c.root / "nope.yaml")], "nope.yaml: config file not found"
 
@@ -204,7 +210,7 @@ def _config_cases():
         return ["meta-train", "--config", c.write_config(), "--tracking-uri", c.uri], "key 'meta.algorithm'"
 
     return [unknown_key, wrong_type, negative_batch, zero_workers, zero_lr, unknown_method, set_without_value,
-            set_unknown_key, too_many_cpus, config_not_found, config_not_a_mapping, unknown_algorithm]
+            set_unknown_key, too_many_cpus, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping, unknown_algorithm]
 
 
 def _argument_and_checkpoint_cases():
@@ -229,6 +235,8 @@ def _argument_and_checkpoint_cases():
         saved = c.checkpoint("saved", [16])
         target = c.root / "runs" / f"config-{run_id[:12]}" / "checkpoint_epoch=0000"
         shutil.copytree(saved, target)
+        snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": target.name}}  # as Ray Train records it
+        (target.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
         c.config["model"] = {"trunk": {"widths": [64]}}
         return c.train("--resume"), "model.trunk.widths [16], this config [64]"
 

@@ -91,15 +91,36 @@ def test_resume_continues_from_the_last_checkpoint(ray_session, tmp_path, seed_s
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
-def test_failed_run_is_marked_failed(ray_session, tmp_path, seed_suite):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("a file where the checkpoint directory should be")
-    cfg = _config(tmp_path, seed_suite, checkpoint={"dir": str(blocker)}, training={"epochs": 1})
-    with pytest.raises(Exception):
-        run_training(cfg, "doomed", _uri(tmp_path))
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 240 KiB tmpfs: room for one checkpoint of the seed model, not for two. Needs the
+    right to mount (root in a container that allows it); skipped, saying so, elsewhere."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_fails_clearly_and_keeps_the_last_whole_checkpoint(ray_session, tmp_path, seed_suite, tiny_disk):
+    """The checkpoint disk fills up during training: the run ends FAILED with one line saying
+    so and naming the last complete checkpoint, which still loads; the partial one is never
+    taken for it."""
+    from distributed_mtml.errors import TrainingFailed
+    from distributed_mtml.train.checkpoint import latest_checkpoint, load_model
+
+    cfg = _config(tmp_path, seed_suite, training={"epochs": 6}, checkpoint={"dir": str(tiny_disk), "num_to_keep": 5})
+    with pytest.raises(TrainingFailed, match="No space left on device") as failed:
+        run_training(cfg, "full", _uri(tmp_path))
     client = MlflowClient(_uri(tmp_path))
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
     assert run.info.status == "FAILED"
+    last = latest_checkpoint(str(tiny_disk), f"full-{run.info.run_id[:12]}")
+    assert last is not None and f"last checkpoint {last} (continue with --resume)" in str(failed.value)
+    model, _ = load_model(last)
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_bad_suite_exits_2_before_ray_starts(tmp_path):
@@ -199,6 +220,47 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
     calm = run_training(_config(tmp_path, seed_suite, **sections), "calm", _uri(tmp_path))
     for key in ("val/classify/loss", "val/regress/loss", "train/regress/loss"):
         assert out.metrics[key] == pytest.approx(calm.metrics[key], rel=1e-5), key
+
+
+def test_tracking_server_going_away_mid_run_loses_nothing(ray_session, tmp_path, seed_suite, mlflow_server):
+    """The tracking server becomes unreachable after two epochs (its port closes, open
+    connections drop) and comes back a few epochs later: training goes on meanwhile, the
+    reports it missed are kept on disk and sent when it answers, and the run ends FINISHED
+    with every epoch logged once."""
+    import threading
+    import time
+
+    from conftest import Outage
+
+    relay = Outage(int(mlflow_server.rsplit(":", 1)[1]))
+    spool = []
+
+    def outage():
+        client, deadline = MlflowClient(mlflow_server), time.time() + 120
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("distributed-mtml")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "train/classify/loss")) >= 2:
+                break
+            time.sleep(0.1)
+        relay.cut()
+        while time.time() < deadline and not spool:
+            spool.extend((tmp_path / "runs").glob("*/unlogged_metrics.jsonl"))
+            time.sleep(0.1)
+        time.sleep(2)  # a few more reports while it is away
+        relay.restore()
+
+    chaos = threading.Thread(target=outage, daemon=True)
+    chaos.start()
+    out = run_training(_config(tmp_path, seed_suite, training={"epochs": 10, "steps_per_epoch": 40}),
+                       "outage", relay.uri)
+    chaos.join()
+    assert spool, "no report was kept: the outage did not happen during training"
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(out.run_id).info.status == "FINISHED"
+    for key in ("train/classify/loss", "val/regress/loss"):
+        assert sorted(m.step for m in client.get_metric_history(out.run_id, key)) == list(range(10)), key
+    assert not spool[0].exists()  # all sent
 
 
 def _cli_train(tmp_path, suite, env: dict, *extra: str) -> subprocess.CompletedProcess:

@@ -63,7 +63,7 @@ def load_file(path: str) -> dict:
         raise InputError(f"{path}: refused: not a plain tensor checkpoint "
                          "(loading it would run code; torch.load weights_only=True)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{path}: cannot read: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
 def load_into(module: nn.Module, path: str) -> None:
@@ -106,15 +106,58 @@ def restore_worker_state(
 
 
 def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
-    """The newest checkpoint Ray Train persisted for this run: its directory names sort by
-    epoch (or meta-iteration). Any pyarrow filesystem URI, or a local path."""
+    """The checkpoint `--resume` continues from: the newest that Ray Train registered in its
+    snapshot, written only once a checkpoint is complete, so a partial upload (a full disk, a
+    killed worker) is never taken for one. Ray rewrites that snapshot in place, so a full disk
+    can leave it truncated: then the newest local checkpoint whose files are all whole.
+    Any pyarrow filesystem URI, or a local path."""
+    import json
+
     import pyarrow.fs
 
     scheme = storage_path.split("://")[0] + "://" if "://" in storage_path else ""
     fs, root = pyarrow.fs.FileSystem.from_uri(storage_path) if scheme else (pyarrow.fs.LocalFileSystem(), storage_path)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
-    found = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    return scheme + found[-1] if found else None
+    try:
+        with fs.open_input_stream(f"{root}/{run_name}/checkpoint_manager_snapshot.json") as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+        return f"{scheme}{root}/{run_name}/{name}" if name else None
+    except (FileNotFoundError, OSError, ValueError):
+        if scheme:
+            return None
+    run_dir = os.path.join(root, run_name)
+    names = sorted(os.listdir(run_dir), reverse=True) if os.path.isdir(run_dir) else []
+    return next((os.path.join(run_dir, n) for n in names if n.startswith("checkpoint_") and _whole(os.path.join(run_dir, n))), None)
+
+
+def _whole(directory: str) -> bool:
+    """Every file a checkpoint of this plan holds is there and ends with its zip directory
+    (torch.save's format keeps it at the end, so a cut-off file fails to open)."""
+    import zipfile
+
+    try:
+        plan = load_state(directory)["plan"]
+        files = [STATE_FILE, TRUNK_FILE] + [task_file(t["name"]) for t in plan.get("tasks", [])]
+        for name in files:
+            zipfile.ZipFile(os.path.join(directory, name)).close()
+        return True
+    except (InputError, OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def check_writable(storage_path: str) -> None:
+    """Checkpoints must be writable before hours of training depend on them (local paths;
+    an object store's permissions are the workers' to find out)."""
+    if "://" in storage_path:
+        return
+    probe = os.path.join(storage_path, ".mtml_write_probe")
+    try:
+        os.makedirs(storage_path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"checkpoint.dir: {storage_path} is not writable ({e.strerror or e})") from None
 
 
 def check_resumable(storage_path: str, run_name: str, model: dict) -> None:

@@ -13,6 +13,7 @@ from distributed_mtml import faults, report, tracking
 from distributed_mtml.config import Config, flatten
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
+from distributed_mtml.train.checkpoint import check_writable
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
@@ -171,11 +172,33 @@ def _fit(trainer, config: Config, ray_name: str):
     try:
         return trainer.fit()
     except TrainingFailedError as e:
-        what = tracking.worker_error_summary(e.worker_failures) if isinstance(e, WorkerGroupError) else str(e)
+        what = tracking.worker_error_summary(e.worker_failures) if isinstance(e, WorkerGroupError) \
+            else " ".join(str(e).split())[:300]
         last = latest_checkpoint(config.checkpoint.resolved_dir(), ray_name)
         resume = f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written"
         tries = f" after {config.checkpoint.max_failures} restarts" if config.checkpoint.max_failures > 0 else ""
         raise TrainingFailed(f"training failed{tries}: {what}; {resume}") from e
+
+
+def _send_kept_metrics(uri: str, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
+    """What the tracking server missed during training, sent now, trying every 2 s for up to
+    `wait_s`. If it still does not answer, the run cannot be closed: say where the model and
+    the unsent metrics are."""
+    import time
+
+    kept = tracking.MetricSpool.load(spool)
+    deadline = time.monotonic() + wait_s
+    with tracking.fail_fast():
+        while True:
+            try:
+                return kept.send(uri, run_id)
+            except Exception as e:  # noqa: BLE001 - any client error means the same to the user
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(
+                        f"training finished but the tracking server {uri} does not answer "
+                        f"({str(e).splitlines()[0][:160]}): the model is in {checkpoint}, "
+                        f"{len(kept.reports)} unsent report(s) in {spool}") from None
+                time.sleep(2)
 
 
 def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | None, resume: bool,
@@ -185,12 +208,16 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     anything else."""
     uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
     check_local_cpus(config, address)
+    check_writable(config.checkpoint.resolved_dir())
     run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
-    callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures)
+    spool = tracking.spool_path(config.checkpoint.resolved_dir(), ray_name)
+    callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
+                                              spool)
     status = "FAILED"
     try:
         ensure_ray(address)
         result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback), config, ray_name)
+        _send_kept_metrics(uri, run_id, spool, result.checkpoint.path)
         with result.checkpoint.as_directory() as d:
             spec.log_artifacts(uri, run_id, d)
         status = "FINISHED"
