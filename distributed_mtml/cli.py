@@ -7,6 +7,7 @@ and `mtml data validate` stay fast.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -279,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     from distributed_mtml.interrupts import interrupt_on_sigterm, restore
 
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (database set-up) are not ours to show
+    # MLflow's INFO lines (database set-up) are not ours to show: the variable for when it is
+    # imported later, the level for when it already is.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     previous = interrupt_on_sigterm()
     try:
         return dispatch(args)
