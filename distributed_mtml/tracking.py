@@ -156,12 +156,12 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float], counter: s
 
 
 def worker_error_summary(worker_exceptions: dict[int, BaseException]) -> str:
-    """'rank 1: <first sentence of its error>' per failed rank: the last line of each (Ray wraps a
-    worker's exception in its traceback text, whose last line is the exception itself)."""
+    """'rank 1: <its error>' per failed rank: the last line of each, cut at 200 characters (Ray
+    wraps a worker's exception in its traceback text, whose last line is the exception itself)."""
     parts = []
     for rank, e in sorted(worker_exceptions.items()):
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
-        parts.append(f"rank {rank}: {lines[-1].split('. ')[0][:200]}")
+        parts.append(f"rank {rank}: {lines[-1][:200]}")
     return "; ".join(parts)
 
 
