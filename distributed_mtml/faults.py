@@ -75,13 +75,13 @@ class FiniteLossGuard:
     """Remembers, per task, the first step of an epoch whose loss was not finite."""
 
     def __init__(self, order: list[str], device: torch.device):
-        self.order, self.device = order, device
+        self.order, self.index = order, {name: i for i, name in enumerate(order)}
         self.never = torch.iinfo(torch.int64).max
         self.first = torch.full((len(order),), self.never, dtype=torch.int64, device=device)
 
     def observe(self, losses: dict[str, torch.Tensor], step: int) -> None:
         for name, loss in losses.items():
-            i = self.order.index(name)
+            i = self.index[name]
             bad = ~torch.isfinite(loss.detach())
             self.first[i] = torch.where(bad, self.first[i].clamp(max=step), self.first[i])
 

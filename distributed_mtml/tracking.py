@@ -182,33 +182,30 @@ def fail_fast():
 
 
 class MetricSpool:
-    """Reports the tracking server did not take, in order, mirrored to a local JSON-lines file
-    so that nothing is lost if the run ends before the server returns. Each keeps its original
-    timestamp, so that sending it again is the same metric, not a second one."""
+    """Reports the tracking server did not take, in order. Kept in memory while it answers;
+    `save` mirrors them to a local JSON-lines file when it does not, so that nothing is lost if
+    the run ends before it returns. Each keeps its original timestamp, so that sending it again
+    is the same metric, not a second one."""
 
     def __init__(self, path: str):
         self.path, self.reports = path, []
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         self.reports.append({"step": step, "timestamp_ms": int(time.time() * 1000), "metrics": metrics})
-        self._write()
 
     def send(self, uri: str, run_id: str) -> None:
         """Logs what is kept, oldest first, dropping each once the server took it; raises on
-        the first that fails."""
+        the first that fails. When all went, the local copy is no longer needed."""
         while self.reports:
             r = self.reports[0]
             log_metrics(uri, run_id, r["metrics"], r["step"], r["timestamp_ms"])
             self.reports.pop(0)
-            self._write()
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
-    def _write(self) -> None:
+    def save(self) -> None:
         import json
 
-        if not self.reports:
-            if os.path.exists(self.path):
-                os.remove(self.path)
-            return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.reports)
@@ -239,11 +236,10 @@ class MLflowMetricsCallback(UserCallback):
     A tracking server that stops answering does not stop training: the report is kept in a
     `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
 
-    def __init__(self, uri: str, run_id: str, epochs: int, counter: str = "epoch", max_failures: int = 0,
-                 spool: str | None = None):
+    def __init__(self, uri: str, run_id: str, epochs: int, counter: str, max_failures: int, spool: str):
         self.uri, self.run_id, self.epochs, self.counter = uri, run_id, epochs, counter
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
-        self.spool_file, self.spool = spool, None
+        self.spool = MetricSpool(spool)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         epoch, merged = merge_worker_metrics(metrics, self.counter)
@@ -252,13 +248,12 @@ class MLflowMetricsCallback(UserCallback):
         print(progress_line(epoch, self.epochs, merged, self.counter), flush=True)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        if self.spool is None:
-            self.spool = MetricSpool(self.spool_file or os.path.abspath(f"unlogged_{self.run_id}.jsonl"))
         self.spool.add(step, metrics)
         try:
             with fail_fast():  # MLflow's own retries would hold every worker at the next report for minutes
                 self.spool.send(self.uri, self.run_id)
         except Exception as e:  # noqa: BLE001 - whatever the client raises, training goes on
+            self.spool.save()
             reason = str(e).splitlines()[0][:160]
             print(f"[mtml] warning: tracking server not answering ({reason}); {len(self.spool.reports)} "
                   f"report(s) kept in {self.spool.path}, sent when it answers", flush=True)

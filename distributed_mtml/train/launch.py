@@ -13,7 +13,7 @@ from distributed_mtml import faults, report, tracking
 from distributed_mtml.config import Config, flatten
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
-from distributed_mtml.train.checkpoint import check_writable
+from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
@@ -30,8 +30,6 @@ def start_or_resume_run(
 ) -> tuple[str, str]:
     """(MLflow run id, Ray Train run name). The Ray name is derived from the MLflow run, so a
     resumed run finds both its metrics and its checkpoints again."""
-    from distributed_mtml.train.checkpoint import check_resumable
-
     if resume:
         run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
         if run_id is None:
@@ -166,8 +164,6 @@ def _fit(trainer, config: Config, ray_name: str):
     and how, and the checkpoint that `--resume` continues from."""
     from ray.train import TrainingFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
-
-    from distributed_mtml.train.checkpoint import latest_checkpoint
 
     try:
         return trainer.fit()
