@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# A prepared GPU check, under 5 minutes on one GPU: installs this package, trains the medium
-# trunk (4 x 1024) on the GPU and on the CPU with the same budget, meta-trains MAML on the
-# sinusoid family on the GPU, and prints samples/s side by side.
+# A prepared GPU check, under 5 minutes on one GPU: trains the medium trunk (4 x 1024) on the GPU
+# (bf16 and fp32) and on the CPU with the same budget, meta-trains MAML on the sinusoid family on
+# the GPU, and prints samples/s side by side. Each leg's whole output goes to $LOGS/<leg>.log; a
+# leg that fails prints its last lines and the others still run.
 #   bash jobs/gpu_check.sh          (from the repository root, on a machine with one GPU)
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e . 2>&1 | tail -1 || true
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(0))"
+# A GPU machine without a package index can bring the dependencies on PYTHONPATH; the package
+# then runs from this checkout (python -m distributed_mtml) without being installed.
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+python -c "import distributed_mtml" 2>/dev/null || python -m pip install -q -e . || exit 1
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
 export MLFLOW_TRACKING_URI="sqlite:///$PWD/gpu_check.db"
+LOGS=${LOGS:-$PWD/gpu_check_logs}
+mkdir -p "$LOGS"
+failed=0
+
+leg() {  # leg NAME PATTERN ARGS...: run one mtml command, show the lines matching PATTERN
+  local name=$1 pattern=$2; shift 2
+  echo "== $name"
+  local start=$SECONDS
+  if python -m distributed_mtml "$@" >"$LOGS/$name.log" 2>&1; then
+    grep -E "$pattern" "$LOGS/$name.log"
+    echo "   ($((SECONDS - start)) s wall)"
+  else
+    echo "   FAILED (exit $?); last lines of $LOGS/$name.log:"; tail -15 "$LOGS/$name.log"; failed=1
+  fi
+}
+
 common=(--config jobs/configs/demo.yaml --set suite.options.rows=20000 --set model.trunk.widths=[1024,1024,1024,1024]
         --set training.epochs=3 --set training.batch_size=512 --set scaling.num_workers=1 --set checkpoint.dir=$PWD/gpu_check_runs)
-echo "== medium trunk, 1 worker, GPU (bf16)"
-mtml train "${common[@]}" --set scaling.use_gpu=true --set training.precision=bf16 | tee /tmp/gpu_train.txt | grep -E "samples/s|throughput"
-echo "== medium trunk, 1 worker, GPU (fp32)"
-mtml train "${common[@]}" --set scaling.use_gpu=true | grep -E "throughput"
-echo "== medium trunk, 1 worker, CPU"
-mtml train "${common[@]}" --set scaling.cpus_per_worker=8 | grep -E "throughput"
-echo "== MAML on the sinusoid family, GPU, 2000 iterations"
-mtml meta-train --config jobs/configs/sinusoid_maml.yaml --set meta.iterations=2000 --set meta.report_every=1000 \
-  --set scaling.num_workers=1 --set scaling.use_gpu=true --set checkpoint.dir=$PWD/gpu_check_runs | grep -E "tasks/s|finished"
+leg train_gpu_bf16 "throughput|finished" train "${common[@]}" --set scaling.use_gpu=true --set training.precision=bf16
+leg train_gpu_fp32 "throughput" train "${common[@]}" --set scaling.use_gpu=true
+leg train_cpu "throughput" train "${common[@]}" --set scaling.cpus_per_worker=8
+leg maml_gpu "tasks/s|finished" meta-train --config jobs/configs/sinusoid_maml.yaml --set meta.iterations=2000 \
+  --set meta.report_every=1000 --set scaling.num_workers=1 --set scaling.use_gpu=true --set checkpoint.dir=$PWD/gpu_check_runs
+exit $failed
