@@ -90,6 +90,19 @@ def test_imtl_projects_equally_on_every_task_direction():
     assert torch.allclose(cos, cos[0].expand(3), atol=1e-8) and w.sum() == pytest.approx(1.0)
 
 
+def test_a_zero_task_gradient_leaves_imtl_to_the_others_and_stops_mgda():
+    """IMTL drops a task with an exactly zero gradient from its system (the others still project
+    equally); MGDA returns zero there, its definition at a Pareto-stationary point."""
+    g = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    g[2] = 0
+    agg, w = combine(g, "imtl", seed=0)
+    moving = torch.tensor([0, 1, 3])
+    cos = (g[moving] @ agg) / g[moving].norm(dim=1)
+    assert w[2] == 0 and agg.norm() > 0 and w.sum() == pytest.approx(1.0)
+    assert torch.allclose(cos, cos[0].expand(3), atol=1e-8)
+    assert torch.allclose(combine(g, "mgda", seed=0)[0], torch.zeros(6, dtype=torch.float64), atol=1e-12)
+
+
 def test_graddrop_keeps_one_sign_per_coordinate_with_the_purity_as_probability():
     # coordinate 0: two positive, one negative (purity 2/3 of the mass is positive)
     g = torch.tensor([[2.0, 1.0], [1.0, -1.0], [-1.0, 1.0]]).repeat(1, 2000)

@@ -63,3 +63,8 @@ def loss_weighting(method: str, owned: list[str], order: list[str], options: dic
     """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise."""
     cls = METHODS[method].loss_weighting or LossWeighting
     return cls(owned, order, **options) if cls is not LossWeighting else cls(owned, order)
+
+
+# The public single-process reference ([K, P] task gradients -> update, weights), imported last:
+# the exchange reads METHODS above.
+from distributed_mtml.aggregation.exchange import combine  # noqa: E402, F401

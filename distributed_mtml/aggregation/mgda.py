@@ -3,7 +3,9 @@
 Reference: Desideri, "Multiple-gradient descent algorithm", 2012; Sener & Koltun,
 "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
 min_{w in simplex} w^T G w. The result is a common descent direction (zero at a Pareto
-stationary point). Returned as is: unlike the other methods it does not sum to the mean
+stationary point, so a task whose gradient is exactly zero makes the whole update zero:
+that task is already at a stationary point and no direction improves every task; this is
+the method's definition, not a failure). Returned as is: unlike the other methods it does not sum to the mean
 scale of the gradients, which is the method's own behaviour.
 """
 
