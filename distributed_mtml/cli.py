@@ -209,8 +209,8 @@ def cmd_transfer(args) -> int:
 
     config, run_name = _load_run_config(args, args.config, args.set)
     uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
-    parent, rows = run_transfer(config, uri, run_name)
-    print(table(["strategy", "final target metric", "final loss", "seconds"], rows))
+    parent, header, rows = run_transfer(config, uri, run_name)
+    print(table(header, rows))
     print(f"\nparent run {parent}; one child run per strategy: mlflow ui --backend-store-uri {uri}")
     return EXIT_OK
 
@@ -222,9 +222,9 @@ def cmd_tune(args) -> int:
 
     config, run_name = _load_run_config(args, args.config, args.set)
     uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
-    parent, rows, best = run_tune(config, uri, run_name, args.address)
-    print(table(["strategy", "final metric (mean)", "95% CI +-", "repeats", "seconds per trial"], rows))
-    print(f"\nbest: {best} (tagged mtml.best_strategy on parent run {parent}); mlflow ui --backend-store-uri {uri}")
+    parent, header, rows, best = run_tune(config, uri, run_name, args.address)
+    print(table(header, rows))
+    print(f"\nbest by validation: {best} (tagged mtml.best_strategy on parent run {parent}); mlflow ui --backend-store-uri {uri}")
     return EXIT_OK
 
 

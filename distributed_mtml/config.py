@@ -153,6 +153,17 @@ STRATEGIES = ("scratch", "finetune", "linear_probe", "partial", "adapter", "meta
 
 
 class TransferConfig(_Section):
+    """Selection (ASHA, best setting, best strategy) sees the target's val split only; the
+    numbers reported are its test split, scored once at the end of each fit."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_eval_split(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "eval_split" in raw:
+            raise ValueError("'eval_split' was removed: search and selection now use the target's val split "
+                             "and reported numbers its test split; delete the key")
+        return raw
+
     source: str | None = Field(
         None, description="MLflow run id, runs:/<id>, a checkpoint directory, or the name of a finished run"
     )
@@ -162,8 +173,7 @@ class TransferConfig(_Section):
     strategies: list[Literal[STRATEGIES]] = Field(default_factory=lambda: list(STRATEGIES), min_length=1)
     steps: int = Field(100, ge=1, description="full-batch optimisation steps on the K examples")
     lr: float = Field(0.01, gt=0, description="Adam step size (meta_adapt: the source's inner rule instead)")
-    eval_every: int = Field(10, ge=1, description="steps between evaluations: the learning curve and ASHA's rungs")
-    eval_split: Literal["test", "val"] = Field("test", description="the fixed split every strategy is scored on")
+    eval_every: int = Field(10, ge=1, description="steps between validation scores: the learning curve and ASHA's rungs")
     partial_layers: int = Field(1, ge=1, description="partial: trunk layers (from the top) that train")
     adapter_width: int = Field(8, ge=1, description="adapter: bottleneck width of each residual adapter")
     seed: int = Field(0, description="initialisation and K-shot draw")

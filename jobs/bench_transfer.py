@@ -87,11 +87,11 @@ def _score(strategy: str, source: str, suite: str, tasks: list[str], shots: int,
     for draw in range(draws):
         cfg = validate_config({"transfer": {"source": source, "target": {"path": suite},
                                             "target_task": tasks[draw % len(tasks)], "shots": shots,
-                                            "eval_split": split, "seed": draw, "steps": 100, "eval_every": 100}})
+                                            "seed": draw, "steps": 100, "eval_every": 100}})
         inputs = load_inputs(cfg, benchlib.URI)
         metric, _ = HEADLINE[inputs.target.type]
         built = build(strategy, inputs, 1, 8, seed=draw)
-        scores.append(fit(built, inputs, 100, lr, 100)[-1][1][metric])
+        scores.append(fit(built, inputs, 100, lr, 100, test=split == "test")[-1][1][f"{split}/{metric}"])
     return scores
 
 

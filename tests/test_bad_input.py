@@ -260,11 +260,32 @@ def _argument_and_checkpoint_cases():
             tampered_checkpoint, truncated_checkpoint, shots_zero]
 
 
-CASES = _suite_cases() + _config_cases() + _argument_and_checkpoint_cases()
+def _transfer_cases():
+    def transfer(c, **change) -> list[str]:
+        c.config["transfer"] = {"source": c.checkpoint("ck", [16]), "target": {"path": c.suite},
+                                "target_task": "regress", "shots": 5, **change}
+        return ["transfer", "--config", c.write_config(), "--tracking-uri", c.uri]
+
+    def eval_split_removed(c):
+        return transfer(c, eval_split="test"), "'eval_split' was removed: search and selection now use the target's val split"
+
+    def empty_val_split(c):  # suite validation itself names it
+        argv = transfer(c)  # the source checkpoint is made from the good suite
+        c.rewrite("regress.parquet", "split", lambda v: ["train" if s == "val" else s for s in v])
+        return argv, "regress.parquet: split column 'split': split 'val' is empty"
+
+    return [eval_split_removed, empty_val_split]
 
 
-def test_the_matrix_has_at_least_25_cases():
-    assert len(CASES) >= 25
+CASES = _suite_cases() + _config_cases() + _argument_and_checkpoint_cases() + _transfer_cases()
+
+
+def test_the_readme_counts_the_cases_this_matrix_has():
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    (count,) = re.findall(r"\*\*Bad input\*\* \((\d+) cases", readme)
+    assert int(count) == len(CASES)
 
 
 @pytest.mark.parametrize("make", CASES, ids=[f.__name__ for f in CASES])

@@ -48,8 +48,10 @@ def test_transfer_runs_each_strategy_as_a_child_run(source, tmp_path, monkeypatc
     exp = client.get_experiment_by_name("distributed-mtml")
     children = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'transfer' and tags.`mlflow.parentRunId` != ''")
     assert sorted(r.data.tags["mtml.strategy"] for r in children) == ["adapter", "linear_probe", "scratch"]
-    curve = client.get_metric_history(children[0].info.run_id, "target/mse")
+    curve = client.get_metric_history(children[0].info.run_id, "target/val/mse")
     assert sorted(m.step for m in curve) == [0, 10, 20, 30, 40]
+    test = client.get_metric_history(children[0].info.run_id, "target/test/mse")
+    assert [m.step for m in test] == [40]  # scored once, after training
 
 
 def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server(source, tmp_path, monkeypatch, capsys, mlflow_server):
@@ -59,7 +61,7 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     config = _write(tmp_path, source["checkpoint"], strategies=["scratch", "linear_probe"])
     assert main(["tune", "--config", config, "--tracking-uri", mlflow_server]) == 0
     out = capsys.readouterr().out
-    assert "best: linear_probe" in out
+    assert "best by validation: linear_probe" in out
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("distributed-mtml")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune' and tags.`mtml.best_strategy` != ''")
@@ -68,10 +70,15 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     stages = [(r.data.tags["mtml.stage"], r.data.tags["mtml.strategy"]) for r in children]
     assert stages.count(("search", "scratch")) == 2 and stages.count(("repeat", "linear_probe")) == 3
     assert all(r.info.status == "FINISHED" for r in children)
+    for r in children:  # selection never sees test: only the repeats score it
+        has_test = any(k.startswith("target/test/") for k in r.data.metrics)
+        assert "target/val/mse" in r.data.metrics and has_test == (r.data.tags["mtml.stage"] == "repeat")
     paths = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
     assert paths == {"tune/results.csv", "tune/results.png"}
     csv = client.download_artifacts(parent.info.run_id, "tune/results.csv", str(tmp_path))
-    assert open(csv).read().startswith("strategy,mse_mean,mse_ci95,repeats,seconds")
+    header, *rows = open(csv).read().splitlines()
+    assert header == "strategy,test_mse_mean,test_mse_ci95,val_mse_mean,val_mse_ci95,repeats,seconds"
+    assert [r.split(",")[0] for r in rows] == ["scratch", "linear_probe"]
 
 
 def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch, capsys):
@@ -79,11 +86,12 @@ def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch
     config = _write(tmp_path, source["checkpoint"], strategies=["finetune"], steps=20)
     sets = ["tune.workers_per_trial=2", "tune.num_samples=1", "tune.repeats=1"]
     assert main(["tune", "--config", config, "--tracking-uri", source["uri"], *(x for s in sets for x in ("--set", s))]) == 0
-    assert "best: finetune" in capsys.readouterr().out
+    assert "best by validation: finetune" in capsys.readouterr().out
     client = MlflowClient(source["uri"])
     exp = client.get_experiment_by_name("distributed-mtml")
     (repeat,) = client.search_runs([exp.experiment_id], "tags.`mtml.stage` = 'repeat' and tags.`mtml.strategy` = 'finetune'")
-    assert sorted(m.step for m in client.get_metric_history(repeat.info.run_id, "target/mse")) == [0, 10, 20]
+    assert sorted(m.step for m in client.get_metric_history(repeat.info.run_id, "target/val/mse")) == [0, 10, 20]
+    assert [m.step for m in client.get_metric_history(repeat.info.run_id, "target/test/mse")] == [20]
 
 
 def test_shipped_transfer_tune_config_runs_as_is(source, tmp_path, monkeypatch, capsys):
@@ -92,7 +100,7 @@ def test_shipped_transfer_tune_config_runs_as_is(source, tmp_path, monkeypatch, 
     small = ["tune.num_samples=1", "tune.repeats=1", "transfer.steps=20", f"checkpoint.dir={tmp_path}/runs"]
     args = ["tune", "--config", config, "--tracking-uri", source["uri"]]
     assert main([*args, *(x for s in small for x in ("--set", s))]) == 0
-    assert "best:" in capsys.readouterr().out
+    assert "best by validation:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [

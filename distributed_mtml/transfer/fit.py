@@ -1,8 +1,9 @@
 """Training a built strategy on the K labelled examples, with its learning curve.
 
-Full-batch steps (K is small); the fixed evaluation split is scored before training and
-every `eval_every` steps, and each point goes to `report` (MLflow, or Tune for ASHA, whose
-rungs are these evaluations). Frozen parameters have `requires_grad=False`, so neither the
+Full-batch steps (K is small); the validation split is scored before training and every
+`eval_every` steps, and each point goes to `report` (MLflow, or Tune for ASHA, whose rungs are
+these evaluations) as `val/<metric>`. With `test=True` the last point also carries
+`test/<metric>`: the test split is scored once, after training, never during selection. Frozen parameters have `requires_grad=False`, so neither the
 backward nor the optimiser touches them.
 """
 
@@ -20,17 +21,18 @@ from distributed_mtml.transfer.strategies import Built
 Curve = list[tuple[int, dict[str, float]]]
 
 
-def _evaluate(built: Built, inputs: TransferInputs) -> dict[str, float]:
-    x, y = inputs.evaluation
+def _evaluate(built: Built, inputs: TransferInputs, split: str) -> dict[str, float]:
+    x, y = getattr(inputs, split)
     built.model.eval()
     with torch.no_grad():
         metrics = task_metrics(inputs.target, built.model(x), y)
     built.model.train()
-    return metrics
+    return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
 def fit(built: Built, inputs: TransferInputs, steps: int, lr: float, eval_every: int,
-        report: Callable[[int, dict[str, float]], None] | None = None, forward: torch.nn.Module | None = None) -> Curve:
+        report: Callable[[int, dict[str, float]], None] | None = None, forward: torch.nn.Module | None = None,
+        test: bool = False) -> Curve:
     """`forward` (default: the model itself) computes the training loss: a DDP wrapper when
     several Ray Train workers share the fit, each on its shard of `inputs.train`."""
     forward = forward or built.model
@@ -45,7 +47,9 @@ def fit(built: Built, inputs: TransferInputs, steps: int, lr: float, eval_every:
     curve: Curve = []
 
     def record(step: int) -> None:
-        metrics = _evaluate(built, inputs)
+        metrics = _evaluate(built, inputs, "val")
+        if test and step == steps:
+            metrics.update(_evaluate(built, inputs, "test"))
         curve.append((step, metrics))
         if report is not None:
             report(step, metrics)

@@ -1,8 +1,9 @@
 """`mtml transfer`: every configured strategy once, each a child MLflow run of one parent.
 
 Strategies run one after another in this process (a K-shot target is small); each child run
-gets tags `mtml.command`, `mtml.strategy`, its settings as params, the learning curve as
-`target/<metric>` (step = optimisation step) and a plot; the parent gets the summary table.
+gets tags `mtml.command`, `mtml.strategy`, its settings as params, the validation learning
+curve as `target/val/<metric>` (step = optimisation step), the final test score as
+`target/test/<metric>`, and a plot; the parent gets the summary table (test, val beside it).
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ def log_curve(uri: str, run_id: str, curve: Curve, title: str) -> None:
     for step, metrics in curve:
         tracking.log_metrics(uri, run_id, {f"target/{k}": v for k, v in metrics.items()}, step)
     with tempfile.TemporaryDirectory() as d:
-        path = report.learning_curves({title: {"target loss": [(s, m["loss"]) for s, m in curve]}},
-                                      d, x_label="step", y_label="evaluation loss")[0]
+        path = report.learning_curves({title: {"target val loss": [(s, m["val/loss"]) for s, m in curve]}},
+                                      d, x_label="step", y_label="validation loss")[0]
         tracking.client(uri).log_artifact(run_id, path, "plots")
 
 
-def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[list]]:
-    """Runs every strategy of `transfer.strategies`; returns the parent run id and table rows."""
+def results_header(metric: str) -> list[str]:
+    """The columns of `run_transfer`'s rows: test first (reported), val beside it."""
+    return ["strategy", f"test {metric}", "test loss", f"val {metric}", "seconds"]
+
+
+def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[str], list[list]]:
+    """Runs every strategy of `transfer.strategies`; returns the parent run id, table header and rows."""
     t = config.transfer
     inputs = load_inputs(config, uri)
     for strategy in t.strategies:  # all problems before anything runs
@@ -54,12 +60,11 @@ def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[lis
     try:
         for strategy in t.strategies:
             rows.append(_one_strategy(strategy, inputs, config, uri, parent, metric))
-        tracking.client(uri).log_text(parent, report.table(["strategy", f"final {metric}", "final loss", "seconds"], rows),
-                                      "transfer/results.txt")
+        tracking.client(uri).log_text(parent, report.table(results_header(metric), rows), "transfer/results.txt")
         status = "FINISHED"
     finally:
         tracking.set_status(uri, parent, status)
-    return parent, rows
+    return parent, results_header(metric), rows
 
 
 def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, uri: str, parent: str, metric: str) -> list:
@@ -71,11 +76,11 @@ def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, uri: st
     try:
         begin = time.perf_counter()
         built = build(strategy, inputs, t.partial_layers, t.adapter_width, t.seed)
-        curve = fit(built, inputs, t.steps, t.lr, t.eval_every)
+        curve = fit(built, inputs, t.steps, t.lr, t.eval_every, test=True)
         seconds = time.perf_counter() - begin
         log_curve(uri, child, curve, f"{strategy} on {inputs.target.name}")
         status = "FINISHED"
     finally:
         tracking.set_status(uri, child, status)
     final = curve[-1][1]
-    return [strategy, final[metric], final["loss"], seconds]
+    return [strategy, final[f"test/{metric}"], final["test/loss"], final[f"val/{metric}"], seconds]

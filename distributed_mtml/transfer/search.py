@@ -2,9 +2,12 @@
 
 Stage 1, search: every strategy with `tune.num_samples` sampled settings (learning rate,
 partial's k, the adapter width: each strategy uses only its own), all trials under one ASHA
-scheduler on the evaluation loss, whose rungs are the fit's evaluations.
-Stage 2, repeats: each strategy's best setting again under `tune.repeats` seeds, each seed
-also redrawing the K examples, run to the end; their final metric gives the mean +- 95% CI.
+scheduler on the target's validation loss, whose rungs are the fit's evaluations. The test
+split is not scored in this stage at all.
+Stage 2, repeats: each strategy's best setting (by validation) again under `tune.repeats`
+seeds, each seed also redrawing the K examples, run to the end; their final test metric gives
+the reported mean +- 95% CI, and the best strategy is the one with the best mean validation
+metric: nothing is ever chosen on the numbers that are reported.
 
 Trials train in their own processes with `tune.cpus_per_trial` CPUs (fractions allowed, so a
 2-core laptop runs several without deadlock). MLflow: one parent run; a Tune callback in this
@@ -43,7 +46,8 @@ def transfer_trial(config: dict[str, Any], inputs: TransferInputs) -> None:
     begin = time.perf_counter()
     built = build(config["strategy"], drawn, config["partial_layers"], config["adapter_width"], config["seed"])
     fit(built, drawn, config["steps"], config["lr"], config["eval_every"],
-        report=lambda step, m: ray.tune.report({**m, "step": step, "seconds": time.perf_counter() - begin}))
+        report=lambda step, m: ray.tune.report({**m, "step": step, "seconds": time.perf_counter() - begin}),
+        test=config["test"])
 
 
 def _fit_worker(payload: dict) -> None:
@@ -60,13 +64,13 @@ def _fit_worker(payload: dict) -> None:
     begin = time.perf_counter()
     report = lambda step, m: ray.train.report({**m, "step": step, "seconds": time.perf_counter() - begin})  # noqa: E731
     if built.rates is not None:  # meta_adapt's inner rule is not a DDP backward: every rank runs it whole
-        fit(built, drawn, config["steps"], config["lr"], config["eval_every"], report=report)
+        fit(built, drawn, config["steps"], config["lr"], config["eval_every"], report=report, test=config["test"])
         return
     for name, p in built.model.named_parameters():
         p.requires_grad_(name in set(built.trainable))
     shard = replace(drawn, train=tuple(t[rank::world] for t in drawn.train))
     fit(built, shard, config["steps"], config["lr"], config["eval_every"], report=report,
-        forward=DistributedDataParallel(built.model))
+        forward=DistributedDataParallel(built.model), test=config["test"])
 
 
 def _distributed_trial(config: dict[str, Any], inputs: TransferInputs) -> None:
@@ -107,8 +111,7 @@ def _callback(uri: str, experiment: str, parent: str, stage: str, shots: int):
                                                             {**settings, "seed": c["seed"], "shots": shots})
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            metrics = {f"target/{k}": v for k, v in result.items()
-                       if k in ("loss", "accuracy", "auc", "mse", "mae", "r2")}
+            metrics = {f"target/{k}": v for k, v in result.items() if k.startswith(("val/", "test/"))}
             tracking.log_metrics(uri, self.runs[trial.trial_id], metrics, int(result["step"]))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -136,7 +139,7 @@ def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri:
     return ray.tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=ray.tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler,
+        tune_config=ray.tune.TuneConfig(metric="val/loss", mode="min", scheduler=scheduler,
                                         num_samples=tn.num_samples if asha else 1, max_concurrent_trials=concurrent),
         run_config=ray.tune.RunConfig(
             name=f"{stage}-{parent[:12]}", storage_path=config.checkpoint.resolved_dir(), verbose=0,
@@ -155,7 +158,7 @@ def _search_space(config: Config, inputs: TransferInputs) -> dict:
         "lr": ray.tune.loguniform(t.lr / 10, t.lr * 10),
         "partial_layers": ray.tune.randint(1, depth + 1),
         "adapter_width": ray.tune.choice([4, 8, 16, 32]),
-        "steps": t.steps, "eval_every": t.eval_every, "seed": t.seed, **_trial_scaling(config),
+        "steps": t.steps, "eval_every": t.eval_every, "seed": t.seed, "test": False, **_trial_scaling(config),
     }
 
 
@@ -167,19 +170,20 @@ def _trial_scaling(config: Config) -> dict:
 
 
 def _best_settings(results, strategies: list[str]) -> dict[str, dict]:
-    """Per strategy, the setting of its trial with the lowest last evaluation loss."""
+    """Per strategy, the setting of its trial with the lowest last validation loss."""
     best: dict[str, tuple[float, dict]] = {}
     for result in results:
-        if result.error is not None or "loss" not in result.metrics:
+        if result.error is not None or "val/loss" not in result.metrics:
             continue
         s = result.config["strategy"]
-        if s not in best or result.metrics["loss"] < best[s][0]:
-            best[s] = (result.metrics["loss"], result.config)
+        if s not in best or result.metrics["val/loss"] < best[s][0]:
+            best[s] = (result.metrics["val/loss"], result.config)
     return {s: best[s][1] for s in strategies if s in best}
 
 
-def run_tune(config: Config, uri: str, run_name: str, address: str | None = None) -> tuple[str, list[list], str]:
-    """Search, repeat, summarise; returns (parent run id, table rows, best strategy)."""
+def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
+             ) -> tuple[str, list[str], list[list], str]:
+    """Search, repeat, summarise; returns (parent run id, table header, rows, best strategy)."""
     import ray.tune
 
     from distributed_mtml.train.launch import ensure_ray
@@ -194,14 +198,14 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
     status = "FAILED"
     try:
         ensure_ray(address)
-        print(f"[tune] search: {len(t.strategies)} strategies x {tn.num_samples} settings, ASHA on evaluation loss", flush=True)
+        print(f"[tune] search: {len(t.strategies)} strategies x {tn.num_samples} settings, ASHA on validation loss", flush=True)
         searched = _tuner(config, inputs, _search_space(config, inputs), "search", uri, parent, asha=True).fit()
         best = _best_settings(searched, t.strategies)
         print(f"[tune] repeats: best setting of each strategy x {tn.repeats} seeds and K-shot draws", flush=True)
         space = {"strategy": ray.tune.grid_search(list(best)), "repeat": ray.tune.grid_search(list(range(tn.repeats))),
                  **{k: ray.tune.sample_from(lambda spec, k=k: best[spec.config["strategy"]][k])
                     for k in ("lr", "partial_layers", "adapter_width", "steps", "eval_every")},
-                 **_trial_scaling(config),
+                 **_trial_scaling(config), "test": True,
                  "seed": ray.tune.sample_from(lambda spec: t.seed + 1000 * (1 + spec.config["repeat"]))}
         repeated = _tuner(config, inputs, space, "repeat", uri, parent, asha=False).fit()
         rows, best_strategy = _summarise(repeated, list(best), metric, direction)
@@ -209,23 +213,28 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
         status = "FINISHED"
     finally:
         tracking.set_status(uri, parent, status)
-    return parent, rows, best_strategy
+    return parent, summary_header(metric), rows, best_strategy
+
+
+def summary_header(metric: str) -> list[str]:
+    """The columns of the repeats' table (and of tune/results.csv)."""
+    return ["strategy", f"test_{metric}_mean", f"test_{metric}_ci95", f"val_{metric}_mean", f"val_{metric}_ci95",
+            "repeats", "seconds"]
 
 
 def _summarise(results, strategies: list[str], metric: str, direction: str) -> tuple[list[list], str]:
-    finals: dict[str, list[float]] = {s: [] for s in strategies}
-    seconds: dict[str, list[float]] = {s: [] for s in strategies}
+    """Rows of test and val mean +- CI per strategy; the best strategy by its mean val metric."""
+    finals: dict[str, dict[str, list[float]]] = {s: {"test": [], "val": [], "seconds": []} for s in strategies}
     for result in results:
-        if result.error is None and metric in result.metrics:
-            finals[result.config["strategy"]].append(result.metrics[metric])
-            seconds[result.config["strategy"]].append(result.metrics["seconds"])
-    rows = []
-    for s in strategies:
-        if finals[s]:
-            mean, half = mean_ci(finals[s])
-            rows.append([s, mean, half, len(finals[s]), sum(seconds[s]) / len(seconds[s])])
+        if result.error is None and f"test/{metric}" in result.metrics:
+            kept = finals[result.config["strategy"]]
+            for key in ("test", "val"):
+                kept[key].append(result.metrics[f"{key}/{metric}"])
+            kept["seconds"].append(result.metrics["seconds"])
+    rows = [[s, *mean_ci(f["test"]), *mean_ci(f["val"]), len(f["test"]), sum(f["seconds"]) / len(f["seconds"])]
+            for s, f in finals.items() if f["test"]]
     pick = max if direction == "max" else min
-    return rows, pick(rows, key=lambda r: r[1])[0]
+    return rows, pick(rows, key=lambda r: r[3])[0]
 
 
 def _log_summary(uri: str, parent: str, rows: list[list], metric: str, best: str) -> None:
@@ -233,10 +242,10 @@ def _log_summary(uri: str, parent: str, rows: list[list], metric: str, best: str
     with tempfile.TemporaryDirectory() as d:
         csv = os.path.join(d, "results.csv")
         with open(csv, "w") as f:
-            f.write(f"strategy,{metric}_mean,{metric}_ci95,repeats,seconds\n")
+            f.write(",".join(summary_header(metric)) + "\n")
             f.writelines(",".join(str(v) for v in row) + "\n" for row in rows)
         chart = report.bar_chart([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                 f"final {metric} (mean, 95% CI)", os.path.join(d, "results.png"))
+                                 f"test {metric} (mean, 95% CI)", os.path.join(d, "results.png"))
         c.log_artifact(parent, csv, "tune")
         c.log_artifact(parent, chart, "tune")
     c.set_tag(parent, "mtml.best_strategy", best)

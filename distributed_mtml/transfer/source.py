@@ -1,8 +1,8 @@
 """The source model and the target task, loaded and checked on the driver.
 
 Everything a strategy needs travels as one `TransferInputs` object: the source's trunk and
-heads (and, for a meta-learned source, its inner rule), and the target's K training rows and
-fixed evaluation split. Bad input (no such run, unknown task, K above the train split) is an
+heads (and, for a meta-learned source, its inner rule), and the target's K training rows, its
+validation split (what selection sees) and its test split (what is reported). Bad input (no such run, unknown task, K above the train split) is an
 InputError here, before any trial starts.
 """
 
@@ -29,7 +29,8 @@ class TransferInputs:
     target: TaskShape
     pool: tuple[torch.Tensor, torch.Tensor]  # the target's whole train split
     shots: int
-    evaluation: tuple[torch.Tensor, torch.Tensor]  # the fixed evaluation split
+    val: tuple[torch.Tensor, torch.Tensor]  # scores the learning curve, ASHA and every selection
+    test: tuple[torch.Tensor, torch.Tensor]  # scored once per fit, for the reported numbers
     train: tuple[torch.Tensor, torch.Tensor] | None = None  # the K labelled examples, once drawn
 
     def draw(self, seed: int) -> "TransferInputs":
@@ -107,11 +108,9 @@ def load_inputs(config: Config, uri: str) -> TransferInputs:
     if t.shots > available:
         raise InputError(f"transfer.shots: {t.shots} exceeds the {available} rows of split 'train' "
                          f"in {suite_dir}/{task.path}")
-    if len(data.y[t.eval_split]) == 0:
-        raise InputError(f"transfer.eval_split: split '{t.eval_split}' of {suite_dir}/{task.path} is empty")
-    pool = (torch.from_numpy(data.x["train"]), torch.from_numpy(data.y["train"]))
-    evaluation = (torch.from_numpy(data.x[t.eval_split]), torch.from_numpy(data.y[t.eval_split]))
+    split = {s: (torch.from_numpy(data.x[s]), torch.from_numpy(data.y[s])) for s in ("train", "val", "test")}
     target = TaskShape(task.name, task.type, len(data.features), task.num_classes)
-    return TransferInputs(model, source_config, rates, target, pool, t.shots, evaluation).draw(t.seed)
+    return TransferInputs(model, source_config, rates, target, split["train"], t.shots, split["val"],
+                          split["test"]).draw(t.seed)
 
 
