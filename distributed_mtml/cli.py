@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="checkpoint directory")
     ev.add_argument("--suite", help="suite to score on (meta-learned models: held-out tasks; default: the run's family)")
     ev.add_argument("--shots", type=int, default=None, help="meta: support points per task (default: meta.shots)")
+    ev.add_argument("--split", choices=["test", "val"], default="test",
+                    help="multi-task models: the split to score (val: compare with the run's logged validation numbers)")
     ev.add_argument("--steps", type=int, default=10, help="meta: adaptation steps to score (0..N)")
     ev.add_argument("--tasks", type=int, default=600, help="meta: held-out tasks")
     _add_common(ev)
@@ -138,9 +140,10 @@ def cmd_meta_train(args) -> int:
 
     config, run_name = _load_run_config(args, args.config, args.set)
     outcome = run_meta_training(config, run_name, args.tracking_uri, args.resume, args.address)
-    m = outcome.metrics
-    print(f"\nrun {outcome.run_id} finished: validation query loss {m['val/meta/loss_before']:.4f} before and "
-          f"{m['val/meta/loss']:.4f} after {config.meta.inner_steps} adaptation step(s)")
+    m, stopped = outcome.kept, " (stopped early)" if outcome.stopped_early else ""
+    print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is iteration {outcome.best_step}'s: validation "
+          f"query loss {m['val/meta/loss_before']:.4f} before and {m['val/meta/loss']:.4f} after "
+          f"{config.meta.inner_steps} adaptation step(s)")
     print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --shots {config.meta.shots} --steps 10"
           f"{_uri_flag(outcome.tracking_uri)}")
@@ -153,8 +156,10 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
 
     config, run_name = _load_run_config(args, config_path, overrides)
     outcome = run_training(config, run_name, args.tracking_uri, resume, args.address)
-    print(f"\nrun {outcome.run_id} finished; validation metrics of the last epoch:")
-    print(metrics_table(outcome.metrics, "val"))
+    stopped = " (stopped early)" if outcome.stopped_early else ""
+    print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is epoch {outcome.best_step + 1}'s, "
+          f"best {config.checkpoint.monitor}; its validation metrics:")
+    print(metrics_table(outcome.kept, "val"))
     print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
     print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
@@ -175,7 +180,8 @@ def cmd_evaluate(args) -> int:
         if args.suite is None:
             raise InputError("--suite: required to evaluate a multi-task model")
         model, _ = load_model(directory)
-    print(metrics_table(evaluate(model, args.suite), "test"))
+    print(f"{args.split} split of {args.suite}:")
+    print(metrics_table(evaluate(model, args.suite, args.split), args.split))
     return EXIT_OK
 
 

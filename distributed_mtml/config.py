@@ -74,6 +74,9 @@ class TrainingConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: forward passes under torch.autocast (GPU mixed precision; also works on CPU)"
     )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many reports (epochs; meta: reports) without a better checkpoint.monitor"
+    )
 
 
 class ScalingSection(_Section):
@@ -118,6 +121,8 @@ class CheckpointSection(_Section):
     max_failures: int = Field(0, ge=-1)
     num_to_keep: int = Field(2, ge=1)
     dir: str | None = Field(None, description="default: ./mtml_runs in the directory the command started in")
+    monitor: str = Field("val/mean_loss", description="validation value that picks the kept model: val/mean_loss or val/<task>/<metric>")
+    mode: Literal["min", "max"] = Field("min", description="min: lower monitor is better (losses); max: higher (accuracy, r2)")
 
     def resolved_dir(self) -> str:
         path = self.dir or "mtml_runs"

@@ -14,6 +14,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from distributed_mtml.train.monitor import mean_val_loss
+
 DEFAULT_DB = "mlflow.db"
 
 
@@ -137,8 +139,7 @@ def merge_worker_metrics(
         merged.update({k: v for k, v in m.items() if "/" in k})  # ranks own disjoint keys, or agree
     seconds = max(m["train_seconds"] for m in per_worker)
     merged["throughput/samples_per_s"] = sum(m["samples"] for m in per_worker) / max(seconds, 1e-9)
-    val_losses = [v for k, v in merged.items() if k.startswith("val/") and k.endswith("/loss")]
-    merged["val/mean_loss"] = sum(val_losses) / len(val_losses)
+    merged["val/mean_loss"] = mean_val_loss(merged)
     return epoch, merged
 
 

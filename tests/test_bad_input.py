@@ -205,12 +205,16 @@ def _config_cases():
     def config_not_a_mapping(c):
         return ["train", "--config", c.write_config("- just\n- a list\n")], "config.yaml: expected a mapping"
 
+    def unknown_monitor(c):  # mse is a regression metric; classify is a classification task
+        return c.train("--set", "checkpoint.monitor=val/classify/mse"), "checkpoint.monitor: 'val/classify/mse' is not"
+
     def unknown_algorithm(c):
         c.config["meta"] = {"algorithm": "protonet"}
         return ["meta-train", "--config", c.write_config(), "--tracking-uri", c.uri], "key 'meta.algorithm'"
 
     return [unknown_key, wrong_type, negative_batch, zero_workers, zero_lr, unknown_method, set_without_value,
-            set_unknown_key, too_many_cpus, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping, unknown_algorithm]
+            set_unknown_key, too_many_cpus, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
+            unknown_monitor, unknown_algorithm]
 
 
 def _argument_and_checkpoint_cases():

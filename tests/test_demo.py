@@ -17,7 +17,7 @@ def test_demo_trains_logs_and_says_where_to_look(tmp_path):
     out = proc.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
     assert "[mtml] epoch 8/8" in proc.stdout + proc.stderr  # progress shown while it runs
-    table = out.split("validation metrics of the last epoch:")[1]
+    table = out.split("its validation metrics:")[1]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[3:5]}
     assert set(rows) == {"classify", "regress"}
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -25,3 +25,9 @@ def test_demo_trains_logs_and_says_where_to_look(tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_name == "demo"
     assert run.data.metrics["val/classify/accuracy"] > 0.85  # the shared trunk learns the article's task
     assert run.data.metrics["val/regress/r2"] > 0.7
+    # the kept model is the epoch with the lowest val/mean_loss, and the output says which
+    history = client.get_metric_history(run.info.run_id, "val/mean_loss")
+    best = min(history, key=lambda m: (m.value, m.step))
+    assert run.data.tags["mtml.best_epoch"] == str(best.step) and run.data.tags["mtml.stopped_early"] == "false"
+    assert run.data.metrics["best/val/mean_loss"] == pytest.approx(best.value, rel=1e-9)
+    assert f"the kept model is epoch {best.step + 1}'s" in out

@@ -59,6 +59,23 @@ def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_sess
     assert "plots/fewshot_5shot_loss.png" in {a.path for a in client.list_artifacts(out.run_id, "plots")}
 
 
+def test_meta_training_keeps_the_best_report_and_stops_early(ray_session, tmp_path):
+    """Monitored in 'max' mode the first report is the best (meta-training lowers the loss), so
+    with patience 1 the run stops at the second report and keeps the first one's model."""
+    from distributed_mtml.train.checkpoint import load_state
+
+    cfg = _config(tmp_path, training={"early_stopping_patience": 1}, checkpoint={"mode": "max"},
+                  meta={"iterations": 1000})
+    out = run_meta_training(cfg, "patient", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    run = client.get_run(out.run_id)
+    history = sorted(client.get_metric_history(out.run_id, "val/meta/loss"), key=lambda m: m.step)
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert [m.step for m in history] == [100, 200] and best.step == 100
+    assert run.data.tags["mtml.best_iteration"] == "100" and run.data.tags["mtml.stopped_early"] == "true"
+    assert load_state(out.checkpoint_path)["iterations_done"] == 100
+
+
 def test_meta_training_on_a_suite_shards_its_tasks_and_resumes(ray_session, tmp_path):
     from distributed_mtml.data.generators import make_suite
 

@@ -32,7 +32,7 @@ def _uri(tmp_path):
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 
-def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite):
+def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite, capsys):
     out = run_training(_config(tmp_path, seed_suite), "itest", _uri(tmp_path))
     client = MlflowClient(_uri(tmp_path))
     run = client.get_run(out.run_id)
@@ -52,6 +52,15 @@ def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite)
     model = model_from_run(out.run_id, _uri(tmp_path))
     test = evaluate(model, seed_suite)
     assert test["test/classify/accuracy"] > 0.6 and test["test/regress/r2"] > 0.0
+    # the logged model scores on val exactly what its epoch logged, and evaluate --split val says so
+    history = client.get_metric_history(out.run_id, "val/regress/mse")
+    logged = next(m.value for m in history if m.step == int(run.data.tags["mtml.best_epoch"]))
+    assert evaluate(model, seed_suite, "val")["val/regress/mse"] == pytest.approx(logged, rel=1e-5)
+    from distributed_mtml.cli import main
+
+    capsys.readouterr()
+    assert main(["evaluate", "--run", out.run_id, "--suite", seed_suite, "--split", "val", "--tracking-uri", _uri(tmp_path)]) == 0
+    assert f"val split of {seed_suite}:" in capsys.readouterr().out
 
 
 def test_more_tasks_than_workers_with_different_feature_widths(ray_session, tmp_path):
@@ -214,6 +223,35 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
     calm = run_training(_config(tmp_path, seed_suite, **sections), "calm", _uri(tmp_path))
     for key in ("val/classify/loss", "val/regress/loss", "train/regress/loss"):
         assert out.metrics[key] == pytest.approx(calm.metrics[key], rel=1e-5), key
+
+
+def test_the_kept_model_is_the_best_epoch_and_early_stopping_survives_a_restart(ray_session, tmp_path, seed_suite,
+                                                                                 monkeypatch):
+    """Monitoring val/mean_loss in 'max' mode makes an early epoch the best (the loss falls),
+    so the kept model is not the last one; with patience 2 the run stops 2 epochs after it. A
+    worker killed at epoch 2 restarts from epoch 1's checkpoint, whose saved monitor state
+    (best so far, epochs since) must carry on: a fresh one would take epoch 2 as the best."""
+    import torch
+
+    monkeypatch.setenv("MTML_FAULT", "sigkill@2:0:1")
+    sections = {"training": {"epochs": 10, "early_stopping_patience": 2},
+                "checkpoint": {"mode": "max", "max_failures": 1, "num_to_keep": 1}}
+    out = run_training(_config(tmp_path, seed_suite, **sections), "patient", _uri(tmp_path))
+    client = MlflowClient(_uri(tmp_path))
+    run = client.get_run(out.run_id)
+    history = sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert run.data.tags["mtml.restarts"] == "1" and run.info.status == "FINISHED"
+    assert [m.step for m in history] == list(range(best.step + 3))  # stopped 2 epochs after the best
+    assert run.data.tags["mtml.best_epoch"] == str(best.step) == str(out.best_step)
+    assert run.data.tags["mtml.stopped_early"] == "true" and out.stopped_early
+    assert run.data.metrics["best/val/mean_loss"] == pytest.approx(best.value, rel=1e-9)
+    # the logged model is the best epoch's checkpoint (kept by Ray's scoring beside the latest)
+    runs = tmp_path / "runs" / f"patient-{out.run_id[:12]}"
+    kept = torch.load(runs / f"checkpoint_epoch={best.step:04d}" / "trunk.pt", weights_only=True)
+    last = torch.load(runs / f"checkpoint_epoch={history[-1].step:04d}" / "trunk.pt", weights_only=True)
+    logged = torch.load(client.download_artifacts(out.run_id, "model/trunk.pt", str(tmp_path)), weights_only=True)
+    assert all(torch.equal(logged[k], kept[k]) for k in kept) and not all(torch.equal(last[k], kept[k]) for k in kept)
 
 
 def test_tracking_server_going_away_mid_run_loses_nothing(ray_session, tmp_path, seed_suite, mlflow_server):

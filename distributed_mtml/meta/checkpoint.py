@@ -28,8 +28,10 @@ def _load(directory: str, name: str) -> dict:
     return load_file(os.path.join(directory, name))
 
 
-def save_meta_state(directory: str, iteration: int, plan: dict, learner: MetaLearner, optimizer) -> None:
-    state = {"epoch": iteration - 1, "iterations_done": iteration, "kind": "meta", "plan": plan, "version": __version__}
+def save_meta_state(directory: str, iteration: int, plan: dict, learner: MetaLearner, optimizer,
+                    monitor: dict | None = None) -> None:
+    state = {"epoch": iteration - 1, "iterations_done": iteration, "kind": "meta", "plan": plan, "version": __version__,
+             "monitor": monitor or {}}
     torch.save(state, os.path.join(directory, STATE_FILE))
     torch.save(learner.model.trunk.state_dict(), os.path.join(directory, TRUNK_FILE))
     torch.save(learner.model.task_modules[META_TASK].state_dict(), os.path.join(directory, task_file(META_TASK)))
@@ -37,13 +39,14 @@ def save_meta_state(directory: str, iteration: int, plan: dict, learner: MetaLea
     torch.save(optimizer.state_dict(), os.path.join(directory, OPTIM_FILE))
 
 
-def restore_meta_state(directory: str, learner: MetaLearner, optimizer) -> int:
-    """Loads everything and returns the iterations already done."""
+def restore_meta_state(directory: str, learner: MetaLearner, optimizer) -> tuple[int, dict]:
+    """Loads everything; returns the iterations already done and the monitor's saved state."""
     load_into(learner.model.trunk, os.path.join(directory, TRUNK_FILE))
     load_into(learner.model.task_modules[META_TASK], os.path.join(directory, task_file(META_TASK)))
     load_into(learner.rates, os.path.join(directory, RATES_FILE))
     optimizer.load_state_dict(_load(directory, OPTIM_FILE))
-    return int(load_state(directory)["iterations_done"])
+    state = load_state(directory)
+    return int(state["iterations_done"]), state.get("monitor", {})
 
 
 def build_learner(plan_dict: dict) -> MetaLearner:

@@ -19,6 +19,7 @@ from distributed_mtml.errors import InputError
 from distributed_mtml.meta.algorithms import META_TASK
 from distributed_mtml.meta.tasks import FAMILIES
 from distributed_mtml.models import TaskShape
+from distributed_mtml.train.monitor import check_monitor
 from distributed_mtml.train.placement import place_tasks
 from distributed_mtml.train.plan import ensure_suite
 
@@ -63,6 +64,7 @@ def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[s
 
 def make_meta_plan(config: Config) -> MetaPlan:
     meta, workers = config.meta, config.scaling.num_workers
+    check_monitor(config, ["val/mean_loss", f"val/{META_TASK}/loss"])  # the query loss after adaptation
     if meta.meta_batch_size < workers:
         raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least scaling.num_workers ({workers})")
     family = config.suite.generator if config.suite is not None and config.suite.path is None else None

@@ -24,6 +24,7 @@ from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_g
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
 from distributed_mtml.meta.plan import MetaPlan, share
 from distributed_mtml.meta.tasks import FAMILIES, SuiteEpisodes, episode_generator
+from distributed_mtml.train.monitor import Monitor
 from distributed_mtml.train.step import make_optimizer
 from distributed_mtml.train.worker import quiet_report_log
 
@@ -83,11 +84,12 @@ def meta_train_loop_per_worker(payload: dict) -> None:
     learner = build_learner(payload).to(device)
     params = list(learner.parameters())
     optimizer = make_optimizer(meta.outer_optimizer, params, meta.outer_lr, weight_decay=0.0)
-    done = 0
+    done, monitor = 0, Monitor.of(cfg)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            done = restore_meta_state(d, learner, optimizer)
+            done, saved = restore_meta_state(d, learner, optimizer)
+            monitor = Monitor.of(cfg, saved)
     mine = share(meta.meta_batch_size, world, rank)
     val = val_source.sample(episode_generator(seed, VAL_STREAM, rank), share(meta.val_tasks, world, rank)).to(device)
 
@@ -108,17 +110,21 @@ def meta_train_loop_per_worker(payload: dict) -> None:
         seconds = time.perf_counter() - begin
         guard.raise_if_diverged(world, lambda step: f"meta-iteration {step + 1}")
         metrics = {"train/meta/loss": float(_all_reduce(loss_sum, world)) / (block * meta.meta_batch_size)}
-        metrics.update(_validation(learner, val, meta.inner_steps, meta.val_tasks, world))
+        metrics.update(_validation(learner, val, meta.inner_steps, meta.val_tasks, world))  # all-reduced
+        monitor.update(metrics, finished)
+        metrics.update(monitor.report_fields(metrics))
         metrics.update({"iteration": finished, "samples": block * mine, "train_seconds": seconds})
-        _report(metrics, finished, rank, payload, learner, optimizer)
+        _report(metrics, finished, rank, payload, learner, optimizer, monitor.state())
+        if monitor.stop:
+            break
         loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
 
 
-def _report(metrics: dict, finished: int, rank: int, payload: dict, learner, optimizer) -> None:
+def _report(metrics: dict, finished: int, rank: int, payload: dict, learner, optimizer, monitor: dict) -> None:
     """Every rank reports (a barrier); rank 0 alone writes the checkpoint, the same on all."""
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            save_meta_state(d, finished, payload, learner, optimizer)
+            save_meta_state(d, finished, payload, learner, optimizer, monitor)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_iteration={finished:07d}")

@@ -40,9 +40,12 @@ def save_worker_state(
     task_modules: nn.ModuleDict,
     optimizer: torch.optim.Optimizer,
     weighting: nn.Module,
+    monitor: dict | None = None,
 ) -> None:
+    """`monitor`: the best-model and early-stopping state (`train/monitor.py`), kept in state.pt."""
     if rank == 0:
-        torch.save({"epoch": epoch, "plan": plan_dict, "version": __version__}, os.path.join(directory, STATE_FILE))
+        state = {"epoch": epoch, "plan": plan_dict, "version": __version__, "monitor": monitor or {}}
+        torch.save(state, os.path.join(directory, STATE_FILE))
         torch.save(trunk.state_dict(), os.path.join(directory, TRUNK_FILE))
     for name, module in task_modules.items():
         torch.save(module.state_dict(), os.path.join(directory, task_file(name)))
@@ -86,8 +89,8 @@ def restore_worker_state(
     task_modules: nn.ModuleDict,
     optimizer: torch.optim.Optimizer,
     weighting: nn.Module,
-) -> int:
-    """Loads what this rank owns and returns the next epoch to run.
+) -> tuple[int, dict]:
+    """Loads what this rank owns; returns the next epoch to run and the monitor's saved state.
 
     The optimiser and loss-weighting state are restored only when this rank owned the same
     tasks before; after a change of `num_workers` they start fresh rather than pairing
@@ -102,7 +105,8 @@ def restore_worker_state(
         if saved["tasks"] == sorted(task_modules.keys()):
             optimizer.load_state_dict(saved["optimizer"])
             weighting.load_state_dict(saved["weighting"])
-    return int(load_state(directory)["epoch"]) + 1
+    state = load_state(directory)
+    return int(state["epoch"]) + 1, state.get("monitor", {})
 
 
 def latest_checkpoint(storage_path: str, run_name: str) -> str | None:

@@ -14,6 +14,7 @@ from distributed_mtml.config import Config, flatten
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint
+from distributed_mtml.train.monitor import SCORE
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
@@ -21,8 +22,11 @@ from distributed_mtml.train.plan import TrainPlan, make_plan
 class TrainOutcome:
     run_id: str
     tracking_uri: str
-    metrics: dict[str, float]
-    checkpoint_path: str
+    metrics: dict[str, float]  # the run's MLflow metrics (latest value of each)
+    checkpoint_path: str  # the kept model: the best checkpoint by checkpoint.monitor
+    kept: dict[str, float]  # what the workers reported at the kept model's step
+    best_step: int  # its epoch (meta: iterations done)
+    stopped_early: bool
 
 
 def start_or_resume_run(
@@ -61,7 +65,9 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback):
             name=ray_name,
             storage_path=cfg.checkpoint.resolved_dir(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.num_to_keep, checkpoint_score_attribute=SCORE,
+                checkpoint_score_order=cfg.checkpoint.mode),
             callbacks=[callback],
             worker_runtime_env={"env_vars": faults.fault_env()},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -214,8 +220,10 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
         ensure_ray(address)
         result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback), config, ray_name)
         _send_kept_metrics(uri, run_id, spool, result.checkpoint.path)
-        with result.checkpoint.as_directory() as d:
+        kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
+        with kept.as_directory() as d:
             spec.log_artifacts(uri, run_id, d)
+        best_step = _log_kept(uri, run_id, config, spec.counter, result.metrics, kept_metrics)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -223,7 +231,28 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     finally:
         tracking.set_status(uri, run_id, status)
     metrics = tracking.client(uri).get_run(run_id).data.metrics
-    return TrainOutcome(run_id, uri, metrics, result.checkpoint.path)
+    return TrainOutcome(run_id, uri, metrics, kept.path, kept_metrics, best_step, bool(result.metrics.get("stopped_early")))
+
+
+def best_checkpoint(result, mode: str):
+    """(checkpoint, its reported metrics) with the best monitored value; Ray Train kept it (it
+    keeps the best `num_to_keep` by that score, and the latest). Ties go to the earliest."""
+    scored = [(c, m) for c, m in result.best_checkpoints if SCORE in m]
+    if not scored:  # checkpoints written before the monitor existed
+        return result.checkpoint, result.metrics
+    return min(scored, key=lambda cm: (cm[1][SCORE] if mode == "min" else -cm[1][SCORE], cm[1].get("best_step", 0)))
+
+
+def _log_kept(uri: str, run_id: str, config: Config, counter: str, latest: dict, kept: dict) -> int:
+    """Says which model the run kept: tag mtml.best_<counter>, metric best/<monitor>, and
+    mtml.stopped_early. Returns the kept step."""
+    step = int(kept.get("best_step", kept.get(counter, -1)))
+    c = tracking.client(uri)
+    c.set_tag(run_id, f"mtml.best_{counter}", str(step))
+    c.set_tag(run_id, "mtml.stopped_early", "true" if latest.get("stopped_early") else "false")
+    if SCORE in kept:
+        tracking.log_metrics(uri, run_id, {f"best/{config.checkpoint.monitor}": kept[SCORE]}, step)
+    return step
 
 
 def run_training(

@@ -17,6 +17,7 @@ from distributed_mtml.data.suite import SUITE_FILE, load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import TaskShape
+from distributed_mtml.train.monitor import check_monitor, monitor_keys
 from distributed_mtml.train.placement import place_tasks
 
 
@@ -58,6 +59,7 @@ def make_plan(config: Config) -> TrainPlan:
         data = load_task(suite_dir, task)
         shapes.append(TaskShape(task.name, task.type, len(data.features), task.num_classes))
         train_rows[task.name] = len(data.y["train"])
+    check_monitor(config, monitor_keys(shapes))
     placement = place_tasks([t.name for t in spec.tasks], config.scaling.num_workers)
     steps = config.training.steps_per_epoch or math.ceil(max(train_rows.values()) / config.training.batch_size)
     return TrainPlan(

@@ -30,6 +30,7 @@ from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
 from distributed_mtml.train.metrics import task_metrics
+from distributed_mtml.train.monitor import Monitor
 from distributed_mtml.train.plan import TrainPlan
 from distributed_mtml.train.step import TaskBatches, make_optimizer, multitask_step
 
@@ -113,6 +114,16 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict[str, TaskSh
     return out
 
 
+def everyones(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Every rank's metrics merged (ranks own disjoint keys): the same dict on every rank, so
+    that each takes the same keep/stop decision."""
+    if world == 1:
+        return dict(metrics)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, metrics)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def quiet_report_log() -> None:
     """Ray Train logs every report's full metrics at INFO under a logger outside the
     `ray.train` tree, which `LoggingConfig` does not reach; the controller prints a
@@ -147,11 +158,12 @@ def train_loop_per_worker(payload: dict) -> None:
     weighting = loss_weighting(cfg.aggregation.method, mine, order, cfg.aggregation.options()).to(device)
     params = [*trunk.parameters(), *modules.parameters(), *weighting.parameters()]
     optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay)
-    start_epoch = 0
+    start_epoch, monitor = 0, Monitor.of(cfg)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            start_epoch = restore_worker_state(d, rank, trunk, modules, optimizer, weighting)
+            start_epoch, saved = restore_worker_state(d, rank, trunk, modules, optimizer, weighting)
+            monitor = Monitor.of(cfg, saved)
     local_sgd = t.sync_every > 1 and world > 1
     if local_sgd:
         _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
@@ -195,12 +207,15 @@ def train_loop_per_worker(payload: dict) -> None:
             metrics.update({f"aggregation/{n}/weight": w for n, w in weighting.weights().items()})
             weighting.end_epoch(_suite_losses(sums, order, plan.steps_per_epoch, world))
         metrics.update({k: v / measured for k, v in relation_sums.items()})
-        metrics.update(_evaluate(trunk, modules, shapes, data, "val"))
+        val = everyones(_evaluate(trunk, modules, shapes, data, "val"), world)
+        metrics.update(val)
+        improved = monitor.update(val, epoch)
+        metrics.update(monitor.report_fields(val))
         metrics.update({"epoch": epoch, "samples": samples, "train_seconds": train_seconds})
-        last = epoch + 1 == t.epochs
-        if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last:
+        last = epoch + 1 == t.epochs or monitor.stop
+        if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last or improved:  # the best is always kept
             with tempfile.TemporaryDirectory() as d:
-                save_worker_state(d, rank, epoch, payload, trunk, modules, optimizer, weighting)
+                save_worker_state(d, rank, epoch, payload, trunk, modules, optimizer, weighting, monitor.state())
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -208,3 +223,5 @@ def train_loop_per_worker(payload: dict) -> None:
                 )
         else:
             ray.train.report(metrics)
+        if monitor.stop:
+            break
