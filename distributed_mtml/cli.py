@@ -159,7 +159,8 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
     stopped = " (stopped early)" if outcome.stopped_early else ""
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is epoch {outcome.best_step + 1}'s, "
           f"best {config.checkpoint.monitor}; its validation metrics:")
-    print(metrics_table(outcome.kept, "val"))
+    trivial = {k[len("baseline/"):]: v for k, v in outcome.metrics.items() if k.startswith("baseline/")}
+    print(metrics_table(outcome.kept, "val", trivial))
     print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
     print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
@@ -180,8 +181,10 @@ def cmd_evaluate(args) -> int:
         if args.suite is None:
             raise InputError("--suite: required to evaluate a multi-task model")
         model, _ = load_model(directory)
-    print(f"{args.split} split of {args.suite}:")
-    print(metrics_table(evaluate(model, args.suite, args.split), args.split))
+    from distributed_mtml.baseline import baseline_metrics
+
+    print(f"{args.split} split of {args.suite} (trivial: the train mean, or the train class frequencies):")
+    print(metrics_table(evaluate(model, args.suite, args.split), args.split, baseline_metrics(args.suite, (args.split,))))
     return EXIT_OK
 
 
@@ -234,6 +237,21 @@ def cmd_tune(args) -> int:
     return EXIT_OK
 
 
+def _check_relations_logged(c, run_id: str, uri: str) -> None:
+    """A missing run or a run without relations is bad input; anything else MLflow answers
+    (authentication, network, storage) is said as it is."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise InputError(f"--run {run_id}: no such run in {uri}") from None
+        raise
+    if "relations/affinity.csv" not in {a.path for a in c.list_artifacts(run_id, "relations")}:
+        raise InputError(f"--run {run_id}: no relations/affinity.csv in {uri} (train with relations.enabled: true)")
+
+
 def cmd_affinity(args) -> int:
     import tempfile
 
@@ -241,12 +259,9 @@ def cmd_affinity(args) -> int:
     from distributed_mtml.report import table
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    c = tracking.client(uri)
+    _check_relations_logged(tracking.client(uri), args.run, uri)
     with tempfile.TemporaryDirectory() as d:
-        try:
-            path = c.download_artifacts(args.run, "relations/affinity.csv", d)
-        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run or file
-            raise InputError(f"--run {args.run}: no relations/affinity.csv in {uri} (train with relations.enabled: true)") from None
+        path = tracking.client(uri).download_artifacts(args.run, "relations/affinity.csv", d)
         values, order = relations.from_csv(open(path).read())
     print("TAG affinity, source (row) -> recipient (column); positive: a step on the source helps the recipient")
     print(table(["source", *order], [[a, *map(float, row)] for a, row in zip(order, values)]))

@@ -13,17 +13,30 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def metrics_table(metrics: dict[str, float], split: str) -> str:
-    """Rows of `<split>/<task>/<metric>` keys: one row per task, one column per metric."""
+def _per_task(metrics: dict[str, float], split: str) -> dict[str, dict[str, float]]:
     per_task: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         parts = key.split("/")
         if len(parts) == 3 and parts[0] == split:
             per_task.setdefault(parts[1], {})[parts[2]] = value
+    return per_task
+
+
+def metrics_table(metrics: dict[str, float], split: str, baseline: dict[str, float] | None = None) -> str:
+    """Rows of `<split>/<task>/<metric>` keys: one row per task, one column per metric. With
+    `baseline` (the trivial predictor's metrics, same keys), its loss beside the model's and
+    'NO' where the model's loss is not below it."""
+    per_task = _per_task(metrics, split)
     names = ["loss", "accuracy", "auc", "mse", "mae", "r2"]
     columns = [n for n in names if any(n in m for m in per_task.values())]
     rows = [[task, *(m.get(c, "") for c in columns)] for task, m in sorted(per_task.items())]
-    return table(["task", *columns], rows)
+    if baseline is None:
+        return table(["task", *columns], rows)
+    trivial = _per_task(baseline, split)
+    for row in rows:
+        base = trivial.get(row[0], {}).get("loss", float("nan"))
+        row += [base, "yes" if per_task[row[0]].get("loss", float("inf")) < base else "NO"]
+    return table(["task", *columns, "trivial loss", "beats trivial"], rows)
 
 
 def pyplot():

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import free_port
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -130,6 +131,20 @@ def test_uncertainty_weighting_learns_a_smaller_weight_for_the_noisier_task():
     assert w["clean"] > w["noisy"]
 
 
+def test_uncertainty_weighting_takes_the_classification_form_for_classification_tasks():
+    """Kendall et al.: a classification loss is scaled by 1 / sigma^2, a regression loss by
+    1 / (2 sigma^2); the regulariser log sigma is the same. The optimum of L e^{-s} + s / 2 is
+    s = log(2 L), of L e^{-s} / 2 + s / 2 it is s = log(L)."""
+    uw = UncertaintyWeighting(["c", "r"], ["c", "r"], {"c": "classification", "r": "regression"})
+    assert uw.multipliers().tolist() == pytest.approx([math.exp(0.5), 0.5 * math.exp(0.5)])
+    opt = torch.optim.SGD(uw.parameters(), lr=0.1)
+    for _ in range(400):
+        opt.zero_grad()
+        uw.total([torch.tensor(0.5), torch.tensor(0.5)]).backward()
+        opt.step()
+    assert uw.log_var.detach().tolist() == pytest.approx([math.log(1.0), math.log(0.5)], abs=0.05)
+
+
 def test_dwa_equal_for_two_epochs_then_favours_the_slow_task():
     dwa = DynamicWeightAverage(["b"], ["a", "b"], temperature=2.0)
     assert dwa.multipliers().tolist() == [1.0]
@@ -170,8 +185,7 @@ def test_exchange_equals_single_process_reference(tmp_path, placement, conflict)
     grads = torch.randn(k, 257, generator=torch.Generator().manual_seed(5))
     if conflict:
         grads[1] = -0.9 * grads[0] + 0.1 * grads[1]  # deliberately opposed
-    port = 29600 + conflict + 2 * len(placement[0])
-    mp.spawn(_worker, args=(placement, grads, port, str(tmp_path)), nprocs=len(placement))
+    mp.spawn(_worker, args=(placement, grads, free_port(), str(tmp_path)), nprocs=len(placement))
     for method in NAMES:
         reference, _ = combine(grads, method, seed=7)
         for rank in range(len(placement)):
@@ -220,7 +234,7 @@ def test_overlapped_exchange_in_ddp_hooks_equals_single_process_reference(tmp_pa
     from distributed_mtml.aggregation.exchange import task_trunk_gradients
 
     placement = [["b"], ["a"]]
-    mp.spawn(_overlap_worker, args=(placement, 29640, str(tmp_path)), nprocs=2)
+    mp.spawn(_overlap_worker, args=(placement, free_port(), str(tmp_path)), nprocs=2)
     trunk, modules, shapes, batches = _one_task_setup(["a", "b"])
     _, grads = task_trunk_gradients(trunk, modules, shapes, batches)
     assert not torch.allclose(combine(grads, "mgda", seed=7)[0], grads.mean(0))  # weights other than the mean's

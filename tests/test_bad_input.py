@@ -257,11 +257,19 @@ def _argument_and_checkpoint_cases():
             f.truncate(100)
         return ["evaluate", "--checkpoint", directory, "--suite", c.suite], "trunk.pt: cannot read"
 
+    def affinity_unknown_run(c):
+        tracking.create_run(c.uri, "distributed-mtml", "other", {}, {})  # the store exists, the run does not
+        return ["affinity", "--run", "f" * 32, "--tracking-uri", c.uri], f"--run {'f' * 32}: no such run in"
+
+    def affinity_without_relations(c):
+        run_id = tracking.create_run(c.uri, "distributed-mtml", "plain", {}, {})
+        return ["affinity", "--run", run_id, "--tracking-uri", c.uri], "no relations/affinity.csv in"
+
     def shots_zero(c):
         return ["meta-train", "--config", c.write_config(), "--set", "meta.shots=0"], "key 'meta.shots'"
 
     return [unknown_run, evaluate_without_suite, missing_checkpoint, other_architecture, resume_other_architecture,
-            tampered_checkpoint, truncated_checkpoint, shots_zero]
+            tampered_checkpoint, truncated_checkpoint, affinity_unknown_run, affinity_without_relations, shots_zero]
 
 
 def _transfer_cases():

@@ -40,3 +40,33 @@ def test_help_and_validate_do_not_import_ray_mlflow_or_torch(seed_suite):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_affinity_reports_what_the_tracking_server_actually_said(capsys):
+    """A server that refuses the request (here: 401 on every API call, healthy otherwise) is
+    not 'no relations/affinity.csv': the error says what the server answered."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            healthy = self.path.startswith("/health")
+            body = b"OK" if healthy else json.dumps({"error_code": "UNAUTHENTICATED", "message": "token expired"}).encode()
+            self.send_response(200 if healthy else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["affinity", "--run", "0" * 32, "--tracking-uri", uri]) == 1
+    finally:
+        server.shutdown()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "token expired" in last and "affinity.csv" not in last

@@ -20,11 +20,13 @@ def test_demo_trains_logs_and_says_where_to_look(tmp_path):
     table = out.split("its validation metrics:")[1]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[3:5]}
     assert set(rows) == {"classify", "regress"}
+    assert "trivial loss" in table and all(row[-1] == "yes" for row in rows.values())  # beats the train mean / prior
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "demo"
     assert run.data.metrics["val/classify/accuracy"] > 0.85  # the shared trunk learns the article's task
     assert run.data.metrics["val/regress/r2"] > 0.7
+    assert abs(run.data.metrics["baseline/val/regress/r2"]) < 0.05 and "baseline/test/classify/accuracy" in run.data.metrics
     # the kept model is the epoch with the lowest val/mean_loss, and the output says which
     history = client.get_metric_history(run.info.run_id, "val/mean_loss")
     best = min(history, key=lambda m: (m.value, m.step))

@@ -367,8 +367,16 @@ def test_dwa_weights_are_equal_for_two_epochs_then_follow_the_loss_ratios(ray_se
         for task in ("classify", "regress")
     }
     assert history["classify"][:2] == [0.5, 0.5] and history["regress"][:2] == [0.5, 0.5]
-    assert history["classify"][2] != 0.5  # the ratios of epochs 0 and 1, gathered across both workers
-    assert history["classify"][2] + history["regress"][2] == pytest.approx(1.0)
+    # epoch 2: K softmax(r / T) / K with r = L(1) / L(0) of each task's epoch-mean training loss,
+    # which each worker only has for its own task: the weights need both, gathered across workers
+    import math
+
+    losses = {t: [m.value for m in sorted(client.get_metric_history(out.run_id, f"train/{t}/loss"), key=lambda m: m.step)]
+              for t in ("classify", "regress")}
+    ratio = {t: losses[t][1] / losses[t][0] / 2.0 for t in losses}  # T = 2
+    expected = math.exp(ratio["classify"]) / (math.exp(ratio["classify"]) + math.exp(ratio["regress"]))
+    assert history["classify"][2] == pytest.approx(expected, rel=1e-5)
+    assert history["regress"][2] == pytest.approx(1 - expected, rel=1e-5)
 
 
 def test_shipped_mmoe_pcgrad_config_runs_as_is(ray_session, tmp_path, monkeypatch):

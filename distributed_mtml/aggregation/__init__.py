@@ -59,10 +59,12 @@ GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
 """The methods that act on task gradients (and so have a single-process reference, `combine`)."""
 
 
-def loss_weighting(method: str, owned: list[str], order: list[str], options: dict) -> LossWeighting:
-    """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise."""
+def loss_weighting(method: str, owned: list[str], order: list[str], options: dict,
+                   types: dict[str, str] | None = None) -> LossWeighting:
+    """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise.
+    `types` (task -> "classification" | "regression") picks UW's form per task."""
     cls = METHODS[method].loss_weighting or LossWeighting
-    return cls(owned, order, **options) if cls is not LossWeighting else cls(owned, order)
+    return cls(owned, order, types, **options) if cls is not LossWeighting else cls(owned, order, types)
 
 
 # The public single-process reference ([K, P] task gradients -> update, weights), imported last:

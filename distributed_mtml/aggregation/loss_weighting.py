@@ -17,9 +17,10 @@ from torch import nn
 class LossWeighting(nn.Module):
     """Equal weights; the base of the others."""
 
-    def __init__(self, owned: list[str], order: list[str]):
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None):
         super().__init__()
         self.owned, self.order = owned, order
+        self.types = types or {}  # task -> "classification" | "regression" (default)
 
     def multipliers(self) -> torch.Tensor:
         """One multiplier per owned task, in `owned` order."""
@@ -39,18 +40,22 @@ class LossWeighting(nn.Module):
 
 
 class UncertaintyWeighting(LossWeighting):
-    """UW (Kendall et al., CVPR 2018): L_i / (2 e^{s_i}) + s_i / 2 with a learned s_i per task.
+    """UW (Kendall et al., CVPR 2018) with a learned s_i = log sigma_i^2 per task, in the paper's
+    form for each task type: regression L_i / (2 e^{s_i}) + s_i / 2 (Gaussian likelihood),
+    classification L_i / e^{s_i} + s_i / 2 (its scaled-softmax approximation).
 
     s_i starts at -0.5 as in LibMTL's configuration; a noisy task learns a large s_i and so a
     small weight. Each s_i lives on the worker that owns the task: only its loss depends on it.
     """
 
-    def __init__(self, owned: list[str], order: list[str]):
-        super().__init__(owned, order)
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None):
+        super().__init__(owned, order, types)
         self.log_var = nn.Parameter(torch.full((len(owned),), -0.5))
+        factor = [1.0 if self.types.get(n) == "classification" else 0.5 for n in owned]
+        self.register_buffer("factor", torch.tensor(factor), persistent=False)
 
     def multipliers(self) -> torch.Tensor:
-        return 0.5 * torch.exp(-self.log_var)
+        return self.factor * torch.exp(-self.log_var)
 
     def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
         return super().total(losses) + 0.5 * self.log_var.sum()
@@ -64,8 +69,9 @@ class DynamicWeightAverage(LossWeighting):
     so `end_epoch` takes the suite-wide vector that the worker all-reduces once per epoch.
     """
 
-    def __init__(self, owned: list[str], order: list[str], temperature: float = 2.0):
-        super().__init__(owned, order)
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
+                 temperature: float = 2.0):
+        super().__init__(owned, order, types)
         self.temperature = temperature
         self.register_buffer("history", torch.zeros(2, len(order), dtype=torch.float64))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))

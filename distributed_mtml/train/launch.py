@@ -89,8 +89,12 @@ def log_run_files(c, run_id: str, cfg: Config, checkpoint_dir: str, suite_dir: s
 
 
 def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:
+    from distributed_mtml.baseline import baseline_metrics
+
     c = tracking.client(uri)
     log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
+    trivial = baseline_metrics(plan.suite_dir)
+    tracking.log_metrics(uri, run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
     with tempfile.TemporaryDirectory() as d:
         histories = {
             task: {

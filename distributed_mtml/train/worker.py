@@ -155,7 +155,8 @@ def train_loop_per_worker(payload: dict) -> None:
     trunk = build_trunk(cfg.model, list(shapes.values())).to(device)
     modules = build_task_modules(cfg.model, list(shapes.values()), t.seed, only=mine).to(device)
     method = METHODS[cfg.aggregation.method]
-    weighting = loss_weighting(cfg.aggregation.method, mine, order, cfg.aggregation.options()).to(device)
+    types = {n: s.type for n, s in shapes.items()}
+    weighting = loss_weighting(cfg.aggregation.method, mine, order, cfg.aggregation.options(), types).to(device)
     params = [*trunk.parameters(), *modules.parameters(), *weighting.parameters()]
     optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay)
     start_epoch, monitor = 0, Monitor.of(cfg)
