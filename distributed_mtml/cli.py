@@ -13,7 +13,7 @@ import sys
 import traceback
 import typing
 
-from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, InputError, TrainingFailed
+from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InputError, TrainingFailed
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs", "demo.yaml")
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted: the MLflow run is marked KILLED; continue it with --resume", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback wall
         traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)

@@ -7,6 +7,7 @@ drive `mtml` rely on exit code 2 meaning "fix your input" and 1 meaning "somethi
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
 class InputError(Exception):

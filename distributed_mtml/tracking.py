@@ -115,6 +115,16 @@ def set_status(uri: str, run_id: str, status: str) -> None:
         c.set_terminated(run_id, status=status)
 
 
+def end_children(uri: str, experiment: str, parent: str, status: str) -> None:
+    """Marks the parent's child runs that are still RUNNING (trials cut off) with `status`."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    for run in c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
+        c.set_terminated(run.info.run_id, status=status)
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
     from mlflow.entities import Metric
 

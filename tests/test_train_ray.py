@@ -60,7 +60,7 @@ def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite,
 
     capsys.readouterr()
     assert main(["evaluate", "--run", out.run_id, "--suite", seed_suite, "--split", "val", "--tracking-uri", _uri(tmp_path)]) == 0
-    assert f"val split of {seed_suite}:" in capsys.readouterr().out
+    assert f"val split of {seed_suite} (trivial:" in capsys.readouterr().out
 
 
 def test_more_tasks_than_workers_with_different_feature_widths(ray_session, tmp_path):

@@ -13,6 +13,7 @@ from distributed_mtml import faults, report, tracking
 from distributed_mtml.config import Config, flatten
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
+from distributed_mtml.interrupts import interrupt_trainer_on_sigint
 from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint
 from distributed_mtml.train.monitor import SCORE
 from distributed_mtml.train.plan import TrainPlan, make_plan
@@ -176,7 +177,8 @@ def _fit(trainer, config: Config, ray_name: str):
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     try:
-        return trainer.fit()
+        with interrupt_trainer_on_sigint(trainer):
+            return trainer.fit()
     except TrainingFailedError as e:
         what = tracking.worker_error_summary(e.worker_failures) if isinstance(e, WorkerGroupError) \
             else " ".join(str(e).split())[:300]

@@ -62,6 +62,9 @@ def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[str
             rows.append(_one_strategy(strategy, inputs, config, uri, parent, metric))
         tracking.client(uri).log_text(parent, report.table(results_header(metric), rows), "transfer/results.txt")
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         tracking.set_status(uri, parent, status)
     return parent, results_header(metric), rows
@@ -80,6 +83,9 @@ def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, uri: st
         seconds = time.perf_counter() - begin
         log_curve(uri, child, curve, f"{strategy} on {inputs.target.name}")
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         tracking.set_status(uri, child, status)
     final = curve[-1][1]

@@ -189,6 +189,9 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
     from distributed_mtml.train.launch import ensure_ray
 
     t, tn = config.transfer, config.tune
+    # Tune's own SIGINT handler stops the search and returns partial results, on which the
+    # repeats would then run: Ctrl-C must end the whole command instead (KILLED)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     inputs = load_inputs(config, uri)
     for strategy in t.strategies:
         check(strategy, inputs, t.partial_layers)
@@ -211,6 +214,10 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
         rows, best_strategy = _summarise(repeated, list(best), metric, direction)
         _log_summary(uri, parent, rows, metric, best_strategy)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        tracking.end_children(uri, config.tracking.experiment, parent, "KILLED")
+        raise
     finally:
         tracking.set_status(uri, parent, status)
     return parent, summary_header(metric), rows, best_strategy

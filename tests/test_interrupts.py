@@ -1,0 +1,99 @@
+"""Ctrl-C as a terminal sends it: SIGINT to the whole process group of a real `mtml` command,
+once its work is under way. The run must end KILLED within seconds, say how to resume, and
+exit 130; checkpoints stay for --resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.ray
+
+
+def _interrupt_when(argv: list[str], cwd, started: str, settle_s: float = 0.0) -> tuple[int, str, float]:
+    """Runs `mtml <argv>` in its own process group, sends SIGINT to the group once `started`
+    appears in its output (and `settle_s` more), and returns (exit code, output, seconds from
+    the signal to the exit)."""
+    proc = subprocess.Popen([sys.executable, "-m", "distributed_mtml", *argv], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while not any(started in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.2)
+    time.sleep(settle_s)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.monotonic() - sent
+    reader.join(timeout=10)
+    return code, "".join(lines), took
+
+
+def _only_run(uri: str, where: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("distributed-mtml")
+    (run,) = client.search_runs([exp.experiment_id], where)
+    return run
+
+
+def _write(tmp_path, raw: dict) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["train", "meta-train"])
+def test_ctrl_c_ends_a_training_run_killed_and_resumable(tmp_path, seed_suite, command):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    raw = {"suite": {"path": seed_suite}, "training": {"epochs": 200, "steps_per_epoch": 20},
+           "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}
+    started = "[mtml] epoch 2/"
+    if command == "meta-train":
+        raw = {"suite": {"generator": "sinusoid"}, "meta": {"iterations": 100000, "report_every": 20, "shots": 5,
+                                                            "meta_batch_size": 4, "val_tasks": 10},
+               "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}
+        started = "[mtml] iteration 40/"
+    code, out, took = _interrupt_when([command, "--config", _write(tmp_path, raw), "--tracking-uri", uri],
+                                      tmp_path, started)
+    assert code == 130, out[-3000:]
+    assert "interrupted: the MLflow run is marked KILLED; continue it with --resume" in out
+    assert took < 20, f"{took:.1f} s from Ctrl-C to exit"
+    assert _only_run(uri, "attributes.run_name = 'config'").info.status == "KILLED"
+    assert list((tmp_path / "runs").glob("config-*/checkpoint_*")), "no checkpoint left to resume from"
+
+
+def test_ctrl_c_ends_a_tune_search_killed(tmp_path, seed_suite):
+    from distributed_mtml.config import validate_config
+    from distributed_mtml.train.launch import run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    source = run_training(validate_config({"suite": {"path": seed_suite}, "training": {"epochs": 1},
+                                           "scaling": {"num_workers": 1}, "checkpoint": {"dir": str(tmp_path / "src")}}),
+                          "source", uri)
+    raw = {"transfer": {"source": source.checkpoint_path, "target": {"path": seed_suite}, "target_task": "regress",
+                        "shots": 10, "steps": 100000, "eval_every": 10, "strategies": ["scratch", "finetune"]},
+           "tune": {"num_samples": 2, "repeats": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}
+    code, out, took = _interrupt_when(["tune", "--config", _write(tmp_path, raw), "--tracking-uri", uri],
+                                      tmp_path, "[tune] search", settle_s=8)
+    assert code == 130, out[-3000:]
+    assert took < 20, f"{took:.1f} s from Ctrl-C to exit"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("distributed-mtml")
+    runs = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [p.info.status for p in parents] == ["KILLED"] and children, out[-3000:]
+    assert all(c.info.status in ("KILLED", "FINISHED") for c in children)
