@@ -259,9 +259,10 @@ def cmd_affinity(args) -> int:
     from distributed_mtml.report import table
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    _check_relations_logged(tracking.client(uri), args.run, uri)
+    c = tracking.client(uri)
+    _check_relations_logged(c, args.run, uri)
     with tempfile.TemporaryDirectory() as d:
-        path = tracking.client(uri).download_artifacts(args.run, "relations/affinity.csv", d)
+        path = c.download_artifacts(args.run, "relations/affinity.csv", d)
         values, order = relations.from_csv(open(path).read())
     print("TAG affinity, source (row) -> recipient (column); positive: a step on the source helps the recipient")
     print(table(["source", *order], [[a, *map(float, row)] for a, row in zip(order, values)]))

@@ -82,6 +82,9 @@ class TrainingConfig(_Section):
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    resource_wait_s: float = Field(
+        300.0, ge=0, description="on a cluster: how long to wait for the workers' CPUs/GPUs (autoscaling) before failing"
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
     grad_compression: Literal["none", "fp16", "bf16"] = Field(

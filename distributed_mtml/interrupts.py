@@ -18,15 +18,39 @@ import signal
 import threading
 
 
+_guarded = {"depth": 0, "pending": None}
+
+
 def _interrupt(signum, frame):
+    """KeyboardInterrupt now, or, inside `uninterrupted()`, as soon as it ends."""
+    if _guarded["depth"]:
+        _guarded["pending"] = signum
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def uninterrupted():
+    """A tracking write that Ctrl-C must not cut in half: an SQLite transaction left open keeps
+    the database's write lock, and the KILLED status written next would then wait on it. The
+    interrupt is delivered when the write is done. (Only our handlers defer; a second Ctrl-C
+    while the clean-up runs is still abrupt.)"""
+    _guarded["depth"] += 1
+    try:
+        yield
+    finally:
+        _guarded["depth"] -= 1
+        pending, _guarded["pending"] = _guarded["pending"], None
+        if pending is not None and not _guarded["depth"]:
+            raise KeyboardInterrupt(f"signal {pending}")
+
+
 def interrupt_on_sigterm():
-    """Installs the handler in the main thread; returns the previous one (None elsewhere)."""
+    """Installs the handler for SIGTERM and SIGINT in the main thread; returns the previous
+    ones (None elsewhere)."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _interrupt)
+    return {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 @contextlib.contextmanager
@@ -41,7 +65,7 @@ def interrupt_trainer_on_sigint(trainer):
     def register(controller) -> None:
         def handler(signum, frame):
             controller.abort.remote()
-            raise KeyboardInterrupt(f"signal {signum}")
+            _interrupt(signum, frame)
 
         signal.signal(signal.SIGINT, handler)
 
@@ -54,6 +78,7 @@ def interrupt_trainer_on_sigint(trainer):
             signal.signal(signal.SIGINT, previous)
 
 
-def restore(previous) -> None:
+def restore(previous: dict | None) -> None:
     if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

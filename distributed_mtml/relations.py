@@ -42,7 +42,7 @@ def measure(
     out = {f"relations/cosine/{a}/{b}": float(cos[i, j]) for i, a in enumerate(order) for j, b in enumerate(order)}
     named = [(n, p) for n, p in trunk.named_parameters() if p.requires_grad]
     flat = parameters_to_vector([p for _, p in named]).detach()
-    before = {n: float(loss) for n, loss in zip(batches, losses)}
+    before = {n: loss.item() for n, loss in zip(batches, (loss.detach() for loss in losses))}
     with torch.no_grad():
         for i, src in enumerate(order):
             shifted = torch.split(flat - lr * grads[i], [p.numel() for _, p in named])

@@ -14,6 +14,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from distributed_mtml.interrupts import uninterrupted
 from distributed_mtml.train.monitor import mean_val_loss
 
 DEFAULT_DB = "mlflow.db"
@@ -83,12 +84,13 @@ def experiment_id(uri: str, name: str) -> str:
 def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
     from mlflow.entities import Param
 
-    c = client(uri)
-    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        c.log_batch(run.info.run_id, params=items[i : i + 100])
-    return run.info.run_id
+    with uninterrupted():  # a Ctrl-C mid-transaction would keep SQLite's write lock
+        c = client(uri)
+        run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            c.log_batch(run.info.run_id, params=items[i : i + 100])
+        return run.info.run_id
 
 
 def find_resumable_run(uri: str, experiment: str, run_name: str) -> str | None:
@@ -108,31 +110,34 @@ def find_resumable_run(uri: str, experiment: str, run_name: str) -> str | None:
 
 def set_status(uri: str, run_id: str, status: str) -> None:
     """FINISHED, FAILED or KILLED; RUNNING again when a run is resumed."""
-    c = client(uri)
-    if status == "RUNNING":
-        c.update_run(run_id, status="RUNNING")
-    else:
-        c.set_terminated(run_id, status=status)
+    with uninterrupted():
+        c = client(uri)
+        if status == "RUNNING":
+            c.update_run(run_id, status="RUNNING")
+        else:
+            c.set_terminated(run_id, status=status)
 
 
 def end_children(uri: str, experiment: str, parent: str, status: str) -> None:
     """Marks the parent's child runs that are still RUNNING (trials cut off) with `status`."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return
-    for run in c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
-        c.set_terminated(run.info.run_id, status=status)
+    with uninterrupted():
+        c = client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            return
+        for run in c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
+            c.set_terminated(run.info.run_id, status=status)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
     from mlflow.entities import Metric
 
-    now = timestamp_ms or int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    c = client(uri)
-    for i in range(0, len(items), 500):
-        c.log_batch(run_id, metrics=items[i : i + 500])
+    with uninterrupted():
+        now = timestamp_ms or int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        c = client(uri)
+        for i in range(0, len(items), 500):
+            c.log_batch(run_id, metrics=items[i : i + 500])
 
 
 def merge_worker_metrics(

@@ -194,6 +194,13 @@ def _config_cases():
         n = get_num_cpus() + 1
         return c.train("--set", f"scaling.cpus_per_worker={n}"), f"scaling.num_workers: 2 workers x {n} CPU need {2 * n} CPUs"
 
+    def gpus_not_there(c):  # this machine has no GPU (CI and development machines alike)
+        import torch
+
+        n = torch.cuda.device_count() + 1
+        return (c.train("--set", "scaling.use_gpu=true", "--set", f"scaling.num_workers={n}"),
+                f"scaling.use_gpu: {n} workers need {n} GPUs; this machine has {n - 1}")
+
     def unwritable_checkpoint_dir(c):
         (c.root / "a_file").write_text("where the checkpoint directory should go")
         c.config["checkpoint"]["dir"] = str(c.root / "a_file" / "runs")
@@ -213,7 +220,7 @@ def _config_cases():
         return ["meta-train", "--config", c.write_config(), "--tracking-uri", c.uri], "key 'meta.algorithm'"
 
     return [unknown_key, wrong_type, negative_batch, zero_workers, zero_lr, unknown_method, set_without_value,
-            set_unknown_key, too_many_cpus, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
+            set_unknown_key, too_many_cpus, gpus_not_there, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
             unknown_monitor, unknown_algorithm]
 
 

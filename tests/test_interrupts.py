@@ -34,9 +34,11 @@ def _interrupt_when(argv: list[str], cwd, started: str, settle_s: float = 0.0) -
     sent = time.monotonic()
     try:
         code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:  # say where it hangs before failing
+        stack = subprocess.run(["py-spy", "dump", "--pid", str(proc.pid)], capture_output=True, text=True).stdout
+        os.killpg(proc.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+        raise AssertionError(f"no exit 60 s after SIGINT; its stack:\n{stack}\noutput:\n{''.join(lines)[-3000:]}") from None
     took = time.monotonic() - sent
     reader.join(timeout=10)
     return code, "".join(lines), took
@@ -97,3 +99,24 @@ def test_ctrl_c_ends_a_tune_search_killed(tmp_path, seed_suite):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert [p.info.status for p in parents] == ["KILLED"] and children, out[-3000:]
     assert all(c.info.status in ("KILLED", "FINISHED") for c in children)
+
+
+def test_an_interrupt_waits_for_the_tracking_write_in_progress():
+    """Ctrl-C during an MLflow write is delivered when the write is done: cut halfway, an
+    SQLite transaction would keep the write lock that the KILLED status then waits on."""
+    from distributed_mtml.interrupts import interrupt_on_sigterm, restore, uninterrupted
+
+    previous = interrupt_on_sigterm()
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # the handler has run by now, and deferred
+                done.append("write finished")
+        assert done == ["write finished"]
+        with pytest.raises(KeyboardInterrupt):  # outside a write: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        restore(previous)

@@ -254,6 +254,21 @@ def test_the_kept_model_is_the_best_epoch_and_early_stopping_survives_a_restart(
     assert all(torch.equal(logged[k], kept[k]) for k in kept) and not all(torch.equal(last[k], kept[k]) for k in kept)
 
 
+def test_a_cluster_without_the_gpus_fails_the_run_after_resource_wait(ray_session, tmp_path, seed_suite, capsys):
+    """Joined to a running Ray without GPUs (as with --address), GPU workers are not bad input
+    (an autoscaler may add GPU nodes) but must not wait for ever: after scaling.resource_wait_s
+    the run is FAILED with one line saying what is missing."""
+    from distributed_mtml.errors import TrainingFailed
+
+    cfg = _config(tmp_path, seed_suite, scaling={"use_gpu": True, "resource_wait_s": 1})
+    with pytest.raises(TrainingFailed, match=r"did not provide 2 GPU for 2 workers within scaling.resource_wait_s=1 s"):
+        run_training(cfg, "no-gpus", _uri(tmp_path))
+    assert "[mtml] waiting up to 1 s for the cluster to provide 2 GPU" in capsys.readouterr().out
+    client = MlflowClient(_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
+    assert run.info.status == "FAILED"
+
+
 def test_tracking_server_going_away_mid_run_loses_nothing(ray_session, tmp_path, seed_suite, mlflow_server):
     """The tracking server becomes unreachable after two epochs (its port closes, open
     connections drop) and comes back a few epochs later: training goes on meanwhile, the

@@ -130,9 +130,10 @@ def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
     c.log_artifacts(run_id, out_dir, "relations")
 
 
-def check_local_cpus(cfg: Config, address: str | None) -> None:
-    """A command that starts its own Ray can only use this machine's CPUs: more workers than
-    that would wait for ever. A cluster's autoscaler may add nodes, so there it is no error."""
+def check_local_resources(cfg: Config, address: str | None) -> None:
+    """A command that starts its own Ray can only use this machine's CPUs and GPUs: workers
+    asking for more would wait for ever. A cluster's autoscaler may add nodes, so there
+    `wait_for_resources` gives it `scaling.resource_wait_s` instead."""
     import ray
 
     if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
@@ -144,6 +145,40 @@ def check_local_cpus(cfg: Config, address: str | None) -> None:
     if need > have:
         raise InputError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPU need {need:g} CPUs; "
                          f"this machine has {have} (use fewer workers or cpus_per_worker, or --address a cluster)")
+    if s.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if s.num_workers > gpus:
+            raise InputError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; this machine has "
+                             f"{gpus} (set scaling.use_gpu: false, use fewer workers, or --address a cluster with GPUs)")
+
+
+def wait_for_resources(cfg: Config) -> None:
+    """The workers' CPUs (and GPUs) must be in the cluster before the trainer asks for them, or
+    it waits silently for ever. An autoscaling cluster gets `scaling.resource_wait_s` to add
+    nodes; then the run fails saying what is missing."""
+    import time
+
+    import ray
+
+    s = cfg.scaling
+    need = {"CPU": s.num_workers * s.cpus_per_worker, **({"GPU": float(s.num_workers)} if s.use_gpu else {})}
+    deadline, said = time.monotonic() + s.resource_wait_s, False
+    while True:
+        have = ray.cluster_resources()
+        missing = {k: v for k, v in need.items() if have.get(k, 0) < v}
+        if not missing:
+            return
+        wanted = ", ".join(f"{v:g} {k}" for k, v in missing.items())
+        if time.monotonic() > deadline:
+            present = ", ".join(f"{have.get(k, 0):g} {k}" for k in missing)
+            raise TrainingFailed(f"the cluster did not provide {wanted} for {s.num_workers} workers within "
+                                 f"scaling.resource_wait_s={s.resource_wait_s:g} s (it has {present})")
+        if not said:
+            print(f"[mtml] waiting up to {s.resource_wait_s:g} s for the cluster to provide {wanted}", flush=True)
+            said = True
+        time.sleep(min(2.0, s.resource_wait_s))
 
 
 def ensure_ray(address: str | None) -> None:
@@ -215,7 +250,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     last checkpoint and sets the run's final status: FINISHED, KILLED on Ctrl-C, FAILED on
     anything else."""
     uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
-    check_local_cpus(config, address)
+    check_local_resources(config, address)
     check_writable(config.checkpoint.resolved_dir())
     run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
     spool = tracking.spool_path(config.checkpoint.resolved_dir(), ray_name)
@@ -224,6 +259,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     status = "FAILED"
     try:
         ensure_ray(address)
+        wait_for_resources(config)
         result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback), config, ray_name)
         _send_kept_metrics(uri, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)

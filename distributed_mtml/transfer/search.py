@@ -206,10 +206,10 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
         best = _best_settings(searched, t.strategies)
         print(f"[tune] repeats: best setting of each strategy x {tn.repeats} seeds and K-shot draws", flush=True)
         space = {"strategy": ray.tune.grid_search(list(best)), "repeat": ray.tune.grid_search(list(range(tn.repeats))),
-                 **{k: ray.tune.sample_from(lambda spec, k=k: best[spec.config["strategy"]][k])
+                 **{k: ray.tune.sample_from(lambda config, k=k: best[config["strategy"]][k])
                     for k in ("lr", "partial_layers", "adapter_width", "steps", "eval_every")},
                  **_trial_scaling(config), "test": True,
-                 "seed": ray.tune.sample_from(lambda spec: t.seed + 1000 * (1 + spec.config["repeat"]))}
+                 "seed": ray.tune.sample_from(lambda config: t.seed + 1000 * (1 + config["repeat"]))}
         repeated = _tuner(config, inputs, space, "repeat", uri, parent, asha=False).fit()
         rows, best_strategy = _summarise(repeated, list(best), metric, direction)
         _log_summary(uri, parent, rows, metric, best_strategy)
