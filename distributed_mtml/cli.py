@@ -46,7 +46,10 @@ def _add_data_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distributed_mtml import __version__
+
     parser = argparse.ArgumentParser(prog="mtml", description="Multi-task and meta-learning on Ray, tracked in MLflow.")
+    parser.add_argument("--version", action="version", version=f"mtml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the article's example on local Ray and show where to look")
     _add_common(demo)
@@ -124,9 +127,24 @@ def _load_run_config(args, config_path: str, overrides: list[str]):
     from distributed_mtml.config import load_config
 
     config = load_config(config_path, overrides)
+    _check_given_suite_path(config, overrides, config_path)
     if args.experiment:
         config.tracking.experiment = args.experiment
     return config, config.tracking.run_name or os.path.splitext(os.path.basename(config_path))[0]
+
+
+def _check_given_suite_path(config, overrides: list[str], config_path: str) -> None:
+    """A suite path typed on the command line that holds no suite is a mistake, not a request to
+    generate synthetic data there (the config's generator writes only where the file says)."""
+    from distributed_mtml.data.suite import SUITE_FILE
+
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "suite.path"]
+    if not given or config.suite is None or config.suite.generator is None:
+        return
+    path = config.suite.resolved_path()
+    if "://" not in path and not os.path.exists(os.path.join(path, SUITE_FILE)):
+        raise InputError(f"--set suite.path={given[-1]}: no {SUITE_FILE} at {path}; to generate the "
+                         f"'{config.suite.generator}' suite there, write path: {given[-1]} in {config_path}")
 
 
 def _uri_flag(uri: str) -> str:
@@ -175,16 +193,19 @@ def cmd_evaluate(args) -> int:
     from distributed_mtml.train.checkpoint import load_model, load_state
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if args.run:
+        tracking.check_store_exists(uri)  # an empty mlflow.db made here would hold no run
     with model_dir(args.run, args.checkpoint, uri) as directory:
         if load_state(directory).get("kind") == "meta":
             return _evaluate_meta(args, directory, uri)
-        if args.suite is None:
-            raise InputError("--suite: required to evaluate a multi-task model")
-        model, _ = load_model(directory)
+        model, plan = load_model(directory)
     from distributed_mtml.baseline import baseline_metrics
 
-    print(f"{args.split} split of {args.suite} (trivial: the train mean, or the train class frequencies):")
-    print(metrics_table(evaluate(model, args.suite, args.split), args.split, baseline_metrics(args.suite, (args.split,))))
+    suite = args.suite or plan["suite_dir"]  # the suite the model was trained on
+    if not os.path.isdir(suite) and "://" not in suite:
+        raise InputError(f"--suite: the run's suite {suite} is not there any more; name one with --suite")
+    print(f"{args.split} split of {suite} (trivial: the train mean, or the train class frequencies):")
+    print(metrics_table(evaluate(model, suite, args.split), args.split, baseline_metrics(suite, (args.split,))))
     return EXIT_OK
 
 

@@ -234,7 +234,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str = "--s
             if not isinstance(child, dict):
                 raise InputError(f"{where} '{item}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError(f"{where} '{item}': the value is not valid YAML (a list is written [100, 50])") from None
     return raw
 
 
@@ -245,19 +248,25 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise InputError(f"{path}: line {mark.line + 1}, column {mark.column + 1}: {e.problem}") from None
     except (OSError, yaml.YAMLError) as e:
         raise InputError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of sections")
-    raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, where=path)
+    overrides = overrides or []
+    raw = apply_overrides(raw, overrides)
+    blame = {item.split("=", 1)[0].strip(): f"--set {item}" for item in overrides}
+    return validate_config(raw, where=path, blame=blame)
 
 
-def validate_config(raw: dict[str, Any], where: str = "config") -> Config:
+def validate_config(raw: dict[str, Any], where: str = "config", blame: dict[str, str] | None = None) -> Config:
+    """`blame`: dotted keys set on the command line -> what to name instead of `where`."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise InputError(validation_lines(where, e)) from None
+        raise InputError(validation_lines(where, e, blame)) from None
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

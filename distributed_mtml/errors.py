@@ -24,13 +24,15 @@ class TrainingFailed(Exception):
     loss), with the checkpoint to continue from: printed without a traceback, exit code 1."""
 
 
-def validation_lines(where: str, err: "pydantic.ValidationError") -> list[str]:  # noqa: F821
-    """One line per pydantic error, naming the file (or object) and the dotted key."""
+def validation_lines(where: str, err: "pydantic.ValidationError", blame: dict[str, str] | None = None) -> list[str]:  # noqa: F821
+    """One line per pydantic error, naming the file (or object) and the dotted key; a key set
+    on the command line (`blame`: key -> '--set key=value') names that flag instead."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        source = next((b for k, b in (blame or {}).items() if key == k or key.startswith(k + ".") or k.startswith(key + ".")), where)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key '{key}'")
+            lines.append(f"{source}: unknown key '{key}'")
         else:
-            lines.append(f"{where}: key '{key}': {e['msg']}")
+            lines.append(f"{source}: key '{key}': {e['msg']}")
     return lines

@@ -58,6 +58,16 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise InputError(f"--tracking-uri {uri}: the MLflow server does not answer ({reason})") from None
 
 
+def check_store_exists(uri: str) -> None:
+    """Reading runs from a SQLite file that is not there would create an empty one: say where
+    none was found instead."""
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        from distributed_mtml.errors import InputError
+
+        raise InputError(f"--tracking-uri: no MLflow database at {uri[len('sqlite:///'):]} "
+                         "(pass --tracking-uri where the run was logged)")
+
+
 def _artifact_location(uri: str) -> str | None:
     """Next to a local SQLite file, artifacts go to ./mlartifacts beside it (absolute);
     a tracking server decides for itself."""

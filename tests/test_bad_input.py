@@ -194,6 +194,16 @@ def _config_cases():
         n = get_num_cpus() + 1
         return c.train("--set", f"scaling.cpus_per_worker={n}"), f"scaling.num_workers: 2 workers x {n} CPU need {2 * n} CPUs"
 
+    def config_yaml_syntax(c):
+        return ["train", "--config", c.write_config("training:\n  epochs: 3\n  lr: [0.1\n")], "config.yaml: line 4, column 1:"
+
+    def set_bad_value_blames_the_flag(c):
+        return c.train("--set", "training.epochs=ten"), "--set training.epochs=ten: key 'training.epochs'"
+
+    def mistyped_suite_path(c):  # with a generator in the config: not generated into ./nowhere
+        c.config["suite"] = {"generator": "seed-example", "options": {"rows": 120}}
+        return c.train("--set", "suite.path=nowhere"), "--set suite.path=nowhere: no suite.yaml at"
+
     def gpus_not_there(c):  # this machine has no GPU (CI and development machines alike)
         import torch
 
@@ -220,16 +230,22 @@ def _config_cases():
         return ["meta-train", "--config", c.write_config(), "--tracking-uri", c.uri], "key 'meta.algorithm'"
 
     return [unknown_key, wrong_type, negative_batch, zero_workers, zero_lr, unknown_method, set_without_value,
-            set_unknown_key, too_many_cpus, gpus_not_there, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
+            set_unknown_key, config_yaml_syntax, set_bad_value_blames_the_flag, mistyped_suite_path, too_many_cpus, gpus_not_there, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
             unknown_monitor, unknown_algorithm]
 
 
 def _argument_and_checkpoint_cases():
     def unknown_run(c):
+        tracking.create_run(c.uri, "distributed-mtml", "other", {}, {})  # the store exists, the run does not
         return ["evaluate", "--run", "0123456789abcdef", "--tracking-uri", c.uri], "--run: no run '0123456789abcdef'"
 
-    def evaluate_without_suite(c):
-        return ["evaluate", "--checkpoint", c.checkpoint("ck", [16]), "--tracking-uri", c.uri], "--suite: required"
+    def evaluate_suite_gone(c):  # without --suite, the model's own suite is scored
+        directory = c.checkpoint("ck", [16])
+        shutil.rmtree(c.suite)
+        return ["evaluate", "--checkpoint", directory], "--suite: the run's suite"
+
+    def evaluate_no_database(c):  # and no empty mlflow.db is left behind
+        return ["evaluate", "--run", "0" * 32], "--tracking-uri: no MLflow database at"
 
     def missing_checkpoint(c):
         return ["evaluate", "--checkpoint", str(c.root / "gone"), "--suite", c.suite], "gone"
@@ -275,7 +291,7 @@ def _argument_and_checkpoint_cases():
     def shots_zero(c):
         return ["meta-train", "--config", c.write_config(), "--set", "meta.shots=0"], "key 'meta.shots'"
 
-    return [unknown_run, evaluate_without_suite, missing_checkpoint, other_architecture, resume_other_architecture,
+    return [unknown_run, evaluate_suite_gone, evaluate_no_database, missing_checkpoint, other_architecture, resume_other_architecture,
             tampered_checkpoint, truncated_checkpoint, affinity_unknown_run, affinity_without_relations, shots_zero]
 
 
@@ -319,3 +335,6 @@ def test_bad_input_exits_2_with_one_line_before_ray(make, tmp_path, monkeypatch,
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert expected in lines[0]
     assert not (tmp_path / "pwned").exists(), "unpickling ran the checkpoint's code"
+    if make.__name__ == "evaluate_no_database":
+        assert not (tmp_path / "mlflow.db").exists(), "evaluate made an empty mlflow.db"
+    assert not (tmp_path / "nowhere").exists(), "a suite was generated into a mistyped path"

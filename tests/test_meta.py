@@ -151,3 +151,14 @@ def test_evaluation_protocol_on_a_fixed_model():
         fast = {n: (p - ALPHA * gi).detach() for (n, p), gi in zip(params.items(), g)}
         after.append(learner.loss(fast, ep.xq[b], ep.yq[b]).item())
     assert curve[1][0] == pytest.approx(sum(after) / 50, rel=1e-4)
+
+
+def test_meta_progress_line_says_rate_loss_and_time_left(capsys):
+    from distributed_mtml.meta.worker import Progress
+
+    progress = Progress(done=100, total=1100, every_s=0.0)
+    progress.tick(600, 0.25)
+    line = capsys.readouterr().out
+    assert line.startswith("[mtml] iteration 600/1100 | train/meta/loss 0.2500 |") and "it/s" in line and "s left" in line
+    progress.tick(1100, 0.2)  # the last iteration is the final report's to announce
+    assert capsys.readouterr().out == ""

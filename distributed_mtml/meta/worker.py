@@ -94,6 +94,7 @@ def meta_train_loop_per_worker(payload: dict) -> None:
     val = val_source.sample(episode_generator(seed, VAL_STREAM, rank), share(meta.val_tasks, world, rank)).to(device)
 
     fault, guard = FaultInjector(rank, restored=checkpoint is not None), FiniteLossGuard([META_TASK], device)
+    progress = Progress(done, meta.iterations)
     loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
     for iteration in range(done, meta.iterations):
         fault.strike(0, iteration)  # meta-training has no epochs: MTML_FAULT=<kind>@0:<iteration>
@@ -105,6 +106,8 @@ def meta_train_loop_per_worker(payload: dict) -> None:
         loss_sum += losses.sum().double().cpu()
         block += 1
         finished = iteration + 1
+        if rank == 0:
+            progress.tick(finished, float(loss_sum) / (block * mine))
         if finished % meta.report_every and finished != meta.iterations:
             continue
         seconds = time.perf_counter() - begin
@@ -118,6 +121,24 @@ def meta_train_loop_per_worker(payload: dict) -> None:
         if monitor.stop:
             break
         loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+
+
+class Progress:
+    """A progress line every `every_s` seconds, whatever `meta.report_every` is (MLflow reports
+    and checkpoints can be minutes apart): iterations/s, this block's train loss, time left."""
+
+    def __init__(self, done: int, total: int, every_s: float = 10.0):
+        self.total, self.every_s = total, every_s
+        self.mark, self.mark_done, self.last = time.perf_counter(), done, time.perf_counter()
+
+    def tick(self, finished: int, train_loss: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s or finished == self.total:
+            return
+        rate = (finished - self.mark_done) / max(now - self.mark, 1e-9)
+        print(f"[mtml] iteration {finished}/{self.total} | train/meta/loss {train_loss:.4f} | {rate:.1f} it/s | "
+              f"~{(self.total - finished) / max(rate, 1e-9):.0f} s left", flush=True)
+        self.last = now
 
 
 def _report(metrics: dict, finished: int, rank: int, payload: dict, learner, optimizer, monitor: dict) -> None:

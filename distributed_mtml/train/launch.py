@@ -14,7 +14,7 @@ from distributed_mtml.config import Config, flatten
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.interrupts import interrupt_trainer_on_sigint
-from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint
+from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
 from distributed_mtml.train.monitor import SCORE
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
@@ -39,12 +39,28 @@ def start_or_resume_run(
         run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
         if run_id is None:
             raise InputError(f"--resume: no unfinished run named '{run_name}' in experiment '{cfg.tracking.experiment}'")
-        check_resumable(cfg.checkpoint.resolved_dir(), f"{run_name}-{run_id[:12]}", cfg.model.model_dump(mode="json"))
+        ray_name = f"{run_name}-{run_id[:12]}"
+        check_resumable(cfg.checkpoint.resolved_dir(), ray_name, cfg.model.model_dump(mode="json"))
+        print(f"[mtml] resuming run {run_id} ('{run_name}') {_resume_point(cfg.checkpoint.resolved_dir(), ray_name)}",
+              flush=True)
         tracking.set_status(uri, run_id, "RUNNING")
     else:
         params = {**flatten(cfg.model_dump(mode="json")), **{f"plan.{k}": v for k, v in plan_params.items()}}
         run_id = tracking.create_run(uri, cfg.tracking.experiment, run_name, tags, params)
     return run_id, f"{run_name}-{run_id[:12]}"
+
+
+def _resume_point(storage: str, ray_name: str) -> str:
+    """Where a resumed run continues: 'after epoch N (checkpoint ...)', or from the start."""
+    last = latest_checkpoint(storage, ray_name)
+    if last is None:
+        return "from the start: it wrote no checkpoint"
+    if "://" in last:
+        return f"from {last}"
+    state = load_state(last)
+    done = state.get("iterations_done")
+    where = f"after iteration {done}" if done is not None else f"after epoch {int(state['epoch']) + 1}"
+    return f"{where} (checkpoint {last})"
 
 
 def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback):
