@@ -62,6 +62,7 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     assert main(["tune", "--config", config, "--tracking-uri", mlflow_server]) == 0
     out = capsys.readouterr().out
     assert "best by validation: linear_probe" in out
+    assert "[tune] search: 4/4 trials done" in out and "[tune] repeat: 6/6 trials done" in out  # progress
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("distributed-mtml")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune' and tags.`mtml.best_strategy` != ''")

@@ -116,11 +116,22 @@ def _callback(uri: str, experiment: str, parent: str, stage: str, shots: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             tracking.set_status(uri, self.runs[trial.trial_id], "FINISHED")
+            _progress(stage, trials, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             tracking.set_status(uri, self.runs[trial.trial_id], "FAILED")
+            _progress(stage, trials, trial)
 
     return MLflowChildRuns()
+
+
+def _progress(stage: str, trials, ended) -> None:
+    """One line per ended trial: how far the stage is (Tune's own table is off, verbose=0).
+    Tune calls back before it marks the ended trial, so that one counts as done here."""
+    states = ["TERMINATED" if t is ended else t.status for t in trials]
+    done = sum(s in ("TERMINATED", "ERROR") for s in states)
+    print(f"[tune] {stage}: {done}/{len(states)} trials done, {states.count('RUNNING')} running, "
+          f"{states.count('PENDING')} pending", flush=True)
 
 
 def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri: str, parent: str, asha: bool):
