@@ -156,8 +156,11 @@ def test_order_free_methods_ignore_task_order(grads, permutation):
     order = [i for i in permutation if i < len(grads)]
     independent = _independent(grads)
     # IMTL-G's equal-projection system has an exact solution only for independent gradients
-    # (K <= P, as with real networks); otherwise it is a least-squares compromise.
-    for method in ("mgda", "upgrad", "imtl") if independent else ("mgda", "upgrad"):
+    # (K <= P, as with real networks); otherwise it is a least-squares compromise. UPGrad's
+    # projections onto the dual cone are ill-conditioned there too: for nearly opposite
+    # gradients (g and -3g + 1e-7 noise) the cone is almost a hyperplane, the weights reach 1e6
+    # and the update depends on the noise (hypothesis found such a case).
+    for method in ("mgda", "upgrad", "imtl") if independent else ("mgda",):
         d, _ = combine(grads, method, seed=0)
         dp, _ = combine(grads[order], method, seed=0)
         assert torch.allclose(d, dp, rtol=1e-4, atol=1e-5 * _scale(grads) ** 0.5), method
