@@ -22,6 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray address (default: start a local Ray; 'auto' on a cluster)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, 'distributed-mtml')")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines too (always in Ray's session logs)")
 
 
 def _scalar_type(annotation) -> type:
@@ -323,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     from distributed_mtml.interrupts import interrupt_on_sigterm, restore
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["MTML_VERBOSE"] = "1"  # train.launch.VERBOSE_ENV, read where Ray starts
     # MLflow's INFO lines (database set-up) are not ours to show: the variable for when it is
     # imported later, the level for when it already is.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

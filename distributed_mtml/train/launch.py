@@ -19,6 +19,9 @@ from distributed_mtml.train.monitor import SCORE
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
+VERBOSE_ENV = "MTML_VERBOSE"  # set by `--verbose`: Ray's own log lines in the terminal too
+
+
 @dataclass
 class TrainOutcome:
     run_id: str
@@ -198,14 +201,22 @@ def wait_for_resources(cfg: Config) -> None:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Joins the cluster at `address`, or starts a local Ray inside this process."""
+    """Joins the cluster at `address`, or starts a local Ray inside this process, saying which
+    (the first seconds are otherwise silent). Ray's own driver-side log lines (token auth,
+    dashboard address) are for `--verbose`; they stay in Ray's session logs either way."""
+    import logging
+
     import ray
 
     from distributed_mtml.interrupts import interrupt_on_sigterm
 
-    if not ray.is_initialized():
-        ray.init(address=address)
-        interrupt_on_sigterm()  # ray.init replaced it with Ray's own (log and abort)
+    if ray.is_initialized():
+        return
+    where = address or os.environ.get("RAY_ADDRESS")
+    print(f"[mtml] joining the Ray cluster at {where} ..." if where else "[mtml] starting a local Ray ...", flush=True)
+    verbose = os.environ.get(VERBOSE_ENV) == "1"
+    ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR)
+    interrupt_on_sigterm()  # ray.init replaced it with Ray's own (log and abort)
 
 
 @dataclass
