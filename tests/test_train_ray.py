@@ -52,6 +52,8 @@ def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite,
     model = model_from_run(out.run_id, _uri(tmp_path))
     test = evaluate(model, seed_suite)
     assert test["test/classify/accuracy"] > 0.6 and test["test/regress/r2"] > 0.0
+    for key, value in test.items():  # the run logged its kept model's test numbers
+        assert run.data.metrics[key] == pytest.approx(value, rel=1e-6), key
     # the logged model scores on val exactly what its epoch logged, and evaluate --split val says so
     history = client.get_metric_history(out.run_id, "val/regress/mse")
     logged = next(m.value for m in history if m.step == int(run.data.tags["mtml.best_epoch"]))

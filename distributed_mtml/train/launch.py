@@ -115,6 +115,7 @@ def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) 
     log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
     trivial = baseline_metrics(plan.suite_dir)
     tracking.log_metrics(uri, run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
+    _log_test_metrics(plan, uri, run_id, checkpoint_dir)
     with tempfile.TemporaryDirectory() as d:
         histories = {
             task: {
@@ -127,6 +128,16 @@ def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) 
         c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
         if plan.config.relations.enabled:
             _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
+
+
+def _log_test_metrics(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:
+    """The kept model scored once on the test split, `test/<task>/<metric>`: the numbers to
+    report (selection used val only)."""
+    from distributed_mtml.evaluate import evaluate
+    from distributed_mtml.train.checkpoint import load_model
+
+    model, _ = load_model(checkpoint_dir)
+    tracking.log_metrics(uri, run_id, evaluate(model, plan.suite_dir, "test"), step=0)
 
 
 def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
