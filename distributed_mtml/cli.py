@@ -321,7 +321,7 @@ def dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distributed_mtml.interrupts import interrupt_on_sigterm, restore
+    from distributed_mtml.interrupts import interrupt_on_signals, restore
 
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     # imported later, the level for when it already is.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    previous = interrupt_on_sigterm()
+    previous = interrupt_on_signals()
     try:
         return dispatch(args)
     except InputError as e:

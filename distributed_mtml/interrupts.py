@@ -45,7 +45,7 @@ def uninterrupted():
             raise KeyboardInterrupt(f"signal {pending}")
 
 
-def interrupt_on_sigterm():
+def interrupt_on_signals():
     """Installs the handler for SIGTERM and SIGINT in the main thread; returns the previous
     ones (None elsewhere)."""
     if threading.current_thread() is not threading.main_thread():

@@ -128,15 +128,29 @@ def set_status(uri: str, run_id: str, status: str) -> None:
             c.set_terminated(run_id, status=status)
 
 
-def end_children(uri: str, experiment: str, parent: str, status: str) -> None:
+def end_children(uri: str, parent: str, status: str) -> None:
     """Marks the parent's child runs that are still RUNNING (trials cut off) with `status`."""
     with uninterrupted():
         c = client(uri)
-        exp = c.get_experiment_by_name(experiment)
-        if exp is None:
-            return
-        for run in c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
+        experiment = c.get_run(parent).info.experiment_id
+        for run in c.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
             c.set_terminated(run.info.run_id, status=status)
+
+
+@contextlib.contextmanager
+def final_status(uri: str, run_id: str):
+    """The run's status once the block ends: FINISHED when it completes, KILLED on Ctrl-C or
+    SIGTERM (its child runs still RUNNING too), FAILED on anything else."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        end_children(uri, run_id, status)
+        raise
+    finally:
+        set_status(uri, run_id, status)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:

@@ -164,18 +164,20 @@ def check_writable(storage_path: str) -> None:
         raise InputError(f"checkpoint.dir: {storage_path} is not writable ({e.strerror or e})") from None
 
 
-def check_resumable(storage_path: str, run_name: str, model: dict) -> None:
+def check_resumable(storage_path: str, run_name: str, model: dict) -> str | None:
     """`--resume` continues from the run's newest checkpoint, so the config must still build the
-    model that checkpoint holds; said here, before any worker fails to load it."""
+    model that checkpoint holds; said here, before any worker fails to load it. Returns that
+    checkpoint (None: nothing saved yet)."""
     from distributed_mtml.config import flatten
 
     last = latest_checkpoint(storage_path, run_name)
     if last is None or "://" in last:  # nothing saved yet; remote storage is read by the workers
-        return
+        return last
     saved = flatten(load_state(last)["plan"]["config"]["model"], "model.")
     for key, value in flatten(model, "model.").items():
         if saved.get(key) != value:
             raise InputError(f"--resume: checkpoint {last} was trained with {key} {saved.get(key)}, this config {value}")
+    return last
 
 
 def load_model(directory: str) -> tuple[MultiTaskModel, dict]:

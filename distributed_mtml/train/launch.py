@@ -14,7 +14,7 @@ from distributed_mtml.config import Config, flatten
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.interrupts import interrupt_trainer_on_sigint
-from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
+from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint, load_model, load_state
 from distributed_mtml.train.monitor import SCORE
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
@@ -42,10 +42,8 @@ def start_or_resume_run(
         run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
         if run_id is None:
             raise InputError(f"--resume: no unfinished run named '{run_name}' in experiment '{cfg.tracking.experiment}'")
-        ray_name = f"{run_name}-{run_id[:12]}"
-        check_resumable(cfg.checkpoint.resolved_dir(), ray_name, cfg.model.model_dump(mode="json"))
-        print(f"[mtml] resuming run {run_id} ('{run_name}') {_resume_point(cfg.checkpoint.resolved_dir(), ray_name)}",
-              flush=True)
+        last = check_resumable(cfg.checkpoint.resolved_dir(), f"{run_name}-{run_id[:12]}", cfg.model.model_dump(mode="json"))
+        print(f"[mtml] resuming run {run_id} ('{run_name}') {_resume_point(last)}", flush=True)
         tracking.set_status(uri, run_id, "RUNNING")
     else:
         params = {**flatten(cfg.model_dump(mode="json")), **{f"plan.{k}": v for k, v in plan_params.items()}}
@@ -53,9 +51,9 @@ def start_or_resume_run(
     return run_id, f"{run_name}-{run_id[:12]}"
 
 
-def _resume_point(storage: str, ray_name: str) -> str:
-    """Where a resumed run continues: 'after epoch N (checkpoint ...)', or from the start."""
-    last = latest_checkpoint(storage, ray_name)
+def _resume_point(last: str | None) -> str:
+    """Where a resumed run continues from its newest checkpoint `last`: 'after epoch N
+    (checkpoint ...)', or from the start."""
     if last is None:
         return "from the start: it wrote no checkpoint"
     if "://" in last:
@@ -134,7 +132,6 @@ def _log_test_metrics(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: st
     """The kept model scored once on the test split, `test/<task>/<metric>`: the numbers to
     report (selection used val only)."""
     from distributed_mtml.evaluate import evaluate
-    from distributed_mtml.train.checkpoint import load_model
 
     model, _ = load_model(checkpoint_dir)
     tracking.log_metrics(uri, run_id, evaluate(model, plan.suite_dir, "test"), step=0)
@@ -219,7 +216,7 @@ def ensure_ray(address: str | None) -> None:
 
     import ray
 
-    from distributed_mtml.interrupts import interrupt_on_sigterm
+    from distributed_mtml.interrupts import interrupt_on_signals
 
     if ray.is_initialized():
         return
@@ -227,7 +224,7 @@ def ensure_ray(address: str | None) -> None:
     print(f"[mtml] joining the Ray cluster at {where} ..." if where else "[mtml] starting a local Ray ...", flush=True)
     verbose = os.environ.get(VERBOSE_ENV) == "1"
     ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR)
-    interrupt_on_sigterm()  # ray.init replaced it with Ray's own (log and abort)
+    interrupt_on_signals()  # ray.init replaced it with Ray's own (log and abort)
 
 
 @dataclass
@@ -294,8 +291,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     spool = tracking.spool_path(config.checkpoint.resolved_dir(), ray_name)
     callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
                                               spool)
-    status = "FAILED"
-    try:
+    with tracking.final_status(uri, run_id):
         ensure_ray(address)
         wait_for_resources(config)
         result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback), config, ray_name)
@@ -304,12 +300,6 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
         with kept.as_directory() as d:
             spec.log_artifacts(uri, run_id, d)
         best_step = _log_kept(uri, run_id, config, spec.counter, result.metrics, kept_metrics)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.set_status(uri, run_id, status)
     metrics = tracking.client(uri).get_run(run_id).data.metrics
     return TrainOutcome(run_id, uri, metrics, kept.path, kept_metrics, best_step, bool(result.metrics.get("stopped_early")))
 

@@ -56,17 +56,11 @@ def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[str
     metric, _ = HEADLINE[inputs.target.type]
     tags = {"mtml.command": "transfer", "mtml.suite": os.path.basename(t.target.resolved_path())}
     parent = tracking.create_run(uri, config.tracking.experiment, run_name, tags, flatten(config.model_dump(mode="json")))
-    rows, status = [], "FAILED"
-    try:
+    rows = []
+    with tracking.final_status(uri, parent):
         for strategy in t.strategies:
             rows.append(_one_strategy(strategy, inputs, config, uri, parent, metric))
         tracking.client(uri).log_text(parent, report.table(results_header(metric), rows), "transfer/results.txt")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.set_status(uri, parent, status)
     return parent, results_header(metric), rows
 
 
@@ -75,18 +69,11 @@ def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, uri: st
     settings = strategy_settings(strategy, t.lr, t.steps, t.partial_layers, t.adapter_width)
     tags = {"mtml.command": "transfer", "mtml.strategy": strategy, "mlflow.parentRunId": parent}
     child = tracking.create_run(uri, config.tracking.experiment, strategy, tags, {**settings, "shots": t.shots})
-    status = "FAILED"
-    try:
+    with tracking.final_status(uri, child):
         begin = time.perf_counter()
         built = build(strategy, inputs, t.partial_layers, t.adapter_width, t.seed)
         curve = fit(built, inputs, t.steps, t.lr, t.eval_every, test=True)
         seconds = time.perf_counter() - begin
         log_curve(uri, child, curve, f"{strategy} on {inputs.target.name}")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.set_status(uri, child, status)
     final = curve[-1][1]
     return [strategy, final[f"test/{metric}"], final["test/loss"], final[f"val/{metric}"], seconds]

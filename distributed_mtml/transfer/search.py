@@ -209,28 +209,20 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
     metric, direction = HEADLINE[inputs.target.type]
     tags = {"mtml.command": "tune", "mtml.suite": os.path.basename(t.target.resolved_path())}
     parent = tracking.create_run(uri, config.tracking.experiment, run_name, tags, flatten(config.model_dump(mode="json")))
-    status = "FAILED"
-    try:
+    with tracking.final_status(uri, parent):
         ensure_ray(address)
         print(f"[tune] search: {len(t.strategies)} strategies x {tn.num_samples} settings, ASHA on validation loss", flush=True)
         searched = _tuner(config, inputs, _search_space(config, inputs), "search", uri, parent, asha=True).fit()
         best = _best_settings(searched, t.strategies)
         print(f"[tune] repeats: best setting of each strategy x {tn.repeats} seeds and K-shot draws", flush=True)
         space = {"strategy": ray.tune.grid_search(list(best)), "repeat": ray.tune.grid_search(list(range(tn.repeats))),
-                 **{k: ray.tune.sample_from(lambda config, k=k: best[config["strategy"]][k])
+                 **{k: ray.tune.sample_from(lambda trial, k=k: best[trial["strategy"]][k])
                     for k in ("lr", "partial_layers", "adapter_width", "steps", "eval_every")},
                  **_trial_scaling(config), "test": True,
-                 "seed": ray.tune.sample_from(lambda config: t.seed + 1000 * (1 + config["repeat"]))}
+                 "seed": ray.tune.sample_from(lambda trial: t.seed + 1000 * (1 + trial["repeat"]))}
         repeated = _tuner(config, inputs, space, "repeat", uri, parent, asha=False).fit()
         rows, best_strategy = _summarise(repeated, list(best), metric, direction)
         _log_summary(uri, parent, rows, metric, best_strategy)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        tracking.end_children(uri, config.tracking.experiment, parent, "KILLED")
-        raise
-    finally:
-        tracking.set_status(uri, parent, status)
     return parent, summary_header(metric), rows, best_strategy
 
 
