@@ -77,7 +77,7 @@ def test_ctrl_c_ends_a_training_run_killed_and_resumable(tmp_path, seed_suite, c
     assert list((tmp_path / "runs").glob("config-*/checkpoint_*")), "no checkpoint left to resume from"
 
 
-def test_ctrl_c_ends_a_tune_search_killed(tmp_path, seed_suite):
+def test_ctrl_c_ends_a_tune_search_killed(ray_session, tmp_path, seed_suite):
     from distributed_mtml.config import validate_config
     from distributed_mtml.train.launch import run_training
 
@@ -104,9 +104,9 @@ def test_ctrl_c_ends_a_tune_search_killed(tmp_path, seed_suite):
 def test_an_interrupt_waits_for_the_tracking_write_in_progress():
     """Ctrl-C during an MLflow write is delivered when the write is done: cut halfway, an
     SQLite transaction would keep the write lock that the KILLED status then waits on."""
-    from distributed_mtml.interrupts import interrupt_on_sigterm, restore, uninterrupted
+    from distributed_mtml.interrupts import interrupt_on_signals, restore, uninterrupted
 
-    previous = interrupt_on_sigterm()
+    previous = interrupt_on_signals()
     done = []
     try:
         with pytest.raises(KeyboardInterrupt):
