@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.models import TaskShape
@@ -26,15 +27,18 @@ def trivial_output(task: TaskShape, y_train: torch.Tensor, rows: int) -> torch.T
     return y_train.double().mean().expand(rows, 1)
 
 
-def baseline_metrics(suite_dir: str, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
-    """`<split>/<task>/<metric>` of the trivial predictor fitted on each task's train split."""
+def baseline_metrics(suite_dir: str, splits: tuple[str, ...] = ("val", "test"),
+                     preprocessing: dict[str, TaskPrep] | None = None) -> dict[str, float]:
+    """`<split>/<task>/<metric>` of the trivial predictor fitted on each task's train split,
+    on the scale of the model beside it (`preprocessing`: the model's, so losses compare)."""
     out: dict[str, float] = {}
     for spec in checked_suite(suite_dir).tasks:
-        data = load_task(suite_dir, spec)
-        task = TaskShape(spec.name, spec.type, len(data.features), spec.num_classes)
+        prep = (preprocessing or {}).get(spec.name) or TaskPrep()
+        data = prep.apply(load_task(suite_dir, spec, prep.classes))
+        task = TaskShape.of(data)
         y_train = torch.from_numpy(data.y["train"])
         for split in splits:
             y = torch.from_numpy(data.y[split])
-            metrics = task_metrics(task, trivial_output(task, y_train, len(y)), y)
+            metrics = task_metrics(task, trivial_output(task, y_train, len(y)), y, prep)
             out.update({f"{split}/{spec.name}/{k}": v for k, v in metrics.items()})
     return out

@@ -109,7 +109,7 @@ def cmd_data(args) -> int:
 
 
 def show_suite(suite_dir: str) -> int:
-    from distributed_mtml.data.suite import SPLITS, load_task
+    from distributed_mtml.data.suite import SPLITS, load_task, read_table
     from distributed_mtml.data.validate import checked_suite
     from distributed_mtml.report import table
 
@@ -117,10 +117,16 @@ def show_suite(suite_dir: str) -> int:
     rows = []
     for task in spec.tasks:
         d = load_task(suite_dir, task)
-        kind = f"classification ({task.num_classes})" if task.type == "classification" else "regression"
-        rows.append([task.name, kind, *(len(d.y[s]) for s in SPLITS), len(d.features), task.target])
+        kind = f"classification ({d.num_classes})" if task.type == "classification" else "regression"
+        seeded = task.split_column not in read_table(suite_dir, task).column_names
+        split = "seeded" if seeded else f"column '{task.split_column}'"
+        labels = f" ({', '.join(d.classes)})" if d.classes else ""
+        rows.append([task.name, kind, *(len(d.y[s]) for s in SPLITS), len(d.features), task.target + labels, split])
+    fractions = "/".join(f"{f:g}" for f in spec.split_fractions)
     print(f"suite '{spec.name}': {spec.description}")
-    print(table(["task", "type", *SPLITS, "features", "target"], rows))
+    print(table(["task", "type", *SPLITS, "features", "target", "split"], rows))
+    print(f"a task without a split column is split at random (seeded): split_fractions {fractions} "
+          f"(train/val/test), split_seed {spec.split_seed}")
     return EXIT_OK
 
 
@@ -206,7 +212,7 @@ def cmd_evaluate(args) -> int:
     if not os.path.isdir(suite) and "://" not in suite:
         raise InputError(f"--suite: the run's suite {suite} is not there any more; name one with --suite")
     print(f"{args.split} split of {suite} (trivial: the train mean, or the train class frequencies):")
-    print(metrics_table(evaluate(model, suite, args.split), args.split, baseline_metrics(suite, (args.split,))))
+    print(metrics_table(evaluate(model, suite, args.split), args.split, baseline_metrics(suite, (args.split,), model.preprocessing)))
     return EXIT_OK
 
 

@@ -43,6 +43,12 @@ class SuiteConfig(_Section):
         return os.path.abspath(os.path.join("mtml_data", f"{self.generator}-{digest}"))
 
 
+class DataConfig(_Section):
+    standardize: bool = Field(
+        True, description="standardise features and regression targets with train-split statistics (stored with the model)"
+    )
+
+
 class TrunkConfig(_Section):
     widths: list[int] = Field(default_factory=lambda: [100, 50], min_length=1)
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
@@ -209,6 +215,7 @@ class Config(_Section):
         return self
 
     suite: SuiteConfig | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)

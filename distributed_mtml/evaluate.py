@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from distributed_mtml import tracking
+from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
@@ -53,8 +54,9 @@ def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test") -> dict
     out: dict[str, float] = {}
     with torch.no_grad():
         for task in known:
-            data = load_task(suite_dir, task)
+            prep = model.preprocessing.get(task.name) or TaskPrep()  # training's statistics, not this suite's
+            data = prep.apply(load_task(suite_dir, task, prep.classes))
             x, y = torch.from_numpy(data.x[split]), torch.from_numpy(data.y[split])
-            metrics = task_metrics(model.tasks[task.name], model(task.name, x), y)
+            metrics = task_metrics(model.tasks[task.name], model(task.name, x), y, prep)
             out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
     return out

@@ -14,6 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from distributed_mtml.config import ModelConfig, TrunkConfig
+from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.suite import TaskData
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -33,6 +35,11 @@ class TaskShape:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of(cls, data: TaskData) -> "TaskShape":
+        """A loaded task's shape (string labels count their own classes)."""
+        return cls(data.spec.name, data.spec.type, len(data.features), data.num_classes)
 
 
 def mlp(in_width: int, widths: list[int], cfg: TrunkConfig | None = None) -> nn.Sequential:
@@ -94,11 +101,14 @@ def task_loss(task: TaskShape, output: torch.Tensor, target: torch.Tensor) -> to
 
 
 class MultiTaskModel(nn.Module):
-    """Trunk plus every task's module; what `mtml evaluate` and transfer load."""
+    """Trunk plus every task's module; what `mtml evaluate` and transfer load. `preprocessing`:
+    each task's train-split statistics and class names, which its inputs must go through."""
 
-    def __init__(self, cfg: ModelConfig, tasks: list[TaskShape], seed: int = 0):
+    def __init__(self, cfg: ModelConfig, tasks: list[TaskShape], seed: int = 0,
+                 preprocessing: dict[str, TaskPrep] | None = None):
         super().__init__()
         self.tasks = {t.name: t for t in tasks}
+        self.preprocessing = preprocessing or {}
         torch.manual_seed(seed)
         self.trunk = build_trunk(cfg, tasks)
         self.task_modules = build_task_modules(cfg, tasks, seed)

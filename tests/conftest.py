@@ -18,6 +18,31 @@ def seed_suite(tmp_path):
     return path
 
 
+def write_raw_suite(path: str, rows: int = 300, extra: str = "") -> str:
+    """A suite as people have tables: no split column, string class labels, features and a
+    regression target in very different units (thousands, ones, hundredths)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 3)) * [1000, 1, 0.01] + [5000, 0, 3]
+    columns = {"a": x[:, 0], "b": x[:, 1], "c": x[:, 2]}
+    pq.write_table(pa.table({**columns, "label": np.where(x[:, 1] > 0, "yes", "no")}), f"{path}/cls.parquet")
+    pq.write_table(pa.table({**columns, "price": x[:, 0] * 3 + x[:, 1] * 500}), f"{path}/reg.parquet")
+    with open(f"{path}/suite.yaml", "w") as f:
+        f.write("name: raw\n" + extra + "tasks:\n"
+                "- {name: cls, type: classification, path: cls.parquet, target: label}\n"
+                "- {name: reg, type: regression, path: reg.parquet, target: price}\n")
+    return path
+
+
+@pytest.fixture
+def raw_suite(tmp_path):
+    return write_raw_suite(str(tmp_path / "raw"))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session: starting Ray costs seconds, so tests share it."""

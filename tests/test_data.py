@@ -127,3 +127,84 @@ def test_mmoe_groups_correlate_within_and_not_across():
     cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
     assert cos(ws[0], ws[1]) == pytest.approx(0.9, abs=1e-4) and cos(ws[2], ws[3]) == pytest.approx(0.9, abs=1e-4)
     assert cos(ws[0], ws[2]) == pytest.approx(0.0, abs=1e-4) and cos(ws[1], ws[3]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_table_without_split_column_gets_the_seeded_split(tmp_path):
+    from conftest import write_raw_suite
+
+    suite = write_raw_suite(str(tmp_path / "a"), rows=200)
+    spec = load_suite_spec(suite)
+    first, again = (load_task(suite, spec.tasks[0]) for _ in range(2))
+    assert [len(first.y[s]) for s in SPLITS] == [140, 30, 30]  # 70/15/15
+    assert np.array_equal(first.x["val"], again.x["val"])  # the same rows every time
+    other = load_task(suite, spec.tasks[1])  # seeded by task name too: another permutation
+    assert not np.array_equal(first.x["val"][:, 0], other.x["val"][:, 0])
+    moved = write_raw_suite(str(tmp_path / "b"), rows=200, extra="split_fractions: [0.5, 0.25, 0.25]\nsplit_seed: 7\n")
+    data = load_task(moved, load_suite_spec(moved).tasks[0])
+    assert [len(data.y[s]) for s in SPLITS] == [100, 50, 50]
+    assert validate_suite(suite) == [] and validate_suite(moved) == []
+
+
+def test_seeded_split_problems_are_named(tmp_path):
+    from conftest import write_raw_suite
+
+    tiny = write_raw_suite(str(tmp_path / "tiny"), rows=3)
+    assert any("no split column; split_fractions [0.7, 0.15, 0.15] of 3 rows: split 'val' is empty" in p
+               for p in validate_suite(tiny))
+    named = write_raw_suite(str(tmp_path / "named"))
+    raw = yaml.safe_load(open(f"{named}/suite.yaml"))
+    raw["tasks"][0]["split_column"] = "fold"  # named explicitly: it must exist
+    raw["split_fractions"] = [0.5, 0.5, 0.5]
+    yaml.safe_dump(raw, open(f"{named}/suite.yaml", "w"))
+    problems = validate_suite(named)
+    assert any("split_fractions" in p and "sum to 1" in p for p in problems)
+    raw["split_fractions"] = [0.8, 0.1, 0.1]
+    yaml.safe_dump(raw, open(f"{named}/suite.yaml", "w"))
+    assert validate_suite(named) == [f"{named}/cls.parquet: split column 'fold' not found"]
+
+
+def test_string_labels_map_to_classes_in_sorted_order(tmp_path):
+    from conftest import write_raw_suite
+
+    suite = write_raw_suite(str(tmp_path / "s"))
+    task = load_suite_spec(suite).tasks[0]
+    data = load_task(suite, task)
+    assert data.classes == ["no", "yes"] and data.num_classes == 2
+    table = pq.read_table(f"{suite}/cls.parquet")
+    b, label = table.column("b").to_numpy(), table.column("label").to_pylist()
+    assert set(label) == {"no", "yes"} and all((bi > 0) == (lab == "yes") for bi, lab in zip(b, label))
+    for s in SPLITS:  # class 1 is "yes", which is b > 0 (feature column 1)
+        assert np.array_equal(data.y[s] == 1, data.x[s][:, 1] > 0)
+    raw = yaml.safe_load(open(f"{suite}/suite.yaml"))
+    raw["tasks"][0]["num_classes"] = 3
+    yaml.safe_dump(raw, open(f"{suite}/suite.yaml", "w"))
+    assert validate_suite(suite) == [f"{suite}/cls.parquet: target column 'label' has 2 class names, num_classes says 3"]
+
+
+def test_standardisation_uses_the_train_split_only_and_metrics_keep_the_targets_units(tmp_path):
+    import torch
+
+    from conftest import write_raw_suite
+    from distributed_mtml.data.prepare import TaskPrep
+    from distributed_mtml.models import TaskShape
+    from distributed_mtml.train.metrics import task_metrics
+
+    suite = write_raw_suite(str(tmp_path / "s"))
+    data = load_task(suite, load_suite_spec(suite).tasks[1])
+    prep = TaskPrep.fit(data)
+    assert prep.feature_mean == pytest.approx(data.x["train"].mean(0).tolist(), rel=1e-5)
+    assert prep.target_std == pytest.approx(float(data.y["train"].std()), rel=1e-5)
+    shifted = load_task(suite, load_suite_spec(suite).tasks[1])
+    shifted.x["val"] += 1e6  # val and test never shape the statistics
+    shifted.y["test"] += 1e6
+    assert TaskPrep.fit(shifted) == prep
+    scaled = prep.apply(data)
+    assert np.abs(scaled.x["train"].mean(0)).max() < 1e-4 and np.allclose(scaled.x["train"].std(0), 1, atol=1e-4)
+    assert abs(scaled.y["train"].mean()) < 1e-4
+    y = torch.from_numpy(scaled.y["test"])
+    pred = y + 0.1  # off by 0.1 standard deviations on the model's scale
+    metrics = task_metrics(TaskShape.of(data), pred[:, None], y, prep)
+    assert metrics["mse"] == pytest.approx((0.1 * prep.target_std) ** 2, rel=1e-4)  # in the price's units
+    assert metrics["loss"] == pytest.approx(0.01, rel=1e-4)  # on the standardised scale
+    off = TaskPrep.fit(data, standardize=False)
+    assert off.feature_mean is None and np.array_equal(off.apply(data).x["test"], data.x["test"])

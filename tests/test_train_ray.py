@@ -79,9 +79,29 @@ def test_more_tasks_than_workers_with_different_feature_widths(ray_session, tmp_
     assert {f"val/task{i}/r2" for i in range(3)} <= set(out.metrics)
 
 
-def test_single_worker(ray_session, tmp_path, seed_suite):
-    out = run_training(_config(tmp_path, seed_suite, scaling={"num_workers": 1}, training={"epochs": 1}), "one", _uri(tmp_path))
-    assert {"val/classify/accuracy", "val/regress/r2"} <= set(out.metrics)
+def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session, tmp_path, raw_suite):
+    """No split column, string labels, features and target in the thousands: the saved model
+    carries the train split's statistics and class names, and metrics come in the price's units."""
+    import numpy as np
+    import torch
+
+    from distributed_mtml.data.suite import load_suite_spec, load_task
+
+    config = _config(tmp_path, raw_suite, scaling={"num_workers": 1}, training={"epochs": 10})
+    out = run_training(config, "one", _uri(tmp_path))
+    model = model_from_run(out.run_id, _uri(tmp_path))
+    cls, reg = (load_task(raw_suite, t) for t in load_suite_spec(raw_suite).tasks)
+    prep = model.preprocessing["reg"]
+    assert model.preprocessing["cls"].classes == ["no", "yes"]
+    assert prep.feature_mean == pytest.approx(reg.x["train"].mean(0).tolist(), rel=1e-5)
+    assert prep.target_mean == pytest.approx(float(reg.y["train"].mean()), rel=1e-5)
+    test = evaluate(model, raw_suite)
+    with torch.no_grad():  # by hand: standardise the raw rows, predict, back to the price's units
+        x = (reg.x["test"] - np.array(prep.feature_mean)) / np.array(prep.feature_std)
+        pred = model("reg", torch.tensor(x, dtype=torch.float32)).squeeze(-1).double() * prep.target_std + prep.target_mean
+    assert test["test/reg/mse"] == pytest.approx(float(((pred.numpy() - reg.y["test"]) ** 2).mean()), rel=1e-4)
+    assert test["test/cls/accuracy"] > 0.8 and test["test/reg/r2"] > 0.5
+    assert out.metrics["val/reg/loss"] < 1 < out.metrics["val/reg/mse"]  # loss standardised, mse in units
 
 
 def test_resume_continues_from_the_last_checkpoint(ray_session, tmp_path, seed_suite, capsys):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.config import ModelConfig, TrunkConfig, validate_config
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import MultiTaskModel, TaskShape
@@ -20,7 +21,7 @@ def _inputs(target=TaskShape("new", "regression", 10), meta=None, tasks=SOURCE_T
     x = torch.randn(40, target.num_features, generator=g)
     y = torch.randint(0, 2, (40,), generator=g) if target.type == "classification" else x.sum(1)
     source_config = {"model": cfg.model_dump(mode="json"), "meta": meta}
-    return TransferInputs(model, source_config, None, target, (x, y), 8, (x, y), (x, y)).draw(0)
+    return TransferInputs(model, source_config, None, target, (x, y), 8, (x, y), (x, y), TaskPrep()).draw(0)
 
 
 def _trained_names(strategy, inputs, **kw):

@@ -15,10 +15,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distributed_mtml.data.suite import SuiteSpec, TaskSpec, write_suite
+from distributed_mtml.data.suite import SPLIT_FRACTIONS, SuiteSpec, TaskSpec, write_suite
 from distributed_mtml.errors import InputError, validation_lines
-
-SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test by default
 
 
 class _SuiteOptions(BaseModel):

@@ -8,6 +8,7 @@ the same suite can live on a laptop disk or in a bucket that every cluster node 
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,10 +17,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 SUITE_FILE = "suite.yaml"
 SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
 class TaskSpec(BaseModel):
@@ -34,16 +36,38 @@ class TaskSpec(BaseModel):
     features: list[str] | None = None
     num_classes: int | None = Field(default=None, ge=2)
     split_column: str = "split"
+    _seeded_split: tuple[tuple[float, ...], int] = PrivateAttr(default=(SPLIT_FRACTIONS, 0))
+
+    def split_is_optional(self) -> bool:
+        """A task whose split column is the default may go without one (a seeded split is made);
+        a column the suite names explicitly must exist."""
+        return "split_column" not in self.model_fields_set
 
 
 class SuiteSpec(BaseModel):
-    """The parsed `suite.yaml`: a name and its tasks."""
+    """The parsed `suite.yaml`: a name, its tasks, and how to split a table that has no split
+    column (train/val/test fractions and the seed of that draw)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     description: str = ""
+    split_fractions: list[float] = Field(default_factory=lambda: list(SPLIT_FRACTIONS))
+    split_seed: int = 0
     tasks: list[TaskSpec]
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _three_fractions(cls, value: list[float]) -> list[float]:
+        if len(value) != 3 or min(value) <= 0 or abs(sum(value) - 1) > 1e-6:
+            raise ValueError("expected three positive fractions (train, val, test) that sum to 1, e.g. [0.7, 0.15, 0.15]")
+        return value
+
+    @model_validator(mode="after")
+    def _tasks_know_the_split(self) -> "SuiteSpec":
+        for task in self.tasks:
+            task._seeded_split = (tuple(self.split_fractions), self.split_seed)
+        return self
 
 
 @dataclass
@@ -54,6 +78,11 @@ class TaskData:
     features: list[str]
     x: dict[str, np.ndarray]  # split -> [N, F] float32
     y: dict[str, np.ndarray]  # split -> [N] int64 (classification) or float32
+    classes: list[str] | None = None  # string labels: class k is classes[k] (sorted order)
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.classes is not None else self.spec.num_classes
 
 
 def _is_uri(path: str) -> bool:
@@ -116,22 +145,60 @@ def feature_columns(task: TaskSpec, schema: pa.Schema) -> list[str]:
     ]
 
 
-def table_to_task_data(task: TaskSpec, table: pa.Table) -> TaskData:
-    """Splits a validated table into per-split numpy arrays."""
+def seeded_split(task: TaskSpec, rows: int) -> np.ndarray:
+    """The split of a table without a split column: the suite's fractions (rounded, the rest to
+    train) over a permutation seeded by the suite's `split_seed` and the task's name, so every
+    command, worker and rerun sees the same rows in the same split."""
+    fractions, seed = task._seeded_split
+    n_val, n_test = (round(rows * f) for f in fractions[1:])
+    labels = np.array(["train"] * (rows - n_val - n_test) + ["val"] * n_val + ["test"] * n_test)
+    order = np.random.default_rng([seed, zlib.crc32(task.name.encode())]).permutation(rows)
+    return labels[np.argsort(order)]
+
+
+def split_values(task: TaskSpec, table: pa.Table) -> np.ndarray:
+    """Each row's split: the split column's values, or the seeded split when there is none."""
+    if task.split_column not in table.column_names and task.split_is_optional():
+        return seeded_split(task, table.num_rows)
+    return np.asarray(table.column(task.split_column).to_pylist())
+
+
+def is_label_column(column_type: pa.DataType) -> bool:
+    """String (or dictionary-encoded string) targets are class names, not numbers."""
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+
+
+def class_names(column: pa.ChunkedArray) -> list[str]:
+    """A string label column's classes in sorted order: class k is the k-th name."""
+    return sorted(str(v) for v in column.unique().to_pylist())
+
+
+def table_to_task_data(task: TaskSpec, table: pa.Table, classes: list[str] | None = None) -> TaskData:
+    """Splits a validated table into per-split numpy arrays. String labels become class indices
+    in sorted order, or in the order of `classes` (a trained model's) when given."""
     features = feature_columns(task, table.schema)
     x_all = np.column_stack(
         [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in features]
     )
-    y_all = table.column(task.target).to_numpy(zero_copy_only=False)
-    y_all = y_all.astype(np.int64 if task.type == "classification" else np.float32)
-    split = np.asarray(table.column(task.split_column).to_pylist())
+    target = table.column(task.target)
+    if is_label_column(target.type):
+        classes = classes or class_names(target)
+        index = {name: k for k, name in enumerate(classes)}
+        y_all = np.array([index[str(v)] for v in target.to_pylist()], dtype=np.int64)
+    else:
+        classes = None
+        y_all = target.to_numpy(zero_copy_only=False)
+        y_all = y_all.astype(np.int64 if task.type == "classification" else np.float32)
+    split = split_values(task, table)
     x = {s: x_all[split == s] for s in SPLITS}
     y = {s: y_all[split == s] for s in SPLITS}
-    return TaskData(spec=task, features=features, x=x, y=y)
+    return TaskData(spec=task, features=features, x=x, y=y, classes=classes)
 
 
-def load_task(suite_dir: str, task: TaskSpec) -> TaskData:
-    return table_to_task_data(task, read_table(suite_dir, task))
+def load_task(suite_dir: str, task: TaskSpec, classes: list[str] | None = None) -> TaskData:
+    return table_to_task_data(task, read_table(suite_dir, task), classes)
 
 
 def write_suite(out_dir: str, spec: SuiteSpec, tables: dict[str, pa.Table]) -> None:

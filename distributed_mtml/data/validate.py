@@ -15,10 +15,13 @@ from distributed_mtml.data.suite import (
     SPLITS,
     SuiteSpec,
     TaskSpec,
+    class_names,
     feature_columns,
+    is_label_column,
     join_path,
     read_table,
     read_text,
+    split_values,
     suite_yaml_path,
 )
 from distributed_mtml.errors import InputError, validation_lines
@@ -45,8 +48,6 @@ def read_spec(suite_dir: str) -> tuple[SuiteSpec | None, list[str]]:
         if task.name in seen:
             problems.append(f"{where}: key 'tasks.{i}.name': duplicate task name '{task.name}'")
         seen.add(task.name)
-        if task.type == "classification" and task.num_classes is None:
-            problems.append(f"{where}: key 'tasks.{i}.num_classes': required for classification task '{task.name}'")
     if not spec.tasks:
         problems.append(f"{where}: key 'tasks': the suite has no tasks")
     return spec, problems
@@ -57,7 +58,7 @@ def _column_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
     names = set(table.column_names)
     if task.target not in names:
         problems.append(f"{where}: target column '{task.target}' not found")
-    if task.split_column not in names:
+    if task.split_column not in names and not task.split_is_optional():
         problems.append(f"{where}: split column '{task.split_column}' not found")
     features = feature_columns(task, table.schema)
     if not features:
@@ -82,17 +83,37 @@ def _non_finite(column: pa.ChunkedArray) -> bool:
     return not np.isfinite(values).all()
 
 
-def _target_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
+def _label_problems(where: str, column: pa.ChunkedArray, task: TaskSpec) -> list[str]:
+    """String class labels: classes are the distinct names, so there must be two or more and,
+    when `num_classes` is given, exactly that many."""
+    if column.null_count:
+        return [f"{where}: target column '{task.target}' has null labels"]
+    names = class_names(column)
+    if len(names) < 2:
+        return [f"{where}: target column '{task.target}' has one class ({names[0] if names else 'none'}); "
+                "classification needs two or more"]
+    if task.num_classes is not None and task.num_classes != len(names):
+        return [f"{where}: target column '{task.target}' has {len(names)} class names, num_classes says {task.num_classes}"]
+    return []
+
+
+def _target_problems(where: str, table: pa.Table, task: TaskSpec, key: str) -> list[str]:
+    """`key`: where the task sits in suite.yaml ("<file>: key 'tasks.<i>"), for what must be fixed there."""
     if task.target not in table.column_names:
         return []
     column = table.column(task.target)
     typ = column.type
+    if task.type == "classification" and is_label_column(typ):
+        return _label_problems(where, column, task)
     if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
         return [f"{where}: target column '{task.target}' is not numeric (type {typ})"]
     if _non_finite(column):
         return [f"{where}: target column '{task.target}' has NaN, infinite or null values"]
-    if task.type != "classification" or task.num_classes is None:
+    if task.type != "classification":
         return []
+    if task.num_classes is None:
+        return [f"{key}.num_classes': required for classification task '{task.name}' "
+                "with numeric labels (string labels need none)"]
     values = column.to_numpy(zero_copy_only=False).astype(np.float64)
     bad = values[(values < 0) | (values >= task.num_classes) | (values != np.round(values))]
     if bad.size:
@@ -103,9 +124,9 @@ def _target_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
 
 
 def _split_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
-    if task.split_column not in table.column_names:
+    if task.split_column not in table.column_names and not task.split_is_optional():
         return []
-    values = table.column(task.split_column).to_pylist()
+    values = split_values(task, table).tolist()
     counts = {s: 0 for s in SPLITS}
     unknown = set()
     for v in values:
@@ -113,11 +134,9 @@ def _split_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
             counts[v] += 1
         else:
             unknown.add(v)
-    problems = [
-        f"{where}: split column '{task.split_column}': split '{s}' is empty"
-        for s, n in counts.items()
-        if n == 0
-    ]
+    source = (f"split column '{task.split_column}'" if task.split_column in table.column_names else
+              f"no split column; split_fractions {list(task._seeded_split[0])} of {table.num_rows} rows")
+    problems = [f"{where}: {source}: split '{s}' is empty" for s, n in counts.items() if n == 0]
     if unknown:
         problems.append(
             f"{where}: split column '{task.split_column}' has values {sorted(map(str, unknown))} "
@@ -126,8 +145,8 @@ def _split_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
     return problems
 
 
-def task_problems(suite_dir: str, task: TaskSpec) -> list[str]:
-    """Every problem of one task's data file."""
+def task_problems(suite_dir: str, task: TaskSpec, key: str = "tasks") -> list[str]:
+    """Every problem of one task's data file; `key` is the task's place in suite.yaml."""
     where = join_path(suite_dir, task.path)
     try:
         table = read_table(suite_dir, task)
@@ -137,7 +156,7 @@ def task_problems(suite_dir: str, task: TaskSpec) -> list[str]:
         return [f"{where}: not a readable Parquet file (task '{task.name}'): {str(e).splitlines()[0]}"]
     return (
         _column_problems(where, table, task)
-        + _target_problems(where, table, task)
+        + _target_problems(where, table, task, f"{suite_yaml_path(suite_dir)}: key '{key}")
         + _split_problems(where, table, task)
     )
 
@@ -147,8 +166,8 @@ def validate_suite(suite_dir: str) -> list[str]:
     spec, problems = read_spec(suite_dir)
     if spec is None:
         return problems
-    for task in spec.tasks:
-        problems += task_problems(suite_dir, task)
+    for i, task in enumerate(spec.tasks):
+        problems += task_problems(suite_dir, task, f"tasks.{i}")
     return problems
 
 

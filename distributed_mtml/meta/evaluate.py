@@ -16,6 +16,7 @@ import tempfile
 
 import torch
 
+from distributed_mtml.data.prepare import prepared
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
@@ -35,7 +36,7 @@ def held_out_episodes(plan: dict, suite_dir: str | None, shots: int, query: int,
     spec = checked_suite(suite_dir)
     rows = {}
     for task in spec.tasks:
-        data = load_task(suite_dir, task)
+        data, _ = prepared(load_task(suite_dir, task), plan["config"].get("data", {}).get("standardize", False))
         x = torch.cat([torch.from_numpy(data.x[s]) for s in data.x])
         y = torch.cat([torch.from_numpy(data.y[s]) for s in data.y])
         if len(y) < shots + query:

@@ -49,7 +49,7 @@ def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[s
     kinds = set()
     for task in spec.tasks:
         data = load_task(suite_dir, task)
-        kinds.add((task.type, len(data.features), task.num_classes))
+        kinds.add((task.type, len(data.features), data.num_classes))
         if len(data.y["train"]) < need:
             raise InputError(
                 f"{suite_dir}/{task.path}: split 'train' has {len(data.y['train'])} rows; "

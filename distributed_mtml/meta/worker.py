@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from distributed_mtml.data.prepare import prepared
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_gradient
@@ -40,7 +41,7 @@ def _sources(plan: MetaPlan, rank: int):
     specs = {t.name: t for t in load_suite_spec(plan.suite_dir).tasks}
     train, val = {}, {}
     for name in plan.shards[rank]:
-        data = load_task(plan.suite_dir, specs[name])
+        data, _ = prepared(load_task(plan.suite_dir, specs[name]), plan.config.data.standardize)
         rows = {s: (torch.from_numpy(data.x[s]), torch.from_numpy(data.y[s])) for s in data.x}
         train[name] = rows["train"]
         # the val split when it holds a whole episode, else the train rows (small suites)

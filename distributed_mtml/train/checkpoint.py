@@ -192,7 +192,7 @@ def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
         learner, plan = load_learner(directory)
         return learner.model, plan
     plan = TrainPlan.model_validate(state["plan"])
-    model = MultiTaskModel(plan.config.model, plan.task_shapes(), plan.config.training.seed)
+    model = MultiTaskModel(plan.config.model, plan.task_shapes(), plan.config.training.seed, plan.preprocessing)
     load_into(model.trunk, os.path.join(directory, TRUNK_FILE))
     for name, module in model.task_modules.items():
         load_into(module, os.path.join(directory, task_file(name)))

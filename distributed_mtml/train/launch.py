@@ -111,7 +111,7 @@ def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) 
 
     c = tracking.client(uri)
     log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
-    trivial = baseline_metrics(plan.suite_dir)
+    trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing)
     tracking.log_metrics(uri, run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
     _log_test_metrics(plan, uri, run_id, checkpoint_dir)
     with tempfile.TemporaryDirectory() as d:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.models import TaskShape, task_loss
 
 
@@ -35,13 +36,16 @@ def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, fl
     return {"mse": mse, "mae": float(err.abs().mean()), "r2": float(1 - mse / var) if var > 0 else float("nan")}
 
 
-def task_metrics(task: TaskShape, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """The task's metrics plus its loss, all as plain floats."""
+def task_metrics(task: TaskShape, output: torch.Tensor, target: torch.Tensor,
+                 prep: TaskPrep | None = None) -> dict[str, float]:
+    """The task's metrics plus its loss, all as plain floats. `output` and `target` are on the
+    model's (standardised) scale; `prep` puts regression metrics back in the target's units,
+    while the loss stays on the model's scale, comparable across tasks."""
     output, target = output.detach().cpu(), target.detach().cpu()
-    metrics = (
-        classification_metrics(output, target)
-        if task.type == "classification"
-        else regression_metrics(output, target)
-    )
+    if task.type == "classification":
+        metrics = classification_metrics(output, target)
+    else:
+        units = prep.target_units if prep is not None else (lambda v: v)
+        metrics = regression_metrics(units(output.double()), units(target.double()))
     metrics["loss"] = float(task_loss(task, output, target))
     return metrics

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from distributed_mtml.config import Config, SuiteConfig
 from distributed_mtml.data.generators import make_suite
+from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import SUITE_FILE, load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
@@ -31,9 +32,14 @@ class TrainPlan(BaseModel):
     train_rows: dict[str, int]
     placement: list[list[str]]
     steps_per_epoch: int
+    preprocessing: dict[str, TaskPrep] = {}  # per task; empty in checkpoints older than data.standardize
 
     def task_shapes(self) -> list[TaskShape]:
         return [TaskShape(**t) for t in self.tasks]
+
+    def prep(self, task: str) -> TaskPrep:
+        """The task's preprocessing (none recorded: inputs used as they are)."""
+        return self.preprocessing.get(task) or TaskPrep()
 
 
 def ensure_suite(config: Config) -> str:
@@ -54,11 +60,12 @@ def ensure_suite_at(suite: SuiteConfig) -> str:
 def make_plan(config: Config) -> TrainPlan:
     suite_dir = ensure_suite(config)
     spec = checked_suite(suite_dir)
-    shapes, train_rows = [], {}
+    shapes, train_rows, preps = [], {}, {}
     for task in spec.tasks:
         data = load_task(suite_dir, task)
-        shapes.append(TaskShape(task.name, task.type, len(data.features), task.num_classes))
+        shapes.append(TaskShape.of(data))
         train_rows[task.name] = len(data.y["train"])
+        preps[task.name] = TaskPrep.fit(data, config.data.standardize)
     check_monitor(config, monitor_keys(shapes))
     placement = place_tasks([t.name for t in spec.tasks], config.scaling.num_workers)
     steps = config.training.steps_per_epoch or math.ceil(max(train_rows.values()) / config.training.batch_size)
@@ -70,4 +77,5 @@ def make_plan(config: Config) -> TrainPlan:
         train_rows=train_rows,
         placement=placement,
         steps_per_epoch=steps,
+        preprocessing=preps,
     )

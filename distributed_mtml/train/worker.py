@@ -102,13 +102,13 @@ def _suite_losses(sums: dict[str, torch.Tensor], order: list[str], steps: int, w
     return out.cpu()
 
 
-def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict[str, TaskShape], data: dict, split: str) -> dict:
+def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: dict, split: str) -> dict:
     trunk.eval(), modules.eval()
-    out = {}
+    shapes, out = {s.name: s for s in plan.task_shapes()}, {}
     with torch.no_grad():
         for name, module in modules.items():
             x, y = data[name][split]
-            metrics = task_metrics(shapes[name], module.head(trunk(module.adapter(x))), y)
+            metrics = task_metrics(shapes[name], module.head(trunk(module.adapter(x))), y, plan.prep(name))
             out.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     trunk.train(), modules.train()
     return out
@@ -148,7 +148,7 @@ def train_loop_per_worker(payload: dict) -> None:
     specs = {s.name: s for s in load_suite_spec(plan.suite_dir).tasks}
     data = {}
     for name in mine:
-        d = load_task(plan.suite_dir, specs[name])
+        d = plan.prep(name).apply(load_task(plan.suite_dir, specs[name], plan.prep(name).classes))
         data[name] = {s: (torch.from_numpy(d.x[s]).to(device), torch.from_numpy(d.y[s]).to(device)) for s in d.x}
 
     torch.manual_seed(t.seed)
@@ -208,7 +208,7 @@ def train_loop_per_worker(payload: dict) -> None:
             metrics.update({f"aggregation/{n}/weight": w for n, w in weighting.weights().items()})
             weighting.end_epoch(_suite_losses(sums, order, plan.steps_per_epoch, world))
         metrics.update({k: v / measured for k, v in relation_sums.items()})
-        val = everyones(_evaluate(trunk, modules, shapes, data, "val"), world)
+        val = everyones(_evaluate(trunk, modules, plan, data, "val"), world)
         metrics.update(val)
         improved = monitor.update(val, epoch)
         metrics.update(monitor.report_fields(val))

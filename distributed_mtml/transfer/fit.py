@@ -22,10 +22,10 @@ Curve = list[tuple[int, dict[str, float]]]
 
 
 def _evaluate(built: Built, inputs: TransferInputs, split: str) -> dict[str, float]:
-    x, y = getattr(inputs, split)
+    x, y = inputs.scored(split)
     built.model.eval()
     with torch.no_grad():
-        metrics = task_metrics(inputs.target, built.model(x), y)
+        metrics = task_metrics(inputs.target, built.model(x), y, inputs.prep)
     built.model.train()
     return {f"{split}/{k}": v for k, v in metrics.items()}
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from distributed_mtml.config import Config
+from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
@@ -31,12 +32,21 @@ class TransferInputs:
     shots: int
     val: tuple[torch.Tensor, torch.Tensor]  # scores the learning curve, ASHA and every selection
     test: tuple[torch.Tensor, torch.Tensor]  # scored once per fit, for the reported numbers
+    prep: TaskPrep  # features standardised by the train split; after draw, the target by the K rows
     train: tuple[torch.Tensor, torch.Tensor] | None = None  # the K labelled examples, once drawn
 
     def draw(self, seed: int) -> "TransferInputs":
-        """These inputs with K examples drawn from the pool by `seed` (a K-shot resample)."""
+        """These inputs with K examples drawn from the pool by `seed` (a K-shot resample); a
+        regression target is standardised by those K labels only."""
         rows = torch.from_numpy(k_shot_rows(self.pool[1].numpy(), self.shots, seed))
-        return replace(self, train=(self.pool[0][rows], self.pool[1][rows]))
+        x, y = self.pool[0][rows], self.pool[1][rows]
+        prep = self.prep.with_target_of(y)
+        return replace(self, train=(x, prep.scaled_target(y)), prep=prep)
+
+    def scored(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`val` or `test` rows with the target on the model's scale."""
+        x, y = getattr(self, split)
+        return x, self.prep.scaled_target(y)
 
     @property
     def is_meta(self) -> bool:
@@ -108,9 +118,9 @@ def load_inputs(config: Config, uri: str) -> TransferInputs:
     if t.shots > available:
         raise InputError(f"transfer.shots: {t.shots} exceeds the {available} rows of split 'train' "
                          f"in {suite_dir}/{task.path}")
-    split = {s: (torch.from_numpy(data.x[s]), torch.from_numpy(data.y[s])) for s in ("train", "val", "test")}
-    target = TaskShape(task.name, task.type, len(data.features), task.num_classes)
-    return TransferInputs(model, source_config, rates, target, split["train"], t.shots, split["val"],
-                          split["test"]).draw(t.seed)
+    prep = TaskPrep.fit(data, config.data.standardize)
+    split = {s: (torch.from_numpy(prep.inputs(data.x[s])), torch.from_numpy(data.y[s])) for s in ("train", "val", "test")}
+    return TransferInputs(model, source_config, rates, TaskShape.of(data), split["train"], t.shots, split["val"],
+                          split["test"], prep).draw(t.seed)
 
 
