@@ -248,7 +248,8 @@ def cmd_transfer(args) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
     parent, header, rows = run_transfer(config, uri, run_name)
     print(table(header, rows))
-    print(f"\nparent run {parent}; one child run per strategy: mlflow ui --backend-store-uri {uri}")
+    print(f"\nparent run {parent} in experiment '{config.tracking.transfer_experiment_name()}'; one child run per "
+          f"strategy: mlflow ui --backend-store-uri {uri}")
     return EXIT_OK
 
 
@@ -261,7 +262,8 @@ def cmd_tune(args) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
     parent, header, rows, best = run_tune(config, uri, run_name, args.address)
     print(table(header, rows))
-    print(f"\nbest by validation: {best} (tagged mtml.best_strategy on parent run {parent}); mlflow ui --backend-store-uri {uri}")
+    print(f"\nbest by validation: {best} (tagged mtml.best_strategy on parent run {parent} in experiment "
+          f"'{config.tracking.transfer_experiment_name()}'); mlflow ui --backend-store-uri {uri}")
     return EXIT_OK
 
 

@@ -142,6 +142,14 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str = "distributed-mtml"
     run_name: str | None = None
+    transfer_experiment: str | None = Field(
+        None, description="experiment of transfer and tune runs; default '<experiment>-transfer'"
+    )
+
+    def transfer_experiment_name(self) -> str:
+        """Transfer and tune runs (and their many children) go apart from the training runs
+        they start from, so those stay easy to compare."""
+        return self.transfer_experiment or f"{self.experiment}-transfer"
 
 
 class MetaConfig(_Section):
@@ -274,6 +282,20 @@ def validate_config(raw: dict[str, Any], where: str = "config", blame: dict[str,
         return Config.model_validate(raw)
     except ValidationError as e:
         raise InputError(validation_lines(where, e, blame)) from None
+
+
+SECTIONS = {  # what each run command reads: only these become its MLflow params
+    "train": ("suite", "data", "model", "training", "scaling", "aggregation", "relations", "checkpoint", "tracking"),
+    "meta-train": ("suite", "data", "model", "training", "scaling", "meta", "checkpoint", "tracking"),
+    "transfer": ("data", "transfer", "tracking"),
+    "tune": ("data", "transfer", "tune", "checkpoint", "tracking"),
+}
+
+
+def run_params(config: Config, command: str) -> dict[str, Any]:
+    """The flattened config sections `command` uses (a train run carries no `meta.*`)."""
+    dumped = config.model_dump(mode="json")
+    return flatten({k: dumped[k] for k in SECTIONS[command] if dumped.get(k) is not None})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

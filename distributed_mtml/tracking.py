@@ -91,11 +91,41 @@ def experiment_id(uri: str, name: str) -> str:
     return c.create_experiment(name, artifact_location=_artifact_location(uri))
 
 
-def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+CONFIG_NAME = "mtml.config_name"
+
+
+def unique_name(config_name: str) -> str:
+    """A run's MLflow name: its config's name and a short random suffix, so that the runs of
+    one config stay apart in the UI (the tag `mtml.config_name` keeps what they share)."""
+    import secrets
+
+    return f"{config_name}-{secrets.token_hex(3)}"
+
+
+def newest_run_of(uri: str, experiment: str, config_name: str, status: str):
+    """The newest run of a config in `experiment` whose status matches `status` (a filter
+    clause), found by its `mtml.config_name` tag, or by its name for runs older than the tag."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    for key in (CONFIG_NAME, "mlflow.runName"):  # MLflow's filter has no OR
+        runs = [] if exp is None else c.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{key}` = '{config_name}' and {status}",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            return runs[0]
+    return None
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
+               config_name: str | None = None) -> str:
+    """A run named `run_name`; with `config_name` (a command's own run) named `unique_name` of
+    it instead and tagged `mtml.config_name`, which `--resume` and `transfer.source` look up."""
     from mlflow.entities import Param
 
     with uninterrupted():  # a Ctrl-C mid-transaction would keep SQLite's write lock
         c = client(uri)
+        if config_name is not None:
+            run_name, tags = unique_name(config_name), {CONFIG_NAME: config_name, **tags}
         run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
@@ -103,19 +133,10 @@ def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], p
         return run.info.run_id
 
 
-def find_resumable_run(uri: str, experiment: str, run_name: str) -> str | None:
-    """The newest unfinished run of this name: what `--resume` continues."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = c.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`mlflow.runName` = '{run_name}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+def find_resumable_run(uri: str, experiment: str, config_name: str) -> str | None:
+    """The newest unfinished run of this config: what `--resume` continues."""
+    run = newest_run_of(uri, experiment, config_name, "attributes.status != 'FINISHED'")
+    return run.info.run_id if run else None
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:

@@ -112,8 +112,8 @@ def _epochs_logged(client: MlflowClient, run_id: str) -> int:
     return len(client.get_metric_history(run_id, "train/classify/loss"))
 
 
-def _only_run(client: MlflowClient, where: str):
-    exp = client.get_experiment_by_name("distributed-mtml")
+def _only_run(client: MlflowClient, where: str, experiment: str = "distributed-mtml"):
+    exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], where) if exp else []
     return runs[0] if len(runs) == 1 else None
 
@@ -147,7 +147,7 @@ def test_train_stop_resume_and_tune_as_ray_jobs(ray_head, mlflow_server, tmp_pat
     # 3. A tune job transferring from that run, its trials on the head's workers.
     third = _submit(env, "mtml", "tune", "--config", _tune_config(tmp_path, run.info.run_id), "--address", "auto")
     assert _wait(third) == "SUCCEEDED", _logs(third)
-    parent = _only_run(runs, "tags.`mtml.best_strategy` != ''")
+    parent = _only_run(runs, "tags.`mtml.best_strategy` != ''", "distributed-mtml-transfer")
     assert parent is not None and parent.info.status == "FINISHED"
     # the best strategy is the one with the lowest mean validation MSE in the logged table
     csv = runs.download_artifacts(parent.info.run_id, "tune/results.csv", str(tmp_path))

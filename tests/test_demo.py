@@ -1,5 +1,6 @@
 """`mtml demo` end to end, as a new user runs it: a fresh directory, one command."""
 
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,10 @@ def test_demo_trains_logs_and_says_where_to_look(tmp_path):
     assert "trivial loss" in table and all(row[-1] == "yes" for row in rows.values())  # beats the train mean / prior
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == "demo"
+    assert run.info.status == "FINISHED" and run.data.tags["mtml.config_name"] == "demo"
+    assert re.fullmatch(r"demo-[0-9a-f]{6}", run.info.run_name)  # distinct names, one config
+    sections = {key.split(".")[0] for key in run.data.params}  # only what a train run reads
+    assert {"training", "model", "aggregation", "plan"} <= sections and not sections & {"meta", "transfer", "tune"}
     assert run.data.metrics["val/classify/accuracy"] > 0.85  # the shared trunk learns the article's task
     assert run.data.metrics["val/regress/r2"] > 0.7
     assert abs(run.data.metrics["baseline/val/regress/r2"]) < 0.05 and "baseline/test/classify/accuracy" in run.data.metrics

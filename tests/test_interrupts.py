@@ -73,7 +73,7 @@ def test_ctrl_c_ends_a_training_run_killed_and_resumable(tmp_path, seed_suite, c
     assert code == 130, out[-3000:]
     assert "interrupted: the MLflow run is marked KILLED; continue it with --resume" in out
     assert took < 20, f"{took:.1f} s from Ctrl-C to exit"
-    assert _only_run(uri, "attributes.run_name = 'config'").info.status == "KILLED"
+    assert _only_run(uri, "tags.`mtml.config_name` = 'config'").info.status == "KILLED"
     assert list((tmp_path / "runs").glob("config-*/checkpoint_*")), "no checkpoint left to resume from"
 
 
@@ -93,7 +93,7 @@ def test_ctrl_c_ends_a_tune_search_killed(ray_session, tmp_path, seed_suite):
     assert code == 130, out[-3000:]
     assert took < 20, f"{took:.1f} s from Ctrl-C to exit"
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("distributed-mtml")
+    exp = client.get_experiment_by_name("distributed-mtml-transfer")
     runs = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune'")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

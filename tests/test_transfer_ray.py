@@ -45,7 +45,7 @@ def test_transfer_runs_each_strategy_as_a_child_run(source, tmp_path, monkeypatc
     assert main(["transfer", "--config", config, "--tracking-uri", source["uri"]]) == 0
     assert "linear_probe" in capsys.readouterr().out
     client = MlflowClient(source["uri"])
-    exp = client.get_experiment_by_name("distributed-mtml")
+    exp = client.get_experiment_by_name("distributed-mtml-transfer")
     children = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'transfer' and tags.`mlflow.parentRunId` != ''")
     assert sorted(r.data.tags["mtml.strategy"] for r in children) == ["adapter", "linear_probe", "scratch"]
     curve = client.get_metric_history(children[0].info.run_id, "target/val/mse")
@@ -64,7 +64,7 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     assert "best by validation: linear_probe" in out
     assert "[tune] search: 4/4 trials done" in out and "[tune] repeat: 6/6 trials done" in out  # progress
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("distributed-mtml")
+    exp = client.get_experiment_by_name("distributed-mtml-transfer")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune' and tags.`mtml.best_strategy` != ''")
     assert parent.data.tags["mtml.best_strategy"] == "linear_probe" and parent.info.status == "FINISHED"
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -89,7 +89,7 @@ def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch
     assert main(["tune", "--config", config, "--tracking-uri", source["uri"], *(x for s in sets for x in ("--set", s))]) == 0
     assert "best by validation: finetune" in capsys.readouterr().out
     client = MlflowClient(source["uri"])
-    exp = client.get_experiment_by_name("distributed-mtml")
+    exp = client.get_experiment_by_name("distributed-mtml-transfer")
     (repeat,) = client.search_runs([exp.experiment_id], "tags.`mtml.stage` = 'repeat' and tags.`mtml.strategy` = 'finetune'")
     assert sorted(m.step for m in client.get_metric_history(repeat.info.run_id, "target/val/mse")) == [0, 10, 20]
     assert [m.step for m in client.get_metric_history(repeat.info.run_id, "target/test/mse")] == [20]

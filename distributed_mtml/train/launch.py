@@ -10,7 +10,7 @@ from typing import Callable
 import yaml
 
 from distributed_mtml import faults, report, tracking
-from distributed_mtml.config import Config, flatten
+from distributed_mtml.config import Config, run_params
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.interrupts import interrupt_trainer_on_sigint
@@ -41,13 +41,14 @@ def start_or_resume_run(
     if resume:
         run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
         if run_id is None:
-            raise InputError(f"--resume: no unfinished run named '{run_name}' in experiment '{cfg.tracking.experiment}'")
+            raise InputError(f"--resume: no unfinished run of config '{run_name}' in experiment '{cfg.tracking.experiment}'")
         last = check_resumable(cfg.checkpoint.resolved_dir(), f"{run_name}-{run_id[:12]}", cfg.model.model_dump(mode="json"))
-        print(f"[mtml] resuming run {run_id} ('{run_name}') {_resume_point(last)}", flush=True)
+        name = tracking.client(uri).get_run(run_id).info.run_name
+        print(f"[mtml] resuming run {run_id} ('{name}') {_resume_point(last)}", flush=True)
         tracking.set_status(uri, run_id, "RUNNING")
     else:
-        params = {**flatten(cfg.model_dump(mode="json")), **{f"plan.{k}": v for k, v in plan_params.items()}}
-        run_id = tracking.create_run(uri, cfg.tracking.experiment, run_name, tags, params)
+        params = {**run_params(cfg, tags["mtml.command"]), **{f"plan.{k}": v for k, v in plan_params.items()}}
+        run_id = tracking.create_run(uri, cfg.tracking.experiment, run_name, tags, params, config_name=run_name)
     return run_id, f"{run_name}-{run_id[:12]}"
 
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 
 from distributed_mtml import report, tracking
-from distributed_mtml.config import Config, flatten
+from distributed_mtml.config import Config, run_params
 from distributed_mtml.transfer.fit import Curve, fit
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
 from distributed_mtml.transfer.strategies import build, check
@@ -55,7 +55,8 @@ def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[str
         check(strategy, inputs, t.partial_layers)
     metric, _ = HEADLINE[inputs.target.type]
     tags = {"mtml.command": "transfer", "mtml.suite": os.path.basename(t.target.resolved_path())}
-    parent = tracking.create_run(uri, config.tracking.experiment, run_name, tags, flatten(config.model_dump(mode="json")))
+    parent = tracking.create_run(uri, config.tracking.transfer_experiment_name(), run_name, tags,
+                                 run_params(config, "transfer"), config_name=run_name)
     rows = []
     with tracking.final_status(uri, parent):
         for strategy in t.strategies:
@@ -68,7 +69,8 @@ def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, uri: st
     t = config.transfer
     settings = strategy_settings(strategy, t.lr, t.steps, t.partial_layers, t.adapter_width)
     tags = {"mtml.command": "transfer", "mtml.strategy": strategy, "mlflow.parentRunId": parent}
-    child = tracking.create_run(uri, config.tracking.experiment, strategy, tags, {**settings, "shots": t.shots})
+    child = tracking.create_run(uri, config.tracking.transfer_experiment_name(), strategy, tags,
+                                {**settings, "shots": t.shots})
     with tracking.final_status(uri, child):
         begin = time.perf_counter()
         built = build(strategy, inputs, t.partial_layers, t.adapter_width, t.seed)

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from distributed_mtml import report, tracking
-from distributed_mtml.config import Config, flatten
+from distributed_mtml.config import Config, run_params
 from distributed_mtml.stats import mean_ci
 from distributed_mtml.transfer.fit import fit
 from distributed_mtml.transfer.run import HEADLINE, strategy_settings
@@ -154,7 +154,7 @@ def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri:
                                         num_samples=tn.num_samples if asha else 1, max_concurrent_trials=concurrent),
         run_config=ray.tune.RunConfig(
             name=f"{stage}-{parent[:12]}", storage_path=config.checkpoint.resolved_dir(), verbose=0,
-            callbacks=[_callback(uri, config.tracking.experiment, parent, stage, t.shots)],
+            callbacks=[_callback(uri, config.tracking.transfer_experiment_name(), parent, stage, t.shots)],
         ),
     )
 
@@ -208,7 +208,8 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
         check(strategy, inputs, t.partial_layers)
     metric, direction = HEADLINE[inputs.target.type]
     tags = {"mtml.command": "tune", "mtml.suite": os.path.basename(t.target.resolved_path())}
-    parent = tracking.create_run(uri, config.tracking.experiment, run_name, tags, flatten(config.model_dump(mode="json")))
+    parent = tracking.create_run(uri, config.tracking.transfer_experiment_name(), run_name, tags,
+                                 run_params(config, "tune"), config_name=run_name)
     with tracking.final_status(uri, parent):
         ensure_ray(address)
         print(f"[tune] search: {len(t.strategies)} strategies x {tn.num_samples} settings, ASHA on validation loss", flush=True)

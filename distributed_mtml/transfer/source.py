@@ -66,13 +66,9 @@ def _source_dir(source: str, uri: str, experiment: str):
         return model_dir(source[len("runs:/"):].split("/")[0], None, uri)
     if os.path.isdir(source):
         return model_dir(None, source, uri)
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    named = [] if exp is None else c.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{source}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    named = tracking.newest_run_of(uri, experiment, source, "attributes.status = 'FINISHED'")
     if named:
-        return model_dir(named[0].info.run_id, None, uri)
+        return model_dir(named.info.run_id, None, uri)
     if len(source) != 32:
         raise InputError(f"transfer.source: '{source}' is no checkpoint directory, run id, or finished run "
                          f"name in experiment '{experiment}' of {uri}")
