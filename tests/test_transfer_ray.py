@@ -82,7 +82,12 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     assert [r.split(",")[0] for r in rows] == ["scratch", "linear_probe"]
 
 
-def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch, capsys):
+def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch, capsys, ray_session):
+    """And gives back its workers' CPUs: a trial that Tune stopped on its last report left its
+    TorchTrainer's placement group behind, so the next distributed trial waited forever on a
+    2-CPU Ray (the flaky failure of issue 12)."""
+    import time
+
     monkeypatch.chdir(tmp_path)
     config = _write(tmp_path, source["checkpoint"], strategies=["finetune"], steps=20)
     sets = ["tune.workers_per_trial=2", "tune.num_samples=1", "tune.repeats=1"]
@@ -93,6 +98,10 @@ def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch
     (repeat,) = client.search_runs([exp.experiment_id], "tags.`mtml.stage` = 'repeat' and tags.`mtml.strategy` = 'finetune'")
     assert sorted(m.step for m in client.get_metric_history(repeat.info.run_id, "target/val/mse")) == [0, 10, 20]
     assert [m.step for m in client.get_metric_history(repeat.info.run_id, "target/test/mse")] == [20]
+    deadline = time.monotonic() + 30  # placement groups are removed asynchronously
+    while ray_session.available_resources().get("CPU") != ray_session.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held after the tune run: {ray_session.available_resources()}"
+        time.sleep(0.5)
 
 
 def test_shipped_transfer_tune_config_runs_as_is(source, tmp_path, monkeypatch, capsys):

@@ -141,11 +141,15 @@ def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri:
 
     t, tn = config.transfer, config.tune
     evaluations = t.steps // t.eval_every + 1 + (t.steps % t.eval_every > 0)
-    per_trial = tn.cpus_per_trial * tn.workers_per_trial
-    concurrent = tn.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations, grace_period=tn.grace_period) if asha else None
     # a distributed trial's driver only waits on its workers, which hold their own CPUs
     driver_cpus = tn.cpus_per_trial if tn.workers_per_trial == 1 else 0.01
+    per_trial = driver_cpus + (tn.cpus_per_trial * tn.workers_per_trial if tn.workers_per_trial > 1 else 0)
+    concurrent = tn.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    # max_t one past the last evaluation: a trial that ASHA keeps ends by returning, never by a
+    # stop on its last report, which would kill a distributed trial's TorchTrainer mid-teardown
+    # and leave its workers' placement group to Ray Train's cleaner (that needs the dashboard)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations + 1,
+                              grace_period=tn.grace_period) if asha else None
     trainable = ray.tune.with_resources(ray.tune.with_parameters(transfer_trial, inputs=inputs), {"cpu": driver_cpus})
     return ray.tune.Tuner(
         trainable,
