@@ -14,6 +14,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from distributed_mtml.console import say
 from distributed_mtml.interrupts import uninterrupted
 from distributed_mtml.train.monitor import mean_val_loss
 
@@ -297,8 +298,9 @@ class MLflowMetricsCallback(UserCallback):
     A tracking server that stops answering does not stop training: the report is kept in a
     `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
 
-    def __init__(self, uri: str, run_id: str, epochs: int, counter: str, max_failures: int, spool: str):
-        self.uri, self.run_id, self.epochs, self.counter = uri, run_id, epochs, counter
+    def __init__(self, uri: str, run_id: str, epochs: int, counter: str, max_failures: int, spool: str,
+                 terminal: str | None = None):
+        self.uri, self.run_id, self.epochs, self.counter, self.terminal = uri, run_id, epochs, counter, terminal
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
         self.spool = MetricSpool(spool)
 
@@ -306,7 +308,7 @@ class MLflowMetricsCallback(UserCallback):
         epoch, merged = merge_worker_metrics(metrics, self.counter)
         self._log(merged, epoch)
         self.next_step = epoch + 1
-        print(progress_line(epoch, self.epochs, merged, self.counter), flush=True)
+        say(progress_line(epoch, self.epochs, merged, self.counter), self.terminal)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         self.spool.add(step, metrics)
@@ -316,8 +318,8 @@ class MLflowMetricsCallback(UserCallback):
         except Exception as e:  # noqa: BLE001 - whatever the client raises, training goes on
             self.spool.save()
             reason = str(e).splitlines()[0][:160]
-            print(f"[mtml] warning: tracking server not answering ({reason}); {len(self.spool.reports)} "
-                  f"report(s) kept in {self.spool.path}, sent when it answers", flush=True)
+            say(f"[mtml] warning: tracking server not answering ({reason}); {len(self.spool.reports)} "
+                f"report(s) kept in {self.spool.path}, sent when it answers", self.terminal)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         self.failures += 1
@@ -328,4 +330,4 @@ class MLflowMetricsCallback(UserCallback):
             return  # no restart left: the driver reports the failure
         c.set_tag(self.run_id, "mtml.restarts", str(self.failures))
         log_metrics(self.uri, self.run_id, {"system/restarts": self.failures}, step=self.next_step)
-        print(f"[mtml] worker failure ({what}): restart {self.failures} from the last checkpoint", flush=True)
+        say(f"[mtml] worker failure ({what}): restart {self.failures} from the last checkpoint", self.terminal)

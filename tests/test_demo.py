@@ -20,6 +20,7 @@ def test_demo_trains_logs_and_says_where_to_look(tmp_path):
     assert "[mtml] epoch 8/8" in proc.stdout + proc.stderr  # progress shown while it runs
     assert out.startswith("[mtml] starting a local Ray ...")  # the first seconds are not silent
     assert "Token authentication is enabled" not in proc.stderr  # Ray's own lines are for --verbose
+    assert "PreemptionWatcher" not in proc.stderr and "(TrainController pid=" not in out + proc.stderr
     table = out.split("its validation metrics:")[1]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[3:5]}
     assert set(rows) == {"classify", "regress"}

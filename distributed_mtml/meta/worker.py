@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from distributed_mtml.console import say
 from distributed_mtml.data.prepare import prepared
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
@@ -137,8 +138,8 @@ class Progress:
         if now - self.last < self.every_s or finished == self.total:
             return
         rate = (finished - self.mark_done) / max(now - self.mark, 1e-9)
-        print(f"[mtml] iteration {finished}/{self.total} | train/meta/loss {train_loss:.4f} | {rate:.1f} it/s | "
-              f"~{(self.total - finished) / max(rate, 1e-9):.0f} s left", flush=True)
+        say(f"[mtml] iteration {finished}/{self.total} | train/meta/loss {train_loss:.4f} | {rate:.1f} it/s | "
+            f"~{(self.total - finished) / max(rate, 1e-9):.0f} s left")
         self.last = now
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import yaml
 
-from distributed_mtml import faults, report, tracking
+from distributed_mtml import console, faults, report, tracking
 from distributed_mtml.config import Config, run_params
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
@@ -65,8 +65,9 @@ def _resume_point(last: str | None) -> str:
     return f"{where} (checkpoint {last})"
 
 
-def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback):
-    """A TorchTrainer with the config's scaling, storage, failure and checkpoint settings."""
+def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, terminal: str):
+    """A TorchTrainer with the config's scaling, storage, failure and checkpoint settings; its
+    workers say their lines through the console actor `terminal`."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -88,7 +89,7 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback):
                 num_to_keep=cfg.checkpoint.num_to_keep, checkpoint_score_attribute=SCORE,
                 checkpoint_score_order=cfg.checkpoint.mode),
             callbacks=[callback],
-            worker_runtime_env={"env_vars": faults.fault_env()},
+            worker_runtime_env={"env_vars": {**faults.fault_env(), console.ENV: terminal}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -223,8 +224,8 @@ def ensure_ray(address: str | None) -> None:
         return
     where = address or os.environ.get("RAY_ADDRESS")
     print(f"[mtml] joining the Ray cluster at {where} ..." if where else "[mtml] starting a local Ray ...", flush=True)
-    verbose = os.environ.get(VERBOSE_ENV) == "1"
-    ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR)
+    verbose = os.environ.get(VERBOSE_ENV) == "1"  # actors' output too: see `console`
+    ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
     interrupt_on_signals()  # ray.init replaced it with Ray's own (log and abort)
 
 
@@ -290,12 +291,14 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | Non
     check_writable(config.checkpoint.resolved_dir())
     run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
     spool = tracking.spool_path(config.checkpoint.resolved_dir(), ray_name)
+    terminal = f"mtml-console-{ray_name}"
     callback = tracking.MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
-                                              spool)
+                                              spool, terminal)
     with tracking.final_status(uri, run_id):
         ensure_ray(address)
         wait_for_resources(config)
-        result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback), config, ray_name)
+        with console.relay(terminal):
+            result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal), config, ray_name)
         _send_kept_metrics(uri, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
         with kept.as_directory() as d:
