@@ -348,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("interrupted: the MLflow run is marked KILLED; continue it with --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        run = f"run {e.run_id}" if hasattr(e, "run_id") else "the MLflow run"
+        print(f"interrupted: {run} is marked KILLED; continue it with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback wall
         traceback.print_exc()

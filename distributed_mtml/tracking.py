@@ -167,9 +167,10 @@ def final_status(uri: str, run_id: str):
     try:
         yield
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         status = "KILLED"
         end_children(uri, run_id, status)
+        interrupt.run_id = run_id  # the outermost run, for the command's last line
         raise
     finally:
         set_status(uri, run_id, status)

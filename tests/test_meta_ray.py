@@ -1,14 +1,10 @@
 """Integration: distributed meta-training on a local Ray, read back through MlflowClient."""
 
-import os
-
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distributed_mtml.config import load_config, validate_config
+from distributed_mtml.config import validate_config
 from distributed_mtml.meta.launch import run_meta_training
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(tmp_path, **sections):
@@ -95,15 +91,6 @@ def test_meta_training_on_a_suite_shards_its_tasks_and_resumes(ray_session, tmp_
     steps = sorted(m.step for m in client.get_metric_history(first.run_id, "val/meta/loss"))
     assert steps == [10, 20, 30]
     assert client.get_run(first.run_id).info.status == "FINISHED"
-
-
-def test_shipped_sinusoid_maml_config_runs_as_is(ray_session, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(os.path.join(REPO, "jobs", "configs", "sinusoid_maml.yaml"),
-                      ["meta.iterations=20", "meta.report_every=20", f"checkpoint.dir={tmp_path}/runs"])
-    assert cfg.meta.meta_batch_size == 25 and cfg.meta.inner_lr == 0.01 and cfg.model.trunk.widths == [40, 40]
-    out = run_meta_training(cfg, "sinusoid_maml", _uri(tmp_path))
-    assert "val/meta/loss" in out.metrics
 
 
 @pytest.mark.parametrize("suite, meta, message", [

@@ -417,16 +417,6 @@ def test_dwa_weights_are_equal_for_two_epochs_then_follow_the_loss_ratios(ray_se
     assert history["regress"][2] == pytest.approx(1 - expected, rel=1e-5)
 
 
-def test_shipped_mmoe_pcgrad_config_runs_as_is(ray_session, tmp_path, monkeypatch):
-    from distributed_mtml.config import load_config
-
-    monkeypatch.chdir(tmp_path)  # the generated suite and checkpoints land here
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = load_config(os.path.join(repo, "jobs", "configs", "mmoe_pcgrad.yaml"), ["training.epochs=1"])
-    out = run_training(cfg, "mmoe_pcgrad", _uri(tmp_path))
-    assert {f"aggregation/task{i}/weight" for i in range(4)} <= set(out.metrics)
-
-
 def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_session, tmp_path, capsys):
     """mmoe, 4 tasks in two pairs (correlation 0.9 within, 0 across), two tasks per worker
     with each pair split across workers: TAG affinity must find the pairs."""
@@ -452,5 +442,3 @@ def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_sessio
     printed = capsys.readouterr().out
     assert "2 groups" in printed and "{task0, task1} | {task2, task3}" in printed
     assert "relations/groupings.txt" in {a.path for a in client.list_artifacts(out.run_id, "relations")}
-
-

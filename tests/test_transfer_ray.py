@@ -1,8 +1,6 @@
 """Integration: `mtml transfer` and `mtml tune` from a real source run, read back from MLflow,
 including against a real `mlflow server` on loopback."""
 
-import os
-
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -10,8 +8,6 @@ from mlflow.tracking import MlflowClient
 from distributed_mtml.cli import main
 from distributed_mtml.config import validate_config
 from distributed_mtml.train.launch import run_training
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +98,6 @@ def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch
     while ray_session.available_resources().get("CPU") != ray_session.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, f"CPUs still held after the tune run: {ray_session.available_resources()}"
         time.sleep(0.5)
-
-
-def test_shipped_transfer_tune_config_runs_as_is(source, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the target suite is generated here
-    config = os.path.join(REPO, "jobs", "configs", "transfer_tune.yaml")
-    small = ["tune.num_samples=1", "tune.repeats=1", "transfer.steps=20", f"checkpoint.dir={tmp_path}/runs"]
-    args = ["tune", "--config", config, "--tracking-uri", source["uri"]]
-    assert main([*args, *(x for s in small for x in ("--set", s))]) == 0
-    assert "best by validation:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [
