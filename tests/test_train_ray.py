@@ -111,7 +111,9 @@ def test_resume_continues_from_the_last_checkpoint(ray_session, tmp_path, seed_s
     client.set_terminated(first.run_id, status="KILLED")  # as if interrupted after epoch 2
     again = run_training(_config(tmp_path, seed_suite, training={"epochs": 4}), "resumable", uri, resume=True)
     assert again.run_id == first.run_id
-    assert f"[mtml] resuming run {first.run_id} ('resumable') after epoch 2 (checkpoint" in capsys.readouterr().out
+    name = client.get_run(first.run_id).info.run_name
+    assert name.startswith("resumable-")  # the config's name and a suffix
+    assert f"[mtml] resuming run {first.run_id} ('{name}') after epoch 2 (checkpoint" in capsys.readouterr().out
     steps = sorted(m.step for m in client.get_metric_history(first.run_id, "train/classify/loss"))
     assert steps == [0, 1, 2, 3]  # epochs 0-1 from the first attempt, 2-3 after resuming
     assert client.get_run(first.run_id).info.status == "FINISHED"
