@@ -100,6 +100,31 @@ def task_loss(task: TaskShape, output: torch.Tensor, target: torch.Tensor) -> to
     return F.mse_loss(output.squeeze(-1), target)
 
 
+def task_losses(
+    trunk: nn.Module,
+    modules: nn.ModuleDict,
+    shapes: dict[str, TaskShape],
+    batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    autocast: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Every batch's loss, with all tasks through the trunk in one forward call.
+
+    One trunk forward per step (not one per task) keeps DDP's one-forward-one-backward
+    contract and gives the trunk larger, more efficient matrix products. `autocast` (bf16)
+    covers this forward and the losses only: PyTorch's rule, the backward and the optimiser
+    step run outside it.
+    """
+    names = list(batches)
+    device = next(iter(batches.values()))[0].device.type
+    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        inputs = [modules[n].adapter(batches[n][0]) for n in names]
+        if len(inputs) == 1:  # one task per worker is the common case: skip the cat/split copies
+            features = [trunk(inputs[0])]
+        else:
+            features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+        return [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+
+
 class MultiTaskModel(nn.Module):
     """Trunk plus every task's module; what `mtml evaluate` and transfer load. `preprocessing`:
     each task's train-split statistics and class names, which its inputs must go through."""

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distributed_mtml.aggregation import GRADIENT_METHODS, METHODS
-from distributed_mtml.aggregation.exchange import combine, gather_task_grads
+from distributed_mtml.aggregation import combine
+from distributed_mtml.aggregation.exchange import gather_task_grads
 from distributed_mtml.aggregation.loss_weighting import DynamicWeightAverage, UncertaintyWeighting
 
 NAMES = sorted(GRADIENT_METHODS)  # what has a single-process gradient reference

@@ -53,6 +53,24 @@ def test_placement_round_robin_and_limits():
         place_tasks(["a", "b"], 3)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_auc_equals_the_pairwise_definition_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (300,), generator=g).float() / 5  # many ties
+    labels = torch.randint(0, 2, (300,), generator=g)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg).double().sum() + 0.5 * (pos[:, None] == neg).double().sum()) / (len(pos) * len(neg))
+    assert binary_auc(scores, labels) == pytest.approx(float(pairwise), abs=1e-12)
+    assert binary_auc(torch.full((4,), 0.3), torch.tensor([0, 1, 0, 1])) == 0.5  # all tied
+
+
+def test_rank_auc_of_half_a_million_rows_needs_no_pairwise_matrix():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (500_000,), generator=g)
+    scores = labels + torch.randn(500_000, generator=g)  # pairwise: 6e10 comparisons, 500 GB
+    assert 0.7 < binary_auc(scores, labels) < 0.8  # Phi(1 / sqrt(2)) = 0.760
+
+
 def test_metrics_known_answers():
     assert binary_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
     m = classification_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 1]))

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from distributed_mtml.aggregation.exchange import combine
+from distributed_mtml.aggregation import combine
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 

@@ -37,3 +37,18 @@ def test_multitask_step_gradient_is_the_mean_task_gradient():
     together = trunk_grad(["a", "b"], 0.5)
     separate = (trunk_grad(["a"], 1.0) + trunk_grad(["b"], 1.0)) / 2
     assert torch.allclose(together, separate, atol=1e-6)
+
+
+def test_bf16_autocast_covers_the_forward_and_losses_but_not_the_backward_or_step():
+    tasks = [TaskShape("a", "regression", 4), TaskShape("b", "classification", 4, 2)]
+    shapes = {t.name: t for t in tasks}
+    batches = {"a": (torch.randn(6, 4), torch.randn(6)), "b": (torch.randn(6, 4), torch.randint(0, 2, (6,)))}
+    model = MultiTaskModel(ModelConfig(), tasks, seed=1)
+    forward, backward = [], []
+    model.trunk.register_forward_hook(lambda m, i, out: forward.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    model.trunk[0].weight.register_hook(lambda g: backward.append((torch.is_autocast_enabled("cpu"), g.dtype)))
+    opt = make_optimizer("adam", list(model.parameters()), lr=1e-3, weight_decay=0.0)
+    losses = multitask_step(model.trunk, model.task_modules, shapes, batches, opt, 0.5, autocast=torch.bfloat16)
+    assert forward == [(True, torch.bfloat16)]  # the trunk ran in bf16 under autocast
+    assert backward == [(False, torch.float32)]  # fp32 gradients, computed outside autocast
+    assert all(torch.isfinite(v) for v in losses.values()) and model.trunk[0].weight.dtype == torch.float32

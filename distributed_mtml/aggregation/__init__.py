@@ -67,6 +67,17 @@ def loss_weighting(method: str, owned: list[str], order: list[str], options: dic
     return cls(owned, order, types, **options) if cls is not LossWeighting else cls(owned, order, types)
 
 
-# The public single-process reference ([K, P] task gradients -> update, weights), imported last:
-# the exchange reads METHODS above.
-from distributed_mtml.aggregation.exchange import combine  # noqa: E402, F401
+def combine(grads: torch.Tensor, method: str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-process reference: [K, P] task gradients -> (aggregated [P], weights [K]).
+
+    For coordinate-wise methods the second result is each task's fraction of kept coordinates."""
+    m = METHODS[method]
+    if m.kind == "coordinate":
+        return m.aggregate(grads, seed=seed, **options)
+    if m.kind != "gram":
+        raise ValueError(f"'{method}' weights losses, not gradients: it has no gradient reference")
+    # The Gram in the gradients' own precision (float64 copies of P-vectors cost more than the
+    # whole solve); the K x K result is solved in float64.
+    gram = (grads @ grads.T).double().cpu()
+    w = m.weights(gram, seed=seed, **options)
+    return (w.to(grads.dtype).to(grads.device) @ grads), w

@@ -13,23 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_mtml.aggregation import METHODS
-
-
-def combine(grads: torch.Tensor, method: str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-process reference: [K, P] task gradients -> (aggregated [P], weights [K]).
-
-    For coordinate-wise methods the second result is each task's fraction of kept coordinates."""
-    m = METHODS[method]
-    if m.kind == "coordinate":
-        return m.aggregate(grads, seed=seed, **options)
-    if m.kind != "gram":
-        raise ValueError(f"'{method}' weights losses, not gradients: it has no gradient reference")
-    # The Gram in the gradients' own precision (float64 copies of P-vectors cost more than the
-    # whole solve); the K x K result is solved in float64.
-    gram = (grads @ grads.T).double().cpu()
-    w = m.weights(gram, seed=seed, **options)
-    return (w.to(grads.dtype).to(grads.device) @ grads), w
+from distributed_mtml.aggregation import METHODS, combine
+from distributed_mtml.models import task_losses
 
 
 def gather_task_grads(local: torch.Tensor, placement: list[list[str]], order: list[str]) -> torch.Tensor:
@@ -52,12 +37,11 @@ def write_grad(params: list[nn.Parameter], flat: torch.Tensor) -> None:
 
 
 def task_trunk_gradients(
-    trunk: nn.Module, modules: nn.ModuleDict, shapes: dict, batches: dict, keep_graph: bool = False
+    trunk: nn.Module, modules: nn.ModuleDict, shapes: dict, batches: dict, keep_graph: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each owned task's loss and its flat trunk gradient [n, P], from one shared forward."""
-    from distributed_mtml.train.step import task_losses
-
-    losses = task_losses(trunk, modules, shapes, batches)
+    losses = task_losses(trunk, modules, shapes, batches, autocast)
     params = [p for p in trunk.parameters() if p.requires_grad]
     rows = []
     for i, loss in enumerate(losses):
@@ -77,6 +61,7 @@ def aggregated_step(
     method: str,
     seed: int,
     options: dict,
+    autocast: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One step with a conflict-aware trunk update; returns task losses and the weights [K].
 
@@ -84,7 +69,7 @@ def aggregated_step(
     and adapters get their own task's plain gradient; the trunk gets sum_k w_k g_k.
     """
     names = list(batches)
-    losses, stacked = task_trunk_gradients(trunk, modules, shapes, batches, keep_graph=True)
+    losses, stacked = task_trunk_gradients(trunk, modules, shapes, batches, keep_graph=True, autocast=autocast)
     params = [p for p in trunk.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     torch.stack(losses).sum().backward(inputs=list(modules.parameters()))

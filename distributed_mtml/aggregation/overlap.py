@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_mtml.aggregation import METHODS
+from distributed_mtml.models import task_losses
 
 
 class GatherBuckets:
@@ -75,16 +76,15 @@ def overlapped_step(
     method: str,
     seed: int,
     options: dict,
+    autocast: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One step with one task per rank; returns the task loss and the weights [K] in suite order.
 
     `rank_order[k]` is the rank that owns the suite's k-th task, so every method sees the
     tasks in suite order (the same order as the single-process reference).
     """
-    from distributed_mtml.train.step import task_losses
-
     (name,) = batches
-    (loss,) = task_losses(ddp_trunk, modules, shapes, batches)
+    (loss,) = task_losses(ddp_trunk, modules, shapes, batches, autocast)
     optimizer.zero_grad(set_to_none=False)
     loss.backward()
     by_rank = state.gram()

@@ -9,13 +9,20 @@ from distributed_mtml.models import TaskShape, task_loss
 
 
 def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC as the Mann-Whitney statistic, with ties counted half."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    """ROC AUC as the Mann-Whitney statistic, ties counted half, from ranks: one sort and
+    O(n) memory (comparing every positive with every negative took 5 GB at 25k x 25k rows).
+    Tied scores share their average rank, which is exactly the half-counted tie."""
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((labels == 0).sum())
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    ordered, order = scores.double().sort()
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, per tie group
+    ranks = torch.empty_like(ordered)
+    ranks[order] = average_rank[group]
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

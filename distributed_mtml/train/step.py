@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed_mtml.models import TaskShape, task_loss
+from distributed_mtml.models import TaskShape, task_losses
 
 
 class TaskBatches:
@@ -38,26 +38,6 @@ class TaskBatches:
             yield self.x[rows], self.y[rows]
 
 
-def task_losses(
-    trunk: nn.Module,
-    modules: nn.ModuleDict,
-    shapes: dict[str, TaskShape],
-    batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
-) -> list[torch.Tensor]:
-    """Every batch's loss, with all tasks through the trunk in one forward call.
-
-    One trunk forward per step (not one per task) keeps DDP's one-forward-one-backward
-    contract and gives the trunk larger, more efficient matrix products.
-    """
-    names = list(batches)
-    inputs = [modules[n].adapter(batches[n][0]) for n in names]
-    if len(inputs) == 1:  # one task per worker is the common case: skip the cat/split copies
-        features = [trunk(inputs[0])]
-    else:
-        features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
-    return [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
-
-
 def multitask_step(
     trunk: nn.Module,
     modules: nn.ModuleDict,
@@ -66,11 +46,12 @@ def multitask_step(
     optimizer: torch.optim.Optimizer,
     loss_scale: float,
     weighted_total: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Forward all owned tasks' batches, backward the scaled (weighted) sum of their losses,
-    step. Returns each task's (detached, unweighted) loss."""
+    """Forward all owned tasks' batches (under `autocast`), backward the scaled (weighted) sum
+    of their losses, step. Returns each task's (detached, unweighted) loss."""
     names = list(batches)
-    losses = task_losses(trunk, modules, shapes, batches)
+    losses = task_losses(trunk, modules, shapes, batches, autocast)
     if weighted_total is not None:
         total = weighted_total(losses)
     else:

@@ -67,20 +67,21 @@ def _make_step(
     cfg = plan.config
     agg = cfg.aggregation
     method, order = METHODS[agg.method], [s.name for s in plan.task_shapes()]
+    half = torch.bfloat16 if cfg.training.precision == "bf16" else None  # forward and losses only
     if method.needs_exchange:
         if method.kind == "gram" and world > 1 and all(len(tasks) == 1 for tasks in plan.placement):
             ddp, gathered = overlap.wrap_trunk(trunk, device, cfg.scaling.bucket_cap_mb)
             rank_order = [plan.placement.index([name]) for name in order]
             return lambda batch, seed: overlap.overlapped_step(
-                ddp, gathered, modules, shapes, batch, optimizer, rank_order, agg.method, seed, agg.options())
+                ddp, gathered, modules, shapes, batch, optimizer, rank_order, agg.method, seed, agg.options(), half)
         return lambda batch, seed: aggregated_step(
-            trunk, modules, shapes, batch, optimizer, plan.placement, order, agg.method, seed, agg.options())
+            trunk, modules, shapes, batch, optimizer, plan.placement, order, agg.method, seed, agg.options(), half)
     local_sgd = cfg.training.sync_every > 1
     synced = _wrap_trunk(trunk, plan, device) if world > 1 and not local_sgd else trunk
     weighted_total = weighting.total if method.kind == "loss" else None
     scale = world / len(order)
     return lambda batch, seed: (
-        multitask_step(synced, modules, shapes, batch, optimizer, scale, weighted_total), None)
+        multitask_step(synced, modules, shapes, batch, optimizer, scale, weighted_total, half), None)
 
 
 def _average_parameters(module: nn.Module, world: int) -> None:
@@ -188,8 +189,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
                 measured += 1
             seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-                losses, w = step_fn(batch, seed)
+            losses, w = step_fn(batch, seed)
             if w is not None:
                 weight_sums += w
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
