@@ -15,7 +15,8 @@ import typing
 
 from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InputError, TrainingFailed
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs", "demo.yaml")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")  # package data;
+# jobs/configs/demo.yaml links to it
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,9 @@ def _scalar_type(annotation) -> type:
 def _add_data_commands(sub) -> None:
     from distributed_mtml.data.generators import GENERATORS
 
-    data = sub.add_parser("data", help="make, validate and show task suites").add_subparsers(dest="data_cmd", required=True)
+    parent = sub.add_parser("data", help="make, validate and show task suites")
+    parent.set_defaults(func=cmd_data)
+    data = parent.add_subparsers(dest="data_cmd", required=True)
     make = data.add_parser("make", help="generate a synthetic suite").add_subparsers(dest="generator", required=True)
     for name, gen in GENERATORS.items():
         p = make.add_parser(name, help=gen.summary)
@@ -53,17 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mtml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the article's example on local Ray and show where to look")
+    demo.set_defaults(func=cmd_demo)
     _add_common(demo)
     _add_data_commands(sub)
     train = sub.add_parser("train", help="multi-task training on Ray Train workers")
     train.add_argument("--config", required=True)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
+    train.set_defaults(func=lambda args: cmd_train(args, args.config, args.set, args.resume))
     _add_common(train)
     meta = sub.add_parser("meta-train", help="meta-learning (MAML, FOMAML, Reptile, ANIL, Meta-SGD) on Ray Train workers")
     meta.add_argument("--config", required=True)
     meta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     meta.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
+    meta.set_defaults(func=cmd_meta_train)
     _add_common(meta)
     ev = sub.add_parser("evaluate", help="test metrics of a trained model; few-shot adaptation of a meta-learned one")
     source = ev.add_mutually_exclusive_group(required=True)
@@ -75,16 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-task models: the split to score (val: compare with the run's logged validation numbers)")
     ev.add_argument("--steps", type=int, default=10, help="meta: adaptation steps to score (0..N)")
     ev.add_argument("--tasks", type=int, default=600, help="meta: held-out tasks")
+    ev.set_defaults(func=cmd_evaluate)
     _add_common(ev)
-    for name, text in [("transfer", "carry a trained model to a target task with every configured strategy"),
-                       ("tune", "Ray Tune search over transfer strategies, then repeats with confidence intervals")]:
+    for name, text, func in [
+            ("transfer", "carry a trained model to a target task with every configured strategy", cmd_transfer),
+            ("tune", "Ray Tune search over transfer strategies, then repeats with confidence intervals", cmd_tune)]:
         p = sub.add_parser(name, help=text)
+        p.set_defaults(func=func)
         p.add_argument("--config", required=True)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
         _add_common(p)
     aff = sub.add_parser("affinity", help="task-affinity matrix of a run and the best groupings")
     aff.add_argument("--run", required=True, help="MLflow run id of a `mtml train` run with relations.enabled")
     aff.add_argument("--max-groups", type=int, default=None, help="groupings for 2..G groups (default: up to 4)")
+    aff.set_defaults(func=cmd_affinity)
     _add_common(aff)
     return parser
 
@@ -308,24 +318,13 @@ def cmd_affinity(args) -> int:
     return EXIT_OK
 
 
-def dispatch(args) -> int:
-    if args.command == "data":
-        return cmd_data(args)
-    if args.command == "train":
-        return cmd_train(args, args.config, args.set, args.resume)
-    if args.command == "meta-train":
-        return cmd_meta_train(args)
-    if args.command == "evaluate":
-        return cmd_evaluate(args)
-    if args.command == "affinity":
-        return cmd_affinity(args)
-    if args.command == "transfer":
-        return cmd_transfer(args)
-    if args.command == "tune":
-        return cmd_tune(args)
-    if not os.path.exists(DEMO_CONFIG):
-        raise InputError(f"{DEMO_CONFIG}: demo config not found; install from a checkout with `pip install -e .`")
+def cmd_demo(args) -> int:
     return cmd_train(args, DEMO_CONFIG, [])
+
+
+def dispatch(args) -> int:
+    """The command's function, set on its sub-parser (`set_defaults(func=...)`)."""
+    return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:
