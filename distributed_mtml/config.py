@@ -153,8 +153,9 @@ class TrackingConfig(_Section):
 
 
 class MetaConfig(_Section):
-    algorithm: Literal["maml", "fomaml", "reptile", "anil", "metasgd"] = Field(
-        "maml", description="maml (second order), fomaml, reptile, anil (heads only), metasgd (learned inner rates)"
+    algorithm: str = Field(
+        "maml", description="a name from meta.algorithms.ALGORITHMS: maml (second order), fomaml, reptile, "
+        "anil (heads only), metasgd (learned inner rates); checked by mtml meta-train before Ray starts"
     )
     iterations: int = Field(1000, ge=1, description="outer (meta) updates")
     meta_batch_size: int = Field(25, ge=1, description="tasks per outer update, split over the workers")
@@ -171,7 +172,6 @@ class MetaConfig(_Section):
         return self.query or self.shots
 
 
-STRATEGIES = ("scratch", "finetune", "linear_probe", "partial", "adapter", "meta_adapt", "nearest_head")
 
 
 class TransferConfig(_Section):
@@ -192,7 +192,9 @@ class TransferConfig(_Section):
     target: SuiteConfig | None = Field(None, description="the suite holding the target task (path or generator)")
     target_task: str | None = Field(None, description="the target task's name in that suite")
     shots: int = Field(10, ge=1, description="labelled target examples (K), drawn from its train split")
-    strategies: list[Literal[STRATEGIES]] = Field(default_factory=lambda: list(STRATEGIES), min_length=1)
+    strategies: list[str] | None = Field(
+        None, min_length=1, description="names from transfer.strategies.STRATEGIES; default: every one of them"
+    )
     steps: int = Field(100, ge=1, description="full-batch optimisation steps on the K examples")
     lr: float = Field(0.01, gt=0, description="Adam step size (meta_adapt: the source's inner rule instead)")
     eval_every: int = Field(10, ge=1, description="steps between validation scores: the learning curve and ASHA's rungs")

@@ -33,9 +33,8 @@ from distributed_mtml.stats import fmt
 from distributed_mtml.transfer.fit import fit
 from distributed_mtml.transfer.run import HEADLINE
 from distributed_mtml.transfer.source import load_inputs
-from distributed_mtml.transfer.strategies import build
+from distributed_mtml.transfer.strategies import STRATEGIES, build
 
-STRATEGIES = ["scratch", "finetune", "linear_probe", "partial", "adapter", "meta_adapt", "nearest_head"]
 LRS = [0.003, 0.01, 0.03]
 
 

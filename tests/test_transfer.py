@@ -7,6 +7,7 @@ from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.config import ModelConfig, TrunkConfig, validate_config
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import MultiTaskModel, TaskShape
+from distributed_mtml.meta.algorithms import MetaLearner
 from distributed_mtml.transfer.fit import fit
 from distributed_mtml.transfer.source import TransferInputs
 from distributed_mtml.transfer.strategies import build, check
@@ -21,7 +22,8 @@ def _inputs(target=TaskShape("new", "regression", 10), meta=None, tasks=SOURCE_T
     x = torch.randn(40, target.num_features, generator=g)
     y = torch.randint(0, 2, (40,), generator=g) if target.type == "classification" else x.sum(1)
     source_config = {"model": cfg.model_dump(mode="json"), "meta": meta}
-    return TransferInputs(model, source_config, None, target, (x, y), 8, (x, y), (x, y), TaskPrep()).draw(0)
+    learner = MetaLearner(model, meta["algorithm"], meta["inner_lr"]) if meta else None
+    return TransferInputs(model, source_config, learner, target, (x, y), 8, (x, y), (x, y), TaskPrep()).draw(0)
 
 
 def _trained_names(strategy, inputs, **kw):
@@ -92,7 +94,7 @@ def test_meta_adapt_uses_the_inner_rule_and_anil_adapts_the_head_only():
 
 
 @pytest.mark.parametrize("strategy, target, message", [
-    ("finetune", TaskShape("wide", "regression", 7), "only 'adapter' and 'scratch' map features"),
+    ("finetune", TaskShape("wide", "regression", 7), "only 'scratch' and 'adapter' map features"),
     ("meta_adapt", TaskShape("new", "regression", 10), "'meta_adapt' needs a source from `mtml meta-train`"),
     ("nearest_head", TaskShape("new", "classification", 10, 5), "'nearest_head' found no source head"),
 ])
@@ -103,7 +105,20 @@ def test_strategies_that_cannot_apply_say_why(strategy, target, message):
         check("partial", _inputs(), partial_layers=4)
 
 
-def test_transfer_config_lists_strategies_and_rejects_unknown_ones():
-    assert "meta_adapt" in validate_config({}).transfer.strategies
-    with pytest.raises(InputError, match="transfer.strategies"):
-        validate_config({"transfer": {"strategies": ["finetune", "magic"]}})
+def test_strategy_names_come_from_the_registry_and_unknown_ones_are_refused():
+    from distributed_mtml.transfer.strategies import STRATEGIES, chosen
+
+    assert validate_config({}).transfer.strategies is None and chosen(None) == list(STRATEGIES)
+    assert chosen(["finetune"]) == ["finetune"]
+    with pytest.raises(InputError, match="transfer.strategies: unknown 'magic' \\(choose from: scratch, finetune"):
+        chosen(validate_config({"transfer": {"strategies": ["finetune", "magic"]}}).transfer.strategies)
+
+
+def test_meta_adapt_takes_meta_sgd_rates_from_the_learner():
+    inputs = _inputs(meta={"algorithm": "metasgd", "inner_lr": 0.5}, tasks=[TaskShape("meta", "regression", 10)])
+    built = build("meta_adapt", inputs, 1, 4, seed=0)
+    learned = dict(zip(inputs.learner.adapted, inputs.learner.rates))
+    assert set(built.trainable) == {n for n, _ in built.model.named_parameters()}  # Meta-SGD adapts everything
+    for name, _ in built.model.head.named_parameters():
+        assert torch.equal(built.rates[f"head.{name}"], learned[f"task_modules.meta.head.{name}"].detach())
+    assert torch.equal(built.rates["trunk.0.weight"], learned["trunk.0.weight"].detach())

@@ -16,7 +16,7 @@ from distributed_mtml.config import Config
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
-from distributed_mtml.meta.algorithms import META_TASK
+from distributed_mtml.meta.algorithms import ALGORITHMS, META_TASK
 from distributed_mtml.meta.tasks import FAMILIES
 from distributed_mtml.models import TaskShape
 from distributed_mtml.train.monitor import check_monitor
@@ -64,6 +64,8 @@ def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[s
 
 def make_meta_plan(config: Config) -> MetaPlan:
     meta, workers = config.meta, config.scaling.num_workers
+    if meta.algorithm not in ALGORITHMS:
+        raise InputError(f"key 'meta.algorithm': unknown '{meta.algorithm}' (choose from: {', '.join(ALGORITHMS)})")
     check_monitor(config, ["val/mean_loss", f"val/{META_TASK}/loss"])  # the query loss after adaptation
     if meta.meta_batch_size < workers:
         raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least scaling.num_workers ({workers})")

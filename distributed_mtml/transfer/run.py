@@ -16,21 +16,15 @@ from distributed_mtml import report, tracking
 from distributed_mtml.config import Config, run_params
 from distributed_mtml.transfer.fit import Curve, fit
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
-from distributed_mtml.transfer.strategies import build, check
+from distributed_mtml.transfer.strategies import STRATEGIES, build, check
 
 HEADLINE = {"classification": ("accuracy", "max"), "regression": ("mse", "min")}
 
 
 def strategy_settings(strategy: str, lr: float, steps: int, partial_layers: int, adapter_width: int) -> dict:
     """The settings a strategy actually uses (logged as its child run's params)."""
-    settings = {"steps": steps}
-    if strategy != "meta_adapt":
-        settings["lr"] = lr
-    if strategy == "partial":
-        settings["partial_layers"] = partial_layers
-    if strategy == "adapter":
-        settings["adapter_width"] = adapter_width
-    return settings
+    given = {"lr": lr, "partial_layers": partial_layers, "adapter_width": adapter_width}
+    return {"steps": steps, **{k: given[k] for k in STRATEGIES[strategy].settings}}
 
 
 def log_curve(uri: str, run_id: str, curve: Curve, title: str) -> None:

@@ -9,6 +9,7 @@ InputError here, before any trial starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import MultiTaskModel, TaskShape
+
+if TYPE_CHECKING:
+    from distributed_mtml.meta.algorithms import MetaLearner
 from distributed_mtml.train.plan import ensure_suite_at
 
 
@@ -26,7 +30,7 @@ from distributed_mtml.train.plan import ensure_suite_at
 class TransferInputs:
     model: MultiTaskModel  # the source: trunk + every head ("meta" for a meta-learned one)
     source_config: dict  # the source run's config (model architecture, meta inner rule)
-    meta_rates: dict[str, torch.Tensor] | None  # Meta-SGD's learned rates, when the source has them
+    learner: "MetaLearner | None"  # a meta-learned source's learner: its inner rule adapts the target
     target: TaskShape
     pool: tuple[torch.Tensor, torch.Tensor]  # the target's whole train split
     shots: int
@@ -48,10 +52,6 @@ class TransferInputs:
         x, y = getattr(self, split)
         return x, self.prep.scaled_target(y)
 
-    @property
-    def is_meta(self) -> bool:
-        """A meta-learned source carries exactly one head, "meta"."""
-        return list(self.model.tasks) == ["meta"]
 
 
 def _source_dir(source: str, uri: str, experiment: str):
@@ -75,19 +75,18 @@ def _source_dir(source: str, uri: str, experiment: str):
     return model_dir(source, None, uri)
 
 
-def load_source(source: str, uri: str, experiment: str) -> tuple[MultiTaskModel, dict, dict | None]:
+def load_source(source: str, uri: str, experiment: str) -> tuple[MultiTaskModel, dict, "MetaLearner | None"]:
+    """The source's model, its config, and for a meta-learned source its learner."""
     from distributed_mtml.train.checkpoint import load_model, load_state
 
     with _source_dir(source, uri, experiment) as directory:
-        model, plan = load_model(directory)
-        rates = None
         if load_state(directory).get("kind") == "meta":
             from distributed_mtml.meta.checkpoint import load_learner
 
-            learner, _ = load_learner(directory)
-            if learner.algorithm.learned_rates:
-                rates = {n: r.detach().clone() for n, r in zip(learner.adapted, learner.rates)}
-    return model, plan["config"], rates
+            learner, plan = load_learner(directory)
+            return learner.model, plan["config"], learner
+        model, plan = load_model(directory)
+    return model, plan["config"], None
 
 
 def k_shot_rows(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -101,7 +100,10 @@ def load_inputs(config: Config, uri: str) -> TransferInputs:
     for key in ("source", "target", "target_task"):
         if getattr(t, key) is None:
             raise InputError(f"transfer.{key}: required")
-    model, source_config, rates = load_source(t.source, uri, config.tracking.experiment)
+    from distributed_mtml.transfer.strategies import chosen
+
+    t.strategies = chosen(t.strategies)  # every registered strategy unless the config names some
+    model, source_config, learner = load_source(t.source, uri, config.tracking.experiment)
     suite_dir = ensure_suite_at(t.target)
     spec = checked_suite(suite_dir)
     tasks = {task.name: task for task in spec.tasks}
@@ -116,7 +118,7 @@ def load_inputs(config: Config, uri: str) -> TransferInputs:
                          f"in {suite_dir}/{task.path}")
     prep = TaskPrep.fit(data, config.data.standardize)
     split = {s: (torch.from_numpy(prep.inputs(data.x[s])), torch.from_numpy(data.y[s])) for s in ("train", "val", "test")}
-    return TransferInputs(model, source_config, rates, TaskShape.of(data), split["train"], t.shots, split["val"],
+    return TransferInputs(model, source_config, learner, TaskShape.of(data), split["train"], t.shots, split["val"],
                           split["test"], prep).draw(t.seed)
 
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from distributed_mtml.config import ModelConfig
 from distributed_mtml.errors import InputError
+from distributed_mtml.meta.algorithms import META_TASK
 from distributed_mtml.models import TaskModule, build_trunk, task_loss
 from distributed_mtml.transfer.source import TransferInputs
 
@@ -81,19 +83,28 @@ def _compatible_heads(inputs: TransferInputs) -> list[str]:
     return [n for n, s in inputs.model.tasks.items() if s.type == t.type and s.out_width == t.out_width]
 
 
+def chosen(names: list[str] | None) -> list[str]:
+    """`transfer.strategies` checked against the registry; None means every strategy."""
+    unknown = [n for n in names or [] if n not in STRATEGIES]
+    if unknown:
+        raise InputError(f"transfer.strategies: unknown '{unknown[0]}' (choose from: {', '.join(STRATEGIES)})")
+    return list(names or STRATEGIES)
+
+
 def check(strategy: str, inputs: TransferInputs, partial_layers: int) -> None:
     """One clear InputError when `strategy` cannot apply to this source and target."""
-    t, trunk_in = inputs.target, _trunk_in(inputs)
-    if t.num_features != trunk_in and strategy not in ("scratch", "adapter"):
+    s, t, trunk_in = STRATEGIES[chosen([strategy])[0]], inputs.target, _trunk_in(inputs)
+    if t.num_features != trunk_in and not s.maps_features:
+        mapping = " and ".join(f"'{n}'" for n, other in STRATEGIES.items() if other.maps_features)
         raise InputError(f"transfer.strategies: '{strategy}' needs the target's features to match the source trunk's "
-                         f"input ({t.num_features} vs {trunk_in}); only 'adapter' and 'scratch' map features")
-    if strategy == "meta_adapt" and not (inputs.is_meta and _compatible_heads(inputs)):
-        raise InputError("transfer.strategies: 'meta_adapt' needs a source from `mtml meta-train` whose head "
+                         f"input ({t.num_features} vs {trunk_in}); only {mapping} map features")
+    if s.needs_meta_source and not (inputs.learner is not None and _compatible_heads(inputs)):
+        raise InputError(f"transfer.strategies: '{strategy}' needs a source from `mtml meta-train` whose head "
                          f"matches the target ({t.type}, {t.out_width} outputs)")
-    if strategy == "nearest_head" and not _compatible_heads(inputs):
-        raise InputError(f"transfer.strategies: 'nearest_head' found no source head of type {t.type} "
+    if s.needs_source_head and not _compatible_heads(inputs):
+        raise InputError(f"transfer.strategies: '{strategy}' found no source head of type {t.type} "
                          f"with {t.out_width} outputs")
-    if strategy == "partial" and partial_layers > len(_linears(inputs.model.trunk)):
+    if "partial_layers" in s.settings and partial_layers > len(_linears(inputs.model.trunk)):
         raise InputError(f"transfer.partial_layers: {partial_layers} exceeds the trunk's "
                          f"{len(_linears(inputs.model.trunk))} layers")
 
@@ -121,50 +132,86 @@ def _adapted_trunk(trunk: nn.Module, width: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class Options:
+    partial_layers: int
+    adapter_width: int
+    seed: int
+
+
+def _scratch(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    torch.manual_seed(o.seed)
+    model = TargetModel(nn.Identity(), build_trunk(_model_config(inputs), [inputs.target]), head)
+    return Built(model, [n for n, _ in model.named_parameters()])
+
+
+def _finetune(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    model = TargetModel(nn.Identity(), trunk, head)
+    return Built(model, [n for n, _ in model.named_parameters()])
+
+
+def _linear_probe(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    model = TargetModel(nn.Identity(), trunk, head)
+    return Built(model, [n for n, _ in model.named_parameters() if n.startswith("head.")])
+
+
+def _partial(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    built = _linear_probe(inputs, trunk, head, o)
+    top = {id(p) for layer in _linears(trunk)[-o.partial_layers:] for p in layer.parameters()}
+    return Built(built.model, built.trainable + [f"trunk.{n}" for n, p in trunk.named_parameters() if id(p) in top])
+
+
+def _adapter(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    mismatch = inputs.target.num_features != _trunk_in(inputs)
+    torch.manual_seed(o.seed)
+    input_map = nn.Linear(inputs.target.num_features, _trunk_in(inputs)) if mismatch else nn.Identity()
+    model = TargetModel(input_map, _adapted_trunk(trunk, o.adapter_width), head)
+    trainable = [n for n, _ in model.named_parameters()
+                 if n.startswith(("head.", "input_map.")) or ".down." in n or ".up." in n]
+    return Built(model, trainable)
+
+
+def _nearest(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    chosen_head = copy.deepcopy(inputs.model.task_modules[_nearest_head(inputs)].head)
+    model = TargetModel(nn.Identity(), trunk, chosen_head)
+    return Built(model, [n for n, _ in model.named_parameters()])
+
+
+def _meta_adapt(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    """The meta-learned initialisation adapted by the learner's own inner rule: the parameters it
+    adapts (ANIL: the head) at its rates (Meta-SGD: learned), renamed to TargetModel's names."""
+    learner = inputs.learner
+    model = TargetModel(nn.Identity(), trunk, copy.deepcopy(learner.model.task_modules[META_TASK].head))
+    rename = {f"task_modules.{META_TASK}.head.{n}": f"head.{n}" for n, _ in model.head.named_parameters()}
+    rename.update({f"trunk.{n}": f"trunk.{n}" for n, _ in trunk.named_parameters()})
+    rates = {rename[n]: (r.detach().clone() if isinstance(r, torch.Tensor) else r) for n, r in learner.rate().items()}
+    return Built(model, [rename[n] for n in learner.adapted], rates)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered strategy: its build (source trunk copy and a new head in, `Built` out), the
+    settings it reads (logged as its run's params), and what it needs of source and target."""
+
+    build: Callable[[TransferInputs, nn.Module, nn.Module, Options], Built]
+    settings: tuple[str, ...] = ("lr",)
+    maps_features: bool = False  # works when the target's features differ from the source's
+    needs_meta_source: bool = False
+    needs_source_head: bool = False  # a source head of the target's type and width
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "scratch": Strategy(_scratch, maps_features=True),
+    "finetune": Strategy(_finetune),
+    "linear_probe": Strategy(_linear_probe),
+    "partial": Strategy(_partial, settings=("lr", "partial_layers")),
+    "adapter": Strategy(_adapter, settings=("lr", "adapter_width"), maps_features=True),
+    "meta_adapt": Strategy(_meta_adapt, settings=(), needs_meta_source=True),
+    "nearest_head": Strategy(_nearest, needs_source_head=True),
+}
+
+
 def build(strategy: str, inputs: TransferInputs, partial_layers: int, adapter_width: int, seed: int) -> Built:
     check(strategy, inputs, partial_layers)
-    source_trunk = copy.deepcopy(inputs.model.trunk)
-    head = _new_head(inputs, seed)
-    if strategy == "scratch":
-        torch.manual_seed(seed)
-        model = TargetModel(nn.Identity(), build_trunk(_model_config(inputs), [inputs.target]), head)
-        return Built(model, [n for n, _ in model.named_parameters()])
-    if strategy in ("finetune", "linear_probe", "partial"):
-        model = TargetModel(nn.Identity(), source_trunk, head)
-        trainable = [n for n, _ in model.named_parameters() if n.startswith("head.")]
-        if strategy == "finetune":
-            trainable = [n for n, _ in model.named_parameters()]
-        if strategy == "partial":
-            top = {id(p) for layer in _linears(source_trunk)[-partial_layers:] for p in layer.parameters()}
-            trainable += [f"trunk.{n}" for n, p in source_trunk.named_parameters() if id(p) in top]
-        return Built(model, trainable)
-    if strategy == "adapter":
-        mismatch = inputs.target.num_features != _trunk_in(inputs)
-        torch.manual_seed(seed)
-        input_map = nn.Linear(inputs.target.num_features, _trunk_in(inputs)) if mismatch else nn.Identity()
-        model = TargetModel(input_map, _adapted_trunk(source_trunk, adapter_width), head)
-        trainable = [n for n, _ in model.named_parameters()
-                     if n.startswith(("head.", "input_map.")) or ".down." in n or ".up." in n]
-        return Built(model, trainable)
-    if strategy == "nearest_head":
-        chosen = copy.deepcopy(inputs.model.task_modules[_nearest_head(inputs)].head)
-        model = TargetModel(nn.Identity(), source_trunk, chosen)
-        return Built(model, [n for n, _ in model.named_parameters()])
-    return _meta_adapt(inputs, source_trunk)
-
-
-def _meta_adapt(inputs: TransferInputs, trunk: nn.Module) -> Built:
-    """The meta-learned initialisation with the source's inner rule, renamed to TargetModel's names."""
-    meta = inputs.source_config["meta"]
-    model = TargetModel(nn.Identity(), trunk, copy.deepcopy(inputs.model.task_modules["meta"].head))
-    rename = {f"task_modules.meta.head.{n}": f"head.{n}" for n, _ in model.head.named_parameters()}
-    rename.update({f"trunk.{n}": f"trunk.{n}" for n, _ in trunk.named_parameters()})
-    if meta["algorithm"] == "anil":
-        trainable = [n for n, _ in model.named_parameters() if n.startswith("head.")]
-    else:
-        trainable = [n for n, _ in model.named_parameters()]
-    if inputs.meta_rates is not None:
-        rates = {rename[n]: r for n, r in inputs.meta_rates.items()}
-    else:
-        rates = {n: meta["inner_lr"] for n in trainable}
-    return Built(model, trainable, rates)
+    options = Options(partial_layers, adapter_width, seed)
+    return STRATEGIES[strategy].build(inputs, copy.deepcopy(inputs.model.trunk), _new_head(inputs, seed), options)
