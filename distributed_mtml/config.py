@@ -13,7 +13,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from distributed_mtml.errors import InputError, validation_lines
 
@@ -103,6 +103,22 @@ class AggregationConfig(_Section):
     c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
     leak: float = Field(0.0, ge=0, le=1, description="GradDrop's leak: fraction of every gradient kept unmasked")
     temperature: float = Field(2.0, gt=0, description="DWA's softmax temperature T")
+
+    @field_validator("*")
+    @classmethod
+    def _option_of_the_method(cls, value: Any, info: ValidationInfo) -> Any:
+        """An option set for a method that does not take it is a mistake (the user meant
+        another method, or nothing happens): named by its key. Default values pass, so a dumped
+        config (plans, checkpoints, which hold every key) validates again."""
+        from distributed_mtml.aggregation import METHODS
+
+        method, name = METHODS.get(info.data.get("method")), info.field_name
+        if name == "method" or method is None or value == cls.model_fields[name].default:
+            return value
+        if name not in method.params:
+            taken = ", ".join(method.params) or "none"
+            raise ValueError(f"not an option of method '{info.data['method']}' (its options: {taken})")
+        return value
 
     @model_validator(mode="after")
     def _known_method(self) -> "AggregationConfig":

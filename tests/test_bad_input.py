@@ -229,9 +229,13 @@ def _config_cases():
         c.config["meta"] = {"algorithm": "protonet"}
         return ["meta-train", "--config", c.write_config(), "--tracking-uri", c.uri], "key 'meta.algorithm'"
 
+    def option_of_another_method(c):  # GradDrop's leak set for PCGrad would silently do nothing
+        return c.train("--set", "aggregation.method=pcgrad", "--set", "aggregation.leak=0.2"), \
+            "key 'aggregation.leak': Value error, not an option of method 'pcgrad'"
+
     return [unknown_key, wrong_type, negative_batch, zero_workers, zero_lr, unknown_method, set_without_value,
             set_unknown_key, config_yaml_syntax, set_bad_value_blames_the_flag, mistyped_suite_path, too_many_cpus, gpus_not_there, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
-            unknown_monitor, unknown_algorithm]
+            unknown_monitor, unknown_algorithm, option_of_another_method]
 
 
 def _argument_and_checkpoint_cases():
