@@ -14,7 +14,7 @@ from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.models import TaskShape
-from distributed_mtml.train.metrics import task_metrics
+from distributed_mtml.metrics import task_metrics
 
 
 def trivial_output(task: TaskShape, y_train: torch.Tensor, rows: int) -> torch.Tensor:

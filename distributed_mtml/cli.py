@@ -205,9 +205,10 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
 
 def cmd_evaluate(args) -> int:
     from distributed_mtml import tracking
-    from distributed_mtml.evaluate import evaluate, model_dir
+    from distributed_mtml.artifacts import load_model, model_dir
+    from distributed_mtml.evaluate import evaluate
     from distributed_mtml.report import metrics_table
-    from distributed_mtml.train.checkpoint import load_model, load_state
+    from distributed_mtml.runtime.checkpoint import load_state
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     if args.run:

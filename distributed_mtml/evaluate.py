@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from typing import Iterator
-
 import torch
 
-from distributed_mtml import tracking
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import MultiTaskModel
-from distributed_mtml.train.checkpoint import STATE_FILE, load_model
-from distributed_mtml.train.metrics import task_metrics
-
-
-@contextlib.contextmanager
-def model_dir(run_id: str | None, checkpoint: str | None, uri: str) -> Iterator[str]:
-    """A local directory holding the model: the checkpoint, or `runs:/<id>/model` downloaded."""
-    if checkpoint is not None:
-        if not os.path.exists(os.path.join(checkpoint, STATE_FILE)):
-            raise InputError(f"--checkpoint {checkpoint}: no {STATE_FILE}, not a checkpoint directory")
-        yield checkpoint
-        return
-    from mlflow.exceptions import MlflowException
-
-    c = tracking.client(uri)
-    try:
-        c.get_run(run_id)
-    except MlflowException:
-        raise InputError(f"--run: no run '{run_id}' in {uri}") from None
-    with tempfile.TemporaryDirectory() as d:
-        yield c.download_artifacts(run_id, "model", d)
-
-
-def model_from_run(run_id: str, uri: str) -> MultiTaskModel:
-    """Downloads `runs:/<id>/model` and loads it with weights_only=True."""
-    with model_dir(run_id, None, uri) as path:
-        model, _ = load_model(path)
-    return model
+from distributed_mtml.metrics import task_metrics
 
 
 def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test") -> dict[str, float]:

@@ -16,7 +16,7 @@ from ray.train import UserCallback
 
 from distributed_mtml.console import say
 from distributed_mtml.interrupts import uninterrupted
-from distributed_mtml.train.monitor import mean_val_loss
+from distributed_mtml.runtime.monitor import mean_val_loss
 
 DEFAULT_DB = "mlflow.db"
 

@@ -97,6 +97,7 @@ def subset_suite(suite_dir: str, tasks: list[str]) -> str:
 
 
 def test_metrics(outcome: TrainOutcome, suite_dir: str) -> dict[str, float]:
-    from distributed_mtml.evaluate import evaluate, model_from_run
+    from distributed_mtml.artifacts import model_from_run
+    from distributed_mtml.evaluate import evaluate
 
     return evaluate(model_from_run(outcome.run_id, URI), suite_dir)

@@ -187,7 +187,7 @@ def test_standardisation_uses_the_train_split_only_and_metrics_keep_the_targets_
     from conftest import write_raw_suite
     from distributed_mtml.data.prepare import TaskPrep
     from distributed_mtml.models import TaskShape
-    from distributed_mtml.train.metrics import task_metrics
+    from distributed_mtml.metrics import task_metrics
 
     suite = write_raw_suite(str(tmp_path / "s"))
     data = load_task(suite, load_suite_spec(suite).tasks[1])

@@ -30,7 +30,7 @@ def _history(client, run_id, key):
 
 def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_session, tmp_path, capsys):
     from distributed_mtml.cli import main
-    from distributed_mtml.train.checkpoint import load_model
+    from distributed_mtml.artifacts import load_model
 
     out = run_meta_training(_config(tmp_path), "sine", _uri(tmp_path))
     client = MlflowClient(_uri(tmp_path))
@@ -58,7 +58,7 @@ def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_sess
 def test_meta_training_keeps_the_best_report_and_stops_early(ray_session, tmp_path):
     """Monitored in 'max' mode the first report is the best (meta-training lowers the loss), so
     with patience 1 the run stops at the second report and keeps the first one's model."""
-    from distributed_mtml.train.checkpoint import load_state
+    from distributed_mtml.runtime.checkpoint import load_state
 
     cfg = _config(tmp_path, training={"early_stopping_patience": 1}, checkpoint={"mode": "max"},
                   meta={"iterations": 1000})

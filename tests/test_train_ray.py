@@ -10,7 +10,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from distributed_mtml.config import validate_config
-from distributed_mtml.evaluate import evaluate, model_from_run
+from distributed_mtml.artifacts import model_from_run
+from distributed_mtml.evaluate import evaluate
 from distributed_mtml.train.launch import run_training
 
 pytestmark = pytest.mark.ray
@@ -137,7 +138,8 @@ def test_full_disk_fails_clearly_and_keeps_the_last_whole_checkpoint(ray_session
     so and naming the last complete checkpoint, which still loads; the partial one is never
     taken for it."""
     from distributed_mtml.errors import TrainingFailed
-    from distributed_mtml.train.checkpoint import latest_checkpoint, load_model
+    from distributed_mtml.artifacts import load_model
+    from distributed_mtml.runtime.checkpoint import latest_checkpoint
 
     cfg = _config(tmp_path, seed_suite, training={"epochs": 6}, checkpoint={"dir": str(tiny_disk), "num_to_keep": 5})
     with pytest.raises(TrainingFailed, match="No space left on device") as failed:
@@ -369,7 +371,8 @@ def test_non_finite_loss_fails_the_run_naming_task_and_step(ray_session, tmp_pat
     every rank a step later, yet the error names the first task and step, the run is FAILED and
     the epoch-1 checkpoint is the last one, intact."""
     from distributed_mtml.errors import TrainingFailed
-    from distributed_mtml.train.checkpoint import latest_checkpoint, load_model
+    from distributed_mtml.artifacts import load_model
+    from distributed_mtml.runtime.checkpoint import latest_checkpoint
 
     monkeypatch.setenv("MTML_FAULT", "nan@2:3:1")
     cfg = _config(tmp_path, seed_suite, training={"epochs": 4, "steps_per_epoch": 10})

@@ -1,4 +1,4 @@
-"""Meta-training checkpoints, in the layout of `train/checkpoint.py` plus two files.
+"""Meta-training checkpoints, in the common layout (`runtime/checkpoint.py`) plus two files.
 
   state.pt          epoch = iterations done - 1, kind "meta", the plan
   trunk.pt          the trunk
@@ -19,7 +19,7 @@ import torch
 from distributed_mtml import __version__
 from distributed_mtml.meta.algorithms import META_TASK, MetaLearner
 from distributed_mtml.models import MultiTaskModel
-from distributed_mtml.train.checkpoint import STATE_FILE, TRUNK_FILE, load_file, load_into, load_state, task_file
+from distributed_mtml.runtime.checkpoint import STATE_FILE, TRUNK_FILE, load_file, load_into, load_state, task_file
 
 RATES_FILE, OPTIM_FILE = "rates.pt", "optim.pt"
 

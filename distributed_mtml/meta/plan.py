@@ -19,8 +19,8 @@ from distributed_mtml.errors import InputError
 from distributed_mtml.meta.algorithms import ALGORITHMS, META_TASK
 from distributed_mtml.meta.tasks import FAMILIES
 from distributed_mtml.models import TaskShape
-from distributed_mtml.train.monitor import check_monitor
-from distributed_mtml.train.placement import place_tasks
+from distributed_mtml.runtime.monitor import check_monitor
+from distributed_mtml.runtime.placement import place_tasks
 from distributed_mtml.train.plan import ensure_suite
 
 

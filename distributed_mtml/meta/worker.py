@@ -26,7 +26,7 @@ from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_g
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
 from distributed_mtml.meta.plan import MetaPlan, share
 from distributed_mtml.meta.tasks import FAMILIES, SuiteEpisodes, episode_generator
-from distributed_mtml.train.monitor import Monitor
+from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.train.step import make_optimizer
 from distributed_mtml.train.worker import quiet_report_log
 

@@ -14,8 +14,9 @@ from distributed_mtml.config import Config, run_params
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.interrupts import interrupt_trainer_on_sigint
-from distributed_mtml.train.checkpoint import check_resumable, check_writable, latest_checkpoint, load_model, load_state
-from distributed_mtml.train.monitor import SCORE
+from distributed_mtml.artifacts import load_model
+from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
+from distributed_mtml.runtime.monitor import SCORE
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 

@@ -18,8 +18,8 @@ from distributed_mtml.data.suite import SUITE_FILE, load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import TaskShape
-from distributed_mtml.train.monitor import check_monitor, monitor_keys
-from distributed_mtml.train.placement import place_tasks
+from distributed_mtml.runtime.monitor import check_monitor, monitor_keys
+from distributed_mtml.runtime.placement import place_tasks
 
 
 class TrainPlan(BaseModel):

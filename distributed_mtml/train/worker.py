@@ -29,8 +29,8 @@ from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
-from distributed_mtml.train.metrics import task_metrics
-from distributed_mtml.train.monitor import Monitor
+from distributed_mtml.metrics import task_metrics
+from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.train.plan import TrainPlan
 from distributed_mtml.train.step import TaskBatches, make_optimizer, multitask_step
 

@@ -60,7 +60,7 @@ def _source_dir(source: str, uri: str, experiment: str):
     import os
 
     from distributed_mtml import tracking
-    from distributed_mtml.evaluate import model_dir
+    from distributed_mtml.artifacts import model_dir
 
     if source.startswith("runs:/"):
         return model_dir(source[len("runs:/"):].split("/")[0], None, uri)
@@ -77,12 +77,12 @@ def _source_dir(source: str, uri: str, experiment: str):
 
 def load_source(source: str, uri: str, experiment: str) -> tuple[MultiTaskModel, dict, "MetaLearner | None"]:
     """The source's model, its config, and for a meta-learned source its learner."""
-    from distributed_mtml.train.checkpoint import load_model, load_state
+    from distributed_mtml.artifacts import load_model
+    from distributed_mtml.meta.checkpoint import load_learner
+    from distributed_mtml.runtime.checkpoint import load_state
 
     with _source_dir(source, uri, experiment) as directory:
         if load_state(directory).get("kind") == "meta":
-            from distributed_mtml.meta.checkpoint import load_learner
-
             learner, plan = load_learner(directory)
             return learner.model, plan["config"], learner
         model, plan = load_model(directory)

@@ -1,0 +1,123 @@
+"""Checkpoint files that describe themselves and load with `weights_only=True`, and finding them.
+
+Layout of one checkpoint directory (Ray merges what every worker writes into it):
+  state.pt          rank 0: epoch (meta: iterations done), plan (config, tasks, placement), version
+  trunk.pt          rank 0: trunk state_dict (identical on every rank)
+  task_<name>.pt    owner rank: the task's adapter + head state_dict
+  ...               what the recipe adds (optimiser state per rank, Meta-SGD's rates)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+from torch import nn
+
+from distributed_mtml.errors import InputError
+
+STATE_FILE = "state.pt"
+TRUNK_FILE = "trunk.pt"
+
+
+def task_file(name: str) -> str:
+    return f"task_{name}.pt"
+
+
+def load_file(path: str) -> dict:
+    """One checkpoint file, as plain tensors and containers only: `weights_only=True` refuses
+    anything whose unpickling would run code. A refused, missing or damaged file is bad input."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: not a plain tensor checkpoint "
+                         "(loading it would run code; torch.load weights_only=True)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
+def load_into(module: nn.Module, path: str) -> None:
+    """A state dict into a module built from the checkpoint's own description (state.pt)."""
+    try:
+        module.load_state_dict(load_file(path))
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise InputError(f"{path}: does not fit the model described in {STATE_FILE} ({detail})") from None
+
+
+def load_state(directory: str) -> dict:
+    return load_file(os.path.join(directory, STATE_FILE))
+
+
+def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
+    """The checkpoint `--resume` continues from: the newest that Ray Train registered in its
+    snapshot, written only once a checkpoint is complete, so a partial upload (a full disk, a
+    killed worker) is never taken for one. Ray rewrites that snapshot in place, so a full disk
+    can leave it truncated: then the newest local checkpoint whose files are all whole.
+    Any pyarrow filesystem URI, or a local path."""
+    import json
+
+    import pyarrow.fs
+
+    scheme = storage_path.split("://")[0] + "://" if "://" in storage_path else ""
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path) if scheme else (pyarrow.fs.LocalFileSystem(), storage_path)
+    try:
+        with fs.open_input_stream(f"{root}/{run_name}/checkpoint_manager_snapshot.json") as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+        return f"{scheme}{root}/{run_name}/{name}" if name else None
+    except (FileNotFoundError, OSError, ValueError):
+        if scheme:
+            return None
+    run_dir = os.path.join(root, run_name)
+    names = sorted(os.listdir(run_dir), reverse=True) if os.path.isdir(run_dir) else []
+    return next((os.path.join(run_dir, n) for n in names if n.startswith("checkpoint_") and _whole(os.path.join(run_dir, n))), None)
+
+
+def _whole(directory: str) -> bool:
+    """Every file a checkpoint of this plan holds is there and ends with its zip directory
+    (torch.save's format keeps it at the end, so a cut-off file fails to open)."""
+    import zipfile
+
+    try:
+        plan = load_state(directory)["plan"]
+        files = [STATE_FILE, TRUNK_FILE] + [task_file(t["name"]) for t in plan.get("tasks", [])]
+        for name in files:
+            zipfile.ZipFile(os.path.join(directory, name)).close()
+        return True
+    except (InputError, OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def check_writable(storage_path: str) -> None:
+    """Checkpoints must be writable before hours of training depend on them (local paths;
+    an object store's permissions are the workers' to find out)."""
+    if "://" in storage_path:
+        return
+    probe = os.path.join(storage_path, ".mtml_write_probe")
+    try:
+        os.makedirs(storage_path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"checkpoint.dir: {storage_path} is not writable ({e.strerror or e})") from None
+
+
+def check_resumable(storage_path: str, run_name: str, model: dict) -> str | None:
+    """`--resume` continues from the run's newest checkpoint, so the config must still build the
+    model that checkpoint holds; said here, before any worker fails to load it. Returns that
+    checkpoint (None: nothing saved yet)."""
+    from distributed_mtml.config import flatten
+
+    last = latest_checkpoint(storage_path, run_name)
+    if last is None or "://" in last:  # nothing saved yet; remote storage is read by the workers
+        return last
+    saved = flatten(load_state(last)["plan"]["config"]["model"], "model.")
+    for key, value in flatten(model, "model.").items():
+        if saved.get(key) != value:
+            raise InputError(f"--resume: checkpoint {last} was trained with {key} {saved.get(key)}, this config {value}")
+    return last
