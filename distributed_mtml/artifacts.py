@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from distributed_mtml import tracking
 from distributed_mtml.errors import InputError
@@ -19,6 +19,18 @@ from distributed_mtml.meta.checkpoint import load_learner
 from distributed_mtml.models import MultiTaskModel
 from distributed_mtml.runtime.checkpoint import STATE_FILE, TRUNK_FILE, load_into, load_state, task_file
 from distributed_mtml.train.plan import TrainPlan
+
+if TYPE_CHECKING:
+    from distributed_mtml.meta.algorithms import MetaLearner
+
+
+def load_with_learner(directory: str) -> tuple[MultiTaskModel, dict, "MetaLearner | None"]:
+    """`load_model`, and for a meta-learned model also its learner (its inner rule: the
+    parameters it adapts and their rates), which transfer adapts with."""
+    if load_state(directory).get("kind") == "meta":
+        learner, plan = load_learner(directory)
+        return learner.model, plan, learner
+    return (*load_model(directory), None)
 
 
 def load_model(directory: str) -> tuple[MultiTaskModel, dict]:

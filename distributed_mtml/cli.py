@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
-        os.environ["MTML_VERBOSE"] = "1"  # train.launch.VERBOSE_ENV, read where Ray starts
+        os.environ["MTML_VERBOSE"] = "1"  # runtime.driver.VERBOSE_ENV, read where Ray starts
     # MLflow's INFO lines (database set-up) are not ours to show: the variable for when it is
     # imported later, the level for when it already is.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

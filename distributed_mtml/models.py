@@ -17,6 +17,7 @@ from distributed_mtml.config import ModelConfig, TrunkConfig
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import TaskData
 
+META_TASK = "meta"  # the one head a meta-learned model carries: every task's starting head
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 

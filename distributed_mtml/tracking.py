@@ -1,8 +1,8 @@
-"""MLflow: where runs go, how they are named, and the one process that writes them.
+"""MLflow: where runs go, how they are named, their status, and the writes every command makes.
 
 SQLite allows one writer at a time, so workers never talk to MLflow. The driver creates
-the run and logs params and artifacts; during training a Ray Train `UserCallback`, which
-runs in the controller process, logs every worker's metrics. The two never overlap.
+the run and logs params and artifacts; during training a Ray Train callback in the controller
+process (`runtime/callback.py`) logs every worker's metrics. The two never overlap.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ import os
 import time
 from typing import Any
 
-from ray.train import UserCallback
-
-from distributed_mtml.console import say
 from distributed_mtml.interrupts import uninterrupted
-from distributed_mtml.runtime.monitor import mean_val_loss
 
 DEFAULT_DB = "mlflow.db"
 
@@ -185,150 +181,3 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, tim
         c = client(uri)
         for i in range(0, len(items), 500):
             c.log_batch(run_id, metrics=items[i : i + 500])
-
-
-def merge_worker_metrics(
-    per_worker: list[dict[str, float]], counter: str = "epoch"
-) -> tuple[int, dict[str, float]]:
-    """One report's metrics of all ranks -> (its `counter` value: the epoch, or the
-    meta-iteration, MLflow metrics with run-level aggregates).
-
-    Workers run in lock-step, so the slowest rank's train time is the report's wall time.
-    """
-    epoch = int(per_worker[0][counter])
-    merged: dict[str, float] = {}
-    for m in per_worker:
-        merged.update({k: v for k, v in m.items() if "/" in k})  # ranks own disjoint keys, or agree
-    seconds = max(m["train_seconds"] for m in per_worker)
-    merged["throughput/samples_per_s"] = sum(m["samples"] for m in per_worker) / max(seconds, 1e-9)
-    merged["val/mean_loss"] = mean_val_loss(merged)
-    return epoch, merged
-
-
-def progress_line(epoch: int, epochs: int, metrics: dict[str, float], counter: str = "epoch") -> str:
-    done = epoch + 1 if counter == "epoch" else epoch  # epochs count from 0, iterations done from 1
-    parts = [f"{counter} {done}/{epochs}", f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
-    parts += [
-        f"{k.split('/')[1]} {k.split('/')[2]} {v:.4f}"
-        for k, v in sorted(metrics.items())
-        if k.startswith("val/") and k.count("/") == 2 and k.split("/")[-1] in ("accuracy", "r2")
-    ]
-    unit = "samples" if counter == "epoch" else "tasks"
-    parts.append(f"{metrics['throughput/samples_per_s']:.0f} {unit}/s")
-    return "[mtml] " + " | ".join(parts)
-
-
-def worker_error_summary(worker_exceptions: dict[int, BaseException]) -> str:
-    """'rank 1: <its error>' per failed rank: the last line of each, cut at 200 characters (Ray
-    wraps a worker's exception in its traceback text, whose last line is the exception itself)."""
-    parts = []
-    for rank, e in sorted(worker_exceptions.items()):
-        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
-        parts.append(f"rank {rank}: {lines[-1][:200]}")
-    return "; ".join(parts)
-
-
-@contextlib.contextmanager
-def fail_fast():
-    """MLflow's HTTP client without its retries (seven, with exponential backoff): for callers
-    that keep what failed and try again themselves."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class MetricSpool:
-    """Reports the tracking server did not take, in order. Kept in memory while it answers;
-    `save` mirrors them to a local JSON-lines file when it does not, so that nothing is lost if
-    the run ends before it returns. Each keeps its original timestamp, so that sending it again
-    is the same metric, not a second one."""
-
-    def __init__(self, path: str):
-        self.path, self.reports = path, []
-
-    def add(self, step: int, metrics: dict[str, float]) -> None:
-        self.reports.append({"step": step, "timestamp_ms": int(time.time() * 1000), "metrics": metrics})
-
-    def send(self, uri: str, run_id: str) -> None:
-        """Logs what is kept, oldest first, dropping each once the server took it; raises on
-        the first that fails. When all went, the local copy is no longer needed."""
-        while self.reports:
-            r = self.reports[0]
-            log_metrics(uri, run_id, r["metrics"], r["step"], r["timestamp_ms"])
-            self.reports.pop(0)
-        if os.path.exists(self.path):
-            os.remove(self.path)
-
-    def save(self) -> None:
-        import json
-
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.reports)
-        os.replace(self.path + ".tmp", self.path)
-
-    @classmethod
-    def load(cls, path: str) -> "MetricSpool":
-        import json
-
-        spool = cls(path)
-        if os.path.exists(path):
-            with open(path) as f:
-                spool.reports = [json.loads(line) for line in f if line.strip()]
-        return spool
-
-
-def spool_path(storage_path: str, ray_name: str) -> str:
-    """Beside the run's checkpoints when they are local, else in the working directory."""
-    base = storage_path if "://" not in storage_path else os.path.abspath("mtml_runs")
-    return os.path.join(base, ray_name, "unlogged_metrics.jsonl")
-
-
-class MLflowMetricsCallback(UserCallback):
-    """Logs every report of every worker to one MLflow run, from the controller process, and
-    records worker failures: each one the trainer will restart from the last checkpoint is
-    counted in the tag `mtml.restarts` and the metric `system/restarts`.
-
-    A tracking server that stops answering does not stop training: the report is kept in a
-    `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
-
-    def __init__(self, uri: str, run_id: str, epochs: int, counter: str, max_failures: int, spool: str,
-                 terminal: str | None = None):
-        self.uri, self.run_id, self.epochs, self.counter, self.terminal = uri, run_id, epochs, counter, terminal
-        self.max_failures, self.failures, self.next_step = max_failures, 0, 0
-        self.spool = MetricSpool(spool)
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        epoch, merged = merge_worker_metrics(metrics, self.counter)
-        self._log(merged, epoch)
-        self.next_step = epoch + 1
-        say(progress_line(epoch, self.epochs, merged, self.counter), self.terminal)
-
-    def _log(self, metrics: dict[str, float], step: int) -> None:
-        self.spool.add(step, metrics)
-        try:
-            with fail_fast():  # MLflow's own retries would hold every worker at the next report for minutes
-                self.spool.send(self.uri, self.run_id)
-        except Exception as e:  # noqa: BLE001 - whatever the client raises, training goes on
-            self.spool.save()
-            reason = str(e).splitlines()[0][:160]
-            say(f"[mtml] warning: tracking server not answering ({reason}); {len(self.spool.reports)} "
-                f"report(s) kept in {self.spool.path}, sent when it answers", self.terminal)
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        self.failures += 1
-        what = worker_error_summary(worker_exceptions)
-        c = client(self.uri)
-        c.set_tag(self.run_id, "mtml.last_worker_error", what[:5000])
-        if self.max_failures != -1 and self.failures > self.max_failures:
-            return  # no restart left: the driver reports the failure
-        c.set_tag(self.run_id, "mtml.restarts", str(self.failures))
-        log_metrics(self.uri, self.run_id, {"system/restarts": self.failures}, step=self.next_step)
-        say(f"[mtml] worker failure ({what}): restart {self.failures} from the last checkpoint", self.terminal)

@@ -7,7 +7,8 @@ import os
 import tempfile
 
 from distributed_mtml.config import Config, validate_config
-from distributed_mtml.train.launch import TrainOutcome, ensure_ray, run_training
+from distributed_mtml.runtime.driver import TrainOutcome, ensure_ray
+from distributed_mtml.train.launch import run_training
 
 WORKDIR = tempfile.mkdtemp(prefix="mtml_bench_")
 URI = f"sqlite:///{WORKDIR}/mlflow.db"
@@ -48,7 +49,8 @@ def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> 
     from distributed_mtml.data.suite import load_suite_spec, load_task
     from distributed_mtml.models import build_task_modules, build_trunk
     from distributed_mtml.train.plan import make_plan
-    from distributed_mtml.train.step import TaskBatches, make_optimizer, multitask_step
+    from distributed_mtml.runtime.worker import make_optimizer
+    from distributed_mtml.train.step import TaskBatches, multitask_step
 
     plan = make_plan(cfg)
     t = cfg.training

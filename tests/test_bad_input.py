@@ -76,7 +76,7 @@ class Case:
         from distributed_mtml.models import build_task_modules, build_trunk
         from distributed_mtml.train.checkpoint import save_worker_state
         from distributed_mtml.train.plan import make_plan
-        from distributed_mtml.train.step import make_optimizer
+        from distributed_mtml.runtime.worker import make_optimizer
 
         plan = make_plan(validate_config({**self.config, "model": {"trunk": {"widths": widths}}}))
         shapes = plan.task_shapes()

@@ -2,7 +2,8 @@ import torch
 
 from distributed_mtml.config import ModelConfig
 from distributed_mtml.models import MultiTaskModel, TaskShape
-from distributed_mtml.train.step import TaskBatches, make_optimizer, multitask_step
+from distributed_mtml.runtime.worker import make_optimizer
+from distributed_mtml.train.step import TaskBatches, multitask_step
 
 
 def test_task_batches_fill_a_fixed_number_of_steps_whatever_the_task_size():

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_mtml.aggregation import METHODS, combine
+from distributed_mtml.aggregation import combine
 from distributed_mtml.models import task_losses
 
 

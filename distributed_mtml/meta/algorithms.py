@@ -22,10 +22,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from distributed_mtml.meta.tasks import Episodes
-from distributed_mtml.models import MultiTaskModel, TaskShape, task_loss
+from distributed_mtml.models import META_TASK, MultiTaskModel, TaskShape, task_loss
 
 Params = dict[str, torch.Tensor]
-META_TASK = "meta"  # the one head a meta-learned model carries: every task's starting head
 
 
 @dataclass(frozen=True)

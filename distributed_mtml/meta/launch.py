@@ -8,7 +8,7 @@ import tempfile
 from distributed_mtml import report, tracking
 from distributed_mtml.config import Config
 from distributed_mtml.meta.plan import MetaPlan, make_meta_plan
-from distributed_mtml.train.launch import RunSpec, TrainOutcome, launch, log_run_files
+from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch, log_run_files
 
 
 def _log_artifacts(plan: MetaPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:

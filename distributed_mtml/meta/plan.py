@@ -21,7 +21,7 @@ from distributed_mtml.meta.tasks import FAMILIES
 from distributed_mtml.models import TaskShape
 from distributed_mtml.runtime.monitor import check_monitor
 from distributed_mtml.runtime.placement import place_tasks
-from distributed_mtml.train.plan import ensure_suite
+from distributed_mtml.data.locate import ensure_suite
 
 
 class MetaPlan(BaseModel):

@@ -27,8 +27,7 @@ from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, 
 from distributed_mtml.meta.plan import MetaPlan, share
 from distributed_mtml.meta.tasks import FAMILIES, SuiteEpisodes, episode_generator
 from distributed_mtml.runtime.monitor import Monitor
-from distributed_mtml.train.step import make_optimizer
-from distributed_mtml.train.worker import quiet_report_log
+from distributed_mtml.runtime.worker import make_optimizer, quiet_report_log
 
 VAL_STREAM = 2**31 - 1  # the validation tasks' stream, apart from every (rank, iteration) stream
 

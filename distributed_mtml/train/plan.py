@@ -7,16 +7,14 @@ The resulting `TrainPlan` is the whole payload a worker receives; the worker re-
 from __future__ import annotations
 
 import math
-import os
 
 from pydantic import BaseModel, ConfigDict
 
-from distributed_mtml.config import Config, SuiteConfig
-from distributed_mtml.data.generators import make_suite
+from distributed_mtml.config import Config
+from distributed_mtml.data.locate import ensure_suite
 from distributed_mtml.data.prepare import TaskPrep
-from distributed_mtml.data.suite import SUITE_FILE, load_task
+from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
-from distributed_mtml.errors import InputError
 from distributed_mtml.models import TaskShape
 from distributed_mtml.runtime.monitor import check_monitor, monitor_keys
 from distributed_mtml.runtime.placement import place_tasks
@@ -40,21 +38,6 @@ class TrainPlan(BaseModel):
     def prep(self, task: str) -> TaskPrep:
         """The task's preprocessing (none recorded: inputs used as they are)."""
         return self.preprocessing.get(task) or TaskPrep()
-
-
-def ensure_suite(config: Config) -> str:
-    """The suite's absolute location, generating it first when the config names a generator."""
-    if config.suite is None:
-        raise InputError("suite: this command needs a 'suite' section (path or generator)")
-    return ensure_suite_at(config.suite)
-
-
-def ensure_suite_at(suite: SuiteConfig) -> str:
-    path = suite.resolved_path()
-    exists = "://" in path or os.path.exists(os.path.join(path, SUITE_FILE))
-    if not exists and suite.generator:
-        make_suite(suite.generator, path, suite.options)
-    return path
 
 
 def make_plan(config: Config) -> TrainPlan:

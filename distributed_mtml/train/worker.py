@@ -8,7 +8,6 @@ collective: a rank that stopped early would hang the others.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from typing import Callable
@@ -32,7 +31,8 @@ from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_
 from distributed_mtml.metrics import task_metrics
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.train.plan import TrainPlan
-from distributed_mtml.train.step import TaskBatches, make_optimizer, multitask_step
+from distributed_mtml.runtime.worker import everyones, make_optimizer, quiet_report_log
+from distributed_mtml.train.step import TaskBatches, multitask_step
 
 
 def _wrap_trunk(trunk: nn.Module, plan: TrainPlan, device: torch.device) -> nn.Module:
@@ -113,25 +113,6 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
             out.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     trunk.train(), modules.train()
     return out
-
-
-def everyones(metrics: dict[str, float], world: int) -> dict[str, float]:
-    """Every rank's metrics merged (ranks own disjoint keys): the same dict on every rank, so
-    that each takes the same keep/stop decision."""
-    if world == 1:
-        return dict(metrics)
-    parts: list = [None] * world
-    dist.all_gather_object(parts, metrics)
-    return {k: v for part in parts for k, v in part.items()}
-
-
-def quiet_report_log() -> None:
-    """Ray Train logs every report's full metrics at INFO under a logger outside the
-    `ray.train` tree, which `LoggingConfig` does not reach; the controller prints a
-    one-line summary per epoch instead."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(payload: dict) -> None:

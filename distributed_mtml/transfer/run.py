@@ -16,7 +16,7 @@ from distributed_mtml import report, tracking
 from distributed_mtml.config import Config, run_params
 from distributed_mtml.transfer.fit import Curve, fit
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
-from distributed_mtml.transfer.strategies import STRATEGIES, build, check
+from distributed_mtml.transfer.strategies import STRATEGIES, build, check, chosen
 
 HEADLINE = {"classification": ("accuracy", "max"), "regression": ("mse", "min")}
 
@@ -44,6 +44,7 @@ def results_header(metric: str) -> list[str]:
 def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[str], list[list]]:
     """Runs every strategy of `transfer.strategies`; returns the parent run id, table header and rows."""
     t = config.transfer
+    t.strategies = chosen(t.strategies)  # every registered strategy unless the config names some
     inputs = load_inputs(config, uri)
     for strategy in t.strategies:  # all problems before anything runs
         check(strategy, inputs, t.partial_layers)

@@ -30,7 +30,7 @@ from distributed_mtml.stats import mean_ci
 from distributed_mtml.transfer.fit import fit
 from distributed_mtml.transfer.run import HEADLINE, strategy_settings
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
-from distributed_mtml.transfer.strategies import build, check
+from distributed_mtml.transfer.strategies import build, check, chosen
 
 
 def transfer_trial(config: dict[str, Any], inputs: TransferInputs) -> None:
@@ -201,12 +201,13 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
     """Search, repeat, summarise; returns (parent run id, table header, rows, best strategy)."""
     import ray.tune
 
-    from distributed_mtml.train.launch import ensure_ray
+    from distributed_mtml.runtime.driver import ensure_ray
 
     t, tn = config.transfer, config.tune
     # Tune's own SIGINT handler stops the search and returns partial results, on which the
     # repeats would then run: Ctrl-C must end the whole command instead (KILLED)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    t.strategies = chosen(t.strategies)  # every registered strategy unless the config names some
     inputs = load_inputs(config, uri)
     for strategy in t.strategies:
         check(strategy, inputs, t.partial_layers)

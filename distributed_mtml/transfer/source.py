@@ -23,7 +23,7 @@ from distributed_mtml.models import MultiTaskModel, TaskShape
 
 if TYPE_CHECKING:
     from distributed_mtml.meta.algorithms import MetaLearner
-from distributed_mtml.train.plan import ensure_suite_at
+from distributed_mtml.data.locate import ensure_suite_at
 
 
 @dataclass
@@ -77,16 +77,11 @@ def _source_dir(source: str, uri: str, experiment: str):
 
 def load_source(source: str, uri: str, experiment: str) -> tuple[MultiTaskModel, dict, "MetaLearner | None"]:
     """The source's model, its config, and for a meta-learned source its learner."""
-    from distributed_mtml.artifacts import load_model
-    from distributed_mtml.meta.checkpoint import load_learner
-    from distributed_mtml.runtime.checkpoint import load_state
+    from distributed_mtml.artifacts import load_with_learner
 
     with _source_dir(source, uri, experiment) as directory:
-        if load_state(directory).get("kind") == "meta":
-            learner, plan = load_learner(directory)
-            return learner.model, plan["config"], learner
-        model, plan = load_model(directory)
-    return model, plan["config"], None
+        model, plan, learner = load_with_learner(directory)
+    return model, plan["config"], learner
 
 
 def k_shot_rows(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -100,9 +95,6 @@ def load_inputs(config: Config, uri: str) -> TransferInputs:
     for key in ("source", "target", "target_task"):
         if getattr(t, key) is None:
             raise InputError(f"transfer.{key}: required")
-    from distributed_mtml.transfer.strategies import chosen
-
-    t.strategies = chosen(t.strategies)  # every registered strategy unless the config names some
     model, source_config, learner = load_source(t.source, uri, config.tracking.experiment)
     suite_dir = ensure_suite_at(t.target)
     spec = checked_suite(suite_dir)

@@ -28,8 +28,7 @@ from torch import nn
 
 from distributed_mtml.config import ModelConfig
 from distributed_mtml.errors import InputError
-from distributed_mtml.meta.algorithms import META_TASK
-from distributed_mtml.models import TaskModule, build_trunk, task_loss
+from distributed_mtml.models import META_TASK, TaskModule, build_trunk, task_loss
 from distributed_mtml.transfer.source import TransferInputs
 
 

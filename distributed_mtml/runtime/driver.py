@@ -1,0 +1,286 @@
+"""The driver every training command shares: start or join Ray, check resources, create or resume
+the MLflow run, fit the TorchTrainer with the controller's MLflow callback, keep the best
+checkpoint, and set the run's final status (FINISHED, KILLED on Ctrl-C, FAILED otherwise).
+
+A recipe (`train/launch.py`, `meta/launch.py`) plans its run, describes it as a `RunSpec` and
+calls `launch`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import yaml
+
+from distributed_mtml import console, faults, tracking
+from distributed_mtml.config import Config, run_params
+from distributed_mtml.data.suite import read_text, suite_yaml_path
+from distributed_mtml.errors import InputError, TrainingFailed
+from distributed_mtml.interrupts import interrupt_trainer_on_sigint
+from distributed_mtml.runtime.callback import MetricSpool, MLflowMetricsCallback, fail_fast, spool_path, worker_error_summary
+from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
+from distributed_mtml.runtime.monitor import SCORE
+
+
+VERBOSE_ENV = "MTML_VERBOSE"  # set by `--verbose`: Ray's own log lines in the terminal too
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]  # the run's MLflow metrics (latest value of each)
+    checkpoint_path: str  # the kept model: the best checkpoint by checkpoint.monitor
+    kept: dict[str, float]  # what the workers reported at the kept model's step
+    best_step: int  # its epoch (meta: iterations done)
+    stopped_early: bool
+
+
+def start_or_resume_run(
+    cfg: Config, uri: str, run_name: str, resume: bool, tags: dict[str, str], plan_params: dict
+) -> tuple[str, str]:
+    """(MLflow run id, Ray Train run name). The Ray name is derived from the MLflow run, so a
+    resumed run finds both its metrics and its checkpoints again."""
+    if resume:
+        run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
+        if run_id is None:
+            raise InputError(f"--resume: no unfinished run of config '{run_name}' in experiment '{cfg.tracking.experiment}'")
+        last = check_resumable(cfg.checkpoint.resolved_dir(), f"{run_name}-{run_id[:12]}", cfg.model.model_dump(mode="json"))
+        name = tracking.client(uri).get_run(run_id).info.run_name
+        print(f"[mtml] resuming run {run_id} ('{name}') {_resume_point(last)}", flush=True)
+        tracking.set_status(uri, run_id, "RUNNING")
+    else:
+        params = {**run_params(cfg, tags["mtml.command"]), **{f"plan.{k}": v for k, v in plan_params.items()}}
+        run_id = tracking.create_run(uri, cfg.tracking.experiment, run_name, tags, params, config_name=run_name)
+    return run_id, f"{run_name}-{run_id[:12]}"
+
+
+def _resume_point(last: str | None) -> str:
+    """Where a resumed run continues from its newest checkpoint `last`: 'after epoch N
+    (checkpoint ...)', or from the start."""
+    if last is None:
+        return "from the start: it wrote no checkpoint"
+    if "://" in last:
+        return f"from {last}"
+    state = load_state(last)
+    done = state.get("iterations_done")
+    where = f"after iteration {done}" if done is not None else f"after epoch {int(state['epoch']) + 1}"
+    return f"{where} (checkpoint {last})"
+
+
+def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, terminal: str):
+    """A TorchTrainer with the config's scaling, storage, failure and checkpoint settings; its
+    workers say their lines through the console actor `terminal`."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        loop,
+        train_loop_config=payload,
+        torch_config=TorchConfig(timeout_s=600),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=ray_name,
+            storage_path=cfg.checkpoint.resolved_dir(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.num_to_keep, checkpoint_score_attribute=SCORE,
+                checkpoint_score_order=cfg.checkpoint.mode),
+            callbacks=[callback],
+            worker_runtime_env={"env_vars": {**faults.fault_env(), console.ENV: terminal}},
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def log_run_files(c, run_id: str, cfg: Config, checkpoint_dir: str, suite_dir: str | None) -> None:
+    """The model (the final checkpoint), the config and the suite description."""
+    c.log_artifacts(run_id, checkpoint_dir, "model")
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+        c.log_artifact(run_id, os.path.join(d, "config.yaml"))
+        if suite_dir is not None:
+            with open(os.path.join(d, "suite.yaml"), "w") as f:
+                f.write(read_text(suite_yaml_path(suite_dir)))
+            c.log_artifact(run_id, os.path.join(d, "suite.yaml"))
+
+
+def check_local_resources(cfg: Config, address: str | None) -> None:
+    """A command that starts its own Ray can only use this machine's CPUs and GPUs: workers
+    asking for more would wait for ever. A cluster's autoscaler may add nodes, so there
+    `wait_for_resources` gives it `scaling.resource_wait_s` instead."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    from ray._private.utils import get_num_cpus
+
+    s = cfg.scaling
+    need, have = s.num_workers * s.cpus_per_worker, get_num_cpus()
+    if need > have:
+        raise InputError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPU need {need:g} CPUs; "
+                         f"this machine has {have} (use fewer workers or cpus_per_worker, or --address a cluster)")
+    if s.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if s.num_workers > gpus:
+            raise InputError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; this machine has "
+                             f"{gpus} (set scaling.use_gpu: false, use fewer workers, or --address a cluster with GPUs)")
+
+
+def wait_for_resources(cfg: Config) -> None:
+    """The workers' CPUs (and GPUs) must be in the cluster before the trainer asks for them, or
+    it waits silently for ever. An autoscaling cluster gets `scaling.resource_wait_s` to add
+    nodes; then the run fails saying what is missing."""
+    import time
+
+    import ray
+
+    s = cfg.scaling
+    need = {"CPU": s.num_workers * s.cpus_per_worker, **({"GPU": float(s.num_workers)} if s.use_gpu else {})}
+    deadline, said = time.monotonic() + s.resource_wait_s, False
+    while True:
+        have = ray.cluster_resources()
+        missing = {k: v for k, v in need.items() if have.get(k, 0) < v}
+        if not missing:
+            return
+        wanted = ", ".join(f"{v:g} {k}" for k, v in missing.items())
+        if time.monotonic() > deadline:
+            present = ", ".join(f"{have.get(k, 0):g} {k}" for k in missing)
+            raise TrainingFailed(f"the cluster did not provide {wanted} for {s.num_workers} workers within "
+                                 f"scaling.resource_wait_s={s.resource_wait_s:g} s (it has {present})")
+        if not said:
+            print(f"[mtml] waiting up to {s.resource_wait_s:g} s for the cluster to provide {wanted}", flush=True)
+            said = True
+        time.sleep(min(2.0, s.resource_wait_s))
+
+
+def ensure_ray(address: str | None) -> None:
+    """Joins the cluster at `address`, or starts a local Ray inside this process, saying which
+    (the first seconds are otherwise silent). Ray's own driver-side log lines (token auth,
+    dashboard address) are for `--verbose`; they stay in Ray's session logs either way."""
+    import logging
+
+    import ray
+
+    from distributed_mtml.interrupts import interrupt_on_signals
+
+    if ray.is_initialized():
+        return
+    where = address or os.environ.get("RAY_ADDRESS")
+    print(f"[mtml] joining the Ray cluster at {where} ..." if where else "[mtml] starting a local Ray ...", flush=True)
+    verbose = os.environ.get(VERBOSE_ENV) == "1"  # actors' output too: see `console`
+    ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
+    interrupt_on_signals()  # ray.init replaced it with Ray's own (log and abort)
+
+
+@dataclass
+class RunSpec:
+    """What differs between `mtml train` and `mtml meta-train` runs; `launch` does the rest."""
+
+    tags: dict[str, str]
+    plan_params: dict
+    loop: Callable[[dict], None]  # the Ray Train loop per worker
+    payload: dict  # its plan, as JSON
+    total: int  # epochs or meta-iterations, for the progress line
+    counter: str  # "epoch" or "iteration": the MLflow step of every metric
+    log_artifacts: Callable[[str, str, str], None]  # (uri, run id, final checkpoint dir)
+
+
+def _fit(trainer, config: Config, ray_name: str):
+    """trainer.fit(), with a failure of the worker group told in one line: which rank failed
+    and how, and the checkpoint that `--resume` continues from."""
+    from ray.train import TrainingFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    try:
+        with interrupt_trainer_on_sigint(trainer):
+            return trainer.fit()
+    except TrainingFailedError as e:
+        what = worker_error_summary(e.worker_failures) if isinstance(e, WorkerGroupError) \
+            else " ".join(str(e).split())[:300]
+        last = latest_checkpoint(config.checkpoint.resolved_dir(), ray_name)
+        resume = f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written"
+        tries = f" after {config.checkpoint.max_failures} restarts" if config.checkpoint.max_failures > 0 else ""
+        raise TrainingFailed(f"training failed{tries}: {what}; {resume}") from e
+
+
+def _send_kept_metrics(uri: str, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
+    """What the tracking server missed during training, sent now, trying every 2 s for up to
+    `wait_s`. If it still does not answer, the run cannot be closed: say where the model and
+    the unsent metrics are."""
+    import time
+
+    kept = MetricSpool.load(spool)
+    deadline = time.monotonic() + wait_s
+    with fail_fast():
+        while True:
+            try:
+                return kept.send(uri, run_id)
+            except Exception as e:  # noqa: BLE001 - any client error means the same to the user
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(
+                        f"training finished but the tracking server {uri} does not answer "
+                        f"({str(e).splitlines()[0][:160]}): the model is in {checkpoint}, "
+                        f"{len(kept.reports)} unsent report(s) in {spool}") from None
+                time.sleep(2)
+
+
+def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | None, resume: bool,
+           address: str | None) -> TrainOutcome:
+    """Creates (or resumes) the MLflow run, fits the TorchTrainer, logs the artifacts from its
+    last checkpoint and sets the run's final status: FINISHED, KILLED on Ctrl-C, FAILED on
+    anything else."""
+    uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
+    check_local_resources(config, address)
+    check_writable(config.checkpoint.resolved_dir())
+    run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
+    spool = spool_path(config.checkpoint.resolved_dir(), ray_name)
+    terminal = f"mtml-console-{ray_name}"
+    callback = MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
+                                              spool, terminal)
+    with tracking.final_status(uri, run_id):
+        ensure_ray(address)
+        wait_for_resources(config)
+        with console.relay(terminal):
+            result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal), config, ray_name)
+        _send_kept_metrics(uri, run_id, spool, result.checkpoint.path)
+        kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
+        with kept.as_directory() as d:
+            spec.log_artifacts(uri, run_id, d)
+        best_step = _log_kept(uri, run_id, config, spec.counter, result.metrics, kept_metrics)
+    metrics = tracking.client(uri).get_run(run_id).data.metrics
+    return TrainOutcome(run_id, uri, metrics, kept.path, kept_metrics, best_step, bool(result.metrics.get("stopped_early")))
+
+
+def best_checkpoint(result, mode: str):
+    """(checkpoint, its reported metrics) with the best monitored value; Ray Train kept it (it
+    keeps the best `num_to_keep` by that score, and the latest). Ties go to the earliest."""
+    scored = [(c, m) for c, m in result.best_checkpoints if SCORE in m]
+    if not scored:  # checkpoints written before the monitor existed
+        return result.checkpoint, result.metrics
+    return min(scored, key=lambda cm: (cm[1][SCORE] if mode == "min" else -cm[1][SCORE], cm[1].get("best_step", 0)))
+
+
+def _log_kept(uri: str, run_id: str, config: Config, counter: str, latest: dict, kept: dict) -> int:
+    """Says which model the run kept: tag mtml.best_<counter>, metric best/<monitor>, and
+    mtml.stopped_early. Returns the kept step."""
+    step = int(kept.get("best_step", kept.get(counter, -1)))
+    c = tracking.client(uri)
+    c.set_tag(run_id, f"mtml.best_{counter}", str(step))
+    c.set_tag(run_id, "mtml.stopped_early", "true" if latest.get("stopped_early") else "false")
+    if SCORE in kept:
+        tracking.log_metrics(uri, run_id, {f"best/{config.checkpoint.monitor}": kept[SCORE]}, step)
+    return step
+
+

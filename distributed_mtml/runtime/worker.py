@@ -1,0 +1,39 @@
+"""What every worker loop does besides its recipe: agree across ranks, quiet Ray's report log,
+build the optimiser."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def everyones(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Every rank's metrics merged (ranks own disjoint keys): the same dict on every rank, so
+    that each takes the same keep/stop decision."""
+    if world == 1:
+        return dict(metrics)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, metrics)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def quiet_report_log() -> None:
+    """Ray Train logs every report's full metrics at INFO under a logger outside the
+    `ray.train` tree, which `LoggingConfig` does not reach; the controller prints a
+    one-line summary per epoch instead."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def make_optimizer(kind: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam and AdamW use the fused kernels (CPU and CUDA): on a 4 x 1024 trunk they cut a
+    one-thread step from about 60 to 45 ms here, and every DDP worker pays for the full
+    trunk update, so this matters more for the distributed run than for one process."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    adam = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    return adam(params, lr=lr, weight_decay=weight_decay, fused=True)
