@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import ray.train
@@ -115,95 +116,148 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
     return out
 
 
-def train_loop_per_worker(payload: dict) -> None:
-    plan = TrainPlan.model_validate(payload)
-    quiet_report_log()
-    cfg, t = plan.config, plan.config.training
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+@dataclass
+class Worker:
+    """One rank's part of the run: its tasks' data, the model parts it holds, the optimiser,
+    and the state that must survive a restart (epoch, monitor)."""
 
-    shapes = {s.name: s for s in plan.task_shapes()}
-    mine = plan.placement[rank]
-    order = list(shapes)
+    plan: TrainPlan
+    payload: dict
+    rank: int
+    world: int
+    device: torch.device
+    mine: list[str]  # the tasks this rank owns
+    data: dict  # task -> split -> (x, y) on the device
+    trunk: nn.Module
+    modules: nn.ModuleDict
+    weighting: nn.Module
+    optimizer: torch.optim.Optimizer
+    monitor: Monitor
+    start_epoch: int
+    step_fn: Callable
+    batches: dict[str, TaskBatches]
+    fault: FaultInjector
+    guard: FiniteLossGuard
+
+    @property
+    def order(self) -> list[str]:
+        return [s.name for s in self.plan.task_shapes()]
+
+    @classmethod
+    def start(cls, payload: dict) -> "Worker":
+        """Loads this rank's tasks, builds its model parts and optimiser, and restores them from
+        the latest checkpoint when Ray Train restarts the run."""
+        plan = TrainPlan.model_validate(payload)
+        quiet_report_log()
+        cfg, t = plan.config, plan.config.training
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        device = ray.train.torch.get_device()
+        shapes, mine = plan.task_shapes(), plan.placement[rank]
+        order = [s.name for s in shapes]
+        data = _load_tasks(plan, mine, device)
+        torch.manual_seed(t.seed)
+        trunk = build_trunk(cfg.model, shapes).to(device)
+        modules = build_task_modules(cfg.model, shapes, t.seed, only=mine).to(device)
+        types = {s.name: s.type for s in shapes}
+        weighting = loss_weighting(cfg.aggregation.method, mine, order, cfg.aggregation.options(), types).to(device)
+        params = [*trunk.parameters(), *modules.parameters(), *weighting.parameters()]
+        optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay)
+        start_epoch, monitor = 0, Monitor.of(cfg)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                start_epoch, saved = restore_worker_state(d, rank, trunk, modules, optimizer, weighting)
+                monitor = Monitor.of(cfg, saved)
+        if t.sync_every > 1 and world > 1:
+            _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
+        step_fn = _make_step(plan, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
+        batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
+        return cls(plan, payload, rank, world, device, mine, data, trunk, modules, weighting, optimizer, monitor,
+                   start_epoch, step_fn, batches, FaultInjector(rank, restored=checkpoint is not None),
+                   FiniteLossGuard(order, device))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """`steps_per_epoch` steps over this rank's tasks; their training metrics."""
+        plan, cfg, t = self.plan, self.plan.config, self.plan.config.training
+        order, steps = self.order, plan.steps_per_epoch
+        shapes = {s.name: s for s in plan.task_shapes()}
+        local_sgd = t.sync_every > 1 and self.world > 1
+        torch.manual_seed(t.seed * 100_003 + epoch * 101 + self.rank)  # dropout, reproducible on resume
+        sums = {n: torch.zeros((), device=self.device) for n in self.mine}
+        weight_sums = torch.zeros(len(order), dtype=torch.float64)
+        relation_sums: dict[str, float] = {}
+        samples, measured, begin = 0, 0, time.perf_counter()
+        streams = [self.batches[n].epoch(epoch, steps) for n in self.mine]
+        for step, group in enumerate(zip(*streams)):
+            batch = self.fault.strike(epoch, step, dict(zip(self.mine, group)))
+            if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
+                found = relations.measure(self.trunk, self.modules, shapes, batch, plan.placement, order,
+                                          cfg.relations.lr or t.lr)
+                relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
+                measured += 1
+            seed = t.seed * 1_000_003 + epoch * steps + step  # same PCGrad order on every rank
+            losses, w = self.step_fn(batch, seed)
+            if w is not None:
+                weight_sums += w
+            if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == steps):
+                _average_parameters(self.trunk, self.world)
+            for n, loss in losses.items():
+                sums[n] += loss
+            self.guard.observe(losses, step)
+            samples += sum(len(y) for _, y in group)
+        train_seconds = time.perf_counter() - begin
+        self.guard.raise_if_diverged(self.world, lambda step: f"epoch {epoch}, step {step}")
+        metrics = {f"train/{n}/loss": sums[n].item() / steps for n in self.mine}
+        metrics.update(self._weights(sums, weight_sums))
+        metrics.update({k: v / measured for k, v in relation_sums.items()})
+        return {**metrics, "epoch": epoch, "samples": samples, "train_seconds": train_seconds}
+
+    def _weights(self, sums: dict[str, torch.Tensor], weight_sums: torch.Tensor) -> dict[str, float]:
+        """Each owned task's mean aggregation weight this epoch (none for `mean`); a loss
+        weighting also ends its epoch here."""
+        method, order, steps = METHODS[self.plan.config.aggregation.method], self.order, self.plan.steps_per_epoch
+        if method.needs_exchange:
+            return {f"aggregation/{n}/weight": float(weight_sums[order.index(n)]) / steps for n in self.mine}
+        if method.kind != "loss":
+            return {}
+        weights = {f"aggregation/{n}/weight": w for n, w in self.weighting.weights().items()}
+        self.weighting.end_epoch(_suite_losses(sums, order, steps, self.world))
+        return weights
+
+    def report(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Validation metrics of every rank, the keep/stop decision, and the report to Ray Train,
+        with a checkpoint when it is due, at the end, or when the model improved."""
+        cfg = self.plan.config
+        val = everyones(_evaluate(self.trunk, self.modules, self.plan, self.data, "val"), self.world)
+        improved = self.monitor.update(val, epoch)
+        metrics = {**metrics, **val, **self.monitor.report_fields(val)}
+        last = epoch + 1 == cfg.training.epochs or self.monitor.stop
+        if not ((epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last or improved):  # the best is always kept
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_worker_state(d, self.rank, epoch, self.payload, self.trunk, self.modules, self.optimizer,
+                              self.weighting, self.monitor.state())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_epoch={epoch:04d}")
+
+
+def _load_tasks(plan: TrainPlan, mine: list[str], device: torch.device) -> dict:
+    """This rank's tasks, preprocessed as the plan says, per split as tensors on the device."""
     specs = {s.name: s for s in load_suite_spec(plan.suite_dir).tasks}
     data = {}
     for name in mine:
         d = plan.prep(name).apply(load_task(plan.suite_dir, specs[name], plan.prep(name).classes))
         data[name] = {s: (torch.from_numpy(d.x[s]).to(device), torch.from_numpy(d.y[s]).to(device)) for s in d.x}
+    return data
 
-    torch.manual_seed(t.seed)
-    trunk = build_trunk(cfg.model, list(shapes.values())).to(device)
-    modules = build_task_modules(cfg.model, list(shapes.values()), t.seed, only=mine).to(device)
-    method = METHODS[cfg.aggregation.method]
-    types = {n: s.type for n, s in shapes.items()}
-    weighting = loss_weighting(cfg.aggregation.method, mine, order, cfg.aggregation.options(), types).to(device)
-    params = [*trunk.parameters(), *modules.parameters(), *weighting.parameters()]
-    optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay)
-    start_epoch, monitor = 0, Monitor.of(cfg)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start_epoch, saved = restore_worker_state(d, rank, trunk, modules, optimizer, weighting)
-            monitor = Monitor.of(cfg, saved)
-    local_sgd = t.sync_every > 1 and world > 1
-    if local_sgd:
-        _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
-    step_fn = _make_step(plan, trunk, modules, shapes, optimizer, weighting, device, world)
-    batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
-    fault, guard = FaultInjector(rank, restored=checkpoint is not None), FiniteLossGuard(order, device)
 
-    for epoch in range(start_epoch, t.epochs):
-        torch.manual_seed(t.seed * 100_003 + epoch * 101 + rank)  # dropout, reproducible on resume
-        sums = {n: torch.zeros((), device=device) for n in mine}
-        samples, begin = 0, time.perf_counter()
-        streams = [batches[n].epoch(epoch, plan.steps_per_epoch) for n in mine]
-        weight_sums = torch.zeros(len(order), dtype=torch.float64)
-        relation_sums: dict[str, float] = {}
-        measured = 0
-        for step, group in enumerate(zip(*streams)):
-            batch = fault.strike(epoch, step, dict(zip(mine, group)))
-            if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
-                found = relations.measure(trunk, modules, shapes, batch, plan.placement, order,
-                                          cfg.relations.lr or t.lr)
-                relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
-                measured += 1
-            seed = t.seed * 1_000_003 + epoch * plan.steps_per_epoch + step  # same PCGrad order on every rank
-            losses, w = step_fn(batch, seed)
-            if w is not None:
-                weight_sums += w
-            if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == plan.steps_per_epoch):
-                _average_parameters(trunk, world)
-            for n, loss in losses.items():
-                sums[n] += loss
-            guard.observe(losses, step)
-            samples += sum(len(y) for _, y in group)
-        train_seconds = time.perf_counter() - begin
-        guard.raise_if_diverged(world, lambda step: f"epoch {epoch}, step {step}")
-
-        metrics = {f"train/{n}/loss": sums[n].item() / plan.steps_per_epoch for n in mine}
-        if method.needs_exchange:
-            metrics.update({f"aggregation/{n}/weight": float(weight_sums[order.index(n)]) / plan.steps_per_epoch for n in mine})
-        elif method.kind == "loss":
-            metrics.update({f"aggregation/{n}/weight": w for n, w in weighting.weights().items()})
-            weighting.end_epoch(_suite_losses(sums, order, plan.steps_per_epoch, world))
-        metrics.update({k: v / measured for k, v in relation_sums.items()})
-        val = everyones(_evaluate(trunk, modules, plan, data, "val"), world)
-        metrics.update(val)
-        improved = monitor.update(val, epoch)
-        metrics.update(monitor.report_fields(val))
-        metrics.update({"epoch": epoch, "samples": samples, "train_seconds": train_seconds})
-        last = epoch + 1 == t.epochs or monitor.stop
-        if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last or improved:  # the best is always kept
-            with tempfile.TemporaryDirectory() as d:
-                save_worker_state(d, rank, epoch, payload, trunk, modules, optimizer, weighting, monitor.state())
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_dir_name=f"checkpoint_epoch={epoch:04d}",
-                )
-        else:
-            ray.train.report(metrics)
-        if monitor.stop:
+def train_loop_per_worker(payload: dict) -> None:
+    """What Ray Train runs on every rank: set up, then train, evaluate and report each epoch."""
+    worker = Worker.start(payload)
+    for epoch in range(worker.start_epoch, worker.plan.config.training.epochs):
+        worker.report(epoch, worker.train_epoch(epoch))
+        if worker.monitor.stop:
             break
