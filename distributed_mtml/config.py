@@ -128,11 +128,15 @@ class AggregationConfig(_Section):
             raise ValueError(f"unknown method '{self.method}' (choose from: {', '.join(METHODS)})")
         return self
 
-    def options(self) -> dict[str, Any]:
-        """The method's own parameters, passed to its weights function."""
+    def resolved(self) -> "Method":  # noqa: F821 - aggregation.Method
+        """The method's registry entry: looked up here once, passed on as the object."""
         from distributed_mtml.aggregation import METHODS
 
-        return {key: getattr(self, key) for key in METHODS[self.method].params}
+        return METHODS[self.method]
+
+    def options(self) -> dict[str, Any]:
+        """The method's own parameters, passed to its weights function."""
+        return {key: getattr(self, key) for key in self.resolved().params}
 
 
 class RelationsConfig(_Section):
@@ -235,7 +239,7 @@ class Config(_Section):
     def _local_sgd_without_exchange(self) -> "Config":
         from distributed_mtml.aggregation import METHODS
 
-        if self.training.sync_every > 1 and METHODS[self.aggregation.method].needs_exchange:
+        if self.training.sync_every > 1 and self.aggregation.resolved().needs_exchange:
             keeps_ddp = ", ".join(n for n, m in METHODS.items() if not m.needs_exchange)
             raise ValueError(f"training.sync_every > 1 (local SGD) works only with aggregation.method {keeps_ddp}")
         return self

@@ -223,7 +223,7 @@ def _overlap_worker(rank, placement, port, out):
         ddp, gathered = wrap_trunk(trunk, torch.device("cpu"), bucket_cap_mb=0.0005)  # several buckets
         opt = torch.optim.SGD([*trunk.parameters(), *modules.parameters()], lr=1.0)
         rank_order = [placement.index([n]) for n in ("a", "b")]
-        overlapped_step(ddp, gathered, modules, shapes, batches, opt, rank_order, method, 7, {})
+        overlapped_step(ddp, gathered, modules, shapes, batches, opt, rank_order, METHODS[method], 7, {})
         torch.save(parameters_to_vector(trunk.parameters()).detach(), f"{out}/{method}-rank{rank}.pt")
     _exit_cleanly()
 

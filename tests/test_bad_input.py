@@ -71,7 +71,7 @@ class Case:
 
     def checkpoint(self, name: str, widths: list[int]) -> str:
         """A real checkpoint directory of this suite's model, written as a worker writes it."""
-        from distributed_mtml.aggregation import loss_weighting
+        from distributed_mtml.aggregation import METHODS, loss_weighting
         from distributed_mtml.config import validate_config
         from distributed_mtml.models import build_task_modules, build_trunk
         from distributed_mtml.train.checkpoint import save_worker_state
@@ -86,7 +86,7 @@ class Case:
         directory.mkdir(parents=True)
         names = [s.name for s in shapes]
         save_worker_state(str(directory), 0, 0, plan.model_dump(mode="json"), trunk, modules, optimizer,
-                          loss_weighting("mean", names, names, {}))
+                          loss_weighting(METHODS["mean"], names, names, {}))
         return str(directory)
 
 

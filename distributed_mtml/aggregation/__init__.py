@@ -59,23 +59,24 @@ GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
 """The methods that act on task gradients (and so have a single-process reference, `combine`)."""
 
 
-def loss_weighting(method: str, owned: list[str], order: list[str], options: dict,
+def loss_weighting(method: Method, owned: list[str], order: list[str], options: dict,
                    types: dict[str, str] | None = None) -> LossWeighting:
     """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise.
     `types` (task -> "classification" | "regression") picks UW's form per task."""
-    cls = METHODS[method].loss_weighting or LossWeighting
+    cls = method.loss_weighting or LossWeighting
     return cls(owned, order, types, **options) if cls is not LossWeighting else cls(owned, order, types)
 
 
-def combine(grads: torch.Tensor, method: str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def combine(grads: torch.Tensor, method: Method | str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-process reference: [K, P] task gradients -> (aggregated [P], weights [K]).
+    `method`: a registry entry, or its name (for use in a training loop of your own).
 
     For coordinate-wise methods the second result is each task's fraction of kept coordinates."""
-    m = METHODS[method]
+    m = METHODS[method] if isinstance(method, str) else method
     if m.kind == "coordinate":
         return m.aggregate(grads, seed=seed, **options)
     if m.kind != "gram":
-        raise ValueError(f"'{method}' weights losses, not gradients: it has no gradient reference")
+        raise ValueError(f"'{m.summary}' weights losses, not gradients: it has no gradient reference")
     # The Gram in the gradients' own precision (float64 copies of P-vectors cost more than the
     # whole solve); the K x K result is solved in float64.
     gram = (grads @ grads.T).double().cpu()

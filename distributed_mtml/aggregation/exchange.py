@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_mtml.aggregation import combine
+from distributed_mtml.aggregation import Method, combine
 from distributed_mtml.models import task_losses
 
 
@@ -58,7 +58,7 @@ def aggregated_step(
     optimizer: torch.optim.Optimizer,
     placement: list[list[str]],
     order: list[str],
-    method: str,
+    method: Method,
     seed: int,
     options: dict,
     autocast: torch.dtype | None = None,

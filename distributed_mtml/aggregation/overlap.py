@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distributed_mtml.aggregation import METHODS
+from distributed_mtml.aggregation import Method
 from distributed_mtml.models import task_losses
 
 
@@ -73,7 +73,7 @@ def overlapped_step(
     batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     rank_order: list[int],
-    method: str,
+    method: Method,
     seed: int,
     options: dict,
     autocast: torch.dtype | None = None,
@@ -89,7 +89,7 @@ def overlapped_step(
     loss.backward()
     by_rank = state.gram()
     gram = by_rank[rank_order][:, rank_order]
-    w = METHODS[method].weights(gram, seed=seed, **options)
+    w = method.weights(gram, seed=seed, **options)
     w_by_rank = torch.empty_like(w)
     w_by_rank[rank_order] = w
     state.apply(w_by_rank)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml import relations
-from distributed_mtml.aggregation import METHODS, loss_weighting, overlap
+from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.suite import load_suite_spec, load_task
@@ -67,16 +67,16 @@ def _make_step(
     """
     cfg = plan.config
     agg = cfg.aggregation
-    method, order = METHODS[agg.method], [s.name for s in plan.task_shapes()]
+    method, order = agg.resolved(), [s.name for s in plan.task_shapes()]
     half = torch.bfloat16 if cfg.training.precision == "bf16" else None  # forward and losses only
     if method.needs_exchange:
         if method.kind == "gram" and world > 1 and all(len(tasks) == 1 for tasks in plan.placement):
             ddp, gathered = overlap.wrap_trunk(trunk, device, cfg.scaling.bucket_cap_mb)
             rank_order = [plan.placement.index([name]) for name in order]
             return lambda batch, seed: overlap.overlapped_step(
-                ddp, gathered, modules, shapes, batch, optimizer, rank_order, agg.method, seed, agg.options(), half)
+                ddp, gathered, modules, shapes, batch, optimizer, rank_order, method, seed, agg.options(), half)
         return lambda batch, seed: aggregated_step(
-            trunk, modules, shapes, batch, optimizer, plan.placement, order, agg.method, seed, agg.options(), half)
+            trunk, modules, shapes, batch, optimizer, plan.placement, order, method, seed, agg.options(), half)
     local_sgd = cfg.training.sync_every > 1
     synced = _wrap_trunk(trunk, plan, device) if world > 1 and not local_sgd else trunk
     weighted_total = weighting.total if method.kind == "loss" else None
@@ -161,7 +161,7 @@ class Worker:
         trunk = build_trunk(cfg.model, shapes).to(device)
         modules = build_task_modules(cfg.model, shapes, t.seed, only=mine).to(device)
         types = {s.name: s.type for s in shapes}
-        weighting = loss_weighting(cfg.aggregation.method, mine, order, cfg.aggregation.options(), types).to(device)
+        weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types).to(device)
         params = [*trunk.parameters(), *modules.parameters(), *weighting.parameters()]
         optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay)
         start_epoch, monitor = 0, Monitor.of(cfg)
@@ -217,7 +217,7 @@ class Worker:
     def _weights(self, sums: dict[str, torch.Tensor], weight_sums: torch.Tensor) -> dict[str, float]:
         """Each owned task's mean aggregation weight this epoch (none for `mean`); a loss
         weighting also ends its epoch here."""
-        method, order, steps = METHODS[self.plan.config.aggregation.method], self.order, self.plan.steps_per_epoch
+        method, order, steps = self.plan.config.aggregation.resolved(), self.order, self.plan.steps_per_epoch
         if method.needs_exchange:
             return {f"aggregation/{n}/weight": float(weight_sums[order.index(n)]) / steps for n in self.mine}
         if method.kind != "loss":
