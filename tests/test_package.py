@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_wheel_installed_outside_the_checkout_runs_the_demo(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(tmp_path / "dist"), REPO], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("distributed_mtml-*.whl")
     venv = tmp_path / "venv"  # its own copy of the package; torch, Ray and MLflow from this Python
