@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 
 import ray.train
 import ray.train.torch
@@ -72,54 +73,92 @@ def _validation(learner, episodes, steps: int, count: int, world: int) -> dict[s
     return {"val/meta/loss": float(sums[1]) / count, "val/meta/loss_before": float(sums[0]) / count}
 
 
+@dataclass
+class MetaWorker:
+    """One rank's part of meta-training: its episode sources, the learner, the outer optimiser,
+    and the state that must survive a restart (iterations done, monitor)."""
+
+    plan: MetaPlan
+    payload: dict
+    rank: int
+    world: int
+    device: torch.device
+    train_source: object  # SinusoidFamily or SuiteEpisodes: `sample(generator, n)`
+    val: object  # this rank's fixed validation episodes
+    learner: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    monitor: Monitor
+    done: int  # iterations finished before this (re)start
+    mine: int  # this rank's share of the meta-batch
+    fault: FaultInjector
+    guard: FiniteLossGuard
+
+    @classmethod
+    def start(cls, payload: dict) -> "MetaWorker":
+        """Builds the learner and optimiser, restores them when Ray Train restarts the run, and
+        draws this rank's validation episodes."""
+        plan = MetaPlan.model_validate(payload)
+        quiet_report_log()
+        cfg, meta, seed = plan.config, plan.config.meta, plan.config.training.seed
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        device = ray.train.torch.get_device()
+        train_source, val_source = _sources(plan, rank)
+        learner = build_learner(payload).to(device)
+        optimizer = make_optimizer(meta.outer_optimizer, list(learner.parameters()), meta.outer_lr, weight_decay=0.0)
+        done, monitor = 0, Monitor.of(cfg)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                done, saved = restore_meta_state(d, learner, optimizer)
+                monitor = Monitor.of(cfg, saved)
+        val_count = share(meta.val_tasks, world, rank)
+        val = val_source.sample(episode_generator(seed, VAL_STREAM, rank), val_count).to(device)
+        return cls(plan, payload, rank, world, device, train_source, val, learner, optimizer, monitor, done,
+                   share(meta.meta_batch_size, world, rank), FaultInjector(rank, restored=checkpoint is not None),
+                   FiniteLossGuard([META_TASK], device))
+
+    def step(self, iteration: int) -> torch.Tensor:
+        """One outer update on this rank's share of the meta-batch; the sum of its query losses."""
+        meta = self.plan.config.meta
+        self.fault.strike(0, iteration)  # meta-training has no epochs: MTML_FAULT=<kind>@0:<iteration>
+        generator = episode_generator(self.plan.config.training.seed, self.rank, iteration)
+        episodes = self.train_source.sample(generator, self.mine).to(self.device)
+        losses = meta_gradient(self.learner, episodes, meta.inner_steps, meta.meta_batch_size)
+        _all_reduce_grads(list(self.learner.parameters()), self.world)
+        self.guard.observe({META_TASK: losses.sum()}, iteration)
+        self.optimizer.step()
+        return losses.sum().double().cpu()
+
+    def report(self, finished: int, loss_sum: torch.Tensor, block: int, seconds: float) -> None:
+        """The block's training loss and the validation loss after adaptation, all-reduced; the
+        keep/stop decision; the report to Ray Train with a checkpoint."""
+        meta = self.plan.config.meta
+        self.guard.raise_if_diverged(self.world, lambda step: f"meta-iteration {step + 1}")
+        metrics = {"train/meta/loss": float(_all_reduce(loss_sum, self.world)) / (block * meta.meta_batch_size)}
+        metrics.update(_validation(self.learner, self.val, meta.inner_steps, meta.val_tasks, self.world))
+        self.monitor.update(metrics, finished)
+        metrics.update(self.monitor.report_fields(metrics))
+        metrics.update({"iteration": finished, "samples": block * self.mine, "train_seconds": seconds})
+        _report(metrics, finished, self.rank, self.payload, self.learner, self.optimizer, self.monitor.state())
+
+
 def meta_train_loop_per_worker(payload: dict) -> None:
-    plan = MetaPlan.model_validate(payload)
-    quiet_report_log()
-    cfg, meta, seed = plan.config, plan.config.meta, plan.config.training.seed
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-
-    train_source, val_source = _sources(plan, rank)
-    learner = build_learner(payload).to(device)
-    params = list(learner.parameters())
-    optimizer = make_optimizer(meta.outer_optimizer, params, meta.outer_lr, weight_decay=0.0)
-    done, monitor = 0, Monitor.of(cfg)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            done, saved = restore_meta_state(d, learner, optimizer)
-            monitor = Monitor.of(cfg, saved)
-    mine = share(meta.meta_batch_size, world, rank)
-    val = val_source.sample(episode_generator(seed, VAL_STREAM, rank), share(meta.val_tasks, world, rank)).to(device)
-
-    fault, guard = FaultInjector(rank, restored=checkpoint is not None), FiniteLossGuard([META_TASK], device)
-    progress = Progress(done, meta.iterations)
+    """What Ray Train runs on every rank: outer updates, a report every `meta.report_every`."""
+    worker = MetaWorker.start(payload)
+    meta = worker.plan.config.meta
+    progress = Progress(worker.done, meta.iterations)
     loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
-    for iteration in range(done, meta.iterations):
-        fault.strike(0, iteration)  # meta-training has no epochs: MTML_FAULT=<kind>@0:<iteration>
-        episodes = train_source.sample(episode_generator(seed, rank, iteration), mine).to(device)
-        losses = meta_gradient(learner, episodes, meta.inner_steps, meta.meta_batch_size)
-        _all_reduce_grads(params, world)
-        guard.observe({META_TASK: losses.sum()}, iteration)
-        optimizer.step()
-        loss_sum += losses.sum().double().cpu()
-        block += 1
-        finished = iteration + 1
-        if rank == 0:
-            progress.tick(finished, float(loss_sum) / (block * mine))
+    for iteration in range(worker.done, meta.iterations):
+        loss_sum += worker.step(iteration)
+        block, finished = block + 1, iteration + 1
+        if worker.rank == 0:
+            progress.tick(finished, float(loss_sum) / (block * worker.mine))
         if finished % meta.report_every and finished != meta.iterations:
             continue
-        seconds = time.perf_counter() - begin
-        guard.raise_if_diverged(world, lambda step: f"meta-iteration {step + 1}")
-        metrics = {"train/meta/loss": float(_all_reduce(loss_sum, world)) / (block * meta.meta_batch_size)}
-        metrics.update(_validation(learner, val, meta.inner_steps, meta.val_tasks, world))  # all-reduced
-        monitor.update(metrics, finished)
-        metrics.update(monitor.report_fields(metrics))
-        metrics.update({"iteration": finished, "samples": block * mine, "train_seconds": seconds})
-        _report(metrics, finished, rank, payload, learner, optimizer, monitor.state())
-        if monitor.stop:
+        worker.report(finished, loss_sum, block, time.perf_counter() - begin)
+        if worker.monitor.stop:
             break
         loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
 
