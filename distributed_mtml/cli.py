@@ -119,16 +119,17 @@ def cmd_data(args) -> int:
 
 
 def show_suite(suite_dir: str) -> int:
-    from distributed_mtml.data.suite import SPLITS, load_task, read_table
+    from distributed_mtml.data.suite import SPLITS, read_table, table_to_task_data
     from distributed_mtml.data.validate import checked_suite
     from distributed_mtml.report import table
 
     spec = checked_suite(suite_dir)
     rows = []
     for task in spec.tasks:
-        d = load_task(suite_dir, task)
+        raw = read_table(suite_dir, task)  # once: its columns say whether the split was seeded
+        d = table_to_task_data(task, raw)
         kind = f"classification ({d.num_classes})" if task.type == "classification" else "regression"
-        seeded = task.split_column not in read_table(suite_dir, task).column_names
+        seeded = task.split_column not in raw.column_names
         split = "seeded" if seeded else f"column '{task.split_column}'"
         labels = f" ({', '.join(d.classes)})" if d.classes else ""
         rows.append([task.name, kind, *(len(d.y[s]) for s in SPLITS), len(d.features), task.target + labels, split])
