@@ -13,11 +13,11 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Iterator
 
-from distributed_mtml import tracking
 from distributed_mtml.errors import InputError
 from distributed_mtml.meta.checkpoint import load_learner
 from distributed_mtml.models import MultiTaskModel
 from distributed_mtml.runtime.checkpoint import STATE_FILE, TRUNK_FILE, load_into, load_state, task_file
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.plan import TrainPlan
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
 
 
 @contextlib.contextmanager
-def model_dir(run_id: str | None, checkpoint: str | None, uri: str) -> Iterator[str]:
+def model_dir(run_id: str | None, checkpoint: str | None, tracker: Tracker) -> Iterator[str]:
     """A local directory holding the model: the checkpoint, or `runs:/<id>/model` downloaded."""
     if checkpoint is not None:
         if not os.path.exists(os.path.join(checkpoint, STATE_FILE)):
@@ -59,17 +59,17 @@ def model_dir(run_id: str | None, checkpoint: str | None, uri: str) -> Iterator[
         return
     from mlflow.exceptions import MlflowException
 
-    c = tracking.client(uri)
+    c = tracker.client()
     try:
         c.get_run(run_id)
     except MlflowException:
-        raise InputError(f"--run: no run '{run_id}' in {uri}") from None
+        raise InputError(f"--run: no run '{run_id}' in {tracker}") from None
     with tempfile.TemporaryDirectory() as d:
         yield c.download_artifacts(run_id, "model", d)
 
 
-def model_from_run(run_id: str, uri: str) -> MultiTaskModel:
+def model_from_run(run_id: str, tracker: Tracker) -> MultiTaskModel:
     """Downloads `runs:/<id>/model` and loads it with weights_only=True."""
-    with model_dir(run_id, None, uri) as path:
+    with model_dir(run_id, None, tracker) as path:
         model, _ = load_model(path)
     return model

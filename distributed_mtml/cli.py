@@ -14,6 +14,10 @@ import traceback
 import typing
 
 from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InputError, TrainingFailed
+from distributed_mtml.tracking import Tracker, default_tracking_uri
+
+if typing.TYPE_CHECKING:
+    from distributed_mtml.config import Config
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")  # package data;
 # jobs/configs/demo.yaml links to it
@@ -165,24 +169,28 @@ def _check_given_suite_path(config, overrides: list[str], config_path: str) -> N
                          f"'{config.suite.generator}' suite there, write path: {given[-1]} in {config_path}")
 
 
-def _uri_flag(uri: str) -> str:
-    from distributed_mtml.tracking import default_tracking_uri
+def _tracker(args: argparse.Namespace, config: Config | None = None) -> Tracker:
+    """The command's one `Tracker`: --tracking-uri, then the config's `tracking.uri`, then
+    $MLFLOW_TRACKING_URI, then ./mlflow.db; a server that does not answer is exit 2 here."""
+    return Tracker.resolve(args.tracking_uri, config.tracking.uri if config is not None else None)
 
-    return "" if uri == default_tracking_uri() else f" --tracking-uri {uri}"
+
+def _uri_flag(tracker: Tracker) -> str:
+    return "" if tracker.uri == default_tracking_uri() else f" --tracking-uri {tracker}"
 
 
 def cmd_meta_train(args) -> int:
     from distributed_mtml.meta.launch import run_meta_training
 
     config, run_name = _load_run_config(args, args.config, args.set)
-    outcome = run_meta_training(config, run_name, args.tracking_uri, args.resume, args.address)
+    outcome = run_meta_training(config, run_name, _tracker(args, config), args.resume, args.address)
     m, stopped = outcome.kept, " (stopped early)" if outcome.stopped_early else ""
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is iteration {outcome.best_step}'s: validation "
           f"query loss {m['val/meta/loss_before']:.4f} before and {m['val/meta/loss']:.4f} after "
           f"{config.meta.inner_steps} adaptation step(s)")
-    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracker}")
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --shots {config.meta.shots} --steps 10"
-          f"{_uri_flag(outcome.tracking_uri)}")
+          f"{_uri_flag(outcome.tracker)}")
     return EXIT_OK
 
 
@@ -191,32 +199,31 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
     from distributed_mtml.train.launch import run_training
 
     config, run_name = _load_run_config(args, config_path, overrides)
-    outcome = run_training(config, run_name, args.tracking_uri, resume, args.address)
+    outcome = run_training(config, run_name, _tracker(args, config), resume, args.address)
     stopped = " (stopped early)" if outcome.stopped_early else ""
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is epoch {outcome.best_step + 1}'s, "
           f"best {config.checkpoint.monitor}; its validation metrics:")
     trivial = {k[len("baseline/"):]: v for k, v in outcome.metrics.items() if k.startswith("baseline/")}
     print(metrics_table(outcome.kept, "val", trivial))
     print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
-    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracker}")
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
-          f"{_uri_flag(outcome.tracking_uri)}")
+          f"{_uri_flag(outcome.tracker)}")
     return EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
-    from distributed_mtml import tracking
     from distributed_mtml.artifacts import load_model, model_dir
     from distributed_mtml.evaluate import evaluate
     from distributed_mtml.report import metrics_table
     from distributed_mtml.runtime.checkpoint import load_state
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracker = _tracker(args)
     if args.run:
-        tracking.check_store_exists(uri)  # an empty mlflow.db made here would hold no run
-    with model_dir(args.run, args.checkpoint, uri) as directory:
+        tracker.check_store_exists()  # an empty mlflow.db made here would hold no run
+    with model_dir(args.run, args.checkpoint, tracker) as directory:
         if load_state(directory).get("kind") == "meta":
-            return _evaluate_meta(args, directory, uri)
+            return _evaluate_meta(args, directory, tracker)
         model, plan = load_model(directory)
     from distributed_mtml.baseline import baseline_metrics
 
@@ -228,7 +235,7 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
-def _evaluate_meta(args, directory: str, uri: str) -> int:
+def _evaluate_meta(args, directory: str, tracker: Tracker) -> int:
     from distributed_mtml.meta.checkpoint import load_learner
     from distributed_mtml.meta.evaluate import few_shot_curve, held_out_episodes, log_curve
     from distributed_mtml.report import table
@@ -246,40 +253,38 @@ def _evaluate_meta(args, directory: str, uri: str) -> int:
     rows = [[step, *(f"{curve[m][step][0]:.4f} +- {curve[m][step][1]:.4f}" for m in curve)] for step in range(args.steps + 1)]
     print(table(["steps", *(f"query {m}" for m in curve)], rows))
     if args.run:
-        log_curve(uri, args.run, curve, shots)
+        log_curve(tracker, args.run, curve, shots)
         print(f"logged fewshot/{shots}shot/* and plots/fewshot_{shots}shot_*.png to run {args.run}")
     return EXIT_OK
 
 
 def cmd_transfer(args) -> int:
-    from distributed_mtml import tracking
     from distributed_mtml.report import table
     from distributed_mtml.transfer.run import run_transfer
 
     config, run_name = _load_run_config(args, args.config, args.set)
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
-    parent, header, rows = run_transfer(config, uri, run_name)
+    tracker = _tracker(args, config)
+    parent, header, rows = run_transfer(config, tracker, run_name)
     print(table(header, rows))
     print(f"\nparent run {parent} in experiment '{config.tracking.transfer_experiment_name()}'; one child run per "
-          f"strategy: mlflow ui --backend-store-uri {uri}")
+          f"strategy: mlflow ui --backend-store-uri {tracker}")
     return EXIT_OK
 
 
 def cmd_tune(args) -> int:
-    from distributed_mtml import tracking
     from distributed_mtml.report import table
     from distributed_mtml.transfer.search import run_tune
 
     config, run_name = _load_run_config(args, args.config, args.set)
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, config.tracking.uri)
-    parent, header, rows, best = run_tune(config, uri, run_name, args.address)
+    tracker = _tracker(args, config)
+    parent, header, rows, best = run_tune(config, tracker, run_name, args.address)
     print(table(header, rows))
     print(f"\nbest by validation: {best} (tagged mtml.best_strategy on parent run {parent} in experiment "
-          f"'{config.tracking.transfer_experiment_name()}'); mlflow ui --backend-store-uri {uri}")
+          f"'{config.tracking.transfer_experiment_name()}'); mlflow ui --backend-store-uri {tracker}")
     return EXIT_OK
 
 
-def _check_relations_logged(c, run_id: str, uri: str) -> None:
+def _check_relations_logged(c, run_id: str, tracker: Tracker) -> None:
     """A missing run or a run without relations is bad input; anything else MLflow answers
     (authentication, network, storage) is said as it is."""
     from mlflow.exceptions import MlflowException
@@ -288,21 +293,21 @@ def _check_relations_logged(c, run_id: str, uri: str) -> None:
         c.get_run(run_id)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise InputError(f"--run {run_id}: no such run in {uri}") from None
+            raise InputError(f"--run {run_id}: no such run in {tracker}") from None
         raise
     if "relations/affinity.csv" not in {a.path for a in c.list_artifacts(run_id, "relations")}:
-        raise InputError(f"--run {run_id}: no relations/affinity.csv in {uri} (train with relations.enabled: true)")
+        raise InputError(f"--run {run_id}: no relations/affinity.csv in {tracker} (train with relations.enabled: true)")
 
 
 def cmd_affinity(args) -> int:
     import tempfile
 
-    from distributed_mtml import relations, tracking
+    from distributed_mtml import relations
     from distributed_mtml.report import table
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    c = tracking.client(uri)
-    _check_relations_logged(c, args.run, uri)
+    tracker = _tracker(args)
+    c = tracker.client()
+    _check_relations_logged(c, args.run, tracker)
     with tempfile.TemporaryDirectory() as d:
         path = c.download_artifacts(args.run, "relations/affinity.csv", d)
         values, order = relations.from_csv(open(path).read())

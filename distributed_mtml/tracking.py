@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from distributed_mtml.interrupts import uninterrupted
@@ -31,13 +32,6 @@ def default_tracking_uri(cli_uri: str | None = None, config_uri: str | None = No
     return uri
 
 
-def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
-    """The tracking URI a command will use, checked to answer when it is a server."""
-    uri = default_tracking_uri(cli_uri, config_uri)
-    check_reachable(uri)
-    return uri
-
-
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """A tracking server that does not answer is bad input: say so before anything starts."""
     if not uri.startswith(("http://", "https://")):
@@ -55,16 +49,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise InputError(f"--tracking-uri {uri}: the MLflow server does not answer ({reason})") from None
 
 
-def check_store_exists(uri: str) -> None:
-    """Reading runs from a SQLite file that is not there would create an empty one: say where
-    none was found instead."""
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
-        from distributed_mtml.errors import InputError
-
-        raise InputError(f"--tracking-uri: no MLflow database at {uri[len('sqlite:///'):]} "
-                         "(pass --tracking-uri where the run was logged)")
-
-
 def _artifact_location(uri: str) -> str | None:
     """Next to a local SQLite file, artifacts go to ./mlartifacts beside it (absolute);
     a tracking server decides for itself."""
@@ -72,20 +56,6 @@ def _artifact_location(uri: str) -> str | None:
         db = uri[len("sqlite:///") :]
         return "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
     return None
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(uri: str, name: str) -> str:
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=_artifact_location(uri))
 
 
 CONFIG_NAME = "mtml.config_name"
@@ -99,85 +69,121 @@ def unique_name(config_name: str) -> str:
     return f"{config_name}-{secrets.token_hex(3)}"
 
 
-def newest_run_of(uri: str, experiment: str, config_name: str, status: str):
-    """The newest run of a config in `experiment` whose status matches `status` (a filter
-    clause), found by its `mtml.config_name` tag, or by its name for runs older than the tag."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    for key in (CONFIG_NAME, "mlflow.runName"):  # MLflow's filter has no OR
-        runs = [] if exp is None else c.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{key}` = '{config_name}' and {status}",
-            order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            return runs[0]
-    return None
+@dataclass(frozen=True)
+class Tracker:
+    """Where one command's runs go, and every MLflow write it makes.
 
+    A command resolves its tracking URI once (`Tracker.resolve`) and hands this object down;
+    nothing below it looks at $MLFLOW_TRACKING_URI or the config again. It holds only the URI,
+    so it travels to the Ray Train controller and Tune's callbacks as it is."""
 
-def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
-               config_name: str | None = None) -> str:
-    """A run named `run_name`; with `config_name` (a command's own run) named `unique_name` of
-    it instead and tagged `mtml.config_name`, which `--resume` and `transfer.source` look up."""
-    from mlflow.entities import Param
+    uri: str
 
-    with uninterrupted():  # a Ctrl-C mid-transaction would keep SQLite's write lock
-        c = client(uri)
-        if config_name is not None:
-            run_name, tags = unique_name(config_name), {CONFIG_NAME: config_name, **tags}
-        run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            c.log_batch(run.info.run_id, params=items[i : i + 100])
-        return run.info.run_id
+    @classmethod
+    def resolve(cls, cli_uri: str | None = None, config_uri: str | None = None) -> "Tracker":
+        """The tracker a command uses (see `default_tracking_uri` for the order), checked to
+        answer when it is a server."""
+        uri = default_tracking_uri(cli_uri, config_uri)
+        check_reachable(uri)
+        return cls(uri)
 
+    def __str__(self) -> str:
+        return self.uri
 
-def find_resumable_run(uri: str, experiment: str, config_name: str) -> str | None:
-    """The newest unfinished run of this config: what `--resume` continues."""
-    run = newest_run_of(uri, experiment, config_name, "attributes.status != 'FINISHED'")
-    return run.info.run_id if run else None
+    def client(self):
+        from mlflow.tracking import MlflowClient
 
+        return MlflowClient(tracking_uri=self.uri)
 
-def set_status(uri: str, run_id: str, status: str) -> None:
-    """FINISHED, FAILED or KILLED; RUNNING again when a run is resumed."""
-    with uninterrupted():
-        c = client(uri)
-        if status == "RUNNING":
-            c.update_run(run_id, status="RUNNING")
-        else:
-            c.set_terminated(run_id, status=status)
+    def check_store_exists(self) -> None:
+        """Reading runs from a SQLite file that is not there would create an empty one: say
+        where none was found instead."""
+        if self.uri.startswith("sqlite:///") and not os.path.exists(self.uri[len("sqlite:///"):]):
+            from distributed_mtml.errors import InputError
 
+            raise InputError(f"--tracking-uri: no MLflow database at {self.uri[len('sqlite:///'):]} "
+                             "(pass --tracking-uri where the run was logged)")
 
-def end_children(uri: str, parent: str, status: str) -> None:
-    """Marks the parent's child runs that are still RUNNING (trials cut off) with `status`."""
-    with uninterrupted():
-        c = client(uri)
-        experiment = c.get_run(parent).info.experiment_id
-        for run in c.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
-            c.set_terminated(run.info.run_id, status=status)
+    def experiment_id(self, name: str) -> str:
+        c = self.client()
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return c.create_experiment(name, artifact_location=_artifact_location(self.uri))
 
+    def newest_run_of(self, experiment: str, config_name: str, status: str):
+        """The newest run of a config in `experiment` whose status matches `status` (a filter
+        clause), found by its `mtml.config_name` tag, or by its name for runs older than the tag."""
+        c = self.client()
+        exp = c.get_experiment_by_name(experiment)
+        for key in (CONFIG_NAME, "mlflow.runName"):  # MLflow's filter has no OR
+            runs = [] if exp is None else c.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{key}` = '{config_name}' and {status}",
+                order_by=["attributes.start_time DESC"], max_results=1)
+            if runs:
+                return runs[0]
+        return None
 
-@contextlib.contextmanager
-def final_status(uri: str, run_id: str):
-    """The run's status once the block ends: FINISHED when it completes, KILLED on Ctrl-C or
-    SIGTERM (its child runs still RUNNING too), FAILED on anything else."""
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    except KeyboardInterrupt as interrupt:
-        status = "KILLED"
-        end_children(uri, run_id, status)
-        interrupt.run_id = run_id  # the outermost run, for the command's last line
-        raise
-    finally:
-        set_status(uri, run_id, status)
+    def create_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
+                   config_name: str | None = None) -> str:
+        """A run named `run_name`; with `config_name` (a command's own run) named `unique_name`
+        of it instead and tagged `mtml.config_name`, which `--resume` and `transfer.source` look up."""
+        from mlflow.entities import Param
 
+        with uninterrupted():  # a Ctrl-C mid-transaction would keep SQLite's write lock
+            c = self.client()
+            if config_name is not None:
+                run_name, tags = unique_name(config_name), {CONFIG_NAME: config_name, **tags}
+            run = c.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                c.log_batch(run.info.run_id, params=items[i : i + 100])
+            return run.info.run_id
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-    from mlflow.entities import Metric
+    def find_resumable_run(self, experiment: str, config_name: str) -> str | None:
+        """The newest unfinished run of this config: what `--resume` continues."""
+        run = self.newest_run_of(experiment, config_name, "attributes.status != 'FINISHED'")
+        return run.info.run_id if run else None
 
-    with uninterrupted():
-        now = timestamp_ms or int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        c = client(uri)
-        for i in range(0, len(items), 500):
-            c.log_batch(run_id, metrics=items[i : i + 500])
+    def set_status(self, run_id: str, status: str) -> None:
+        """FINISHED, FAILED or KILLED; RUNNING again when a run is resumed."""
+        with uninterrupted():
+            c = self.client()
+            if status == "RUNNING":
+                c.update_run(run_id, status="RUNNING")
+            else:
+                c.set_terminated(run_id, status=status)
+
+    def end_children(self, parent: str, status: str) -> None:
+        """Marks the parent's child runs that are still RUNNING (trials cut off) with `status`."""
+        with uninterrupted():
+            c = self.client()
+            experiment = c.get_run(parent).info.experiment_id
+            for run in c.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
+                c.set_terminated(run.info.run_id, status=status)
+
+    @contextlib.contextmanager
+    def final_status(self, run_id: str):
+        """The run's status once the block ends: FINISHED when it completes, KILLED on Ctrl-C or
+        SIGTERM (its child runs still RUNNING too), FAILED on anything else."""
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt as interrupt:
+            status = "KILLED"
+            self.end_children(run_id, status)
+            interrupt.run_id = run_id  # the outermost run, for the command's last line
+            raise
+        finally:
+            self.set_status(run_id, status)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        with uninterrupted():
+            now = timestamp_ms or int(time.time() * 1000)
+            items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            c = self.client()
+            for i in range(0, len(items), 500):
+                c.log_batch(run_id, metrics=items[i : i + 500])

@@ -76,7 +76,7 @@ def _sinusoid(meta_iterations: int) -> tuple[str, str, list[str]]:
     meta_cfg = benchlib.config(suite={"generator": "sinusoid"}, model={"trunk": {"widths": [40, 40]}},
                                meta={"iterations": meta_iterations, "report_every": meta_iterations, "shots": 10})
     benchlib.ensure_ray(None)
-    run = run_meta_training(meta_cfg, "transfer-src-sinusoid", benchlib.URI)
+    run = run_meta_training(meta_cfg, "transfer-src-sinusoid", benchlib.TRACKER)
     return run.checkpoint_path, sines, [f"sine{i:03d}" for i in range(10)]
 
 
@@ -87,7 +87,7 @@ def _score(strategy: str, source: str, suite: str, tasks: list[str], shots: int,
         cfg = validate_config({"transfer": {"source": source, "target": {"path": suite},
                                             "target_task": tasks[draw % len(tasks)], "shots": shots,
                                             "seed": draw, "steps": 100, "eval_every": 100}})
-        inputs = load_inputs(cfg, benchlib.URI)
+        inputs = load_inputs(cfg, benchlib.TRACKER)
         metric, _ = HEADLINE[inputs.target.type]
         built = build(strategy, inputs, 1, 8, seed=draw)
         scores.append(fit(built, inputs, 100, lr, 100, test=split == "test")[-1][1][f"{split}/{metric}"])

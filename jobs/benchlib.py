@@ -8,10 +8,12 @@ import tempfile
 
 from distributed_mtml.config import Config, validate_config
 from distributed_mtml.runtime.driver import TrainOutcome, ensure_ray
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.launch import run_training
 
 WORKDIR = tempfile.mkdtemp(prefix="mtml_bench_")
 URI = f"sqlite:///{WORKDIR}/mlflow.db"
+TRACKER = Tracker(URI)
 
 
 def config(**sections) -> Config:
@@ -25,7 +27,7 @@ def config(**sections) -> Config:
 
 def train(cfg: Config, name: str) -> TrainOutcome:
     ensure_ray(None)
-    return run_training(cfg, name, URI)
+    return run_training(cfg, name, TRACKER)
 
 
 def best_throughput(outcome: TrainOutcome) -> float:
@@ -102,4 +104,4 @@ def test_metrics(outcome: TrainOutcome, suite_dir: str) -> dict[str, float]:
     from distributed_mtml.artifacts import model_from_run
     from distributed_mtml.evaluate import evaluate
 
-    return evaluate(model_from_run(outcome.run_id, URI), suite_dir)
+    return evaluate(model_from_run(outcome.run_id, TRACKER), suite_dir)

@@ -43,7 +43,7 @@ def main() -> None:
             overrides = [f"meta.algorithm={algorithm}", f"meta.shots={shots}", f"meta.iterations={args.iterations}",
                          f"meta.report_every={max(args.iterations // 5, 1)}", f"scaling.num_workers={args.workers}",
                          f"checkpoint.dir={benchlib.WORKDIR}/runs", "tracking.experiment=meta-quality", *args.set]
-            out = run_meta_training(load_config(CONFIG, overrides), f"quality-{algorithm}-{shots}", benchlib.URI)
+            out = run_meta_training(load_config(CONFIG, overrides), f"quality-{algorithm}-{shots}", benchlib.TRACKER)
             learner, plan = load_learner(out.checkpoint_path)
             curve = few_shot_curve(learner, held_out_episodes(plan, None, shots, shots, 600), 10)["loss"]
             fmt = [f"{m:.3f} +- {h:.3f}" for m, h in curve]

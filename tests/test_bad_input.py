@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from distributed_mtml import tracking
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.cli import main
 from distributed_mtml.data.generators import make_suite
 
@@ -240,7 +240,7 @@ def _config_cases():
 
 def _argument_and_checkpoint_cases():
     def unknown_run(c):
-        tracking.create_run(c.uri, "distributed-mtml", "other", {}, {})  # the store exists, the run does not
+        Tracker(c.uri).create_run("distributed-mtml", "other", {}, {})  # the store exists, the run does not
         return ["evaluate", "--run", "0123456789abcdef", "--tracking-uri", c.uri], "--run: no run '0123456789abcdef'"
 
     def evaluate_suite_gone(c):  # without --suite, the model's own suite is scored
@@ -261,8 +261,8 @@ def _argument_and_checkpoint_cases():
                 "trunk.pt: does not fit the model described in")
 
     def resume_other_architecture(c):
-        run_id = tracking.create_run(c.uri, "distributed-mtml", "config", {}, {})
-        tracking.set_status(c.uri, run_id, "KILLED")
+        run_id = Tracker(c.uri).create_run("distributed-mtml", "config", {}, {})
+        Tracker(c.uri).set_status(run_id, "KILLED")
         saved = c.checkpoint("saved", [16])
         target = c.root / "runs" / f"config-{run_id[:12]}" / "checkpoint_epoch=0000"
         shutil.copytree(saved, target)
@@ -285,11 +285,11 @@ def _argument_and_checkpoint_cases():
         return ["evaluate", "--checkpoint", directory, "--suite", c.suite], "trunk.pt: cannot read"
 
     def affinity_unknown_run(c):
-        tracking.create_run(c.uri, "distributed-mtml", "other", {}, {})  # the store exists, the run does not
+        Tracker(c.uri).create_run("distributed-mtml", "other", {}, {})  # the store exists, the run does not
         return ["affinity", "--run", "f" * 32, "--tracking-uri", c.uri], f"--run {'f' * 32}: no such run in"
 
     def affinity_without_relations(c):
-        run_id = tracking.create_run(c.uri, "distributed-mtml", "plain", {}, {})
+        run_id = Tracker(c.uri).create_run("distributed-mtml", "plain", {}, {})
         return ["affinity", "--run", run_id, "--tracking-uri", c.uri], "no relations/affinity.csv in"
 
     def shots_zero(c):

@@ -73,17 +73,17 @@ def test_affinity_reports_what_the_tracking_server_actually_said(capsys):
 
 
 def test_runs_of_one_config_get_distinct_names_and_are_found_by_it(tmp_path):
-    from distributed_mtml import tracking
+    from distributed_mtml.tracking import Tracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    first = tracking.create_run(uri, "e", "demo", {}, {}, config_name="demo")
-    second = tracking.create_run(uri, "e", "demo", {}, {}, config_name="demo")
-    client = tracking.client(uri)
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    first = tracker.create_run("e", "demo", {}, {}, config_name="demo")
+    second = tracker.create_run("e", "demo", {}, {}, config_name="demo")
+    client = tracker.client()
     names = [client.get_run(r).info.run_name for r in (first, second)]
     assert names[0] != names[1] and all(n.startswith("demo-") for n in names)
-    assert tracking.find_resumable_run(uri, "e", "demo") == second  # the newest unfinished one
-    tracking.set_status(uri, second, "FINISHED")
-    assert tracking.find_resumable_run(uri, "e", "demo") == first
+    assert tracker.find_resumable_run("e", "demo") == second  # the newest unfinished one
+    tracker.set_status(second, "FINISHED")
+    assert tracker.find_resumable_run("e", "demo") == first
     old = client.create_run(client.get_experiment_by_name("e").experiment_id, run_name="older").info.run_id
-    assert tracking.find_resumable_run(uri, "e", "older") == old  # runs from before the tag: by name
-    assert tracking.find_resumable_run(uri, "e", "other") is None
+    assert tracker.find_resumable_run("e", "older") == old  # runs from before the tag: by name
+    assert tracker.find_resumable_run("e", "other") is None

@@ -80,12 +80,13 @@ def test_ctrl_c_ends_a_training_run_killed_and_resumable(tmp_path, seed_suite, c
 
 def test_ctrl_c_ends_a_tune_search_killed(ray_session, tmp_path, seed_suite):
     from distributed_mtml.config import validate_config
+    from distributed_mtml.tracking import Tracker
     from distributed_mtml.train.launch import run_training
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     source = run_training(validate_config({"suite": {"path": seed_suite}, "training": {"epochs": 1},
                                            "scaling": {"num_workers": 1}, "checkpoint": {"dir": str(tmp_path / "src")}}),
-                          "source", uri)
+                          "source", Tracker(uri))
     raw = {"transfer": {"source": source.checkpoint_path, "target": {"path": seed_suite}, "target_task": "regress",
                         "shots": 10, "steps": 100000, "eval_every": 10, "strategies": ["scratch", "finetune"]},
            "tune": {"num_samples": 2, "repeats": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}

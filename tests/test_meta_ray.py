@@ -1,10 +1,10 @@
 """Integration: distributed meta-training on a local Ray, read back through MlflowClient."""
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from distributed_mtml.config import validate_config
 from distributed_mtml.meta.launch import run_meta_training
+from distributed_mtml.tracking import Tracker
 
 
 def _config(tmp_path, **sections):
@@ -20,8 +20,8 @@ def _config(tmp_path, **sections):
     return validate_config(raw)
 
 
-def _uri(tmp_path):
-    return f"sqlite:///{tmp_path}/mlflow.db"
+def _tracker(tmp_path) -> Tracker:
+    return Tracker(f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def _history(client, run_id, key):
@@ -32,8 +32,8 @@ def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_sess
     from distributed_mtml.cli import main
     from distributed_mtml.artifacts import load_model
 
-    out = run_meta_training(_config(tmp_path), "sine", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_meta_training(_config(tmp_path), "sine", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mtml.command"] == "meta-train" and run.data.tags["mtml.algorithm"] == "maml"
@@ -47,7 +47,7 @@ def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_sess
 
     capsys.readouterr()
     assert main(["evaluate", "--run", out.run_id, "--shots", "5", "--steps", "2", "--tasks", "50",
-                 "--tracking-uri", _uri(tmp_path)]) == 0
+                 "--tracking-uri", _tracker(tmp_path).uri]) == 0
     printed = capsys.readouterr().out
     assert "50 held-out tasks, 5 shots" in printed
     steps = sorted(m.step for m in client.get_metric_history(out.run_id, "fewshot/5shot/loss"))
@@ -62,8 +62,8 @@ def test_meta_training_keeps_the_best_report_and_stops_early(ray_session, tmp_pa
 
     cfg = _config(tmp_path, training={"early_stopping_patience": 1}, checkpoint={"mode": "max"},
                   meta={"iterations": 1000})
-    out = run_meta_training(cfg, "patient", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_meta_training(cfg, "patient", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     run = client.get_run(out.run_id)
     history = sorted(client.get_metric_history(out.run_id, "val/meta/loss"), key=lambda m: m.step)
     best = max(history, key=lambda m: (m.value, -m.step))
@@ -80,13 +80,13 @@ def test_meta_training_on_a_suite_shards_its_tasks_and_resumes(ray_session, tmp_
     cfg = _config(tmp_path, suite={"path": suite, "generator": None},
                   model={"trunk": {"widths": [16]}},
                   meta={"algorithm": "anil", "iterations": 20, "report_every": 10, "val_tasks": 8})
-    uri = _uri(tmp_path)
-    first = run_meta_training(cfg, "suite-meta", uri)
-    client = MlflowClient(uri)
+    tracker = _tracker(tmp_path)
+    first = run_meta_training(cfg, "suite-meta", tracker)
+    client = tracker.client()
     assert client.get_run(first.run_id).data.params["plan.shards"] == str([["task0", "task2"], ["task1", "task3"]])
     client.set_terminated(first.run_id, status="KILLED")  # as if interrupted after 20 iterations
     longer = cfg.model_copy(update={"meta": cfg.meta.model_copy(update={"iterations": 30})})
-    again = run_meta_training(longer, "suite-meta", uri, resume=True)
+    again = run_meta_training(longer, "suite-meta", tracker, resume=True)
     assert again.run_id == first.run_id
     steps = sorted(m.step for m in client.get_metric_history(first.run_id, "val/meta/loss"))
     assert steps == [10, 20, 30]
@@ -106,5 +106,5 @@ def test_bad_meta_input_exits_2_before_ray(tmp_path, seed_suite, capsys, suite, 
     source = {"generator": "sinusoid"} if suite == "family" else {"path": seed_suite}
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"suite": source, "meta": meta, "scaling": {"num_workers": 2}}))
-    assert main(["meta-train", "--config", str(config), "--tracking-uri", _uri(tmp_path)]) == 2
+    assert main(["meta-train", "--config", str(config), "--tracking-uri", _tracker(tmp_path).uri]) == 2
     assert message in capsys.readouterr().err

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from distributed_mtml.config import validate_config
 from distributed_mtml.artifacts import model_from_run
 from distributed_mtml.evaluate import evaluate
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.launch import run_training
 
 pytestmark = pytest.mark.ray
@@ -29,13 +30,13 @@ def _config(tmp_path, suite, **sections):
     return validate_config(raw)
 
 
-def _uri(tmp_path):
-    return f"sqlite:///{tmp_path}/mlflow.db"
+def _tracker(tmp_path) -> Tracker:
+    return Tracker(f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite, capsys):
-    out = run_training(_config(tmp_path, seed_suite), "itest", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_training(_config(tmp_path, seed_suite), "itest", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mtml.command"] == "train" and run.data.tags["mtml.suite"] == "seed-example"
@@ -50,7 +51,7 @@ def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite,
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"config.yaml", "suite.yaml", "model", "plots"} <= artifacts
     assert {a.path for a in client.list_artifacts(out.run_id, "plots")} == {"plots/classify.png", "plots/regress.png"}
-    model = model_from_run(out.run_id, _uri(tmp_path))
+    model = model_from_run(out.run_id, _tracker(tmp_path))
     test = evaluate(model, seed_suite)
     assert test["test/classify/accuracy"] > 0.6 and test["test/regress/r2"] > 0.0
     for key, value in test.items():  # the run logged its kept model's test numbers
@@ -62,7 +63,7 @@ def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite,
     from distributed_mtml.cli import main
 
     capsys.readouterr()
-    assert main(["evaluate", "--run", out.run_id, "--suite", seed_suite, "--split", "val", "--tracking-uri", _uri(tmp_path)]) == 0
+    assert main(["evaluate", "--run", out.run_id, "--suite", seed_suite, "--split", "val", "--tracking-uri", _tracker(tmp_path).uri]) == 0
     assert f"val split of {seed_suite} (trivial:" in capsys.readouterr().out
 
 
@@ -74,8 +75,8 @@ def test_more_tasks_than_workers_with_different_feature_widths(ray_session, tmp_
     raw = yaml.safe_load(open(f"{suite}/suite.yaml"))
     raw["tasks"][2]["features"] = ["x0", "x1", "x2", "x3"]  # task2 is narrower: it gets an adapter
     yaml.safe_dump(raw, open(f"{suite}/suite.yaml", "w"))
-    out = run_training(_config(tmp_path, suite, training={"epochs": 2}), "placed", _uri(tmp_path))
-    params = MlflowClient(_uri(tmp_path)).get_run(out.run_id).data.params
+    out = run_training(_config(tmp_path, suite, training={"epochs": 2}), "placed", _tracker(tmp_path))
+    params = _tracker(tmp_path).client().get_run(out.run_id).data.params
     assert params["plan.placement"] == str([["task0", "task2"], ["task1"]])
     assert {f"val/task{i}/r2" for i in range(3)} <= set(out.metrics)
 
@@ -89,8 +90,8 @@ def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session
     from distributed_mtml.data.suite import load_suite_spec, load_task
 
     config = _config(tmp_path, raw_suite, scaling={"num_workers": 1}, training={"epochs": 10})
-    out = run_training(config, "one", _uri(tmp_path))
-    model = model_from_run(out.run_id, _uri(tmp_path))
+    out = run_training(config, "one", _tracker(tmp_path))
+    model = model_from_run(out.run_id, _tracker(tmp_path))
     cls, reg = (load_task(raw_suite, t) for t in load_suite_spec(raw_suite).tasks)
     prep = model.preprocessing["reg"]
     assert model.preprocessing["cls"].classes == ["no", "yes"]
@@ -106,11 +107,11 @@ def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session
 
 
 def test_resume_continues_from_the_last_checkpoint(ray_session, tmp_path, seed_suite, capsys):
-    uri = _uri(tmp_path)
-    first = run_training(_config(tmp_path, seed_suite, training={"epochs": 2}), "resumable", uri)
-    client = MlflowClient(uri)
+    tracker = _tracker(tmp_path)
+    first = run_training(_config(tmp_path, seed_suite, training={"epochs": 2}), "resumable", tracker)
+    client = tracker.client()
     client.set_terminated(first.run_id, status="KILLED")  # as if interrupted after epoch 2
-    again = run_training(_config(tmp_path, seed_suite, training={"epochs": 4}), "resumable", uri, resume=True)
+    again = run_training(_config(tmp_path, seed_suite, training={"epochs": 4}), "resumable", tracker, resume=True)
     assert again.run_id == first.run_id
     name = client.get_run(first.run_id).info.run_name
     assert name.startswith("resumable-")  # the config's name and a suffix
@@ -143,8 +144,8 @@ def test_full_disk_fails_clearly_and_keeps_the_last_whole_checkpoint(ray_session
 
     cfg = _config(tmp_path, seed_suite, training={"epochs": 6}, checkpoint={"dir": str(tiny_disk), "num_to_keep": 5})
     with pytest.raises(TrainingFailed, match="No space left on device") as failed:
-        run_training(cfg, "full", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+        run_training(cfg, "full", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
     assert run.info.status == "FAILED"
     last = latest_checkpoint(str(tiny_disk), f"full-{run.info.run_id[:12]}")
@@ -186,11 +187,11 @@ def test_unreachable_tracking_server_exits_2_before_ray_starts(tmp_path, seed_su
 
 def test_local_sgd_sync_every_trains_in_bf16(ray_session, tmp_path, seed_suite):
     cfg = _config(tmp_path, seed_suite, training={"epochs": 3, "sync_every": 4, "precision": "bf16"})
-    out = run_training(cfg, "localsgd", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_training(cfg, "localsgd", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     val = [m.value for m in sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)]
     assert val[-1] < val[0]
-    test = evaluate(model_from_run(out.run_id, _uri(tmp_path)), seed_suite)
+    test = evaluate(model_from_run(out.run_id, _tracker(tmp_path)), seed_suite)
     assert test["test/classify/accuracy"] > 0.6
 
 
@@ -238,16 +239,16 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
 
     chaos = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     chaos.start()
-    out = run_training(_config(tmp_path, seed_suite, **sections), "crashy", _uri(tmp_path))
+    out = run_training(_config(tmp_path, seed_suite, **sections), "crashy", _tracker(tmp_path))
     chaos.join()
     assert killed, "no worker was killed: the test did not exercise a restart"
-    client = MlflowClient(_uri(tmp_path))
+    client = _tracker(tmp_path).client()
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mtml.restarts"] == "1"
     assert "died" in run.data.tags["mtml.last_worker_error"]
     steps = sorted(m.step for m in client.get_metric_history(out.run_id, "train/classify/loss"))
     assert steps == list(range(6))
-    calm = run_training(_config(tmp_path, seed_suite, **sections), "calm", _uri(tmp_path))
+    calm = run_training(_config(tmp_path, seed_suite, **sections), "calm", _tracker(tmp_path))
     for key in ("val/classify/loss", "val/regress/loss", "train/regress/loss"):
         assert out.metrics[key] == pytest.approx(calm.metrics[key], rel=1e-5), key
 
@@ -263,8 +264,8 @@ def test_the_kept_model_is_the_best_epoch_and_early_stopping_survives_a_restart(
     monkeypatch.setenv("MTML_FAULT", "sigkill@2:0:1")
     sections = {"training": {"epochs": 10, "early_stopping_patience": 2},
                 "checkpoint": {"mode": "max", "max_failures": 1, "num_to_keep": 1}}
-    out = run_training(_config(tmp_path, seed_suite, **sections), "patient", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_training(_config(tmp_path, seed_suite, **sections), "patient", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     run = client.get_run(out.run_id)
     history = sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)
     best = max(history, key=lambda m: (m.value, -m.step))
@@ -289,9 +290,9 @@ def test_a_cluster_without_the_gpus_fails_the_run_after_resource_wait(ray_sessio
 
     cfg = _config(tmp_path, seed_suite, scaling={"use_gpu": True, "resource_wait_s": 1})
     with pytest.raises(TrainingFailed, match=r"did not provide 2 GPU for 2 workers within scaling.resource_wait_s=1 s"):
-        run_training(cfg, "no-gpus", _uri(tmp_path))
+        run_training(cfg, "no-gpus", _tracker(tmp_path))
     assert "[mtml] waiting up to 1 s for the cluster to provide 2 GPU" in capsys.readouterr().out
-    client = MlflowClient(_uri(tmp_path))
+    client = _tracker(tmp_path).client()
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
     assert run.info.status == "FAILED"
 
@@ -327,7 +328,7 @@ def test_tracking_server_going_away_mid_run_loses_nothing(ray_session, tmp_path,
     chaos = threading.Thread(target=outage, daemon=True)
     chaos.start()
     out = run_training(_config(tmp_path, seed_suite, training={"epochs": 10, "steps_per_epoch": 40}),
-                       "outage", relay.uri)
+                       "outage", Tracker(relay.uri))
     chaos.join()
     assert spool, "no report was kept: the outage did not happen during training"
     client = MlflowClient(mlflow_server)
@@ -343,7 +344,7 @@ def _cli_train(tmp_path, suite, env: dict, *extra: str) -> subprocess.CompletedP
     config.write_text(yaml.safe_dump({
         "suite": {"path": suite}, "training": {"epochs": 4, "batch_size": 16, "steps_per_epoch": 10},
         "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
-    command = [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config), "--tracking-uri", _uri(tmp_path),
+    command = [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config), "--tracking-uri", _tracker(tmp_path).uri,
                *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**os.environ, **env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
@@ -356,7 +357,7 @@ def test_worker_exit_without_restarts_names_the_worker_and_the_checkpoint(tmp_pa
     assert proc.returncode == 1, proc.stderr[-2000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "training failed: " in line and "rank 1: The actor is dead because its worker process has died" in line
-    client = MlflowClient(_uri(tmp_path))
+    client = _tracker(tmp_path).client()
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
     assert run.info.status == "FAILED" and "mtml.restarts" not in run.data.tags
     # the newest registered when the worker died: epoch 1's, or epoch 0's if Ray had not yet recorded it
@@ -377,9 +378,9 @@ def test_non_finite_loss_fails_the_run_naming_task_and_step(ray_session, tmp_pat
     monkeypatch.setenv("MTML_FAULT", "nan@2:3:1")
     cfg = _config(tmp_path, seed_suite, training={"epochs": 4, "steps_per_epoch": 10})
     with pytest.raises(TrainingFailed, match=r"non-finite loss in task 'regress' at epoch 2, step 3") as failed:
-        run_training(cfg, "diverges", _uri(tmp_path))
+        run_training(cfg, "diverges", _tracker(tmp_path))
     assert "checkpoint_epoch=0001 (continue with --resume)" in str(failed.value)
-    client = MlflowClient(_uri(tmp_path))
+    client = _tracker(tmp_path).client()
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
     assert run.info.status == "FAILED"
     last = latest_checkpoint(str(tmp_path / "runs"), f"diverges-{run.info.run_id[:12]}")
@@ -391,8 +392,8 @@ def test_non_finite_loss_fails_the_run_naming_task_and_step(ray_session, tmp_pat
 @pytest.mark.parametrize("method", ["pcgrad", "cagrad", "mgda", "upgrad", "imtl", "graddrop", "uw"])
 def test_conflict_aware_methods_end_to_end(ray_session, tmp_path, seed_suite, method):
     cfg = _config(tmp_path, seed_suite, training={"epochs": 2}, aggregation={"method": method})
-    out = run_training(cfg, f"agg-{method}", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_training(cfg, f"agg-{method}", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mtml.aggregation"] == method and run.data.params["aggregation.method"] == method
@@ -403,8 +404,8 @@ def test_conflict_aware_methods_end_to_end(ray_session, tmp_path, seed_suite, me
 
 def test_dwa_weights_are_equal_for_two_epochs_then_follow_the_loss_ratios(ray_session, tmp_path, seed_suite):
     cfg = _config(tmp_path, seed_suite, training={"epochs": 3}, aggregation={"method": "dwa"})
-    out = run_training(cfg, "agg-dwa", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_training(cfg, "agg-dwa", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     history = {
         task: [m.value for m in sorted(client.get_metric_history(out.run_id, f"aggregation/{task}/weight"), key=lambda m: m.step)]
         for task in ("classify", "regress")
@@ -433,8 +434,8 @@ def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_sessio
     make_suite("mmoe", suite, {"tasks": 4, "groups": 2, "correlation": 0.9, "features": 12, "sines": 2, "rows": 600, "seed": 1})
     cfg = _config(tmp_path, suite, training={"epochs": 6, "lr": 0.003, "steps_per_epoch": 150},
                   relations={"enabled": True, "every_n_steps": 10})
-    out = run_training(cfg, "pairs", _uri(tmp_path))
-    client = MlflowClient(_uri(tmp_path))
+    out = run_training(cfg, "pairs", _tracker(tmp_path))
+    client = _tracker(tmp_path).client()
     assert {"relations/affinity.csv", "relations/cosine.csv", "relations/affinity.png", "relations/cosine.png"} <= {
         a.path for a in client.list_artifacts(out.run_id, "relations")}
     values, order = from_csv(open(client.download_artifacts(out.run_id, "relations/affinity.csv", str(tmp_path))).read())
@@ -443,7 +444,7 @@ def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_sessio
     for j in range(4):  # for every recipient, its partner helps more than either task of the other pair
         others = [i for i in range(4) if i not in (j, partner[j])]
         assert values[partner[j], j] > max(values[i, j] for i in others), values
-    assert main(["affinity", "--run", out.run_id, "--tracking-uri", _uri(tmp_path)]) == 0
+    assert main(["affinity", "--run", out.run_id, "--tracking-uri", _tracker(tmp_path).uri]) == 0
     printed = capsys.readouterr().out
     assert "2 groups" in printed and "{task0, task1} | {task2, task3}" in printed
     assert "relations/groupings.txt" in {a.path for a in client.list_artifacts(out.run_id, "relations")}

@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from distributed_mtml.cli import main
 from distributed_mtml.config import validate_config
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.launch import run_training
 
 
@@ -21,7 +22,7 @@ def source(tmp_path_factory, ray_session):
     uri = f"sqlite:///{d}/mlflow.db"
     cfg = validate_config({"suite": {"path": suite}, "training": {"epochs": 8, "lr": 0.01},
                            "checkpoint": {"dir": str(d / "runs")}})
-    out = run_training(cfg, "demo", uri)  # the name the shipped transfer_tune.yaml looks up
+    out = run_training(cfg, "demo", Tracker(uri))  # the name the shipped transfer_tune.yaml looks up
     return {"uri": uri, "run_id": out.run_id, "checkpoint": out.checkpoint_path, "dir": d}
 
 

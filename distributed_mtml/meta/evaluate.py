@@ -22,6 +22,7 @@ from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.meta.algorithms import MetaLearner, adaptation_curve
 from distributed_mtml.meta.tasks import FAMILIES, Episodes, SuiteEpisodes, episode_generator
+from distributed_mtml.tracking import Tracker
 
 EVAL_SEED = 1  # the original code evaluates with np.random.seed(1)
 
@@ -57,17 +58,17 @@ def few_shot_curve(learner: MetaLearner, episodes: Episodes, steps: int, chunk: 
     return out
 
 
-def log_curve(uri: str, run_id: str, curve: dict[str, list[tuple]], shots: int) -> None:
+def log_curve(tracker: Tracker, run_id: str, curve: dict[str, list[tuple]], shots: int) -> None:
     """Metrics `fewshot/<K>shot/<metric>` (step = adaptation steps), their `_ci95`, and a plot."""
-    from distributed_mtml import report, tracking
+    from distributed_mtml import report
 
     for metric, points in curve.items():
         for step, (mean, half) in enumerate(points):
-            tracking.log_metrics(uri, run_id, {f"fewshot/{shots}shot/{metric}": mean,
+            tracker.log_metrics(run_id, {f"fewshot/{shots}shot/{metric}": mean,
                                                f"fewshot/{shots}shot/{metric}_ci95": half}, step=step)
     with tempfile.TemporaryDirectory() as d:
         for metric, points in curve.items():
             path = os.path.join(d, f"fewshot_{shots}shot_{metric}.png")
             report.adaptation_plot([m for m, _ in points], [h for _, h in points],
                                    f"{shots}-shot query {metric}, {len(points) - 1} steps", f"query {metric}", path)
-            tracking.client(uri).log_artifact(run_id, path, "plots")
+            tracker.client().log_artifact(run_id, path, "plots")

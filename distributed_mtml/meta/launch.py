@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import tempfile
 
-from distributed_mtml import report, tracking
+from distributed_mtml import report
 from distributed_mtml.config import Config
 from distributed_mtml.meta.plan import MetaPlan, make_meta_plan
 from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch, log_run_files
+from distributed_mtml.tracking import Tracker
 
 
-def _log_artifacts(plan: MetaPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:
-    c = tracking.client(uri)
+def _log_artifacts(plan: MetaPlan, tracker: Tracker, run_id: str, checkpoint_dir: str) -> None:
+    c = tracker.client()
     log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
     histories = {
         "meta": {
@@ -27,7 +28,7 @@ def _log_artifacts(plan: MetaPlan, uri: str, run_id: str, checkpoint_dir: str) -
 
 
 def run_meta_training(
-    config: Config, run_name: str, tracking_uri: str | None = None, resume: bool = False, address: str | None = None
+    config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None
 ) -> TrainOutcome:
     from distributed_mtml.meta.worker import meta_train_loop_per_worker
 
@@ -39,6 +40,6 @@ def run_meta_training(
         payload=plan.model_dump(mode="json"),
         total=config.meta.iterations,
         counter="iteration",
-        log_artifacts=lambda uri, run_id, d: _log_artifacts(plan, uri, run_id, d),
+        log_artifacts=lambda tracker, run_id, d: _log_artifacts(plan, tracker, run_id, d),
     )
-    return launch(config, run_name, spec, tracking_uri, resume, address)
+    return launch(config, run_name, spec, tracker, resume, address)

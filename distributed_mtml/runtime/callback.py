@@ -9,6 +9,7 @@ writer). A tracking server that stops answering does not stop training: reports 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from typing import Any
@@ -17,7 +18,9 @@ from ray.train import UserCallback
 
 from distributed_mtml.console import say
 from distributed_mtml.runtime.monitor import mean_val_loss
-from distributed_mtml.tracking import client, log_metrics
+from distributed_mtml.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 def merge_worker_metrics(
@@ -89,12 +92,12 @@ class MetricSpool:
     def add(self, step: int, metrics: dict[str, float]) -> None:
         self.reports.append({"step": step, "timestamp_ms": int(time.time() * 1000), "metrics": metrics})
 
-    def send(self, uri: str, run_id: str) -> None:
+    def send(self, tracker: Tracker, run_id: str) -> None:
         """Logs what is kept, oldest first, dropping each once the server took it; raises on
         the first that fails. When all went, the local copy is no longer needed."""
         while self.reports:
             r = self.reports[0]
-            log_metrics(uri, run_id, r["metrics"], r["step"], r["timestamp_ms"])
+            tracker.log_metrics(run_id, r["metrics"], r["step"], r["timestamp_ms"])
             self.reports.pop(0)
         if os.path.exists(self.path):
             os.remove(self.path)
@@ -132,9 +135,9 @@ class MLflowMetricsCallback(UserCallback):
     A tracking server that stops answering does not stop training: the report is kept in a
     `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
 
-    def __init__(self, uri: str, run_id: str, epochs: int, counter: str, max_failures: int, spool: str,
+    def __init__(self, tracker: Tracker, run_id: str, epochs: int, counter: str, max_failures: int, spool: str,
                  terminal: str | None = None):
-        self.uri, self.run_id, self.epochs, self.counter, self.terminal = uri, run_id, epochs, counter, terminal
+        self.tracker, self.run_id, self.epochs, self.counter, self.terminal = tracker, run_id, epochs, counter, terminal
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
         self.spool = MetricSpool(spool)
 
@@ -148,20 +151,22 @@ class MLflowMetricsCallback(UserCallback):
         self.spool.add(step, metrics)
         try:
             with fail_fast():  # MLflow's own retries would hold every worker at the next report for minutes
-                self.spool.send(self.uri, self.run_id)
+                self.spool.send(self.tracker, self.run_id)
         except Exception as e:  # noqa: BLE001 - whatever the client raises, training goes on
             self.spool.save()
             reason = str(e).splitlines()[0][:160]
-            say(f"[mtml] warning: tracking server not answering ({reason}); {len(self.spool.reports)} "
-                f"report(s) kept in {self.spool.path}, sent when it answers", self.terminal)
+            message = (f"tracking server not answering ({reason}); {len(self.spool.reports)} "
+                       f"report(s) kept in {self.spool.path}, sent when it answers")
+            log.warning(message)  # the controller's log, in Ray's session logs
+            say(f"[mtml] warning: {message}", self.terminal)  # the user's terminal
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         self.failures += 1
         what = worker_error_summary(worker_exceptions)
-        c = client(self.uri)
+        c = self.tracker.client()
         c.set_tag(self.run_id, "mtml.last_worker_error", what[:5000])
         if self.max_failures != -1 and self.failures > self.max_failures:
             return  # no restart left: the driver reports the failure
         c.set_tag(self.run_id, "mtml.restarts", str(self.failures))
-        log_metrics(self.uri, self.run_id, {"system/restarts": self.failures}, step=self.next_step)
+        self.tracker.log_metrics(self.run_id, {"system/restarts": self.failures}, step=self.next_step)
         say(f"[mtml] worker failure ({what}): restart {self.failures} from the last checkpoint", self.terminal)

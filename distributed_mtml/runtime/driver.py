@@ -15,7 +15,7 @@ from typing import Callable
 
 import yaml
 
-from distributed_mtml import console, faults, tracking
+from distributed_mtml import console, faults
 from distributed_mtml.config import Config, run_params
 from distributed_mtml.data.suite import read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
@@ -23,6 +23,7 @@ from distributed_mtml.interrupts import interrupt_trainer_on_sigint
 from distributed_mtml.runtime.callback import MetricSpool, MLflowMetricsCallback, fail_fast, spool_path, worker_error_summary
 from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
 from distributed_mtml.runtime.monitor import SCORE
+from distributed_mtml.tracking import Tracker
 
 
 VERBOSE_ENV = "MTML_VERBOSE"  # set by `--verbose`: Ray's own log lines in the terminal too
@@ -31,7 +32,7 @@ VERBOSE_ENV = "MTML_VERBOSE"  # set by `--verbose`: Ray's own log lines in the t
 @dataclass
 class TrainOutcome:
     run_id: str
-    tracking_uri: str
+    tracker: Tracker
     metrics: dict[str, float]  # the run's MLflow metrics (latest value of each)
     checkpoint_path: str  # the kept model: the best checkpoint by checkpoint.monitor
     kept: dict[str, float]  # what the workers reported at the kept model's step
@@ -40,21 +41,21 @@ class TrainOutcome:
 
 
 def start_or_resume_run(
-    cfg: Config, uri: str, run_name: str, resume: bool, tags: dict[str, str], plan_params: dict
+    cfg: Config, tracker: Tracker, run_name: str, resume: bool, tags: dict[str, str], plan_params: dict
 ) -> tuple[str, str]:
     """(MLflow run id, Ray Train run name). The Ray name is derived from the MLflow run, so a
     resumed run finds both its metrics and its checkpoints again."""
     if resume:
-        run_id = tracking.find_resumable_run(uri, cfg.tracking.experiment, run_name)
+        run_id = tracker.find_resumable_run(cfg.tracking.experiment, run_name)
         if run_id is None:
             raise InputError(f"--resume: no unfinished run of config '{run_name}' in experiment '{cfg.tracking.experiment}'")
         last = check_resumable(cfg.checkpoint.resolved_dir(), f"{run_name}-{run_id[:12]}", cfg.model.model_dump(mode="json"))
-        name = tracking.client(uri).get_run(run_id).info.run_name
+        name = tracker.client().get_run(run_id).info.run_name
         print(f"[mtml] resuming run {run_id} ('{name}') {_resume_point(last)}", flush=True)
-        tracking.set_status(uri, run_id, "RUNNING")
+        tracker.set_status(run_id, "RUNNING")
     else:
         params = {**run_params(cfg, tags["mtml.command"]), **{f"plan.{k}": v for k, v in plan_params.items()}}
-        run_id = tracking.create_run(uri, cfg.tracking.experiment, run_name, tags, params, config_name=run_name)
+        run_id = tracker.create_run(cfg.tracking.experiment, run_name, tags, params, config_name=run_name)
     return run_id, f"{run_name}-{run_id[:12]}"
 
 
@@ -194,7 +195,7 @@ class RunSpec:
     payload: dict  # its plan, as JSON
     total: int  # epochs or meta-iterations, for the progress line
     counter: str  # "epoch" or "iteration": the MLflow step of every metric
-    log_artifacts: Callable[[str, str, str], None]  # (uri, run id, final checkpoint dir)
+    log_artifacts: Callable[[Tracker, str, str], None]  # (tracker, run id, final checkpoint dir)
 
 
 def _fit(trainer, config: Config, ray_name: str):
@@ -215,7 +216,7 @@ def _fit(trainer, config: Config, ray_name: str):
         raise TrainingFailed(f"training failed{tries}: {what}; {resume}") from e
 
 
-def _send_kept_metrics(uri: str, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
+def _send_kept_metrics(tracker: Tracker, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
     """What the tracking server missed during training, sent now, trying every 2 s for up to
     `wait_s`. If it still does not answer, the run cannot be closed: say where the model and
     the unsent metrics are."""
@@ -226,41 +227,40 @@ def _send_kept_metrics(uri: str, run_id: str, spool: str, checkpoint: str, wait_
     with fail_fast():
         while True:
             try:
-                return kept.send(uri, run_id)
+                return kept.send(tracker, run_id)
             except Exception as e:  # noqa: BLE001 - any client error means the same to the user
                 if time.monotonic() > deadline:
                     raise TrainingFailed(
-                        f"training finished but the tracking server {uri} does not answer "
+                        f"training finished but the tracking server {tracker} does not answer "
                         f"({str(e).splitlines()[0][:160]}): the model is in {checkpoint}, "
                         f"{len(kept.reports)} unsent report(s) in {spool}") from None
                 time.sleep(2)
 
 
-def launch(config: Config, run_name: str, spec: RunSpec, tracking_uri: str | None, resume: bool,
+def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resume: bool,
            address: str | None) -> TrainOutcome:
     """Creates (or resumes) the MLflow run, fits the TorchTrainer, logs the artifacts from its
     last checkpoint and sets the run's final status: FINISHED, KILLED on Ctrl-C, FAILED on
     anything else."""
-    uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
     check_local_resources(config, address)
     check_writable(config.checkpoint.resolved_dir())
-    run_id, ray_name = start_or_resume_run(config, uri, run_name, resume, spec.tags, spec.plan_params)
+    run_id, ray_name = start_or_resume_run(config, tracker, run_name, resume, spec.tags, spec.plan_params)
     spool = spool_path(config.checkpoint.resolved_dir(), ray_name)
     terminal = f"mtml-console-{ray_name}"
-    callback = MLflowMetricsCallback(uri, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
+    callback = MLflowMetricsCallback(tracker, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
                                               spool, terminal)
-    with tracking.final_status(uri, run_id):
+    with tracker.final_status(run_id):
         ensure_ray(address)
         wait_for_resources(config)
         with console.relay(terminal):
             result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal), config, ray_name)
-        _send_kept_metrics(uri, run_id, spool, result.checkpoint.path)
+        _send_kept_metrics(tracker, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
         with kept.as_directory() as d:
-            spec.log_artifacts(uri, run_id, d)
-        best_step = _log_kept(uri, run_id, config, spec.counter, result.metrics, kept_metrics)
-    metrics = tracking.client(uri).get_run(run_id).data.metrics
-    return TrainOutcome(run_id, uri, metrics, kept.path, kept_metrics, best_step, bool(result.metrics.get("stopped_early")))
+            spec.log_artifacts(tracker, run_id, d)
+        best_step = _log_kept(tracker, run_id, config, spec.counter, result.metrics, kept_metrics)
+    metrics = tracker.client().get_run(run_id).data.metrics
+    return TrainOutcome(run_id, tracker, metrics, kept.path, kept_metrics, best_step, bool(result.metrics.get("stopped_early")))
 
 
 def best_checkpoint(result, mode: str):
@@ -272,15 +272,15 @@ def best_checkpoint(result, mode: str):
     return min(scored, key=lambda cm: (cm[1][SCORE] if mode == "min" else -cm[1][SCORE], cm[1].get("best_step", 0)))
 
 
-def _log_kept(uri: str, run_id: str, config: Config, counter: str, latest: dict, kept: dict) -> int:
+def _log_kept(tracker: Tracker, run_id: str, config: Config, counter: str, latest: dict, kept: dict) -> int:
     """Says which model the run kept: tag mtml.best_<counter>, metric best/<monitor>, and
     mtml.stopped_early. Returns the kept step."""
     step = int(kept.get("best_step", kept.get(counter, -1)))
-    c = tracking.client(uri)
+    c = tracker.client()
     c.set_tag(run_id, f"mtml.best_{counter}", str(step))
     c.set_tag(run_id, "mtml.stopped_early", "true" if latest.get("stopped_early") else "false")
     if SCORE in kept:
-        tracking.log_metrics(uri, run_id, {f"best/{config.checkpoint.monitor}": kept[SCORE]}, step)
+        tracker.log_metrics(run_id, {f"best/{config.checkpoint.monitor}": kept[SCORE]}, step)
     return step
 
 

@@ -5,21 +5,22 @@ from __future__ import annotations
 import os
 import tempfile
 
-from distributed_mtml import report, tracking
+from distributed_mtml import report
 from distributed_mtml.artifacts import load_model
 from distributed_mtml.config import Config
 from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch, log_run_files
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
-def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:
+def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_dir: str) -> None:
     from distributed_mtml.baseline import baseline_metrics
 
-    c = tracking.client(uri)
+    c = tracker.client()
     log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
     trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing)
-    tracking.log_metrics(uri, run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
-    _log_test_metrics(plan, uri, run_id, checkpoint_dir)
+    tracker.log_metrics(run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
+    _log_test_metrics(plan, tracker, run_id, checkpoint_dir)
     with tempfile.TemporaryDirectory() as d:
         histories = {
             task: {
@@ -34,13 +35,13 @@ def _log_artifacts(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) 
             _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
 
 
-def _log_test_metrics(plan: TrainPlan, uri: str, run_id: str, checkpoint_dir: str) -> None:
+def _log_test_metrics(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_dir: str) -> None:
     """The kept model scored once on the test split, `test/<task>/<metric>`: the numbers to
     report (selection used val only)."""
     from distributed_mtml.evaluate import evaluate
 
     model, _ = load_model(checkpoint_dir)
-    tracking.log_metrics(uri, run_id, evaluate(model, plan.suite_dir, "test"), step=0)
+    tracker.log_metrics(run_id, evaluate(model, plan.suite_dir, "test"), step=0)
 
 
 def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
@@ -64,7 +65,7 @@ def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
 
 
 def run_training(
-    config: Config, run_name: str, tracking_uri: str | None = None, resume: bool = False, address: str | None = None
+    config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None
 ) -> TrainOutcome:
     from distributed_mtml.train.worker import train_loop_per_worker
 
@@ -76,6 +77,6 @@ def run_training(
         payload=plan.model_dump(mode="json"),
         total=config.training.epochs,
         counter="epoch",
-        log_artifacts=lambda uri, run_id, d: _log_artifacts(plan, uri, run_id, d),
+        log_artifacts=lambda tracker, run_id, d: _log_artifacts(plan, tracker, run_id, d),
     )
-    return launch(config, run_name, spec, tracking_uri, resume, address)
+    return launch(config, run_name, spec, tracker, resume, address)

@@ -12,8 +12,9 @@ import os
 import tempfile
 import time
 
-from distributed_mtml import report, tracking
+from distributed_mtml import report
 from distributed_mtml.config import Config, run_params
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.transfer.fit import Curve, fit
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
 from distributed_mtml.transfer.strategies import STRATEGIES, build, check, chosen
@@ -27,13 +28,13 @@ def strategy_settings(strategy: str, lr: float, steps: int, partial_layers: int,
     return {"steps": steps, **{k: given[k] for k in STRATEGIES[strategy].settings}}
 
 
-def log_curve(uri: str, run_id: str, curve: Curve, title: str) -> None:
+def log_curve(tracker: Tracker, run_id: str, curve: Curve, title: str) -> None:
     for step, metrics in curve:
-        tracking.log_metrics(uri, run_id, {f"target/{k}": v for k, v in metrics.items()}, step)
+        tracker.log_metrics(run_id, {f"target/{k}": v for k, v in metrics.items()}, step)
     with tempfile.TemporaryDirectory() as d:
         path = report.learning_curves({title: {"target val loss": [(s, m["val/loss"]) for s, m in curve]}},
                                       d, x_label="step", y_label="validation loss")[0]
-        tracking.client(uri).log_artifact(run_id, path, "plots")
+        tracker.client().log_artifact(run_id, path, "plots")
 
 
 def results_header(metric: str) -> list[str]:
@@ -41,36 +42,36 @@ def results_header(metric: str) -> list[str]:
     return ["strategy", f"test {metric}", "test loss", f"val {metric}", "seconds"]
 
 
-def run_transfer(config: Config, uri: str, run_name: str) -> tuple[str, list[str], list[list]]:
+def run_transfer(config: Config, tracker: Tracker, run_name: str) -> tuple[str, list[str], list[list]]:
     """Runs every strategy of `transfer.strategies`; returns the parent run id, table header and rows."""
     t = config.transfer
     t.strategies = chosen(t.strategies)  # every registered strategy unless the config names some
-    inputs = load_inputs(config, uri)
+    inputs = load_inputs(config, tracker)
     for strategy in t.strategies:  # all problems before anything runs
         check(strategy, inputs, t.partial_layers)
     metric, _ = HEADLINE[inputs.target.type]
     tags = {"mtml.command": "transfer", "mtml.suite": os.path.basename(t.target.resolved_path())}
-    parent = tracking.create_run(uri, config.tracking.transfer_experiment_name(), run_name, tags,
+    parent = tracker.create_run(config.tracking.transfer_experiment_name(), run_name, tags,
                                  run_params(config, "transfer"), config_name=run_name)
     rows = []
-    with tracking.final_status(uri, parent):
+    with tracker.final_status(parent):
         for strategy in t.strategies:
-            rows.append(_one_strategy(strategy, inputs, config, uri, parent, metric))
-        tracking.client(uri).log_text(parent, report.table(results_header(metric), rows), "transfer/results.txt")
+            rows.append(_one_strategy(strategy, inputs, config, tracker, parent, metric))
+        tracker.client().log_text(parent, report.table(results_header(metric), rows), "transfer/results.txt")
     return parent, results_header(metric), rows
 
 
-def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, uri: str, parent: str, metric: str) -> list:
+def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, tracker: Tracker, parent: str, metric: str) -> list:
     t = config.transfer
     settings = strategy_settings(strategy, t.lr, t.steps, t.partial_layers, t.adapter_width)
     tags = {"mtml.command": "transfer", "mtml.strategy": strategy, "mlflow.parentRunId": parent}
-    child = tracking.create_run(uri, config.tracking.transfer_experiment_name(), strategy, tags,
+    child = tracker.create_run(config.tracking.transfer_experiment_name(), strategy, tags,
                                 {**settings, "shots": t.shots})
-    with tracking.final_status(uri, child):
+    with tracker.final_status(child):
         begin = time.perf_counter()
         built = build(strategy, inputs, t.partial_layers, t.adapter_width, t.seed)
         curve = fit(built, inputs, t.steps, t.lr, t.eval_every, test=True)
         seconds = time.perf_counter() - begin
-        log_curve(uri, child, curve, f"{strategy} on {inputs.target.name}")
+        log_curve(tracker, child, curve, f"{strategy} on {inputs.target.name}")
     final = curve[-1][1]
     return [strategy, final[f"test/{metric}"], final["test/loss"], final[f"val/{metric}"], seconds]

@@ -24,9 +24,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from distributed_mtml import report, tracking
+from distributed_mtml import report
 from distributed_mtml.config import Config, run_params
 from distributed_mtml.stats import mean_ci
+from distributed_mtml.tracking import Tracker
 from distributed_mtml.transfer.fit import fit
 from distributed_mtml.transfer.run import HEADLINE, strategy_settings
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
@@ -92,7 +93,7 @@ def _distributed_trial(config: dict[str, Any], inputs: TransferInputs) -> None:
     trainer.fit()
 
 
-def _callback(uri: str, experiment: str, parent: str, stage: str, shots: int):
+def _callback(tracker: Tracker, experiment: str, parent: str, stage: str, shots: int):
     import ray.tune
 
     class MLflowChildRuns(ray.tune.Callback):
@@ -107,19 +108,19 @@ def _callback(uri: str, experiment: str, parent: str, stage: str, shots: int):
             tags = {"mtml.command": "tune", "mtml.strategy": c["strategy"], "mtml.stage": stage,
                     "mlflow.parentRunId": parent}
             name = f"{stage}-{c['strategy']}-{trial.trial_id}"
-            self.runs[trial.trial_id] = tracking.create_run(uri, experiment, name, tags,
+            self.runs[trial.trial_id] = tracker.create_run(experiment, name, tags,
                                                             {**settings, "seed": c["seed"], "shots": shots})
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             metrics = {f"target/{k}": v for k, v in result.items() if k.startswith(("val/", "test/"))}
-            tracking.log_metrics(uri, self.runs[trial.trial_id], metrics, int(result["step"]))
+            tracker.log_metrics(self.runs[trial.trial_id], metrics, int(result["step"]))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            tracking.set_status(uri, self.runs[trial.trial_id], "FINISHED")
+            tracker.set_status(self.runs[trial.trial_id], "FINISHED")
             _progress(stage, trials, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            tracking.set_status(uri, self.runs[trial.trial_id], "FAILED")
+            tracker.set_status(self.runs[trial.trial_id], "FAILED")
             _progress(stage, trials, trial)
 
     return MLflowChildRuns()
@@ -134,7 +135,7 @@ def _progress(stage: str, trials, ended) -> None:
           f"{states.count('PENDING')} pending", flush=True)
 
 
-def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri: str, parent: str, asha: bool):
+def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, tracker: Tracker, parent: str, asha: bool):
     import ray
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
@@ -158,7 +159,7 @@ def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, uri:
                                         num_samples=tn.num_samples if asha else 1, max_concurrent_trials=concurrent),
         run_config=ray.tune.RunConfig(
             name=f"{stage}-{parent[:12]}", storage_path=config.checkpoint.resolved_dir(), verbose=0,
-            callbacks=[_callback(uri, config.tracking.transfer_experiment_name(), parent, stage, t.shots)],
+            callbacks=[_callback(tracker, config.tracking.transfer_experiment_name(), parent, stage, t.shots)],
         ),
     )
 
@@ -196,7 +197,7 @@ def _best_settings(results, strategies: list[str]) -> dict[str, dict]:
     return {s: best[s][1] for s in strategies if s in best}
 
 
-def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
+def run_tune(config: Config, tracker: Tracker, run_name: str, address: str | None = None
              ) -> tuple[str, list[str], list[list], str]:
     """Search, repeat, summarise; returns (parent run id, table header, rows, best strategy)."""
     import ray.tune
@@ -208,17 +209,17 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
     # repeats would then run: Ctrl-C must end the whole command instead (KILLED)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     t.strategies = chosen(t.strategies)  # every registered strategy unless the config names some
-    inputs = load_inputs(config, uri)
+    inputs = load_inputs(config, tracker)
     for strategy in t.strategies:
         check(strategy, inputs, t.partial_layers)
     metric, direction = HEADLINE[inputs.target.type]
     tags = {"mtml.command": "tune", "mtml.suite": os.path.basename(t.target.resolved_path())}
-    parent = tracking.create_run(uri, config.tracking.transfer_experiment_name(), run_name, tags,
+    parent = tracker.create_run(config.tracking.transfer_experiment_name(), run_name, tags,
                                  run_params(config, "tune"), config_name=run_name)
-    with tracking.final_status(uri, parent):
+    with tracker.final_status(parent):
         ensure_ray(address)
         print(f"[tune] search: {len(t.strategies)} strategies x {tn.num_samples} settings, ASHA on validation loss", flush=True)
-        searched = _tuner(config, inputs, _search_space(config, inputs), "search", uri, parent, asha=True).fit()
+        searched = _tuner(config, inputs, _search_space(config, inputs), "search", tracker, parent, asha=True).fit()
         best = _best_settings(searched, t.strategies)
         print(f"[tune] repeats: best setting of each strategy x {tn.repeats} seeds and K-shot draws", flush=True)
         space = {"strategy": ray.tune.grid_search(list(best)), "repeat": ray.tune.grid_search(list(range(tn.repeats))),
@@ -226,9 +227,9 @@ def run_tune(config: Config, uri: str, run_name: str, address: str | None = None
                     for k in ("lr", "partial_layers", "adapter_width", "steps", "eval_every")},
                  **_trial_scaling(config), "test": True,
                  "seed": ray.tune.sample_from(lambda trial: t.seed + 1000 * (1 + trial["repeat"]))}
-        repeated = _tuner(config, inputs, space, "repeat", uri, parent, asha=False).fit()
+        repeated = _tuner(config, inputs, space, "repeat", tracker, parent, asha=False).fit()
         rows, best_strategy = _summarise(repeated, list(best), metric, direction)
-        _log_summary(uri, parent, rows, metric, best_strategy)
+        _log_summary(tracker, parent, rows, metric, best_strategy)
     return parent, summary_header(metric), rows, best_strategy
 
 
@@ -253,8 +254,8 @@ def _summarise(results, strategies: list[str], metric: str, direction: str) -> t
     return rows, pick(rows, key=lambda r: r[3])[0]
 
 
-def _log_summary(uri: str, parent: str, rows: list[list], metric: str, best: str) -> None:
-    c = tracking.client(uri)
+def _log_summary(tracker: Tracker, parent: str, rows: list[list], metric: str, best: str) -> None:
+    c = tracker.client()
     with tempfile.TemporaryDirectory() as d:
         csv = os.path.join(d, "results.csv")
         with open(csv, "w") as f:

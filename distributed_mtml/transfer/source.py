@@ -20,6 +20,7 @@ from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import MultiTaskModel, TaskShape
+from distributed_mtml.tracking import Tracker
 
 if TYPE_CHECKING:
     from distributed_mtml.meta.algorithms import MetaLearner
@@ -54,32 +55,31 @@ class TransferInputs:
 
 
 
-def _source_dir(source: str, uri: str, experiment: str):
+def _source_dir(source: str, tracker: Tracker, experiment: str):
     """The model directory of `source`: runs:/<id>, a checkpoint directory, a run id, or the
     newest finished run of that name in `experiment` (so `source: demo` follows `mtml demo`)."""
     import os
 
-    from distributed_mtml import tracking
     from distributed_mtml.artifacts import model_dir
 
     if source.startswith("runs:/"):
-        return model_dir(source[len("runs:/"):].split("/")[0], None, uri)
+        return model_dir(source[len("runs:/"):].split("/")[0], None, tracker)
     if os.path.isdir(source):
-        return model_dir(None, source, uri)
-    named = tracking.newest_run_of(uri, experiment, source, "attributes.status = 'FINISHED'")
+        return model_dir(None, source, tracker)
+    named = tracker.newest_run_of(experiment, source, "attributes.status = 'FINISHED'")
     if named:
-        return model_dir(named.info.run_id, None, uri)
+        return model_dir(named.info.run_id, None, tracker)
     if len(source) != 32:
         raise InputError(f"transfer.source: '{source}' is no checkpoint directory, run id, or finished run "
-                         f"name in experiment '{experiment}' of {uri}")
-    return model_dir(source, None, uri)
+                         f"name in experiment '{experiment}' of {tracker}")
+    return model_dir(source, None, tracker)
 
 
-def load_source(source: str, uri: str, experiment: str) -> tuple[MultiTaskModel, dict, "MetaLearner | None"]:
+def load_source(source: str, tracker: Tracker, experiment: str) -> tuple[MultiTaskModel, dict, "MetaLearner | None"]:
     """The source's model, its config, and for a meta-learned source its learner."""
     from distributed_mtml.artifacts import load_with_learner
 
-    with _source_dir(source, uri, experiment) as directory:
+    with _source_dir(source, tracker, experiment) as directory:
         model, plan, learner = load_with_learner(directory)
     return model, plan["config"], learner
 
@@ -89,13 +89,13 @@ def k_shot_rows(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, shots]).permutation(len(y))[:shots]
 
 
-def load_inputs(config: Config, uri: str) -> TransferInputs:
+def load_inputs(config: Config, tracker: Tracker) -> TransferInputs:
     """The source model and the target's data; K examples drawn by `transfer.seed`."""
     t = config.transfer
     for key in ("source", "target", "target_task"):
         if getattr(t, key) is None:
             raise InputError(f"transfer.{key}: required")
-    model, source_config, learner = load_source(t.source, uri, config.tracking.experiment)
+    model, source_config, learner = load_source(t.source, tracker, config.tracking.experiment)
     suite_dir = ensure_suite_at(t.target)
     spec = checked_suite(suite_dir)
     tasks = {task.name: task for task in spec.tasks}
