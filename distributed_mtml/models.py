@@ -8,6 +8,7 @@ width: they map each task's features into the trunk's input width ("feature mapp
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -142,3 +143,14 @@ class MultiTaskModel(nn.Module):
     def forward(self, task: str, x: torch.Tensor) -> torch.Tensor:
         module = self.task_modules[task]
         return module.head(self.trunk(module.adapter(x)))
+
+
+class InnerRule(Protocol):
+    """What a meta-learned model offers a new task: the model, the names of the parameters its
+    inner loop adapts (ANIL: the head's), and each one's step size (Meta-SGD: learned).
+    `meta.algorithms.MetaLearner` is one; transfer asks for this, not for an algorithm's name."""
+
+    model: MultiTaskModel
+    adapted: list[str]
+
+    def rate(self) -> dict[str, torch.Tensor | float]: ...

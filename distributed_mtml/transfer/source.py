@@ -9,7 +9,6 @@ InputError here, before any trial starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,19 +18,16 @@ from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
-from distributed_mtml.models import MultiTaskModel, TaskShape
-from distributed_mtml.tracking import Tracker
-
-if TYPE_CHECKING:
-    from distributed_mtml.meta.algorithms import MetaLearner
 from distributed_mtml.data.locate import ensure_suite_at
+from distributed_mtml.models import InnerRule, MultiTaskModel, TaskShape
+from distributed_mtml.tracking import Tracker
 
 
 @dataclass
 class TransferInputs:
     model: MultiTaskModel  # the source: trunk + every head ("meta" for a meta-learned one)
     source_config: dict  # the source run's config (model architecture, meta inner rule)
-    learner: "MetaLearner | None"  # a meta-learned source's learner: its inner rule adapts the target
+    learner: InnerRule | None  # a meta-learned source's learner: its inner rule adapts the target
     target: TaskShape
     pool: tuple[torch.Tensor, torch.Tensor]  # the target's whole train split
     shots: int
@@ -75,7 +71,7 @@ def _source_dir(source: str, tracker: Tracker, experiment: str):
     return model_dir(source, None, tracker)
 
 
-def load_source(source: str, tracker: Tracker, experiment: str) -> tuple[MultiTaskModel, dict, "MetaLearner | None"]:
+def load_source(source: str, tracker: Tracker, experiment: str) -> tuple[MultiTaskModel, dict, InnerRule | None]:
     """The source's model, its config, and for a meta-learned source its learner."""
     from distributed_mtml.artifacts import load_with_learner
 
