@@ -8,37 +8,45 @@ the majority class's, its loss the class-prior log loss, its AUC 0.5 (all scores
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from distributed_mtml.data.prepare import TaskPrep
-from distributed_mtml.data.suite import load_task
-from distributed_mtml.data.validate import checked_suite
+from distributed_mtml.data.scan import Moments
+from distributed_mtml.data.stream import split_batches
+from distributed_mtml.data.validate import checked_scans
+from distributed_mtml.evaluate import split_metrics
 from distributed_mtml.models import TaskShape
-from distributed_mtml.metrics import task_metrics
 
 
-def trivial_output(task: TaskShape, y_train: torch.Tensor, rows: int) -> torch.Tensor:
-    """The constant prediction for `rows` rows, as the model's output would be (logits for
-    classification, one column for regression)."""
+def trivial_output(task: TaskShape, train_targets: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The constant prediction, one row as the model's output would be (logits for
+    classification, one column for regression), from the train split's targets in batches."""
     if task.type == "classification":
-        counts = torch.bincount(y_train.long(), minlength=task.num_classes).double()
+        counts = sum(torch.bincount(y.long(), minlength=task.num_classes).double() for y in train_targets)
         prior = (counts / counts.sum()).clamp(min=1e-12)  # a class unseen in train: tiny, not zero
-        return prior.log().expand(rows, -1)
-    return y_train.double().mean().expand(rows, 1)
+        return prior.log().unsqueeze(0)
+    moments = Moments(1)
+    for y in train_targets:
+        moments.add(y.double().numpy())
+    return torch.tensor([[moments.mean[0]]], dtype=torch.float64)
 
 
 def baseline_metrics(suite_dir: str, splits: tuple[str, ...] = ("val", "test"),
                      preprocessing: dict[str, TaskPrep] | None = None) -> dict[str, float]:
     """`<split>/<task>/<metric>` of the trivial predictor fitted on each task's train split,
-    on the scale of the model beside it (`preprocessing`: the model's, so losses compare)."""
+    on the scale of the model beside it (`preprocessing`: the model's, so losses compare).
+    Only target columns are read, a batch at a time."""
     out: dict[str, float] = {}
-    for spec in checked_suite(suite_dir).tasks:
-        prep = (preprocessing or {}).get(spec.name) or TaskPrep()
-        data = prep.apply(load_task(suite_dir, spec, prep.classes))
-        task = TaskShape.of(data)
-        y_train = torch.from_numpy(data.y["train"])
+    spec, scans = checked_scans(suite_dir)
+    for task in spec.tasks:
+        prep = (preprocessing or {}).get(task.name) or TaskPrep()
+        shape = TaskShape.of_scan(scans[task.name])
+        targets = (y for _, y in split_batches(suite_dir, task, "train", prep, features=False))
+        constant = trivial_output(shape, targets)
         for split in splits:
-            y = torch.from_numpy(data.y[split])
-            metrics = task_metrics(task, trivial_output(task, y_train, len(y)), y, prep)
-            out.update({f"{split}/{spec.name}/{k}": v for k, v in metrics.items()})
+            batches = split_batches(suite_dir, task, split, prep, features=False)
+            metrics = split_metrics(shape, prep, batches, lambda x: constant.expand(len(x), -1))
+            out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
     return out

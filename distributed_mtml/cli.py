@@ -123,20 +123,19 @@ def cmd_data(args) -> int:
 
 
 def show_suite(suite_dir: str) -> int:
-    from distributed_mtml.data.suite import SPLITS, read_table, table_to_task_data
-    from distributed_mtml.data.validate import checked_suite
+    from distributed_mtml.data.suite import SPLITS
+    from distributed_mtml.data.validate import checked_scans
+    from distributed_mtml.models import TaskShape
     from distributed_mtml.report import table
 
-    spec = checked_suite(suite_dir)
+    spec, scans = checked_scans(suite_dir)  # streamed: no table is held
     rows = []
     for task in spec.tasks:
-        raw = read_table(suite_dir, task)  # once: its columns say whether the split was seeded
-        d = table_to_task_data(task, raw)
-        kind = f"classification ({d.num_classes})" if task.type == "classification" else "regression"
-        seeded = task.split_column not in raw.column_names
-        split = "seeded" if seeded else f"column '{task.split_column}'"
-        labels = f" ({', '.join(d.classes)})" if d.classes else ""
-        rows.append([task.name, kind, *(len(d.y[s]) for s in SPLITS), len(d.features), task.target + labels, split])
+        scan, shape = scans[task.name], TaskShape.of_scan(scans[task.name])
+        kind = f"classification ({shape.num_classes})" if task.type == "classification" else "regression"
+        split = "seeded" if scan.seeded else f"column '{task.split_column}'"
+        labels = f" ({', '.join(scan.class_names())})" if scan.classes else ""
+        rows.append([task.name, kind, *(scan.rows[s] for s in SPLITS), len(scan.features), task.target + labels, split])
     fractions = "/".join(f"{f:g}" for f in spec.split_fractions)
     print(f"suite '{spec.name}': {spec.description}")
     print(table(["task", "type", *SPLITS, "features", "target", "split"], rows))

@@ -47,6 +47,14 @@ class DataConfig(_Section):
     standardize: bool = Field(
         True, description="standardise features and regression targets with train-split statistics (stored with the model)"
     )
+    max_in_memory_mb: float = Field(
+        1024, ge=0, description="a task whose train split is larger as float32 is streamed with Ray Data instead of "
+        "loaded: 1 GiB, since a whole-table load holds the Arrow table, its numpy copy and the tensors at once "
+        "(about 3x), which a worker of a few GiB still affords"
+    )
+    shuffle_buffer_rows: int = Field(
+        65536, ge=1, description="rows in the local shuffle buffer of a streamed task (at least one batch)"
+    )
 
 
 class TrunkConfig(_Section):

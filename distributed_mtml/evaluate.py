@@ -1,15 +1,36 @@
-"""`mtml evaluate`: per-task test metrics of a trained model on a suite."""
+"""`mtml evaluate`: per-task metrics of a trained model on a suite, a split read in batches."""
 
 from __future__ import annotations
+
+from typing import Callable, Iterable
 
 import torch
 
 from distributed_mtml.data.prepare import TaskPrep
-from distributed_mtml.data.suite import load_task
+from distributed_mtml.data.stream import split_batches
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
-from distributed_mtml.models import MultiTaskModel
-from distributed_mtml.metrics import task_metrics
+from distributed_mtml.metrics import StreamedMetrics
+from distributed_mtml.models import MultiTaskModel, TaskShape
+
+
+FORWARD_ROWS = 8192  # rows per forward pass when evaluating: a wide trunk's activations stay small
+
+
+def forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`forward(x)` a chunk of rows at a time (no gradients): memory of one chunk's activations."""
+    with torch.no_grad():
+        return torch.cat([forward(chunk) for chunk in x.split(FORWARD_ROWS)]) if len(x) else forward(x)
+
+
+def split_metrics(shape: TaskShape, prep: TaskPrep, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
+    """A task's metrics over a split that comes in batches (exact for one batch; see
+    `StreamedMetrics` for what more batches change)."""
+    metrics = StreamedMetrics(shape, prep)
+    for x, y in batches:
+        metrics.add(forward_in_chunks(forward, x.to(device) if device is not None else x), y)
+    return metrics.result()
 
 
 def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test") -> dict[str, float]:
@@ -19,11 +40,9 @@ def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test") -> dict
     if not known:
         raise InputError(f"{suite_dir}: none of its tasks {[t.name for t in spec.tasks]} has a head in the model")
     out: dict[str, float] = {}
-    with torch.no_grad():
-        for task in known:
-            prep = model.preprocessing.get(task.name) or TaskPrep()  # training's statistics, not this suite's
-            data = prep.apply(load_task(suite_dir, task, prep.classes))
-            x, y = torch.from_numpy(data.x[split]), torch.from_numpy(data.y[split])
-            metrics = task_metrics(model.tasks[task.name], model(task.name, x), y, prep)
-            out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
+    for task in known:
+        prep = model.preprocessing.get(task.name) or TaskPrep()  # training's statistics, not this suite's
+        batches = split_batches(suite_dir, task, split, prep)
+        metrics = split_metrics(model.tasks[task.name], prep, batches, lambda x: model(task.name, x))
+        out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
     return out

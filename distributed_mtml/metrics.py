@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.scan import Moments
 from distributed_mtml.models import TaskShape, task_loss
 
 
@@ -56,3 +57,72 @@ def task_metrics(task: TaskShape, output: torch.Tensor, target: torch.Tensor,
         metrics = regression_metrics(units(output.double()), units(target.double()))
     metrics["loss"] = float(task_loss(task, output, target))
     return metrics
+
+
+AUC_BINS = 1 << 16
+
+
+class StreamedMetrics:
+    """A task's metrics over a split seen batch by batch, in memory that does not grow with it.
+
+    A split that comes as one batch gets `task_metrics`, exact. Over several batches everything
+    but AUC is still exact: losses, hits and errors are sums, and the target's spread (for r2) is
+    combined batch by batch. AUC is then taken from each class's predicted probability counted
+    in `AUC_BINS` equal bins, a positive and a negative in one bin counting half: it differs from
+    the exact value by at most the share of positive-negative pairs whose probabilities fall in
+    one bin (1/65536 wide)."""
+
+    def __init__(self, task: TaskShape, prep: TaskPrep | None = None):
+        self.task, self.prep, self.n, self.loss = task, prep, 0, 0.0
+        self.hits, self.squared, self.absolute = 0, 0.0, 0.0
+        self.target = Moments(1)
+        self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # kept until a second batch comes
+        width = task.num_classes or 2
+        self.bins = torch.zeros(width, 2, AUC_BINS, dtype=torch.float64)  # class, negative/positive, bin
+
+    def add(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        output, target = output.detach().cpu(), target.detach().cpu()
+        if self.n == 0 and self.first is None:
+            self.first = output, target
+            return
+        if self.first is not None:
+            first, self.first = self.first, None
+            self.add(*first)
+        self.n += len(target)
+        self.loss += float(task_loss(self.task, output, target)) * len(target)
+        if self.task.type == "classification":
+            self.hits += int((output.argmax(-1) == target).sum())
+            probs = output.float().softmax(-1)
+            index = (probs * AUC_BINS).long().clamp_(max=AUC_BINS - 1)
+            for c in range(probs.shape[-1]):
+                positive = (target == c).long()
+                self.bins[c].index_put_((positive, index[:, c]), torch.ones(len(target), dtype=torch.float64),
+                                        accumulate=True)
+            return
+        units = self.prep.target_units if self.prep is not None else (lambda v: v)
+        pred, truth = units(output.squeeze(-1).double()), units(target.double())
+        self.squared += float(((pred - truth) ** 2).sum())
+        self.absolute += float((pred - truth).abs().sum())
+        self.target.add(truth.numpy())
+
+    def result(self) -> dict[str, float]:
+        if self.first is not None:
+            return task_metrics(self.task, *self.first, self.prep)
+        metrics = {"loss": self.loss / self.n}
+        if self.task.type == "classification":
+            classes = range(1, len(self.bins)) if len(self.bins) == 2 else range(len(self.bins))
+            aucs = [_binned_auc(self.bins[c]) for c in classes]
+            return {"accuracy": self.hits / self.n, "auc": sum(aucs) / len(aucs), **metrics}
+        mse, var = self.squared / self.n, float(self.target.m2[0]) / self.n
+        return {"mse": mse, "mae": self.absolute / self.n, "r2": 1 - mse / var if var > 0 else float("nan"), **metrics}
+
+
+def _binned_auc(bins: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative) from [negative, positive] bin counts, pairs in
+    one bin counted half."""
+    negative, positive = bins[0], bins[1]
+    n_neg, n_pos = float(negative.sum()), float(positive.sum())
+    if n_neg == 0 or n_pos == 0:
+        return float("nan")
+    below = torch.cumsum(negative, 0) - negative  # negatives in lower bins
+    return float((positive * (below + negative / 2)).sum()) / (n_pos * n_neg)

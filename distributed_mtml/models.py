@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from distributed_mtml.config import ModelConfig, TrunkConfig
 from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.scan import TaskScan
 from distributed_mtml.data.suite import TaskData
 
 META_TASK = "meta"  # the one head a meta-learned model carries: every task's starting head
@@ -42,6 +43,12 @@ class TaskShape:
     def of(cls, data: TaskData) -> "TaskShape":
         """A loaded task's shape (string labels count their own classes)."""
         return cls(data.spec.name, data.spec.type, len(data.features), data.num_classes)
+
+    @classmethod
+    def of_scan(cls, scan: TaskScan) -> "TaskShape":
+        """The same, from a streamed pass over the task's file (no rows kept)."""
+        classes = scan.class_names()
+        return cls(scan.task.name, scan.task.type, len(scan.features), len(classes) if classes else scan.task.num_classes)
 
 
 def mlp(in_width: int, widths: list[int], cfg: TrunkConfig | None = None) -> nn.Sequential:

@@ -156,8 +156,17 @@ def _suite_cases():
         shutil.rmtree(c.suite)
         return c.train(), "suite.yaml: file not found"
 
+    def streamed_without_split(c):  # Ray Data filters the split at the read: it needs the column
+        table = pq.read_table(c.path("regress.parquet"))
+        pq.write_table(table.drop_columns(["split"]), c.path("regress.parquet"))
+        c.edit_suite(lambda s: s["tasks"][1].pop("split_column"))  # a seeded split, fine in memory
+        c.config["data"] = {"max_in_memory_mb": 0.001}
+        return c.train(), "regress.parquet: task 'regress' is streamed (train split 0 MB as float32 > " \
+                          "data.max_in_memory_mb 0.001) and needs a split column 'split'"
+
     return [corrupt_parquet, string_feature, label_out_of_range, nan_feature, string_target, unknown_split,
-            missing_target, missing_file, duplicate_task, suite_unknown_key, suite_not_yaml, no_classes, missing_suite]
+            missing_target, missing_file, duplicate_task, suite_unknown_key, suite_not_yaml, no_classes, missing_suite,
+            streamed_without_split]
 
 
 def _config_cases():

@@ -207,3 +207,26 @@ def test_standardisation_uses_the_train_split_only_and_metrics_keep_the_targets_
     assert metrics["loss"] == pytest.approx(0.01, rel=1e-4)  # on the standardised scale
     off = TaskPrep.fit(data, standardize=False)
     assert off.feature_mean is None and np.array_equal(off.apply(data).x["test"], data.x["test"])
+
+
+def test_a_large_suite_is_written_chunk_by_chunk_as_row_groups_of_the_same_tasks(tmp_path, monkeypatch):
+    """Above one chunk, rows are drawn and written a chunk at a time (bounded memory); every chunk
+    is more rows of the same tasks: the weights recovered from the last chunk's rows are the
+    first chunk's, while the rows themselves differ."""
+    from distributed_mtml.data import generators
+
+    monkeypatch.setattr(generators, "GENERATE_CHUNK_ROWS", 100)
+    make_suite("mmoe", str(tmp_path), {"rows": 350, "tasks": 3, "features": 8, "sines": 0, "noise": 0.0})
+    assert validate_suite(str(tmp_path)) == []
+    f = pq.ParquetFile(tmp_path / "task1.parquet")
+    assert f.metadata.num_rows == 350 and f.metadata.num_row_groups == 4
+    groups = [f.read_row_group(i) for i in (0, 3)]
+    fits = []
+    for g in groups:
+        x = np.column_stack([g.column(f"x{i}").to_numpy() for i in range(8)]).astype(np.float64)
+        fits.append(np.linalg.lstsq(x, g.column("y").to_numpy().astype(np.float64), rcond=None)[0])
+    np.testing.assert_allclose(fits[0], fits[1], atol=1e-4)
+    assert not np.allclose(groups[0].column("x0").to_numpy()[:50], groups[1].column("x0").to_numpy())
+    counts = {s: sum(1 for v in pq.read_table(tmp_path / "task1.parquet").column("split").to_pylist() if v == s)
+              for s in SPLITS}
+    assert counts["train"] == sum(int(n * 0.7) for n in (100, 100, 100, 50))

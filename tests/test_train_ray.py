@@ -1,5 +1,6 @@
 """Integration: real 2-worker TorchTrainer runs on a local Ray, read back through MlflowClient."""
 
+import math
 import os
 import re
 import subprocess
@@ -448,3 +449,53 @@ def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_sessio
     printed = capsys.readouterr().out
     assert "2 groups" in printed and "{task0, task1} | {task2, task3}" in printed
     assert "relations/groupings.txt" in {a.path for a in client.list_artifacts(out.run_id, "relations")}
+
+
+def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite):
+    """`data.max_in_memory_mb: 0` streams every task: each worker reads its own task's Ray
+    dataset (the train split filtered at the read), running out and starting a next pass within
+    an epoch; validation and test are streamed too. A task without a split column cannot be
+    streamed: exit 2 before Ray starts."""
+    config = _config(tmp_path, seed_suite, data={"max_in_memory_mb": 0, "shuffle_buffer_rows": 50},
+                     training={"epochs": 2, "batch_size": 16, "steps_per_epoch": 12, "lr": 0.02})
+    out = run_training(config, "streamed", _tracker(tmp_path))
+    run = _tracker(tmp_path).client().get_run(out.run_id)
+    assert run.data.tags["mtml.streamed"] == "classify,regress"
+    assert run.data.params["plan.placement"] == "[['classify'], ['regress']]"
+    client = _tracker(tmp_path).client()
+    assert [m.step for m in client.get_metric_history(out.run_id, "train/regress/loss")] == [0, 1]
+    for key in ("val/classify/accuracy", "val/regress/mse", "test/classify/auc", "test/regress/r2"):
+        assert math.isfinite(out.metrics[key]), key
+    assert out.metrics["val/regress/r2"] > 0.1  # it learned from the stream
+
+    from conftest import write_raw_suite
+
+    from distributed_mtml.errors import InputError
+
+    raw = write_raw_suite(str(tmp_path / "raw"))
+    with pytest.raises(InputError, match="is streamed .* needs a split column 'split'"):
+        run_training(_config(tmp_path, raw, data={"max_in_memory_mb": 0}), "raw", _tracker(tmp_path))
+
+
+def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_restart(ray_session, seed_suite):
+    """A streamed task's batches are one seeded sequence of passes: epochs continue the pass the
+    last one left (no row twice within a pass), and a fresh reader of epoch 1 (a worker
+    restarted from a checkpoint) sees exactly what the first reader saw."""
+    import torch
+
+    from distributed_mtml.data.prepare import TaskPrep
+    from distributed_mtml.data.stream import StreamedBatches, train_dataset
+    from distributed_mtml.data.suite import load_suite_spec
+
+    task = load_suite_spec(seed_suite).tasks[1]
+    features = [f"x{i}" for i in range(10)]
+    shard = train_dataset(seed_suite, task, features).iterator()
+    reader = lambda: StreamedBatches(shard, task, features, TaskPrep(), 16, 0, 1, 140, 50, torch.device("cpu"))  # noqa: E731
+    first = reader()
+    epochs = [torch.cat([y for _, y in first.epoch(e, 5)]) for e in range(3)]  # 15 batches; a pass has 8
+    restarted = reader()
+    assert torch.equal(torch.cat([y for _, y in restarted.epoch(1, 5)]), epochs[1])
+    assert torch.equal(torch.cat([y for _, y in restarted.epoch(2, 5)]), epochs[2])
+    passes = torch.cat(epochs)
+    assert len(set(passes[:128].tolist())) == 128  # pass 0 spans epochs 0 and 1: no row twice
+    assert not torch.equal(passes[:112], passes[128:240])  # pass 1 is another order

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -60,9 +60,10 @@ class SinusoidOptions(_SuiteOptions):
     rows: int = Field(100, ge=20, description="points per task (all splits)")
 
 
-def _split_column(opts: _SuiteOptions, rng: np.random.Generator) -> pa.Array:
-    rows = opts.rows
-    n_train = opts.train_rows if opts.train_rows is not None else int(rows * SPLIT_FRACTIONS[0])
+def _split_column(opts: _SuiteOptions, rng: np.random.Generator, rows: int) -> pa.Array:
+    """A chunk of `rows` rows' split labels: the suite's train share of them, the rest halved."""
+    share = opts.train_rows / opts.rows if opts.train_rows is not None else SPLIT_FRACTIONS[0]
+    n_train = opts.train_rows if rows == opts.rows and opts.train_rows is not None else int(rows * share)
     n_val = (rows - n_train) // 2
     labels = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * (rows - n_train - n_val))
     rng.shuffle(labels)
@@ -77,9 +78,11 @@ def _table(x: np.ndarray, y: np.ndarray, split: pa.Array, prefix: str = "x") -> 
 
 
 LATENT = 2
+Drawn = tuple[SuiteSpec, dict[str, pa.Table]]
+GENERATE_CHUNK_ROWS = 1 << 19  # rows per task drawn and written at a time: ~70 MB for 16 features
 
 
-def seed_example(opts: SeedExampleOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
+def seed_example(opts: SeedExampleOptions, rng: np.random.Generator, rows: int, state: dict) -> Drawn:
     """The founding article's example: 10 features, a 2-class task and a regression task.
 
     Both targets are read off one hidden representation h = tanh(A x) (4 units): the
@@ -89,24 +92,27 @@ def seed_example(opts: SeedExampleOptions) -> tuple[SuiteSpec, dict[str, pa.Tabl
     A `variant` keeps the latent map A of its seed and draws new readouts w, v and new rows:
     new tasks on the same hidden structure, the case transfer is for.
     """
-    rng = np.random.default_rng(opts.seed)
-    a = rng.normal(size=(LATENT, 10)) / math.sqrt(10) * 2.0
-    if opts.variant:
-        rng = np.random.default_rng([opts.seed, opts.variant])
-    w, v = rng.normal(size=LATENT), rng.normal(size=LATENT)
+    chunk = state["chunk"] = state.get("chunk", -1) + 1
+    if chunk == 0:
+        state["a"] = rng.normal(size=(LATENT, 10)) / math.sqrt(10) * 2.0
+    if opts.variant:  # its own readouts and rows, chunk by chunk
+        rng = np.random.default_rng([opts.seed, opts.variant, *([chunk] if chunk else [])])
+    if chunk == 0:
+        state["w"], state["v"] = rng.normal(size=LATENT), rng.normal(size=LATENT)
+    a, w, v = state["a"], state["w"], state["v"]
 
     def latent(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = rng.normal(size=(n, 10))
         h = np.tanh(x @ a.T) + opts.noise * rng.normal(size=(n, LATENT))
         return x, h, h @ w + np.sin(2.0 * h[:, 0])
 
-    x_c, _, score_c = latent(opts.rows)
+    x_c, _, score_c = latent(rows)
     label = (score_c > 0).astype(np.int64)
-    x_r, h_r, score_r = latent(opts.rows)
+    x_r, h_r, score_r = latent(rows)
     target = (score_r + 0.5 * h_r @ v).astype(np.float32)
     tables = {
-        "classify": _table(x_c, label, _split_column(opts, rng)),
-        "regress": _table(x_r, target, _split_column(opts, rng)),
+        "classify": _table(x_c, label, _split_column(opts, rng, rows)),
+        "regress": _table(x_r, target, _split_column(opts, rng, rows)),
     }
     spec = SuiteSpec(
         name="seed-example",
@@ -119,7 +125,7 @@ def seed_example(opts: SeedExampleOptions) -> tuple[SuiteSpec, dict[str, pa.Tabl
     return spec, tables
 
 
-def mmoe(opts: MMoEOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
+def mmoe(opts: MMoEOptions, rng: np.random.Generator, rows: int, state: dict) -> Drawn:
     """K regression tasks after the MMoE paper's synthetic procedure.
 
     Weight vectors w_k = c(sqrt(p) a_g + sqrt(1-p) u_k) over orthonormal directions give every
@@ -139,8 +145,9 @@ def mmoe(opts: MMoEOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
     p = opts.correlation
     if largest > 1 and p < -1 / (largest - 1):
         raise InputError(f"mmoe: option 'correlation' ({p}) must be at least -1/(n-1) for groups of n={largest} tasks")
-    rng = np.random.default_rng(opts.seed)
-    basis, _ = np.linalg.qr(rng.normal(size=(opts.features, opts.tasks + opts.groups)))
+    if not state:
+        state["basis"] = np.linalg.qr(rng.normal(size=(opts.features, opts.tasks + opts.groups)))[0]
+    basis = state["basis"]
     alphas = np.arange(1, opts.sines + 1)
     betas = np.arange(opts.sines) ** 2
     tables, tasks = {}, []
@@ -153,34 +160,51 @@ def mmoe(opts: MMoEOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
             a = math.sqrt(1 - p)
             b = (-a + math.sqrt(max(a * a + len(mates) * p, 0.0))) / len(mates)
             w = opts.scale * (a * basis[:, k] + b * basis[:, mates].sum(axis=1))
-        x = rng.normal(size=(opts.rows, opts.features))
+        x = rng.normal(size=(rows, opts.features))
         dot = x @ w
-        y = dot + np.sin(np.outer(dot, alphas) + betas).sum(axis=1) + opts.noise * rng.normal(size=opts.rows)
+        y = dot + np.sin(np.outer(dot, alphas) + betas).sum(axis=1) + opts.noise * rng.normal(size=rows)
         name = f"task{k}"
-        tables[name] = _table(x, y.astype(np.float32), _split_column(opts, rng))
+        tables[name] = _table(x, y.astype(np.float32), _split_column(opts, rng, rows))
         tasks.append(TaskSpec(name=name, type="regression", path=f"{name}.parquet", target="y"))
     return SuiteSpec(name="mmoe", description=f"MMoE synthetic, pairwise correlation {p}", tasks=tasks), tables
 
 
-def sinusoid(opts: SinusoidOptions) -> tuple[SuiteSpec, dict[str, pa.Table]]:
+def sinusoid(opts: SinusoidOptions, rng: np.random.Generator, rows: int, state: dict) -> Drawn:
     """The MAML sinusoid family: y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]."""
-    rng = np.random.default_rng(opts.seed)
     tables, tasks = {}, []
     for k in range(opts.tasks):
-        amp, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, math.pi)
-        x = rng.uniform(-5.0, 5.0, size=(opts.rows, 1))
+        if k not in state:  # drawn between the first chunk's tasks, as the suite always was
+            state[k] = rng.uniform(0.1, 5.0), rng.uniform(0.0, math.pi)
+        amp, phase = state[k]
+        x = rng.uniform(-5.0, 5.0, size=(rows, 1))
         y = (amp * np.sin(x[:, 0] - phase)).astype(np.float32)
         name = f"sine{k:03d}"
-        tables[name] = _table(x, y, _split_column(opts, rng))
+        tables[name] = _table(x, y, _split_column(opts, rng, rows))
         tasks.append(TaskSpec(name=name, type="regression", path=f"{name}.parquet", target="y"))
     return SuiteSpec(name="sinusoid", description="MAML sinusoid regression tasks", tasks=tasks), tables
 
 
 @dataclass(frozen=True)
 class Generator:
-    make: Callable[[BaseModel], tuple[SuiteSpec, dict[str, pa.Table]]]
+    """A suite family. `draw(options, rng, rows, state)` draws `rows` rows of every task;
+    `state` keeps what the first call drew of the suite's structure (latent maps, task weights),
+    so that later chunks are more rows of the same tasks."""
+
+    draw: Callable[[BaseModel, np.random.Generator, int, dict], Drawn]
     options: type[BaseModel]
     summary: str
+
+    def make(self, opts: BaseModel) -> Drawn:
+        """The whole suite in memory: one chunk of all its rows."""
+        return self.draw(opts, np.random.default_rng(opts.seed), opts.rows, {})
+
+    def chunks(self, opts: BaseModel, chunk_rows: int) -> Iterator[Drawn]:
+        """The suite `chunk_rows` rows per task at a time: the first chunk from the suite's seed
+        (so a suite that fits one chunk is exactly `make`'s), chunk c > 0 from (seed, c)."""
+        state: dict = {}
+        for c, start in enumerate(range(0, opts.rows, chunk_rows)):
+            rng = np.random.default_rng(opts.seed if c == 0 else [opts.seed, c])
+            yield self.draw(opts, rng, min(chunk_rows, opts.rows - start), state)
 
 
 GENERATORS: dict[str, Generator] = {
@@ -199,6 +223,4 @@ def make_suite(name: str, out_dir: str, options: dict | None = None) -> SuiteSpe
         opts = gen.options.model_validate(options or {})
     except ValidationError as e:
         raise InputError(validation_lines(f"generator '{name}'", e)) from e
-    spec, tables = gen.make(opts)
-    write_suite(out_dir, spec, tables)
-    return spec
+    return write_suite(out_dir, gen.chunks(opts, GENERATE_CHUNK_ROWS))

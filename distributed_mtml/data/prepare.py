@@ -17,13 +17,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from distributed_mtml.data.scan import Moments, TaskScan
 from distributed_mtml.data.suite import TaskData
-
-
-def _spread(values: np.ndarray) -> np.ndarray:
-    """Standard deviation with constant columns left unscaled (a zero spread would divide by 0)."""
-    std = values.std(axis=0, dtype=np.float64)
-    return np.where(std > 1e-12, std, 1.0)
 
 
 class TaskPrep(BaseModel):
@@ -41,13 +36,25 @@ class TaskPrep(BaseModel):
     @classmethod
     def fit(cls, data: TaskData, standardize: bool = True) -> "TaskPrep":
         """The train split's statistics (`standardize` off: only the class names)."""
-        if not standardize:
-            return cls(classes=data.classes)
-        x, y = data.x["train"], data.y["train"]
-        prep = cls(feature_mean=x.mean(axis=0, dtype=np.float64).tolist(), feature_std=_spread(x).tolist(),
-                   classes=data.classes)
+        x, y = Moments(data.x["train"].shape[1]), None
+        x.add(data.x["train"])
         if data.spec.type == "regression":
-            prep.target_mean, prep.target_std = float(y.mean(dtype=np.float64)), float(_spread(y))
+            y = Moments(1)
+            y.add(data.y["train"])
+        return cls.of_moments(x, y, data.classes, standardize)
+
+    @classmethod
+    def of_scan(cls, scan: TaskScan, standardize: bool = True) -> "TaskPrep":
+        """The same statistics, from a streamed pass over the task's file."""
+        return cls.of_moments(scan.x, scan.y, scan.class_names(), standardize)
+
+    @classmethod
+    def of_moments(cls, x: Moments, y: Moments | None, classes: list[str] | None, standardize: bool) -> "TaskPrep":
+        if not standardize:
+            return cls(classes=classes)
+        prep = cls(feature_mean=x.mean.tolist(), feature_std=x.std().tolist(), classes=classes)
+        if y is not None:
+            prep.target_mean, prep.target_std = float(y.mean[0]), float(y.std()[0])
         return prep
 
     def inputs(self, x: np.ndarray) -> np.ndarray:
@@ -70,8 +77,9 @@ class TaskPrep(BaseModel):
         on K labelled rows may know no other labels)."""
         if self.feature_mean is None or not y.dtype.is_floating_point:
             return self
-        values = y.double().numpy()
-        return self.model_copy(update={"target_mean": float(values.mean()), "target_std": float(_spread(values))})
+        moments = Moments(1)
+        moments.add(y.double().numpy())
+        return self.model_copy(update={"target_mean": float(moments.mean[0]), "target_std": float(moments.std()[0])})
 
     def target_units(self, values: torch.Tensor) -> torch.Tensor:
         """Model-scale regression values (predictions or targets) back in the target's units."""

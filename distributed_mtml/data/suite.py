@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -98,20 +98,20 @@ def join_path(base: str, path: str) -> str:
     return os.path.abspath(os.path.join(base, path))
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if _is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def read_text(path: str) -> str:
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as f:
         return f.read().decode("utf-8")
 
 
 def write_text(path: str, text: str) -> None:
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem(path)
     fs.create_dir(os.path.dirname(inner), recursive=True)
     with fs.open_output_stream(inner) as f:
         f.write(text.encode("utf-8"))
@@ -129,7 +129,7 @@ def load_suite_spec(suite_dir: str) -> SuiteSpec:
 
 def read_table(suite_dir: str, task: TaskSpec) -> pa.Table:
     """Reads a task's Parquet file or directory of Parquet files."""
-    fs, inner = _filesystem(join_path(suite_dir, task.path))
+    fs, inner = filesystem(join_path(suite_dir, task.path))
     return pq.read_table(inner, filesystem=fs)
 
 
@@ -175,6 +175,16 @@ def class_names(column: pa.ChunkedArray) -> list[str]:
     return sorted(str(v) for v in column.unique().to_pylist())
 
 
+def encode_target(task: TaskSpec, column: pa.Array | pa.ChunkedArray, classes: list[str] | None) -> np.ndarray:
+    """A target column as the model's labels: class indices (string labels: their place in
+    `classes`; a name not among them is -1) or float32 regression values."""
+    if classes is not None and is_label_column(column.type):
+        index = {name: k for k, name in enumerate(classes)}
+        return np.array([index.get(str(v), -1) for v in column.to_pylist()], dtype=np.int64)
+    values = column.to_numpy(zero_copy_only=False)
+    return values.astype(np.int64 if task.type == "classification" else np.float32)
+
+
 def table_to_task_data(task: TaskSpec, table: pa.Table, classes: list[str] | None = None) -> TaskData:
     """Splits a validated table into per-split numpy arrays. String labels become class indices
     in sorted order, or in the order of `classes` (a trained model's) when given."""
@@ -183,14 +193,8 @@ def table_to_task_data(task: TaskSpec, table: pa.Table, classes: list[str] | Non
         [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in features]
     )
     target = table.column(task.target)
-    if is_label_column(target.type):
-        classes = classes or class_names(target)
-        index = {name: k for k, name in enumerate(classes)}
-        y_all = np.array([index[str(v)] for v in target.to_pylist()], dtype=np.int64)
-    else:
-        classes = None
-        y_all = target.to_numpy(zero_copy_only=False)
-        y_all = y_all.astype(np.int64 if task.type == "classification" else np.float32)
+    classes = (classes or class_names(target)) if is_label_column(target.type) else None
+    y_all = encode_target(task, target, classes)
     split = split_values(task, table)
     x = {s: x_all[split == s] for s in SPLITS}
     y = {s: y_all[split == s] for s in SPLITS}
@@ -201,11 +205,23 @@ def load_task(suite_dir: str, task: TaskSpec, classes: list[str] | None = None) 
     return table_to_task_data(task, read_table(suite_dir, task), classes)
 
 
-def write_suite(out_dir: str, spec: SuiteSpec, tables: dict[str, pa.Table]) -> None:
-    """Writes `suite.yaml` and one Parquet file per task (keyed by task name)."""
-    for task in spec.tasks:
-        fs, inner = _filesystem(join_path(out_dir, task.path))
-        fs.create_dir(os.path.dirname(inner), recursive=True)
-        pq.write_table(tables[task.name], inner, filesystem=fs)
+def write_suite(out_dir: str, chunks: Iterable[tuple[SuiteSpec, dict[str, pa.Table]]]) -> SuiteSpec:
+    """Writes one Parquet file per task, chunk after chunk as row groups (so a suite of any size
+    is written in the memory of one chunk), then `suite.yaml`. Returns the suite's spec."""
+    writers: dict[str, pq.ParquetWriter] = {}
+    spec = None
+    try:
+        for spec, tables in chunks:
+            for task in spec.tasks:
+                if task.name not in writers:
+                    fs, inner = filesystem(join_path(out_dir, task.path))
+                    fs.create_dir(os.path.dirname(inner), recursive=True)
+                    writers[task.name] = pq.ParquetWriter(inner, tables[task.name].schema, filesystem=fs)
+                writers[task.name].write_table(tables[task.name])
+    finally:
+        for writer in writers.values():
+            writer.close()
+    assert spec is not None, "a suite has at least one chunk"
     text = yaml.safe_dump(spec.model_dump(exclude_none=True, exclude_defaults=False), sort_keys=False)
     write_text(suite_yaml_path(out_dir), text)
+    return spec

@@ -6,24 +6,12 @@ must name the file and the key or column at fault so it can be fixed without gue
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import yaml
 from pydantic import ValidationError
 
-from distributed_mtml.data.suite import (
-    SPLITS,
-    SuiteSpec,
-    TaskSpec,
-    class_names,
-    feature_columns,
-    is_label_column,
-    join_path,
-    read_table,
-    read_text,
-    split_values,
-    suite_yaml_path,
-)
+from distributed_mtml.data.scan import TaskScan, scan_task
+from distributed_mtml.data.suite import SPLITS, SuiteSpec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, validation_lines
 
 
@@ -53,42 +41,31 @@ def read_spec(suite_dir: str) -> tuple[SuiteSpec | None, list[str]]:
     return spec, problems
 
 
-def _column_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
-    problems = []
-    names = set(table.column_names)
-    if task.target not in names:
+def _column_problems(scan: TaskScan) -> list[str]:
+    where, task, problems = scan.where, scan.task, []
+    if task.target not in scan.types:
         problems.append(f"{where}: target column '{task.target}' not found")
-    if task.split_column not in names and not task.split_is_optional():
+    if task.split_column not in scan.types and not task.split_is_optional():
         problems.append(f"{where}: split column '{task.split_column}' not found")
-    features = feature_columns(task, table.schema)
-    if not features:
+    if not scan.features:
         problems.append(f"{where}: no numeric feature columns")
-    for col in features:
-        if col not in names:
+    for col in scan.features:
+        if col not in scan.types:
             problems.append(f"{where}: feature column '{col}' not found")
-            continue
-        typ = table.schema.field(col).type
-        if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
-            problems.append(f"{where}: feature column '{col}' is not numeric (type {typ})")
-            continue
-        if _non_finite(table.column(col)):
+        elif col not in scan.usable_features():
+            problems.append(f"{where}: feature column '{col}' is not numeric (type {scan.types[col]})")
+        elif col in scan.non_finite:
             problems.append(f"{where}: feature column '{col}' has NaN, infinite or null values")
     return problems
 
 
-def _non_finite(column: pa.ChunkedArray) -> bool:
-    if column.null_count:
-        return True
-    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-    return not np.isfinite(values).all()
-
-
-def _label_problems(where: str, column: pa.ChunkedArray, task: TaskSpec) -> list[str]:
+def _label_problems(scan: TaskScan) -> list[str]:
     """String class labels: classes are the distinct names, so there must be two or more and,
     when `num_classes` is given, exactly that many."""
-    if column.null_count:
+    where, task = scan.where, scan.task
+    if task.target in scan.non_finite:
         return [f"{where}: target column '{task.target}' has null labels"]
-    names = class_names(column)
+    names = scan.class_names()
     if len(names) < 2:
         return [f"{where}: target column '{task.target}' has one class ({names[0] if names else 'none'}); "
                 "classification needs two or more"]
@@ -97,85 +74,80 @@ def _label_problems(where: str, column: pa.ChunkedArray, task: TaskSpec) -> list
     return []
 
 
-def _target_problems(where: str, table: pa.Table, task: TaskSpec, key: str) -> list[str]:
+def _target_problems(scan: TaskScan, key: str) -> list[str]:
     """`key`: where the task sits in suite.yaml ("<file>: key 'tasks.<i>"), for what must be fixed there."""
-    if task.target not in table.column_names:
+    where, task = scan.where, scan.task
+    if task.target not in scan.types:
         return []
-    column = table.column(task.target)
-    typ = column.type
-    if task.type == "classification" and is_label_column(typ):
-        return _label_problems(where, column, task)
-    if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
+    typ = scan.types[task.target]
+    if task.type == "classification" and scan.string_labels:
+        return _label_problems(scan)
+    if scan.string_labels or not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
         return [f"{where}: target column '{task.target}' is not numeric (type {typ})"]
-    if _non_finite(column):
+    if task.target in scan.non_finite:
         return [f"{where}: target column '{task.target}' has NaN, infinite or null values"]
     if task.type != "classification":
         return []
     if task.num_classes is None:
         return [f"{key}.num_classes': required for classification task '{task.name}' "
                 "with numeric labels (string labels need none)"]
-    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-    bad = values[(values < 0) | (values >= task.num_classes) | (values != np.round(values))]
-    if bad.size:
-        return [
-            f"{where}: target column '{task.target}' has label {bad[0]:g} outside 0..{task.num_classes - 1}"
-        ]
+    if scan.bad_label is not None:
+        return [f"{where}: target column '{task.target}' has label {scan.bad_label:g} outside 0..{task.num_classes - 1}"]
     return []
 
 
-def _split_problems(where: str, table: pa.Table, task: TaskSpec) -> list[str]:
-    if task.split_column not in table.column_names and not task.split_is_optional():
+def _split_problems(scan: TaskScan) -> list[str]:
+    where, task = scan.where, scan.task
+    if task.split_column not in scan.types and not task.split_is_optional():
         return []
-    values = split_values(task, table).tolist()
-    counts = {s: 0 for s in SPLITS}
-    unknown = set()
-    for v in values:
-        if v in counts:
-            counts[v] += 1
-        else:
-            unknown.add(v)
-    source = (f"split column '{task.split_column}'" if task.split_column in table.column_names else
-              f"no split column; split_fractions {list(task._seeded_split[0])} of {table.num_rows} rows")
-    problems = [f"{where}: {source}: split '{s}' is empty" for s, n in counts.items() if n == 0]
-    if unknown:
+    source = (f"split column '{task.split_column}'" if not scan.seeded else
+              f"no split column; split_fractions {list(task._seeded_split[0])} of {scan.total_rows} rows")
+    problems = [f"{where}: {source}: split '{s}' is empty" for s, n in scan.rows.items() if n == 0]
+    if scan.unknown_splits:
         problems.append(
-            f"{where}: split column '{task.split_column}' has values {sorted(map(str, unknown))} "
+            f"{where}: split column '{task.split_column}' has values {sorted(map(str, scan.unknown_splits))} "
             f"(allowed: {', '.join(SPLITS)})"
         )
     return problems
 
 
-def task_problems(suite_dir: str, task: TaskSpec, key: str = "tasks") -> list[str]:
+def scan_problems(scan: TaskScan, suite_dir: str, key: str = "tasks") -> list[str]:
     """Every problem of one task's data file; `key` is the task's place in suite.yaml."""
-    where = join_path(suite_dir, task.path)
-    try:
-        table = read_table(suite_dir, task)
-    except FileNotFoundError:
-        return [f"{where}: file not found (task '{task.name}')"]
-    except (OSError, pa.ArrowException) as e:
-        return [f"{where}: not a readable Parquet file (task '{task.name}'): {str(e).splitlines()[0]}"]
+    if scan.error is not None:
+        return [scan.error]
     return (
-        _column_problems(where, table, task)
-        + _target_problems(where, table, task, f"{suite_yaml_path(suite_dir)}: key '{key}")
-        + _split_problems(where, table, task)
+        _column_problems(scan)
+        + _target_problems(scan, f"{suite_yaml_path(suite_dir)}: key '{key}")
+        + _split_problems(scan)
     )
+
+
+def scan_suite(suite_dir: str) -> tuple[SuiteSpec | None, dict[str, TaskScan], list[str]]:
+    """The suite's spec, each task's facts, and every problem (one streamed pass per task)."""
+    spec, problems = read_spec(suite_dir)
+    if spec is None:
+        return None, {}, problems
+    scans = {}
+    for i, task in enumerate(spec.tasks):
+        scans[task.name] = scan_task(suite_dir, task)
+        problems += scan_problems(scans[task.name], suite_dir, f"tasks.{i}")
+    return spec, scans, problems
 
 
 def validate_suite(suite_dir: str) -> list[str]:
     """All problems of a suite; an empty list means it is ready to train on."""
-    spec, problems = read_spec(suite_dir)
-    if spec is None:
-        return problems
-    for i, task in enumerate(spec.tasks):
-        problems += task_problems(suite_dir, task, f"tasks.{i}")
-    return problems
+    return scan_suite(suite_dir)[2]
+
+
+def checked_scans(suite_dir: str) -> tuple[SuiteSpec, dict[str, TaskScan]]:
+    """The suite's spec and each task's facts, or an InputError listing every problem."""
+    spec, scans, problems = scan_suite(suite_dir)
+    if problems:
+        raise InputError(problems)
+    assert spec is not None
+    return spec, scans
 
 
 def checked_suite(suite_dir: str) -> SuiteSpec:
     """The suite's spec, or an InputError listing every problem."""
-    problems = validate_suite(suite_dir)
-    if problems:
-        raise InputError(problems)
-    spec, _ = read_spec(suite_dir)
-    assert spec is not None
-    return spec
+    return checked_scans(suite_dir)[0]

@@ -13,8 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from distributed_mtml.config import Config
-from distributed_mtml.data.suite import load_task
-from distributed_mtml.data.validate import checked_suite
+from distributed_mtml.data.validate import checked_scans
 from distributed_mtml.errors import InputError
 from distributed_mtml.meta.algorithms import ALGORITHMS, META_TASK
 from distributed_mtml.meta.tasks import FAMILIES
@@ -44,15 +43,15 @@ def share(total: int, world: int, rank: int) -> int:
 
 
 def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[str]]:
-    spec = checked_suite(suite_dir)
+    spec, scans = checked_scans(suite_dir)
     need = config.meta.shots + config.meta.query_size()
     kinds = set()
     for task in spec.tasks:
-        data = load_task(suite_dir, task)
-        kinds.add((task.type, len(data.features), data.num_classes))
-        if len(data.y["train"]) < need:
+        shape = TaskShape.of_scan(scans[task.name])
+        kinds.add((task.type, shape.num_features, shape.num_classes))
+        if scans[task.name].rows["train"] < need:
             raise InputError(
-                f"{suite_dir}/{task.path}: split 'train' has {len(data.y['train'])} rows; "
+                f"{suite_dir}/{task.path}: split 'train' has {scans[task.name].rows['train']} rows; "
                 f"meta.shots + query needs {need} per episode"
             )
     if len(kinds) > 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import yaml
@@ -72,9 +72,12 @@ def _resume_point(last: str | None) -> str:
     return f"{where} (checkpoint {last})"
 
 
-def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, terminal: str):
+def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, terminal: str,
+                 datasets: dict[str, Callable] | None = None):
     """A TorchTrainer with the config's scaling, storage, failure and checkpoint settings; its
-    workers say their lines through the console actor `terminal`."""
+    workers say their lines through the console actor `terminal`. `datasets` (streamed tasks'
+    Ray datasets, built in the controller) go to every worker unsplit: each is read only by the
+    rank that owns its task, whole."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -99,6 +102,8 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, term
             worker_runtime_env={"env_vars": {**faults.fault_env(), console.ENV: terminal}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
+        datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
 
@@ -115,7 +120,16 @@ def log_run_files(c, run_id: str, cfg: Config, checkpoint_dir: str, suite_dir: s
             c.log_artifact(run_id, os.path.join(d, "suite.yaml"))
 
 
-def check_local_resources(cfg: Config, address: str | None) -> None:
+READ_CPUS = 1.0  # what streamed tasks' Ray Data reads need beside the workers: with none free,
+# Ray Data's CPU budget is zero and the first read never starts (a silent hang)
+
+
+def cpus_needed(cfg: Config, streams: bool) -> float:
+    """The workers' CPUs, and one for Ray Data's reads when some task is streamed."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (READ_CPUS if streams else 0.0)
+
+
+def check_local_resources(cfg: Config, address: str | None, streams: bool = False) -> None:
     """A command that starts its own Ray can only use this machine's CPUs and GPUs: workers
     asking for more would wait for ever. A cluster's autoscaler may add nodes, so there
     `wait_for_resources` gives it `scaling.resource_wait_s` instead."""
@@ -126,10 +140,11 @@ def check_local_resources(cfg: Config, address: str | None) -> None:
     from ray._private.utils import get_num_cpus
 
     s = cfg.scaling
-    need, have = s.num_workers * s.cpus_per_worker, get_num_cpus()
+    need, have = cpus_needed(cfg, streams), get_num_cpus()
+    reads = f" + {READ_CPUS:g} for Ray Data's reads of the streamed tasks" if streams else ""
     if need > have:
-        raise InputError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPU need {need:g} CPUs; "
-                         f"this machine has {have} (use fewer workers or cpus_per_worker, or --address a cluster)")
+        raise InputError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPU{reads} need {need:g} "
+                         f"CPUs; this machine has {have} (use fewer workers or cpus_per_worker, or --address a cluster)")
     if s.use_gpu:
         import torch
 
@@ -139,7 +154,7 @@ def check_local_resources(cfg: Config, address: str | None) -> None:
                              f"{gpus} (set scaling.use_gpu: false, use fewer workers, or --address a cluster with GPUs)")
 
 
-def wait_for_resources(cfg: Config) -> None:
+def wait_for_resources(cfg: Config, streams: bool = False) -> None:
     """The workers' CPUs (and GPUs) must be in the cluster before the trainer asks for them, or
     it waits silently for ever. An autoscaling cluster gets `scaling.resource_wait_s` to add
     nodes; then the run fails saying what is missing."""
@@ -148,7 +163,7 @@ def wait_for_resources(cfg: Config) -> None:
     import ray
 
     s = cfg.scaling
-    need = {"CPU": s.num_workers * s.cpus_per_worker, **({"GPU": float(s.num_workers)} if s.use_gpu else {})}
+    need = {"CPU": cpus_needed(cfg, streams), **({"GPU": float(s.num_workers)} if s.use_gpu else {})}
     deadline, said = time.monotonic() + s.resource_wait_s, False
     while True:
         have = ray.cluster_resources()
@@ -196,6 +211,7 @@ class RunSpec:
     total: int  # epochs or meta-iterations, for the progress line
     counter: str  # "epoch" or "iteration": the MLflow step of every metric
     log_artifacts: Callable[[Tracker, str, str], None]  # (tracker, run id, final checkpoint dir)
+    datasets: dict[str, Callable] = field(default_factory=dict)  # name -> a function making a Ray dataset
 
 
 def _fit(trainer, config: Config, ray_name: str):
@@ -242,7 +258,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
     """Creates (or resumes) the MLflow run, fits the TorchTrainer, logs the artifacts from its
     last checkpoint and sets the run's final status: FINISHED, KILLED on Ctrl-C, FAILED on
     anything else."""
-    check_local_resources(config, address)
+    check_local_resources(config, address, bool(spec.datasets))
     check_writable(config.checkpoint.resolved_dir())
     run_id, ray_name = start_or_resume_run(config, tracker, run_name, resume, spec.tags, spec.plan_params)
     spool = spool_path(config.checkpoint.resolved_dir(), ray_name)
@@ -251,9 +267,10 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
                                               spool, terminal)
     with tracker.final_status(run_id):
         ensure_ray(address)
-        wait_for_resources(config)
+        wait_for_resources(config, bool(spec.datasets))
         with console.relay(terminal):
-            result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal), config, ray_name)
+            result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal, spec.datasets),
+                          config, ray_name)
         _send_kept_metrics(tracker, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
         with kept.as_directory() as d:

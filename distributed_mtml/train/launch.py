@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+from typing import Callable
 
 from distributed_mtml import report
 from distributed_mtml.artifacts import load_model
@@ -64,6 +66,21 @@ def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
     c.log_artifacts(run_id, out_dir, "relations")
 
 
+def _streamed_datasets(plan: TrainPlan) -> dict[str, Callable]:
+    """`train-<task>` for each streamed task: a function building its Ray dataset (Ray Train calls
+    it in the controller, again after a restart)."""
+    from distributed_mtml.data.scan import open_task
+    from distributed_mtml.data.stream import dataset_name, train_dataset
+    from distributed_mtml.data.suite import feature_columns, load_suite_spec
+
+    out = {}
+    for task in load_suite_spec(plan.suite_dir).tasks:
+        if task.name in plan.streamed:
+            features = feature_columns(task, open_task(plan.suite_dir, task).schema)
+            out[dataset_name(task.name)] = functools.partial(train_dataset, plan.suite_dir, task, features)
+    return out
+
+
 def run_training(
     config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None
 ) -> TrainOutcome:
@@ -71,12 +88,14 @@ def run_training(
 
     plan = make_plan(config)  # bad input stops here, before Ray starts
     spec = RunSpec(
-        tags={"mtml.command": "train", "mtml.suite": plan.suite_name, "mtml.aggregation": config.aggregation.method},
+        tags={"mtml.command": "train", "mtml.suite": plan.suite_name, "mtml.aggregation": config.aggregation.method,
+              **({"mtml.streamed": ",".join(plan.streamed)} if plan.streamed else {})},
         plan_params={"steps_per_epoch": plan.steps_per_epoch, "placement": plan.placement},
         loop=train_loop_per_worker,
         payload=plan.model_dump(mode="json"),
         total=config.training.epochs,
         counter="epoch",
         log_artifacts=lambda tracker, run_id, d: _log_artifacts(plan, tracker, run_id, d),
+        datasets=_streamed_datasets(plan),
     )
     return launch(config, run_name, spec, tracker, resume, address)

@@ -13,8 +13,11 @@ from pydantic import BaseModel, ConfigDict
 from distributed_mtml.config import Config
 from distributed_mtml.data.locate import ensure_suite
 from distributed_mtml.data.prepare import TaskPrep
-from distributed_mtml.data.suite import load_task
-from distributed_mtml.data.validate import checked_suite
+from distributed_mtml.data.scan import TaskScan
+from distributed_mtml.data.stream import train_megabytes
+from distributed_mtml.data.suite import SuiteSpec
+from distributed_mtml.data.validate import checked_scans
+from distributed_mtml.errors import InputError
 from distributed_mtml.models import TaskShape
 from distributed_mtml.runtime.monitor import check_monitor, monitor_keys
 from distributed_mtml.runtime.placement import place_tasks
@@ -30,6 +33,7 @@ class TrainPlan(BaseModel):
     train_rows: dict[str, int]
     placement: list[list[str]]
     steps_per_epoch: int
+    streamed: list[str] = []  # tasks above data.max_in_memory_mb: read with Ray Data, not loaded
     preprocessing: dict[str, TaskPrep] = {}  # per task; empty in checkpoints older than data.standardize
 
     def task_shapes(self) -> list[TaskShape]:
@@ -42,13 +46,11 @@ class TrainPlan(BaseModel):
 
 def make_plan(config: Config) -> TrainPlan:
     suite_dir = ensure_suite(config)
-    spec = checked_suite(suite_dir)
-    shapes, train_rows, preps = [], {}, {}
-    for task in spec.tasks:
-        data = load_task(suite_dir, task)
-        shapes.append(TaskShape.of(data))
-        train_rows[task.name] = len(data.y["train"])
-        preps[task.name] = TaskPrep.fit(data, config.data.standardize)
+    spec, scans = checked_scans(suite_dir)  # one streamed pass per task: no table is held
+    shapes = [TaskShape.of_scan(scans[t.name]) for t in spec.tasks]
+    train_rows = {t.name: scans[t.name].rows["train"] for t in spec.tasks}
+    preps = {t.name: TaskPrep.of_scan(scans[t.name], config.data.standardize) for t in spec.tasks}
+    streamed = _streamed_tasks(config, spec, scans)
     check_monitor(config, monitor_keys(shapes))
     placement = place_tasks([t.name for t in spec.tasks], config.scaling.num_workers)
     steps = config.training.steps_per_epoch or math.ceil(max(train_rows.values()) / config.training.batch_size)
@@ -61,4 +63,22 @@ def make_plan(config: Config) -> TrainPlan:
         placement=placement,
         steps_per_epoch=steps,
         preprocessing=preps,
+        streamed=streamed,
     )
+
+
+def _streamed_tasks(config: Config, spec: SuiteSpec, scans: dict[str, TaskScan]) -> list[str]:
+    """The tasks too large to load; each needs a split column, which Ray Data filters at the read
+    (the seeded split of a table without one needs every row's position)."""
+    streamed = []
+    for task in spec.tasks:
+        scan = scans[task.name]
+        size = train_megabytes(scan.rows["train"], len(scan.features))
+        if size <= config.data.max_in_memory_mb:
+            continue
+        if scan.seeded:
+            raise InputError(f"{scan.where}: task '{task.name}' is streamed (train split {size:.0f} MB as float32 > "
+                             f"data.max_in_memory_mb {config.data.max_in_memory_mb:g}) and needs a split column "
+                             f"'{task.split_column}' (train/val/test per row)")
+        streamed.append(task.name)
+    return streamed

@@ -26,7 +26,10 @@ from distributed_mtml import relations
 from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
-from distributed_mtml.data.suite import load_suite_spec, load_task
+from distributed_mtml.data.scan import open_task
+from distributed_mtml.data.stream import StreamedBatches, dataset_name, split_batches
+from distributed_mtml.data.suite import feature_columns, load_suite_spec, load_task
+from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
@@ -104,13 +107,21 @@ def _suite_losses(sums: dict[str, torch.Tensor], order: list[str], steps: int, w
     return out.cpu()
 
 
-def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: dict, split: str) -> dict:
+def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: dict, split: str,
+              device: torch.device) -> dict:
+    """The owned tasks' metrics on `split`: from memory, or streamed from the file in batches."""
     trunk.eval(), modules.eval()
     shapes, out = {s.name: s for s in plan.task_shapes()}, {}
+    specs = {s.name: s for s in load_suite_spec(plan.suite_dir).tasks} if plan.streamed else {}
     with torch.no_grad():
         for name, module in modules.items():
-            x, y = data[name][split]
-            metrics = task_metrics(shapes[name], module.head(trunk(module.adapter(x))), y, plan.prep(name))
+            forward = lambda x, m=module: m.head(trunk(m.adapter(x)))  # noqa: E731
+            if name in data:
+                x, y = data[name][split]
+                metrics = task_metrics(shapes[name], forward_in_chunks(forward, x), y, plan.prep(name))
+            else:
+                batches = split_batches(plan.suite_dir, specs[name], split, plan.prep(name))
+                metrics = split_metrics(shapes[name], plan.prep(name), batches, forward, device)
             out.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     trunk.train(), modules.train()
     return out
@@ -156,7 +167,7 @@ class Worker:
         device = ray.train.torch.get_device()
         shapes, mine = plan.task_shapes(), plan.placement[rank]
         order = [s.name for s in shapes]
-        data = _load_tasks(plan, mine, device)
+        data = _load_tasks(plan, [n for n in mine if n not in plan.streamed], device)
         torch.manual_seed(t.seed)
         trunk = build_trunk(cfg.model, shapes).to(device)
         modules = build_task_modules(cfg.model, shapes, t.seed, only=mine).to(device)
@@ -173,7 +184,7 @@ class Worker:
         if t.sync_every > 1 and world > 1:
             _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
         step_fn = _make_step(plan, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
-        batches = {n: TaskBatches(*data[n]["train"], t.batch_size, t.seed, order.index(n)) for n in mine}
+        batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
         return cls(plan, payload, rank, world, device, mine, data, trunk, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, restored=checkpoint is not None),
                    FiniteLossGuard(order, device))
@@ -230,7 +241,7 @@ class Worker:
         """Validation metrics of every rank, the keep/stop decision, and the report to Ray Train,
         with a checkpoint when it is due, at the end, or when the model improved."""
         cfg = self.plan.config
-        val = everyones(_evaluate(self.trunk, self.modules, self.plan, self.data, "val"), self.world)
+        val = everyones(_evaluate(self.trunk, self.modules, self.plan, self.data, "val", self.device), self.world)
         improved = self.monitor.update(val, epoch)
         metrics = {**metrics, **val, **self.monitor.report_fields(val)}
         last = epoch + 1 == cfg.training.epochs or self.monitor.stop
@@ -252,6 +263,19 @@ def _load_tasks(plan: TrainPlan, mine: list[str], device: torch.device) -> dict:
         d = plan.prep(name).apply(load_task(plan.suite_dir, specs[name], plan.prep(name).classes))
         data[name] = {s: (torch.from_numpy(d.x[s]).to(device), torch.from_numpy(d.y[s]).to(device)) for s in d.x}
     return data
+
+
+def _task_batches(plan: TrainPlan, name: str, data: dict, task_index: int, device: torch.device):
+    """The task's train batches: from memory, or streamed from the Ray dataset `<task>/train`
+    that the driver handed to the trainer (this rank, the owner, is the only one reading it)."""
+    t = plan.config.training
+    if name not in plan.streamed:
+        return TaskBatches(*data[name]["train"], t.batch_size, t.seed, task_index)
+    spec = next(s for s in load_suite_spec(plan.suite_dir).tasks if s.name == name)
+    features = feature_columns(spec, open_task(plan.suite_dir, spec).schema)
+    return StreamedBatches(ray.train.get_dataset_shard(dataset_name(name)), spec, features, plan.prep(name),
+                           t.batch_size, t.seed, task_index, plan.train_rows[name], plan.config.data.shuffle_buffer_rows,
+                           device)
 
 
 def train_loop_per_worker(payload: dict) -> None:

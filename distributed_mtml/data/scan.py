@@ -1,0 +1,186 @@
+"""One streamed pass over a task's Parquet data: everything the driver needs to know of it.
+
+Validation, planning and `mtml data show` need facts about a task (its columns, rows per
+split, the train split's mean and spread, its class names, what is wrong with it), never its
+rows. So the driver reads the schema and row count from the Parquet footers and streams the
+columns batch by batch; its memory is bounded by a batch, whatever the table's size. What is
+*wrong* with the facts is `validate.py`'s business; this module only gathers them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from distributed_mtml.data.suite import SPLITS, TaskSpec, feature_columns, filesystem, is_label_column, join_path, seeded_split
+
+SCAN_BATCH_ROWS = 65_536  # ~9 MB of float64 for 16 features: small next to any table worth streaming
+
+
+class Moments:
+    """Count, mean and sum of squared deviations of W columns, updated batch by batch with Chan
+    et al.'s pairwise rule, so that the spread of 30M rows takes one pass and no sum of squares
+    (which loses every digit when the mean is large next to the spread)."""
+
+    def __init__(self, width: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(width), np.zeros(width)
+
+    def add(self, values: np.ndarray) -> None:
+        """`values` [N, W] (or [N] for one column)."""
+        values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+        n = len(values)
+        if n == 0:
+            return
+        mean = values.mean(axis=0)
+        m2 = ((values - mean) ** 2).sum(axis=0)
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + delta**2 * self.n * n / total
+        self.mean = self.mean + delta * n / total
+        self.n = total
+
+    def std(self) -> np.ndarray:
+        """Population standard deviation, 1 for a constant column (a zero would divide by 0)."""
+        std = np.sqrt(self.m2 / max(self.n, 1))
+        return np.where(std > 1e-12, std, 1.0)
+
+
+@dataclass
+class TaskScan:
+    """The facts of one task's data file."""
+
+    task: TaskSpec
+    where: str  # the file, as problems name it
+    error: str | None = None  # the file cannot be read: the only fact there is
+    columns: list[str] = field(default_factory=list)
+    types: dict[str, pa.DataType] = field(default_factory=dict)
+    features: list[str] = field(default_factory=list)
+    total_rows: int = 0
+    rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    unknown_splits: set = field(default_factory=set)
+    non_finite: set[str] = field(default_factory=set)  # columns with NaN, inf or null
+    classes: set[str] | None = None  # string labels: every name seen
+    bad_label: float | None = None  # numeric class labels: the first outside 0..num_classes-1
+    x: Moments | None = None  # the train split's features
+    y: Moments | None = None  # the train split's target (regression)
+
+    @property
+    def seeded(self) -> bool:
+        """No split column: rows are split by the suite's seed (`suite.seeded_split`)."""
+        return self.task.split_column not in self.columns and self.task.split_is_optional()
+
+    @property
+    def string_labels(self) -> bool:
+        return self.task.target in self.types and is_label_column(self.types[self.task.target])
+
+    def class_names(self) -> list[str] | None:
+        return sorted(self.classes) if self.classes is not None else None
+
+    def usable_features(self) -> list[str]:
+        return [c for c in self.features if c in self.types and _numeric(self.types[c])]
+
+
+def _numeric(typ: pa.DataType) -> bool:
+    return pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
+
+
+def open_task(suite_dir: str, task: TaskSpec) -> pads.Dataset:
+    """The task's Parquet file or directory as a pyarrow dataset: footers read, no rows."""
+    fs, inner = filesystem(join_path(suite_dir, task.path))
+    if isinstance(fs, pa.fs.LocalFileSystem) and not os.path.exists(inner):
+        raise FileNotFoundError(inner)
+    return pads.dataset(inner, filesystem=fs, format="parquet")
+
+
+def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS) -> TaskScan:
+    """Streams the task's needed columns once (target, split, features) and returns its facts."""
+    scan = TaskScan(task, join_path(suite_dir, task.path))
+    try:
+        data = open_task(suite_dir, task)
+        scan.total_rows = data.count_rows()  # from the footers
+    except FileNotFoundError:
+        scan.error = f"{scan.where}: file not found (task '{task.name}')"
+        return scan
+    except (OSError, pa.ArrowException) as e:
+        scan.error = f"{scan.where}: not a readable Parquet file (task '{task.name}'): {str(e).splitlines()[0]}"
+        return scan
+    schema = data.schema
+    scan.columns, scan.types = schema.names, {f.name: f.type for f in schema}
+    scan.features = feature_columns(task, schema)
+    usable = scan.usable_features()
+    target = task.target if task.target in scan.types else None
+    split = task.split_column if task.split_column in scan.types else None
+    if target is not None and not scan.string_labels and not _numeric(scan.types[target]):
+        target = None  # a non-numeric target: its type is the problem, not its values
+    scan.x = Moments(len(usable))
+    scan.y = Moments(1) if task.type == "regression" and target is not None else None
+    scan.classes = set() if scan.string_labels else None
+    seeded = seeded_split(task, scan.total_rows) if scan.seeded else None
+    wanted = list(dict.fromkeys([*usable, *(c for c in (target, split) if c)]))
+    offset = 0
+    for batch in data.to_batches(columns=wanted, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1):
+        splits = pa.array(seeded[offset : offset + batch.num_rows]) if seeded is not None else (
+            batch.column(split) if split else None)
+        offset += batch.num_rows
+        train = _count_splits(scan, splits) if splits is not None else None
+        if target is not None:
+            _add_target(scan, batch.column(target), train)
+        _add_features(scan, batch, usable, train)
+    return scan
+
+
+def _count_splits(scan: TaskScan, splits: pa.Array) -> np.ndarray:
+    """Adds the batch's rows per split; returns which rows are train."""
+    if pa.types.is_dictionary(splits.type):
+        splits = splits.dictionary_decode()
+    counts = pc.value_counts(splits)
+    for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+        if value in scan.rows:
+            scan.rows[value] += count
+        else:
+            scan.unknown_splits.add(value)
+    if not is_label_column(splits.type):
+        return np.zeros(len(splits), dtype=bool)
+    return pc.fill_null(pc.equal(splits, "train"), False).to_numpy(zero_copy_only=False)
+
+
+def _add_features(scan: TaskScan, batch: pa.RecordBatch, usable: list[str], train: np.ndarray | None) -> None:
+    """Notes the features with non-finite values, and adds the train rows to their moments."""
+    for c in usable:
+        if c not in scan.non_finite and not _finite(batch.column(c)):
+            scan.non_finite.add(c)
+    if usable and train is not None and train.any() and not scan.non_finite & set(usable):
+        x = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in usable])
+        scan.x.add(x[train].astype(np.float32))  # what the model is given, as `suite.load_task` makes it
+
+
+def _finite(column: pa.Array) -> bool:
+    if column.null_count:
+        return False
+    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    return bool(np.isfinite(values).all())
+
+
+def _add_target(scan: TaskScan, column: pa.Array, train: np.ndarray | None) -> None:
+    task = scan.task
+    if scan.classes is not None:
+        if column.null_count:
+            scan.non_finite.add(task.target)
+            column = pc.drop_null(column)
+        scan.classes.update(str(v) for v in pc.unique(column).to_pylist())
+        return
+    if not _finite(column):
+        scan.non_finite.add(task.target)
+        return
+    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    if task.type == "classification" and task.num_classes is not None and scan.bad_label is None:
+        bad = values[(values < 0) | (values >= task.num_classes) | (values != np.round(values))]
+        if bad.size:
+            scan.bad_label = float(bad[0])
+    if scan.y is not None and train is not None:
+        scan.y.add(values[train].astype(np.float32))

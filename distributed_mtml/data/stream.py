@@ -1,0 +1,141 @@
+"""Tasks larger than memory: read a split batch by batch instead of whole.
+
+A task whose train split, as float32, is above `data.max_in_memory_mb` is *streamed*:
+- training reads it with Ray Data (`train_dataset`), handed to the TorchTrainer unsplit so that
+  only the worker that owns the task consumes it, and iterated with a local shuffle buffer and
+  prefetching (`StreamedBatches`);
+- evaluation, the trivial baseline and the driver read a split with pyarrow in batches
+  (`split_batches`), and metrics are summed over them (`metrics.StreamedMetrics`).
+Small tasks stay in memory: for them, a whole-table read is faster and exact in everything.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.scan import open_task
+from distributed_mtml.data.suite import TaskSpec, encode_target, feature_columns, filesystem, join_path, seeded_split
+
+EVAL_BATCH_ROWS = 1 << 18  # a split up to this size is one batch: its metrics, AUC too, are exact
+
+
+def train_megabytes(rows: int, features: int) -> float:
+    """The train split's size in a worker's memory: features and target as float32."""
+    return rows * (features + 1) * 4 / 2**20
+
+
+def split_batches(suite_dir: str, task: TaskSpec, split: str, prep: TaskPrep, batch_rows: int = EVAL_BATCH_ROWS,
+                  features: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One split of a task as the model sees it (`prep` applied), `batch_rows` rows at a time;
+    `features=False` reads the target column alone (x then has no columns)."""
+    data = open_task(suite_dir, task)
+    columns = [*(feature_columns(task, data.schema) if features else []), task.target]
+    seeded = seeded_split(task, data.count_rows()) == split if task.split_column not in data.schema.names else None
+    where = None if seeded is not None else pc.field(task.split_column) == split
+    pending, offset = pa.Table.from_batches([], schema=pa.schema([data.schema.field(c) for c in columns])), 0
+    for batch in data.to_batches(columns=columns, filter=where, batch_size=batch_rows, batch_readahead=1,
+                                 fragment_readahead=1):
+        if seeded is not None:
+            batch, offset = batch.filter(pa.array(seeded[offset : offset + batch.num_rows])), offset + batch.num_rows
+        pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
+        while pending.num_rows >= batch_rows:  # the filter leaves batches of any size: re-cut them
+            yield _prepared(task, pending.slice(0, batch_rows), prep, features)
+            pending = pending.slice(batch_rows)
+    if pending.num_rows:
+        yield _prepared(task, pending, prep, features)
+
+
+def _prepared(task: TaskSpec, table: pa.Table, prep: TaskPrep, features: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.from_numpy(np.asarray(prep.scaled_target(encode_target(task, table.column(task.target), prep.classes))))
+    if not features:
+        return torch.empty(len(y), 0), y
+    names = [c for c in table.column_names if c != task.target]
+    x = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in names])
+    return torch.from_numpy(prep.inputs(x)), y
+
+
+def dataset_name(task: str) -> str:
+    """The name the trainer knows a streamed task's train dataset by (Ray Data names its log
+    files after it, so no '/')."""
+    return f"train-{task}"
+
+
+def train_dataset(suite_dir: str, task: TaskSpec, features: list[str]):
+    """The task's train rows as a Ray Data dataset: only the needed columns, filtered to the split
+    at the scan (any pyarrow filesystem URI)."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    fs, inner = filesystem(join_path(suite_dir, task.path))
+    ds = ray.data.read_parquet(inner, filesystem=fs)
+    ds = ds.filter(expr=col(task.split_column) == lit("train")).select_columns([*features, task.target])
+    ds.context.execution_options.preserve_order = True  # the file's order: a seeded shuffle then repeats
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+class _Collate:
+    """Ray Data's numpy batch -> (x, y) tensors as the model takes them."""
+
+    def __init__(self, task: TaskSpec, features: list[str], prep: TaskPrep):
+        self.task, self.features, self.prep = task, features, prep
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.column_stack([batch[c].astype(np.float32) for c in self.features])
+        y = encode_target(self.task, pa.array(batch[self.task.target]), self.prep.classes)
+        return torch.from_numpy(self.prep.inputs(x)), torch.from_numpy(np.asarray(self.prep.scaled_target(y)))
+
+
+class StreamedBatches:
+    """Endless mini-batches of a streamed task's train split, the in-memory `TaskBatches`'s twin.
+
+    The batches are one endless sequence of passes over the dataset; pass p's local shuffle is
+    seeded by (seed, task, p) and Ray Data keeps the file's order, so the sequence is the same
+    every time. Epoch e takes its `steps` batches from position e x steps on: epochs continue a
+    pass where the last one stopped (with `steps_per_epoch` below a pass, every row is still
+    seen in turn), and a worker restarted from a checkpoint opens the pass it was in and skips
+    to its place, seeing exactly what it would have seen.
+    """
+
+    def __init__(self, shard, task: TaskSpec, features: list[str], prep: TaskPrep, batch_size: int, seed: int,
+                 task_index: int, rows: int, shuffle_rows: int, device: torch.device):
+        self.shard, self.collate = shard, _Collate(task, features, prep)
+        self.batch_size, self.seed, self.task_index = batch_size, seed, task_index
+        self.per_pass = max(1, rows // batch_size)  # full batches in a pass (the rest is dropped)
+        self.shuffle_rows, self.device = max(shuffle_rows, batch_size), device
+        self.position, self.number, self.batches = -1, 0, iter(())
+
+    def _open(self, number: int) -> None:
+        seed = zlib.crc32(np.array([self.seed, self.task_index, number], dtype=np.int64).tobytes())
+        self.number = number
+        self.batches = iter(self.shard.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=True, collate_fn=self.collate, local_shuffle_buffer_size=self.shuffle_rows,
+            local_shuffle_seed=seed, prefetch_batches=2, device=self.device))
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.batches, None)
+        if batch is None:  # the pass is over: the next one
+            self._open(self.number + 1)
+            batch = next(self.batches, None)
+            if batch is None:
+                raise RuntimeError(f"task '{self.collate.task.name}': its streamed train split has fewer rows than a batch")
+        self.position += 1
+        return batch
+
+    def epoch(self, epoch: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start = epoch * steps
+        if self.position != start:  # this process's first epoch, e.g. after a restart: seek
+            number, skip = divmod(start, self.per_pass)
+            self._open(number)
+            for _ in range(skip):
+                next(self.batches)
+            self.position = start
+        for _ in range(steps):
+            yield self._next()

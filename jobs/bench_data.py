@@ -1,0 +1,189 @@
+"""Tasks larger than memory: streamed vs in-memory training, side by side in one run.
+
+    python jobs/bench_data.py [--big-rows 30000000] [--small-rows 2000000] [--steps 400]
+
+1. A suite whose tasks are each larger than 2 GB as float32 (2 mmoe tasks x `--big-rows` rows x
+   16 features), trained streamed (the default `data.max_in_memory_mb` streams it): samples/s and
+   the peak RSS of the driver and of each worker, next to what loading it would take.
+2. A suite that fits (2 x `--small-rows` rows): streamed (`data.max_in_memory_mb: 0`) vs in
+   memory, samples/s and peak RSS, for the article's trunk (100, 50) and a 4 x 1024 trunk.
+
+Every run is `mtml train` in a subprocess, as a user runs it, with 2 workers of 0.5 CPU each
+(so that a CPU is left for Ray Data's reads on a 2-core machine). Peak RSS is the kernel's
+high-water mark (VmHWM) of each process, read from /proc while the run goes. Growth is a peak
+minus the same process's peak in the same run on a 2 x 2,000-row suite: what the data adds to the
+fixed cost of Python, torch, Ray and MLflow. Throughput is the run's best epoch after the first,
+from MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from distributed_mtml.data.generators import make_suite  # noqa: E402
+
+WORK = tempfile.mkdtemp(prefix="mtml_bench_data_")
+URI = f"sqlite:///{WORK}/mlflow.db"
+
+
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in MB (empty once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) // 1024 for k, v in fields.items()}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def peak(result: dict, kind: str) -> int:
+    return max(p for p, _ in result["peaks"][kind])
+
+
+class PeakWatcher:
+    """Polls /proc every 0.2 s: the driver's and every Ray Train worker's peak and first RSS."""
+
+    def __init__(self, driver: int):
+        self.driver, self.seen, self.stop = driver, {}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                pid = int(entry)
+                kind = "driver" if pid == self.driver else ("worker" if "RayTrainWorker" in _cmdline(pid) else None)
+                if kind is None:
+                    continue
+                status = _status(pid)
+                if status:
+                    first = self.seen.get(pid, (kind, status["VmRSS"], 0))[1]
+                    self.seen[pid] = (kind, first, max(status["VmHWM"], self.seen.get(pid, (0, 0, 0))[2]))
+            time.sleep(0.2)
+
+    def result(self) -> dict[str, list[tuple[int, int]]]:
+        """kind -> [(peak MB, growth MB)] per process."""
+        self.stop.set()
+        self.thread.join()
+        out: dict[str, list[tuple[int, int]]] = {"driver": [], "worker": []}
+        for kind, first, peak in self.seen.values():
+            out[kind].append((peak, peak - first))
+        return out
+
+
+def run(name: str, suite: str, widths: list[int], streamed: bool, steps: int) -> dict:
+    config = {
+        "suite": {"path": suite},
+        "model": {"trunk": {"widths": widths}},
+        "training": {"epochs": 3, "batch_size": 256, "steps_per_epoch": steps, "lr": 0.001},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},  # a CPU left for Ray Data on 2 cores
+        "data": {"max_in_memory_mb": 0 if streamed else 1e9},
+        "checkpoint": {"every_n_epochs": 1000, "dir": os.path.join(WORK, "runs")},
+        "tracking": {"experiment": "bench-data"},
+    }
+    path = os.path.join(WORK, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    begin = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "distributed_mtml", "train", "--config", path, "--tracking-uri", URI],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = PeakWatcher(proc.pid)
+    output = proc.communicate()[0]
+    peaks = watcher.result()
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{output[-3000:]}")
+    return {"name": name, "peaks": peaks, "throughput": _throughput(name), "wall_s": time.perf_counter() - begin}
+
+
+def _throughput(config_name: str) -> float:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(URI)
+    exp = client.get_experiment_by_name("bench-data")
+    latest = client.search_runs([exp.experiment_id], f"tags.`mtml.config_name` = '{config_name}'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    history = sorted(client.get_metric_history(latest.info.run_id, "throughput/samples_per_s"), key=lambda m: m.step)
+    return max(m.value for m in history[1:] or history)
+
+
+def _suite(rows: int) -> str:
+    path = os.path.join(WORK, f"mmoe-{rows}")
+    begin = time.perf_counter()
+    make_suite("mmoe", path, {"rows": rows, "tasks": 2, "features": 16, "sines": 2, "seed": 0})
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**30
+    print(f"  made {path}: 2 tasks x {rows:,} rows x 16 features ({size:.1f} GiB of Parquet) in "
+          f"{time.perf_counter() - begin:.0f} s", flush=True)
+    return path
+
+
+def _float32_gb(rows: int) -> float:
+    """One task's rows (16 features, target) as float32, the tensors a worker would hold."""
+    return rows * 17 * 4 / 2**30
+
+
+def _line(r: dict, base: dict) -> str:
+    """A run's samples/s and peaks, with the growth over the same run on the tiny suite."""
+    w = ", ".join(f"{p} MB" for p, _ in r["peaks"]["worker"])
+    return (f"  {r['name']:<22} {r['throughput']:>9,.0f} samples/s   driver peak {peak(r, 'driver')} MB "
+            f"(+{growth(r, base, 'driver')})   worker peaks {w} (+{growth(r, base, 'worker')})   {r['wall_s']:.0f} s")
+
+
+def growth(r: dict, base: dict, kind: str) -> int:
+    return peak(r, kind) - peak(base, kind)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--big-rows", type=int, default=30_000_000)
+    p.add_argument("--small-rows", type=int, default=2_000_000)
+    p.add_argument("--steps", type=int, default=400, help="steps per epoch (3 epochs per run)")
+    a = p.parse_args()
+    print(f"bench_data: {os.cpu_count()} CPUs; work dir {WORK}; batch 256 per task, {a.steps} steps x 3 epochs")
+    tiny = _suite(2000)
+    models = [("article (100, 50)", [100, 50]), ("4 x 1024", [1024] * 4)]
+    base = {(len(w), s): run(f"tiny-{len(w)}-{s}", tiny, w, s, 20) for _, w in models for s in (True, False)}
+
+    print(f"\n1. tasks larger than memory: 2 x {a.big_rows:,} rows ({_float32_gb(a.big_rows):.1f} GiB each as float32)")
+    big = run("big-streamed", _suite(a.big_rows), [100, 50], streamed=True, steps=a.steps)
+    print(_line(big, base[2, True]))
+    need = _float32_gb(a.big_rows) * 1024
+    worst = max(growth(big, base[2, True], kind) for kind in ("driver", "worker"))
+    print(f"  loaded, a worker would hold at least {need:,.0f} MB of tensors (its one task) and the driver the same "
+          f"to plan; the largest streamed growth is {worst} MB = {worst / need:.3f}x of that")
+
+    print(f"\n2. a suite that fits: 2 x {a.small_rows:,} rows ({_float32_gb(a.small_rows) * 1024:,.0f} MB each as float32)")
+    small = _suite(a.small_rows)
+    for label, widths in models:
+        results = [run(f"{'streamed' if s else 'in-memory'}-{len(widths)}", small, widths, s, a.steps) for s in (True, False)]
+        print(f" {label}:")
+        for r, s in zip(results, (True, False)):
+            print(_line(r, base[len(widths), s]))
+        streamed, loaded = results
+        ratio = [growth(streamed, base[len(widths), True], k) / max(growth(loaded, base[len(widths), False], k), 1)
+                 for k in ("driver", "worker")]
+        print(f"  streamed / in-memory: throughput {streamed['throughput'] / loaded['throughput']:.2f}x, "
+              f"peak RSS growth driver {ratio[0]:.2f}x, worker {ratio[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
