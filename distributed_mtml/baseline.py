@@ -15,6 +15,7 @@ import torch
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import Moments
 from distributed_mtml.data.stream import split_batches
+from distributed_mtml.data.suite import load_suite_spec
 from distributed_mtml.data.validate import checked_scans
 from distributed_mtml.evaluate import split_metrics
 from distributed_mtml.models import TaskShape
@@ -34,15 +35,21 @@ def trivial_output(task: TaskShape, train_targets: Iterable[torch.Tensor]) -> to
 
 
 def baseline_metrics(suite_dir: str, splits: tuple[str, ...] = ("val", "test"),
-                     preprocessing: dict[str, TaskPrep] | None = None) -> dict[str, float]:
+                     preprocessing: dict[str, TaskPrep] | None = None,
+                     shapes: dict[str, TaskShape] | None = None) -> dict[str, float]:
     """`<split>/<task>/<metric>` of the trivial predictor fitted on each task's train split,
     on the scale of the model beside it (`preprocessing`: the model's, so losses compare).
-    Only target columns are read, a batch at a time."""
+    Only target columns are read, a batch at a time. `shapes`: the tasks' shapes when the caller
+    has checked the suite already (the end of a run), which saves a pass over every file."""
     out: dict[str, float] = {}
-    spec, scans = checked_scans(suite_dir)
+    if shapes is None:
+        spec, scans = checked_scans(suite_dir)
+        shapes = {t.name: TaskShape.of_scan(scans[t.name]) for t in spec.tasks}
+    else:
+        spec = load_suite_spec(suite_dir)
     for task in spec.tasks:
         prep = (preprocessing or {}).get(task.name) or TaskPrep()
-        shape = TaskShape.of_scan(scans[task.name])
+        shape = shapes[task.name]
         targets = (y for _, y in split_batches(suite_dir, task, "train", prep, features=False))
         constant = trivial_output(shape, targets)
         for split in splits:

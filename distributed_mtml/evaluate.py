@@ -8,6 +8,7 @@ import torch
 
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.stream import split_batches
+from distributed_mtml.data.suite import load_suite_spec
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.metrics import StreamedMetrics
@@ -33,9 +34,10 @@ def split_metrics(shape: TaskShape, prep: TaskPrep, batches: Iterable[tuple[torc
     return metrics.result()
 
 
-def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test") -> dict[str, float]:
-    """Metrics `<split>/<task>/<metric>` for every suite task the model has a head for."""
-    spec = checked_suite(suite_dir)
+def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test", checked: bool = False) -> dict[str, float]:
+    """Metrics `<split>/<task>/<metric>` for every suite task the model has a head for.
+    `checked`: the caller validated the suite already (the end of a run): no second pass."""
+    spec = load_suite_spec(suite_dir) if checked else checked_suite(suite_dir)
     known = [t for t in spec.tasks if t.name in model.tasks]
     if not known:
         raise InputError(f"{suite_dir}: none of its tasks {[t.name for t in spec.tasks]} has a head in the model")

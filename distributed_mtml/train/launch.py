@@ -20,7 +20,8 @@ def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_di
 
     c = tracker.client()
     log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
-    trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing)
+    trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing,
+                               shapes={s.name: s for s in plan.task_shapes()})
     tracker.log_metrics(run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
     _log_test_metrics(plan, tracker, run_id, checkpoint_dir)
     with tempfile.TemporaryDirectory() as d:
@@ -43,7 +44,7 @@ def _log_test_metrics(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint
     from distributed_mtml.evaluate import evaluate
 
     model, _ = load_model(checkpoint_dir)
-    tracker.log_metrics(run_id, evaluate(model, plan.suite_dir, "test"), step=0)
+    tracker.log_metrics(run_id, evaluate(model, plan.suite_dir, "test", checked=True), step=0)
 
 
 def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
