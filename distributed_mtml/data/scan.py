@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -97,6 +98,15 @@ def open_task(suite_dir: str, task: TaskSpec) -> pads.Dataset:
     return pads.dataset(inner, filesystem=fs, format="parquet")
 
 
+def read_batches(data: pads.Dataset, columns: list[str], batch_rows: int,
+                 where: pc.Expression | None = None) -> Iterator[pa.RecordBatch]:
+    """`columns` of the dataset's rows (those matching `where`), `batch_rows` at a time, one row
+    group in memory: Arrow's default pre-buffering would read ahead through the whole file
+    (measured: 794 MB for 6M rows of a 30M-row file, 279 MB without)."""
+    return data.to_batches(columns=columns, filter=where, batch_size=batch_rows, batch_readahead=1,
+                           fragment_readahead=1, fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+
+
 def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS) -> TaskScan:
     """Streams the task's needed columns once (target, split, features) and returns its facts."""
     scan = TaskScan(task, join_path(suite_dir, task.path))
@@ -123,7 +133,7 @@ def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS)
     seeded = seeded_split(task, scan.total_rows) if scan.seeded else None
     wanted = list(dict.fromkeys([*usable, *(c for c in (target, split) if c)]))
     offset = 0
-    for batch in data.to_batches(columns=wanted, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1):
+    for batch in read_batches(data, wanted, batch_rows):
         splits = pa.array(seeded[offset : offset + batch.num_rows]) if seeded is not None else (
             batch.column(split) if split else None)
         offset += batch.num_rows

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from distributed_mtml.data.prepare import TaskPrep
-from distributed_mtml.data.scan import open_task
+from distributed_mtml.data.scan import open_task, read_batches
 from distributed_mtml.data.suite import TaskSpec, encode_target, feature_columns, filesystem, join_path, seeded_split
 
 EVAL_BATCH_ROWS = 1 << 18  # a split up to this size is one batch: its metrics, AUC too, are exact
@@ -40,8 +40,7 @@ def split_batches(suite_dir: str, task: TaskSpec, split: str, prep: TaskPrep, ba
     seeded = seeded_split(task, data.count_rows()) == split if task.split_column not in data.schema.names else None
     where = None if seeded is not None else pc.field(task.split_column) == split
     pending, offset = pa.Table.from_batches([], schema=pa.schema([data.schema.field(c) for c in columns])), 0
-    for batch in data.to_batches(columns=columns, filter=where, batch_size=batch_rows, batch_readahead=1,
-                                 fragment_readahead=1):
+    for batch in read_batches(data, columns, batch_rows, where):
         if seeded is not None:
             batch, offset = batch.filter(pa.array(seeded[offset : offset + batch.num_rows])), offset + batch.num_rows
         pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
