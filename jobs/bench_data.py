@@ -161,24 +161,51 @@ def main() -> None:
     p.add_argument("--big-rows", type=int, default=30_000_000)
     p.add_argument("--small-rows", type=int, default=2_000_000)
     p.add_argument("--steps", type=int, default=400, help="steps per epoch (3 epochs per run)")
+    p.add_argument("--sections", default="1,2", help="which of the two comparisons to run")
     a = p.parse_args()
+    sections = {int(x) for x in a.sections.split(",")}
     print(f"bench_data: {os.cpu_count()} CPUs; work dir {WORK}; batch 256 per task, {a.steps} steps x 3 epochs")
     tiny = _suite(2000)
-    models = [("article (100, 50)", [100, 50]), ("4 x 1024", [1024] * 4)]
-    base = {(len(w), s): run(f"tiny-{len(w)}-{s}", tiny, w, s, 20) for _, w in models for s in (True, False)}
+    models = [("article (100, 50)", (100, 50)), ("4 x 1024", (1024,) * 4)]
+    widths = {w for _, w in models} if 2 in sections else {(100, 50)}
+    base = {(len(w), s): run(f"tiny-{len(w)}-{s}", tiny, list(w), s, 20) for w in widths for s in (True, False)}
+    if 1 in sections:
+        _large(a, base)
+    if 2 in sections:
+        _fits(a, base, models)
 
+
+def _large(a: argparse.Namespace, base: dict) -> None:
     print(f"\n1. tasks larger than memory: 2 x {a.big_rows:,} rows ({_float32_gb(a.big_rows):.1f} GiB each as float32)")
-    big = run("big-streamed", _suite(a.big_rows), [100, 50], streamed=True, steps=a.steps)
+    suite = _suite(a.big_rows)
+    big = run("big-streamed", suite, [100, 50], streamed=True, steps=a.steps)
     print(_line(big, base[2, True]))
     need = _float32_gb(a.big_rows) * 1024
-    worst = max(growth(big, base[2, True], kind) for kind in ("driver", "worker"))
-    print(f"  loaded, a worker would hold at least {need:,.0f} MB of tensors (its one task) and the driver the same "
-          f"to plan; the largest streamed growth is {worst} MB = {worst / need:.3f}x of that")
+    for kind in ("driver", "worker"):
+        print(f"  {kind}: streamed growth {growth(big, base[2, True], kind)} MB = "
+              f"{growth(big, base[2, True], kind) / need:.3f}x of one task's tensors ({need:,.0f} MB as float32)")
+    loaded = _load_growth(suite)
+    print(f"  loading one of its tasks as a worker does in memory (suite.load_task): +{loaded} MB private peak")
+    for kind in ("driver", "worker"):
+        print(f"  {kind}: streamed growth / that = {growth(big, base[2, True], kind) / loaded:.3f}x")
 
+
+def _load_growth(suite: str) -> int:
+    """Peak private memory, over the imports, of loading the suite's first task whole: what an
+    in-memory worker (and, before streaming, the driver's plan) held for one task."""
+    code = ("import resource; from distributed_mtml.data.suite import load_suite_spec, load_task; "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"d = load_task({suite!r}, load_suite_spec({suite!r}).tasks[0]); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def _fits(a: argparse.Namespace, base: dict, models: list) -> None:
     print(f"\n2. a suite that fits: 2 x {a.small_rows:,} rows ({_float32_gb(a.small_rows) * 1024:,.0f} MB each as float32)")
     small = _suite(a.small_rows)
     for label, widths in models:
-        results = [run(f"{'streamed' if s else 'in-memory'}-{len(widths)}", small, widths, s, a.steps) for s in (True, False)]
+        results = [run(f"{'streamed' if s else 'in-memory'}-{len(widths)}", small, list(widths), s, a.steps)
+                   for s in (True, False)]
         print(f" {label}:")
         for r, s in zip(results, (True, False)):
             print(_line(r, base[len(widths), s]))
