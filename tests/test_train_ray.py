@@ -484,12 +484,12 @@ def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_re
     import torch
 
     from distributed_mtml.data.prepare import TaskPrep
-    from distributed_mtml.data.stream import StreamedBatches, train_dataset
+    from distributed_mtml.data.stream import StreamedBatches, split_dataset
     from distributed_mtml.data.suite import load_suite_spec
 
     task = load_suite_spec(seed_suite).tasks[1]
     features = [f"x{i}" for i in range(10)]
-    shard = train_dataset(seed_suite, task, features).iterator()
+    shard = split_dataset(seed_suite, task, features).iterator()
     reader = lambda: StreamedBatches(shard, task, features, TaskPrep(), 16, 0, 1, 140, 50, torch.device("cpu"))  # noqa: E731
     first = reader()
     epochs = [torch.cat([y for _, y in first.epoch(e, 5)]) for e in range(3)]  # 15 batches; a pass has 8

@@ -27,7 +27,7 @@ from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.scan import open_task
-from distributed_mtml.data.stream import StreamedBatches, dataset_name, split_batches
+from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name
 from distributed_mtml.data.suite import feature_columns, load_suite_spec, load_task
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
@@ -119,8 +119,11 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
             if name in data:
                 x, y = data[name][split]
                 metrics = task_metrics(shapes[name], forward_in_chunks(forward, x), y, plan.prep(name))
-            else:
-                batches = split_batches(plan.suite_dir, specs[name], split, plan.prep(name))
+            else:  # the dataset `val-<task>` the driver handed to the trainer
+                spec = specs[name]
+                features = feature_columns(spec, open_task(plan.suite_dir, spec).schema)
+                shard = ray.train.get_dataset_shard(dataset_name(name, split))
+                batches = dataset_batches(shard, spec, features, plan.prep(name))
                 metrics = split_metrics(shapes[name], plan.prep(name), batches, forward, device)
             out.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     trunk.train(), modules.train()
