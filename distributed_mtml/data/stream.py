@@ -61,6 +61,11 @@ def _prepared(task: TaskSpec, table: pa.Table, prep: TaskPrep, features: bool) -
     return torch.from_numpy(prep.inputs(x)), y
 
 
+def task_features(suite_dir: str, task: TaskSpec) -> list[str]:
+    """The task's feature columns, from its schema alone (the footers, no rows)."""
+    return feature_columns(task, open_task(suite_dir, task).schema)
+
+
 def dataset_name(task: str, split: str = "train") -> str:
     """The name the trainer knows a streamed task's dataset of `split` by (Ray Data names its log
     files after it, so no '/')."""

@@ -68,16 +68,15 @@ def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
 
 
 def _streamed_datasets(plan: TrainPlan) -> dict[str, Callable]:
-    """`train-<task>` and `val-<task>` for each streamed task: a function building its Ray dataset (Ray Train calls
-    it in the controller, again after a restart)."""
-    from distributed_mtml.data.scan import open_task
-    from distributed_mtml.data.stream import dataset_name, split_dataset
-    from distributed_mtml.data.suite import feature_columns, load_suite_spec
+    """`train-<task>` and `val-<task>` for each streamed task: a function building its Ray dataset
+    (Ray Train calls it in the controller, again after a restart)."""
+    from distributed_mtml.data.stream import dataset_name, split_dataset, task_features
+    from distributed_mtml.data.suite import load_suite_spec
 
     out = {}
     for task in load_suite_spec(plan.suite_dir).tasks:
         if task.name in plan.streamed:
-            features = feature_columns(task, open_task(plan.suite_dir, task).schema)
+            features = task_features(plan.suite_dir, task)
             for split in ("train", "val"):
                 read = functools.partial(split_dataset, plan.suite_dir, task, features, split)
                 out[dataset_name(task.name, split)] = read

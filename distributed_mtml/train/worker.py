@@ -26,9 +26,8 @@ from distributed_mtml import relations
 from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
-from distributed_mtml.data.scan import open_task
-from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name
-from distributed_mtml.data.suite import feature_columns, load_suite_spec, load_task
+from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
+from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
@@ -121,7 +120,7 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
                 metrics = task_metrics(shapes[name], forward_in_chunks(forward, x), y, plan.prep(name))
             else:  # the dataset `val-<task>` the driver handed to the trainer
                 spec = specs[name]
-                features = feature_columns(spec, open_task(plan.suite_dir, spec).schema)
+                features = task_features(plan.suite_dir, spec)
                 shard = ray.train.get_dataset_shard(dataset_name(name, split))
                 batches = dataset_batches(shard, spec, features, plan.prep(name))
                 metrics = split_metrics(shapes[name], plan.prep(name), batches, forward, device)
@@ -275,7 +274,7 @@ def _task_batches(plan: TrainPlan, name: str, data: dict, task_index: int, devic
     if name not in plan.streamed:
         return TaskBatches(*data[name]["train"], t.batch_size, t.seed, task_index)
     spec = next(s for s in load_suite_spec(plan.suite_dir).tasks if s.name == name)
-    features = feature_columns(spec, open_task(plan.suite_dir, spec).schema)
+    features = task_features(plan.suite_dir, spec)
     return StreamedBatches(ray.train.get_dataset_shard(dataset_name(name)), spec, features, plan.prep(name),
                            t.batch_size, t.seed, task_index, plan.train_rows[name], plan.config.data.shuffle_buffer_rows,
                            device)
