@@ -15,7 +15,7 @@ from distributed_mtml.metrics import StreamedMetrics
 from distributed_mtml.models import MultiTaskModel, TaskShape
 
 
-FORWARD_ROWS = 8192  # rows per forward pass when evaluating: a wide trunk's activations stay small
+FORWARD_ROWS = 2048  # rows per forward pass when evaluating: a 1024-wide layer's activations are 8 MB
 
 
 def forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -26,8 +26,8 @@ def forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.
 
 def split_metrics(shape: TaskShape, prep: TaskPrep, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                   forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
-    """A task's metrics over a split that comes in batches (exact for one batch; see
-    `StreamedMetrics` for what more batches change)."""
+    """A task's metrics over a split that comes in batches (exact up to `metrics.EXACT_ROWS`
+    rows; see `StreamedMetrics` for what more change)."""
     metrics = StreamedMetrics(shape, prep)
     for x, y in batches:
         metrics.add(forward_in_chunks(forward, x.to(device) if device is not None else x), y)

@@ -60,34 +60,40 @@ def task_metrics(task: TaskShape, output: torch.Tensor, target: torch.Tensor,
 
 
 AUC_BINS = 1 << 16
+EXACT_ROWS = 1 << 18  # a split up to this size has its outputs held: every metric exact, AUC too
 
 
 class StreamedMetrics:
     """A task's metrics over a split seen batch by batch, in memory that does not grow with it.
 
-    A split that comes as one batch gets `task_metrics`, exact. Over several batches everything
-    but AUC is still exact: losses, hits and errors are sums, and the target's spread (for r2) is
-    combined batch by batch. AUC is then taken from each class's predicted probability counted
-    in `AUC_BINS` equal bins, a positive and a negative in one bin counting half: it differs from
-    the exact value by at most the share of positive-negative pairs whose probabilities fall in
-    one bin (1/65536 wide)."""
+    Up to `EXACT_ROWS` rows the outputs are held (a few MB) and the result is `task_metrics`,
+    exact, however small the batches. Beyond that everything but AUC is still exact: losses, hits
+    and errors are sums, and the target's spread (for r2) is combined batch by batch. AUC is then
+    taken from each class's predicted probability counted in `AUC_BINS` equal bins, a positive and
+    a negative in one bin counting half: it differs from the exact value by at most the share of
+    positive-negative pairs whose probabilities fall in one bin (1/65536 wide)."""
 
     def __init__(self, task: TaskShape, prep: TaskPrep | None = None):
         self.task, self.prep, self.n, self.loss = task, prep, 0, 0.0
         self.hits, self.squared, self.absolute = 0, 0.0, 0.0
         self.target = Moments(1)
-        self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # kept until a second batch comes
+        self.held: list[tuple[torch.Tensor, torch.Tensor]] | None = []  # None once past EXACT_ROWS
         width = task.num_classes or 2
         self.bins = torch.zeros(width, 2, AUC_BINS, dtype=torch.float64)  # class, negative/positive, bin
 
     def add(self, output: torch.Tensor, target: torch.Tensor) -> None:
         output, target = output.detach().cpu(), target.detach().cpu()
-        if self.n == 0 and self.first is None:
-            self.first = output, target
+        if self.held is not None:
+            self.held.append((output, target))
+            if sum(len(t) for _, t in self.held) <= EXACT_ROWS:
+                return
+            held, self.held = self.held, None  # too many to hold: sums and bins from here on
+            for o, t in held:
+                self._accumulate(o, t)
             return
-        if self.first is not None:
-            first, self.first = self.first, None
-            self.add(*first)
+        self._accumulate(output, target)
+
+    def _accumulate(self, output: torch.Tensor, target: torch.Tensor) -> None:
         self.n += len(target)
         self.loss += float(task_loss(self.task, output, target)) * len(target)
         if self.task.type == "classification":
@@ -106,8 +112,9 @@ class StreamedMetrics:
         self.target.add(truth.numpy())
 
     def result(self) -> dict[str, float]:
-        if self.first is not None:
-            return task_metrics(self.task, *self.first, self.prep)
+        if self.held is not None:
+            outputs, targets = zip(*self.held) if self.held else ([], [])
+            return task_metrics(self.task, torch.cat(outputs), torch.cat(targets), self.prep)
         metrics = {"loss": self.loss / self.n}
         if self.task.type == "classification":
             classes = range(1, len(self.bins)) if len(self.bins) == 2 else range(len(self.bins))

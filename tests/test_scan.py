@@ -64,11 +64,18 @@ def test_problems_found_in_a_late_batch_are_reported(seed_suite):
     assert any("has label 7 outside 0..1" in p for p in problems)
 
 
-def test_streamed_metrics_equal_the_whole_split_and_auc_is_within_its_stated_bound():
+@pytest.mark.parametrize("held", [True, False])
+def test_streamed_metrics_equal_the_whole_split_and_auc_is_within_its_stated_bound(monkeypatch, held):
+    """Held (the split within EXACT_ROWS), every metric is exact; past it, all but AUC are, and
+    AUC is within its bins' bound."""
     import torch
 
+    from distributed_mtml import metrics
     from distributed_mtml.data.prepare import TaskPrep
     from distributed_mtml.metrics import AUC_BINS, StreamedMetrics, task_metrics
+
+    if not held:
+        monkeypatch.setattr(metrics, "EXACT_ROWS", 1000)
 
     g = torch.Generator().manual_seed(0)
     for shape, output, target, prep in [
@@ -83,7 +90,7 @@ def test_streamed_metrics_equal_the_whole_split_and_auc_is_within_its_stated_bou
         got, want = streamed.result(), task_metrics(shape, output, target, prep)
         assert set(got) == set(want)
         for key in want:
-            tolerance = 2 / AUC_BINS if key == "auc" else 1e-9
+            tolerance = 2 / AUC_BINS if key == "auc" and not held else 1e-9
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=tolerance), key
 
 
