@@ -94,16 +94,46 @@ class TrainingConfig(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | list[int] = Field(
+        2, description="Ray Train workers, or [min, max]: elastic, starts with min and grows to max, shrinks on a lost node"
+    )
     use_gpu: bool = False
     resource_wait_s: float = Field(
         300.0, ge=0, description="on a cluster: how long to wait for the workers' CPUs/GPUs (autoscaling) before failing"
     )
     cpus_per_worker: float = Field(1.0, gt=0)
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each worker also takes, e.g. {node_kind: 1}"
+    )
+    placement_strategy: Literal["PACK", "SPREAD"] = Field("PACK", description="Ray placement of the workers over nodes")
+    resize_check_s: float = Field(60.0, gt=0, description="elastic: how often a running group checks for more workers")
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
     grad_compression: Literal["none", "fp16", "bf16"] = Field(
         "none", description="DDP communication hook that compresses trunk gradients for the all-reduce"
     )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _count_or_range(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("must be at least 1")
+            return value
+        if len(value) != 2 or not 1 <= value[0] <= value[1]:
+            raise ValueError(f"an elastic range is [min, max] with 1 <= min <= max, got {value}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 class AggregationConfig(_Section):
@@ -155,7 +185,9 @@ class RelationsConfig(_Section):
 
 class CheckpointSection(_Section):
     every_n_epochs: int = Field(1, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int | None = Field(
+        None, ge=-1, description="worker-group restarts before the run fails (-1: no limit); default 0, 3 if elastic"
+    )
     num_to_keep: int = Field(2, ge=1)
     dir: str | None = Field(None, description="default: ./mtml_runs in the directory the command started in")
     monitor: str = Field("val/mean_loss", description="validation value that picks the kept model: val/mean_loss or val/<task>/<metric>")
@@ -250,6 +282,14 @@ class Config(_Section):
         if self.training.sync_every > 1 and self.aggregation.resolved().needs_exchange:
             keeps_ddp = ", ".join(n for n, m in METHODS.items() if not m.needs_exchange)
             raise ValueError(f"training.sync_every > 1 (local SGD) works only with aggregation.method {keeps_ddp}")
+        return self
+
+    @model_validator(mode="after")
+    def _restarts_of_an_elastic_run(self) -> "Config":
+        """An elastic run exists to outlive lost workers, and Ray counts each loss as a failure:
+        it gets 3 restarts unless the config says otherwise; a fixed-size run gets none."""
+        if self.checkpoint.max_failures is None:
+            self.checkpoint.max_failures = 3 if self.scaling.elastic else 0
         return self
 
     suite: SuiteConfig | None = None

@@ -58,11 +58,15 @@ def interrupt_trainer_on_sigint(trainer):
     """Around `trainer.fit()`: on SIGINT ask the Train controller to abort, without waiting, and
     raise KeyboardInterrupt at once, the path that marks the run KILLED. A second Ctrl-C
     interrupts the clean-up itself (abrupt, as a user pressing twice expects). The previous
-    SIGINT handler is back afterwards."""
+    SIGINT handler is back afterwards. Yields the list that receives the controller's handle
+    once the trainer starts it (for others that must abort the run)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
+    controllers: list = []
 
     def register(controller) -> None:
+        controllers.append(controller)
+
         def handler(signum, frame):
             controller.abort.remote()
             _interrupt(signum, frame)
@@ -72,7 +76,7 @@ def interrupt_trainer_on_sigint(trainer):
     if hasattr(trainer, "_register_sigint_handler"):
         trainer._register_sigint_handler = register
     try:
-        yield
+        yield controllers
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)

@@ -127,7 +127,7 @@ def test_uncertainty_weighting_learns_a_smaller_weight_for_the_noisier_task():
         opt.zero_grad()
         uw.total([torch.tensor(0.1), torch.tensor(2.0)]).backward()
         opt.step()
-    assert uw.log_var.detach().tolist() == pytest.approx([math.log(0.1), math.log(2.0)], abs=0.05)
+    assert uw.log_variances().detach().tolist() == pytest.approx([math.log(0.1), math.log(2.0)], abs=0.05)
     w = uw.weights()
     assert w["clean"] > w["noisy"]
 
@@ -143,7 +143,7 @@ def test_uncertainty_weighting_takes_the_classification_form_for_classification_
         opt.zero_grad()
         uw.total([torch.tensor(0.5), torch.tensor(0.5)]).backward()
         opt.step()
-    assert uw.log_var.detach().tolist() == pytest.approx([math.log(1.0), math.log(0.5)], abs=0.05)
+    assert uw.log_variances().detach().tolist() == pytest.approx([math.log(1.0), math.log(0.5)], abs=0.05)
 
 
 def test_dwa_equal_for_two_epochs_then_favours_the_slow_task():

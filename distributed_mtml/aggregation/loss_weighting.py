@@ -31,6 +31,17 @@ class LossWeighting(nn.Module):
         m = self.multipliers().to(losses[0].device)
         return (torch.stack(losses) * m).sum()
 
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """The learned parameters that belong to one owned task: they move with it when an
+        elastic run places its tasks anew (checkpoints are keyed by task)."""
+        return []
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The state that is no one task's (DWA's loss history), which rank 0 saves for all."""
+        owned = {id(p) for n in self.owned for p in self.task_parameters(n)}
+        named = dict(self.named_parameters())
+        return {k: v for k, v in self.state_dict().items() if k not in named or id(named[k]) not in owned}
+
     def weights(self) -> dict[str, float]:
         m = self.multipliers().detach()
         return {n: float(v) / len(self.order) for n, v in zip(self.owned, m)}
@@ -50,15 +61,21 @@ class UncertaintyWeighting(LossWeighting):
 
     def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None):
         super().__init__(owned, order, types)
-        self.log_var = nn.Parameter(torch.full((len(owned),), -0.5))
+        self.log_var = nn.ParameterList([nn.Parameter(torch.tensor(-0.5)) for _ in owned])  # one per task
         factor = [1.0 if self.types.get(n) == "classification" else 0.5 for n in owned]
         self.register_buffer("factor", torch.tensor(factor), persistent=False)
 
+    def log_variances(self) -> torch.Tensor:
+        return torch.stack(list(self.log_var))
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [self.log_var[self.owned.index(task)]]
+
     def multipliers(self) -> torch.Tensor:
-        return self.factor * torch.exp(-self.log_var)
+        return self.factor * torch.exp(-self.log_variances())
 
     def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        return super().total(losses) + 0.5 * self.log_var.sum()
+        return super().total(losses) + 0.5 * self.log_variances().sum()
 
 
 class DynamicWeightAverage(LossWeighting):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from distributed_mtml.config import Config
 from distributed_mtml.data.validate import checked_scans
@@ -31,10 +31,42 @@ class MetaPlan(BaseModel):
     name: str  # the family or the suite's name
     suite_dir: str | None = None
     task: dict  # the TaskShape of the shared head
-    shards: list[list[str]]  # suite tasks per rank; empty for a family
+    suite_tasks: list[str] = []  # the suite's tasks in order; empty for a family
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shards_of_older_plans(cls, raw: dict) -> dict:
+        """Plans saved before elastic training held fixed shards; the tasks are what is kept."""
+        if not isinstance(raw, dict) or "shards" not in raw:
+            return raw
+        shards = raw["shards"]  # round-robin: task i was on rank i mod W
+        tasks = [s[i] for i in range(max(map(len, shards), default=0)) for s in shards if i < len(s)]
+        return {"suite_tasks": tasks, **{k: v for k, v in raw.items() if k != "shards"}}
 
     def shape(self) -> TaskShape:
         return TaskShape(**self.task)
+
+    def shards(self, world: int) -> list[list[str]]:
+        """The suite's tasks per rank in a group of `world` (none for a family): derived at every
+        (re)start, so an elastic run moves them with its worker count."""
+        return place_tasks(self.suite_tasks, world) if self.suite_tasks else [[] for _ in range(world)]
+
+    def holds(self, rank: int, world: int) -> list[str]:
+        """What rank works on, for the run's placement record: its tasks, or its share of a
+        family's meta-batch."""
+        count = self.config.meta.meta_batch_size
+        return self.shards(world)[rank] or [f"{share(count, world, rank)} of {count} episodes per meta-batch"]
+
+    def episodes_of(self, rank: int, world: int, count: int, first: int = 0) -> list[tuple[int, str | None]]:
+        """[(episode index, task)] that rank computes of a meta-batch of `count` episodes.
+        A family's batch is split in contiguous shares; a suite's episode j takes task
+        (first + j) mod T, cycling through the tasks, and is computed by the task's owner."""
+        if not self.suite_tasks:
+            start = sum(share(count, world, r) for r in range(rank))
+            return [(j, None) for j in range(start, start + share(count, world, rank))]
+        mine = set(self.shards(world)[rank])
+        tasks = [self.suite_tasks[(first + j) % len(self.suite_tasks)] for j in range(count)]
+        return [(j, task) for j, task in enumerate(tasks) if task in mine]
 
 
 def share(total: int, world: int, rank: int) -> int:
@@ -62,21 +94,22 @@ def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[s
 
 
 def make_meta_plan(config: Config) -> MetaPlan:
-    meta, workers = config.meta, config.scaling.num_workers
+    meta, workers = config.meta, config.scaling.max_workers
     if meta.algorithm not in ALGORITHMS:
         raise InputError(f"key 'meta.algorithm': unknown '{meta.algorithm}' (choose from: {', '.join(ALGORITHMS)})")
     check_monitor(config, ["val/mean_loss", f"val/{META_TASK}/loss"])  # the query loss after adaptation
     if meta.meta_batch_size < workers:
-        raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least scaling.num_workers ({workers})")
+        raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least the most workers ({workers}, "
+                         "scaling.num_workers)")
     family = config.suite.generator if config.suite is not None and config.suite.path is None else None
     if family in FAMILIES:
         if config.suite.options:
             raise InputError(f"suite.options: the '{family}' family is sampled on the fly and takes no options")
         shape = TaskShape(META_TASK, "regression", FAMILIES[family].num_features)
-        return MetaPlan(config=config, source="family", name=family, task=shape.to_dict(), shards=[[]] * workers)
+        return MetaPlan(config=config, source="family", name=family, task=shape.to_dict())
     suite_dir = ensure_suite(config)
     name, shape, tasks = _suite_shape(config, suite_dir)
     if len(tasks) < workers:
-        raise InputError(f"{suite_dir}: {len(tasks)} tasks cannot be sharded over scaling.num_workers={workers}")
+        raise InputError(f"{suite_dir}: {len(tasks)} tasks cannot be sharded over {workers} workers (scaling.num_workers)")
     return MetaPlan(config=config, source="suite", name=name, suite_dir=suite_dir, task=shape.to_dict(),
-                    shards=place_tasks(tasks, workers))
+                    suite_tasks=tasks)

@@ -4,8 +4,9 @@ score the adapted model, stacked over tasks so that one batched call adapts them
 Two sources share one interface, `sample(generator, n) -> Episodes`:
 - a procedural family sampled on the fly (the MAML sinusoid), an endless task distribution;
 - the tasks of a Parquet suite, each episode drawn without replacement from one task's rows.
-Every draw comes from an explicit `torch.Generator`, so a (seed, rank, iteration) triple fixes
-the episodes: runs repeat, and a resumed run sees what it would have seen.
+Every draw comes from an explicit `torch.Generator`: in training, episode j of iteration i from
+(seed, j, i), so runs repeat, a resumed run sees what it would have seen, and the worker count
+does not change the meta-batch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class Episodes:
 
     def to(self, device: torch.device) -> "Episodes":
         return Episodes(*(t.to(device) for t in (self.xs, self.ys, self.xq, self.yq)))
+
+    @staticmethod
+    def cat(parts: list["Episodes"]) -> "Episodes":
+        return Episodes(*(torch.cat(ts) for ts in zip(*((p.xs, p.ys, p.xq, p.yq) for p in parts))))
 
     def chunk(self, size: int) -> list["Episodes"]:
         parts = zip(*(t.split(size) for t in (self.xs, self.ys, self.xq, self.yq)))
@@ -58,6 +63,10 @@ class SinusoidFamily:
         k = self.shots
         return Episodes(x[:, :k, None], y[:, :k], x[:, k:, None], y[:, k:])
 
+    def episode(self, task: str | None, generator: torch.Generator) -> Episodes:
+        """One episode (the family has no named tasks)."""
+        return self.sample(generator, 1)
+
 
 FAMILIES = {"sinusoid": SinusoidFamily}
 
@@ -77,7 +86,24 @@ class SuiteEpisodes:
             x, y = self.rows[i]
             rows = torch.randperm(len(y), generator=generator)[: self.shots + self.query]
             parts.append((x[rows], y[rows]))
+        return self._episodes(parts)
+
+    def episode(self, task: str, generator: torch.Generator) -> Episodes:
+        """One episode of the named task."""
+        x, y = self.rows[self.names.index(task)]
+        rows = torch.randperm(len(y), generator=generator)[: self.shots + self.query]
+        return self._episodes([(x[rows], y[rows])])
+
+    def _episodes(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Episodes:
         x = torch.stack([p[0] for p in parts])
         y = torch.stack([p[1] for p in parts])
         k = self.shots
         return Episodes(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+
+def draw(source, seed: int, stream: int, items: list[tuple[int, str | None]]) -> Episodes | None:
+    """The episodes `items` = [(index, task)] of one meta-batch (`stream`: its iteration, or the
+    validation set's), episode j from its own generator (seed, j, stream): which worker draws
+    it, and how many workers there are, does not change it. None for no items."""
+    parts = [source.episode(task, episode_generator(seed, j, stream)) for j, task in items]
+    return Episodes.cat(parts) if parts else None

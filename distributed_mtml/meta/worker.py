@@ -1,10 +1,12 @@
 """The meta-training loop that Ray Train runs on every rank.
 
-Each rank samples its share of every meta-batch from its own stream (a family) or its own
-shard of the suite's tasks, adapts all of them in one batched call, and contributes its
-tasks' sum of meta-gradients; one all-reduce of the flat gradient in Ray Train's process
-group gives every rank the meta-batch mean, and each steps the same outer optimiser. DDP is
-not used: it cannot carry the second-order gradients MAML needs.
+Each rank draws its share of every meta-batch (a contiguous share of a family's episodes, or
+the episodes of the suite tasks it owns), adapts all of them in one batched call, and
+contributes its tasks' sum of meta-gradients; one all-reduce of the flat gradient in Ray
+Train's process group gives every rank the meta-batch mean, and each steps the same outer
+optimiser. Episode j of iteration i is drawn from its own stream (seed, j, i), so the meta-batch
+is the same whatever the worker count: an elastic run that lost a worker computes what the
+full group would have. DDP is not used: it cannot carry the second-order gradients MAML needs.
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_gradient
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
-from distributed_mtml.meta.plan import MetaPlan, share
-from distributed_mtml.meta.tasks import FAMILIES, SuiteEpisodes, episode_generator
+from distributed_mtml.meta.plan import MetaPlan
+from distributed_mtml.meta.tasks import FAMILIES, Episodes, SuiteEpisodes, draw
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.runtime.worker import make_optimizer, quiet_report_log
 
-VAL_STREAM = 2**31 - 1  # the validation tasks' stream, apart from every (rank, iteration) stream
+VAL_STREAM = 2**31 - 1  # the validation episodes' stream, apart from every iteration's
 
 
-def _sources(plan: MetaPlan, rank: int):
+def _sources(plan: MetaPlan, rank: int, world: int):
     """(training source, validation source) of this rank."""
     meta = plan.config.meta
     if plan.source == "family":
@@ -41,7 +43,7 @@ def _sources(plan: MetaPlan, rank: int):
         return family, family
     specs = {t.name: t for t in load_suite_spec(plan.suite_dir).tasks}
     train, val = {}, {}
-    for name in plan.shards[rank]:
+    for name in plan.shards(world)[rank]:
         data, _ = prepared(load_task(plan.suite_dir, specs[name]), plan.config.data.standardize)
         rows = {s: (torch.from_numpy(data.x[s]), torch.from_numpy(data.y[s])) for s in data.x}
         train[name] = rows["train"]
@@ -68,7 +70,7 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
 
 
 def _validation(learner, episodes, steps: int, count: int, world: int) -> dict[str, float]:
-    curve = adaptation_curve(learner, episodes, steps)["loss"]
+    curve = adaptation_curve(learner, episodes, steps)["loss"] if episodes is not None else torch.zeros(0, 2)
     sums = _all_reduce(torch.stack([curve[:, 0].sum(), curve[:, -1].sum()]).double(), world)
     return {"val/meta/loss": float(sums[1]) / count, "val/meta/loss_before": float(sums[0]) / count}
 
@@ -83,13 +85,12 @@ class MetaWorker:
     rank: int
     world: int
     device: torch.device
-    train_source: object  # SinusoidFamily or SuiteEpisodes: `sample(generator, n)`
-    val: object  # this rank's fixed validation episodes
+    train_source: object  # SinusoidFamily or SuiteEpisodes: `episode(task, generator)`
+    val: Episodes | None  # this rank's share of the fixed validation episodes
     learner: torch.nn.Module
     optimizer: torch.optim.Optimizer
     monitor: Monitor
     done: int  # iterations finished before this (re)start
-    mine: int  # this rank's share of the meta-batch
     fault: FaultInjector
     guard: FiniteLossGuard
 
@@ -104,7 +105,7 @@ class MetaWorker:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         device = ray.train.torch.get_device()
-        train_source, val_source = _sources(plan, rank)
+        train_source, val_source = _sources(plan, rank, world)
         learner = build_learner(payload).to(device)
         optimizer = make_optimizer(meta.outer_optimizer, list(learner.parameters()), meta.outer_lr, weight_decay=0.0)
         done, monitor = 0, Monitor.of(cfg)
@@ -113,25 +114,30 @@ class MetaWorker:
             with checkpoint.as_directory() as d:
                 done, saved = restore_meta_state(d, learner, optimizer)
                 monitor = Monitor.of(cfg, saved)
-        val_count = share(meta.val_tasks, world, rank)
-        val = val_source.sample(episode_generator(seed, VAL_STREAM, rank), val_count).to(device)
-        return cls(plan, payload, rank, world, device, train_source, val, learner, optimizer, monitor, done,
-                   share(meta.meta_batch_size, world, rank), FaultInjector(rank, restored=checkpoint is not None),
+        val = draw(val_source, seed, VAL_STREAM, plan.episodes_of(rank, world, meta.val_tasks))
+        return cls(plan, payload, rank, world, device, train_source, val.to(device) if val is not None else None,
+                   learner, optimizer, monitor, done, FaultInjector(rank, restored=checkpoint is not None),
                    FiniteLossGuard([META_TASK], device))
 
-    def step(self, iteration: int) -> torch.Tensor:
-        """One outer update on this rank's share of the meta-batch; the sum of its query losses."""
+    def step(self, iteration: int) -> tuple[torch.Tensor, int]:
+        """One outer update on this rank's share of the meta-batch: the sum of its query losses,
+        and how many episodes it computed."""
         meta = self.plan.config.meta
         self.fault.strike(0, iteration)  # meta-training has no epochs: MTML_FAULT=<kind>@0:<iteration>
-        generator = episode_generator(self.plan.config.training.seed, self.rank, iteration)
-        episodes = self.train_source.sample(generator, self.mine).to(self.device)
-        losses = meta_gradient(self.learner, episodes, meta.inner_steps, meta.meta_batch_size)
+        items = self.plan.episodes_of(self.rank, self.world, meta.meta_batch_size, iteration * meta.meta_batch_size)
+        episodes = draw(self.train_source, self.plan.config.training.seed, iteration, items)
+        if episodes is None:  # none of this iteration's tasks is this rank's: it adds nothing to the sum
+            losses = torch.zeros(0, device=self.device)
+            for p in self.learner.parameters():
+                p.grad = torch.zeros_like(p)
+        else:
+            losses = meta_gradient(self.learner, episodes.to(self.device), meta.inner_steps, meta.meta_batch_size)
         _all_reduce_grads(list(self.learner.parameters()), self.world)
         self.guard.observe({META_TASK: losses.sum()}, iteration)
         self.optimizer.step()
-        return losses.sum().double().cpu()
+        return losses.sum().double().cpu(), len(items)
 
-    def report(self, finished: int, loss_sum: torch.Tensor, block: int, seconds: float) -> None:
+    def report(self, finished: int, loss_sum: torch.Tensor, block: int, drawn: int, seconds: float) -> None:
         """The block's training loss and the validation loss after adaptation, all-reduced; the
         keep/stop decision; the report to Ray Train with a checkpoint."""
         meta = self.plan.config.meta
@@ -140,7 +146,8 @@ class MetaWorker:
         metrics.update(_validation(self.learner, self.val, meta.inner_steps, meta.val_tasks, self.world))
         self.monitor.update(metrics, finished)
         metrics.update(self.monitor.report_fields(metrics))
-        metrics.update({"iteration": finished, "samples": block * self.mine, "train_seconds": seconds})
+        metrics.update({"iteration": finished, "samples": drawn, "train_seconds": seconds,
+                        "holds": self.plan.holds(self.rank, self.world)})
         _report(metrics, finished, self.rank, self.payload, self.learner, self.optimizer, self.monitor.state())
 
 
@@ -149,18 +156,19 @@ def meta_train_loop_per_worker(payload: dict) -> None:
     worker = MetaWorker.start(payload)
     meta = worker.plan.config.meta
     progress = Progress(worker.done, meta.iterations)
-    loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+    loss_sum, block, drawn, begin = torch.zeros((), dtype=torch.float64), 0, 0, time.perf_counter()
     for iteration in range(worker.done, meta.iterations):
-        loss_sum += worker.step(iteration)
+        losses, count = worker.step(iteration)
+        loss_sum, drawn = loss_sum + losses, drawn + count
         block, finished = block + 1, iteration + 1
         if worker.rank == 0:
-            progress.tick(finished, float(loss_sum) / (block * worker.mine))
+            progress.tick(finished, float(loss_sum) / max(drawn, 1))
         if finished % meta.report_every and finished != meta.iterations:
             continue
-        worker.report(finished, loss_sum, block, time.perf_counter() - begin)
+        worker.report(finished, loss_sum, block, drawn, time.perf_counter() - begin)
         if worker.monitor.stop:
             break
-        loss_sum, block, begin = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+        loss_sum, block, drawn, begin = torch.zeros((), dtype=torch.float64), 0, 0, time.perf_counter()
 
 
 class Progress:

@@ -37,6 +37,7 @@ def merge_worker_metrics(
         merged.update({k: v for k, v in m.items() if "/" in k})  # ranks own disjoint keys, or agree
     seconds = max(m["train_seconds"] for m in per_worker)
     merged["throughput/samples_per_s"] = sum(m["samples"] for m in per_worker) / max(seconds, 1e-9)
+    merged["system/workers"] = len(per_worker)  # one report per rank: an elastic group's size
     merged["val/mean_loss"] = mean_val_loss(merged)
     return epoch, merged
 
@@ -130,7 +131,9 @@ def spool_path(storage_path: str, ray_name: str) -> str:
 class MLflowMetricsCallback(UserCallback):
     """Logs every report of every worker to one MLflow run, from the controller process, and
     records worker failures: each one the trainer will restart from the last checkpoint is
-    counted in the tag `mtml.restarts` and the metric `system/restarts`.
+    counted in the tag `mtml.restarts` and the metric `system/restarts`. Each phase of the
+    run with one placement of tasks on workers (an elastic run has one per group size) is
+    recorded in the artifact `placement/phases.json`.
 
     A tracking server that stops answering does not stop training: the report is kept in a
     `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
@@ -140,12 +143,44 @@ class MLflowMetricsCallback(UserCallback):
         self.tracker, self.run_id, self.epochs, self.counter, self.terminal = tracker, run_id, epochs, counter, terminal
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
         self.spool = MetricSpool(spool)
+        self.phases: list[dict] = []
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         epoch, merged = merge_worker_metrics(metrics, self.counter)
+        self._record_placement(epoch, [m.get("holds", []) for m in metrics])
         self._log(merged, epoch)
         self.next_step = epoch + 1
         say(progress_line(epoch, self.epochs, merged, self.counter), self.terminal)
+
+    def _record_placement(self, step: int, holds: list[list[str]]) -> None:
+        """A new phase when the ranks hold other tasks than in the last report (a resumed run
+        continues the record it left)."""
+        workers = {str(r): h for r, h in enumerate(holds)}
+        if not self.phases:
+            self.phases = self._logged_phases()
+        if self.phases and self.phases[-1]["workers"] == workers:
+            return
+        if self.phases:
+            said = "; ".join(f"rank {r}: {', '.join(h)}" for r, h in workers.items())
+            say(f"[mtml] now {len(holds)} worker(s) from {self.counter} {step}: {said}", self.terminal)
+        self.phases.append({"from_" + self.counter: step, "num_workers": len(holds), "workers": workers})
+        try:
+            with fail_fast():
+                self.tracker.client().log_dict(self.run_id, {"phases": self.phases}, "placement/phases.json")
+        except Exception as e:  # noqa: BLE001 - a record, not worth stopping training for
+            log.warning("placement record not logged: %s", str(e).splitlines()[0][:160])
+
+    def _logged_phases(self) -> list[dict]:
+        import json
+        import tempfile
+
+        try:
+            with fail_fast(), tempfile.TemporaryDirectory() as d:
+                path = self.tracker.client().download_artifacts(self.run_id, "placement/phases.json", d)
+                with open(path) as f:
+                    return json.load(f)["phases"]
+        except Exception:  # noqa: BLE001 - none yet (a new run), or not readable: start the record
+            return []
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         self.spool.add(step, metrics)

@@ -81,15 +81,15 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, term
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
+    s = cfg.scaling
     return TorchTrainer(
         loop,
         train_loop_config=payload,
         torch_config=TorchConfig(timeout_s=600),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker=worker_resources(cfg), placement_strategy=s.placement_strategy,
+            elastic_resize_monitor_interval_s=s.resize_check_s,
         ),
         run_config=ray.train.RunConfig(
             name=ray_name,
@@ -120,13 +120,39 @@ def log_run_files(c, run_id: str, cfg: Config, checkpoint_dir: str, suite_dir: s
             c.log_artifact(run_id, os.path.join(d, "suite.yaml"))
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one worker takes from the cluster."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {}), **s.worker_resources}
+
+
 READ_CPUS = 1.0  # what streamed tasks' Ray Data reads need beside the workers: with none free,
 # Ray Data's CPU budget is zero and the first read never starts (a silent hang)
 
 
 def cpus_needed(cfg: Config, streams: bool) -> float:
-    """The workers' CPUs, and one for Ray Data's reads when some task is streamed."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (READ_CPUS if streams else 0.0)
+    """The fewest workers' CPUs, and one for Ray Data's reads when some task is streamed."""
+    return cfg.scaling.min_workers * cfg.scaling.cpus_per_worker + (READ_CPUS if streams else 0.0)
+
+
+def resources_needed(cfg: Config, streams: bool) -> dict[str, float]:
+    """What the cluster must hold for the run to go on: its fewest workers (and Ray Data's reads)."""
+    need = {k: v * cfg.scaling.min_workers for k, v in worker_resources(cfg).items()}
+    return {**need, "CPU": cpus_needed(cfg, streams)}
+
+
+def missing_resources(cfg: Config, streams: bool) -> dict[str, tuple[float, float]]:
+    """resource -> (needed, in the cluster) for each the cluster's live nodes lack."""
+    import ray
+
+    have = ray.cluster_resources()
+    return {k: (v, have.get(k, 0.0)) for k, v in resources_needed(cfg, streams).items() if have.get(k, 0.0) < v}
+
+
+def _described(missing: dict[str, tuple[float, float]]) -> tuple[str, str]:
+    """('2 CPU, 1 GPU' wanted, '1 CPU, 0 GPU' present)."""
+    return (", ".join(f"{need:g} {k}" for k, (need, _) in missing.items()),
+            ", ".join(f"{have:g} {k}" for k, (_, have) in missing.items()))
 
 
 def check_local_resources(cfg: Config, address: str | None, streams: bool = False) -> None:
@@ -143,14 +169,14 @@ def check_local_resources(cfg: Config, address: str | None, streams: bool = Fals
     need, have = cpus_needed(cfg, streams), get_num_cpus()
     reads = f" + {READ_CPUS:g} for Ray Data's reads of the streamed tasks" if streams else ""
     if need > have:
-        raise InputError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPU{reads} need {need:g} "
+        raise InputError(f"scaling.num_workers: {s.min_workers} workers x {s.cpus_per_worker:g} CPU{reads} need {need:g} "
                          f"CPUs; this machine has {have} (use fewer workers or cpus_per_worker, or --address a cluster)")
     if s.use_gpu:
         import torch
 
         gpus = torch.cuda.device_count()
-        if s.num_workers > gpus:
-            raise InputError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; this machine has "
+        if s.min_workers > gpus:
+            raise InputError(f"scaling.use_gpu: {s.min_workers} workers need {s.min_workers} GPUs; this machine has "
                              f"{gpus} (set scaling.use_gpu: false, use fewer workers, or --address a cluster with GPUs)")
 
 
@@ -160,25 +186,59 @@ def wait_for_resources(cfg: Config, streams: bool = False) -> None:
     nodes; then the run fails saying what is missing."""
     import time
 
-    import ray
-
     s = cfg.scaling
-    need = {"CPU": cpus_needed(cfg, streams), **({"GPU": float(s.num_workers)} if s.use_gpu else {})}
     deadline, said = time.monotonic() + s.resource_wait_s, False
-    while True:
-        have = ray.cluster_resources()
-        missing = {k: v for k, v in need.items() if have.get(k, 0) < v}
-        if not missing:
-            return
-        wanted = ", ".join(f"{v:g} {k}" for k, v in missing.items())
+    while missing := missing_resources(cfg, streams):
+        wanted, present = _described(missing)
         if time.monotonic() > deadline:
-            present = ", ".join(f"{have.get(k, 0):g} {k}" for k in missing)
-            raise TrainingFailed(f"the cluster did not provide {wanted} for {s.num_workers} workers within "
+            raise TrainingFailed(f"the cluster did not provide {wanted} for {s.min_workers} workers within "
                                  f"scaling.resource_wait_s={s.resource_wait_s:g} s (it has {present})")
         if not said:
             print(f"[mtml] waiting up to {s.resource_wait_s:g} s for the cluster to provide {wanted}", flush=True)
             said = True
         time.sleep(min(2.0, s.resource_wait_s))
+
+
+class ResourceWatch:
+    """While the trainer runs, the cluster must keep what its fewest workers need. After a lost
+    node Ray Train waits, without a word, for the resources to restart the group; if they are
+    missing for `scaling.resource_wait_s`, this says so and aborts the run (`expired`)."""
+
+    def __init__(self, cfg: Config, streams: bool, abort: Callable[[], None], every_s: float = 2.0):
+        import threading
+
+        self.cfg, self.streams, self.abort, self.every_s = cfg, streams, abort, every_s
+        self.expired: str | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="mtml-resource-watch", daemon=True)
+
+    def __enter__(self) -> "ResourceWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        import time
+
+        wait, since = self.cfg.scaling.resource_wait_s, None
+        while not self.stop.wait(self.every_s):
+            missing = missing_resources(self.cfg, self.streams)
+            if not missing:
+                since = None
+                continue
+            wanted, present = _described(missing)
+            if since is None:
+                since = time.monotonic()
+                print(f"[mtml] the cluster lost resources: {self.cfg.scaling.min_workers} workers need {wanted}, "
+                      f"it has {present}; waiting up to {wait:g} s (scaling.resource_wait_s)", flush=True)
+            if time.monotonic() - since >= wait:
+                self.expired = (f"the cluster has had {present} for {wait:g} s (scaling.resource_wait_s), "
+                                f"{self.cfg.scaling.min_workers} workers need {wanted}")
+                self.abort()
+                return
 
 
 def ensure_ray(address: str | None) -> None:
@@ -214,22 +274,30 @@ class RunSpec:
     datasets: dict[str, Callable] = field(default_factory=dict)  # name -> a function making a Ray dataset
 
 
-def _fit(trainer, config: Config, ray_name: str):
+def _fit(trainer, config: Config, ray_name: str, streams: bool):
     """trainer.fit(), with a failure of the worker group told in one line: which rank failed
-    and how, and the checkpoint that `--resume` continues from."""
+    and how (or which resources the cluster lost), and the checkpoint `--resume` continues from."""
     from ray.train import TrainingFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    try:
-        with interrupt_trainer_on_sigint(trainer):
-            return trainer.fit()
-    except TrainingFailedError as e:
-        what = worker_error_summary(e.worker_failures) if isinstance(e, WorkerGroupError) \
-            else " ".join(str(e).split())[:300]
+    def resume() -> str:
         last = latest_checkpoint(config.checkpoint.resolved_dir(), ray_name)
-        resume = f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written"
-        tries = f" after {config.checkpoint.max_failures} restarts" if config.checkpoint.max_failures > 0 else ""
-        raise TrainingFailed(f"training failed{tries}: {what}; {resume}") from e
+        return f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written"
+
+    with interrupt_trainer_on_sigint(trainer) as controllers:
+        watch = ResourceWatch(config, streams, lambda: [c.abort.remote() for c in controllers])
+        try:
+            with watch:
+                return trainer.fit()
+        except Exception as e:
+            if watch.expired:
+                raise TrainingFailed(f"training stopped: {watch.expired}; {resume()}") from e
+            if not isinstance(e, TrainingFailedError):
+                raise
+            what = worker_error_summary(e.worker_failures) if isinstance(e, WorkerGroupError) \
+                else " ".join(str(e).split())[:300]
+            tries = f" after {config.checkpoint.max_failures} restarts" if config.checkpoint.max_failures > 0 else ""
+            raise TrainingFailed(f"training failed{tries}: {what}; {resume()}") from e
 
 
 def _send_kept_metrics(tracker: Tracker, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
@@ -270,7 +338,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
         wait_for_resources(config, bool(spec.datasets))
         with console.relay(terminal):
             result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal, spec.datasets),
-                          config, ray_name)
+                          config, ray_name, bool(spec.datasets))
         _send_kept_metrics(tracker, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
         with kept.as_directory() as d:

@@ -1,5 +1,10 @@
-"""What a multi-task training checkpoint holds beyond the common files (`runtime/checkpoint.py`):
-  optim_rank<r>.pt  rank r: optimiser and loss-weighting state, and the tasks it covered
+"""What a multi-task training checkpoint holds beyond the common files (`runtime/checkpoint.py`),
+keyed by task, not by rank, so that an elastic run that restarts with another worker count
+finds each task's state wherever the task now lives:
+  optim_trunk.pt        rank 0: the optimiser state of the trunk's parameters (the same on every
+                        rank), its hyperparameters, and the loss weighting's shared state
+  optim_task_<name>.pt  the task's owner: the optimiser state of its adapter, head and loss
+                        weight, and the loss weight itself
 """
 
 from __future__ import annotations
@@ -12,57 +17,77 @@ from torch import nn
 from distributed_mtml import __version__
 from distributed_mtml.runtime.checkpoint import STATE_FILE, TRUNK_FILE, load_file, load_into, load_state, task_file
 
-
-def optim_file(rank: int) -> str:
-    return f"optim_rank{rank}.pt"
+TRUNK_OPTIM_FILE = "optim_trunk.pt"
 
 
-def save_worker_state(
-    directory: str,
-    rank: int,
-    epoch: int,
-    plan_dict: dict,
-    trunk: nn.Module,
-    task_modules: nn.ModuleDict,
-    optimizer: torch.optim.Optimizer,
-    weighting: nn.Module,
-    monitor: dict | None = None,
-) -> None:
-    """`monitor`: the best-model and early-stopping state (`train/monitor.py`), kept in state.pt."""
+def task_optim_file(name: str) -> str:
+    return f"optim_task_{name}.pt"
+
+
+def parameter_groups(trunk: nn.Module, modules: nn.ModuleDict, weighting: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """'trunk' and each owned task -> its parameters. The optimiser takes them in this order,
+    so its state (indexed by position) can be cut into the same groups."""
+    groups = {"trunk": list(trunk.parameters())}
+    for name, module in modules.items():
+        groups[name] = [*module.parameters(), *weighting.task_parameters(name)]
+    return groups
+
+
+def _spans(groups: dict[str, list[nn.Parameter]]) -> dict[str, range]:
+    spans, start = {}, 0
+    for key, params in groups.items():
+        spans[key] = range(start, start + len(params))
+        start += len(params)
+    return spans
+
+
+def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, trunk: nn.Module,
+                      modules: nn.ModuleDict, optimizer: torch.optim.Optimizer, weighting: nn.Module,
+                      monitor: dict | None = None) -> None:
+    """This rank's share of a checkpoint: rank 0 the run's state and the trunk, every rank its
+    tasks. `monitor`: the best-model and early-stopping state (`runtime/monitor.py`)."""
+    groups = parameter_groups(trunk, modules, weighting)
+    state = optimizer.state_dict()
+    per_param = [state["state"].get(i, {}) for i in range(sum(len(p) for p in groups.values()))]
+    spans = _spans(groups)
     if rank == 0:
-        state = {"epoch": epoch, "plan": plan_dict, "version": __version__, "monitor": monitor or {}}
-        torch.save(state, os.path.join(directory, STATE_FILE))
+        run_state = {"epoch": epoch, "plan": plan_dict, "version": __version__, "monitor": monitor or {}}
+        torch.save(run_state, os.path.join(directory, STATE_FILE))
         torch.save(trunk.state_dict(), os.path.join(directory, TRUNK_FILE))
-    for name, module in task_modules.items():
+        torch.save({"optimizer": [per_param[i] for i in spans["trunk"]], "param_groups": state["param_groups"],
+                    "weighting": weighting.shared_state()}, os.path.join(directory, TRUNK_OPTIM_FILE))
+    for name, module in modules.items():
         torch.save(module.state_dict(), os.path.join(directory, task_file(name)))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "weighting": weighting.state_dict(), "tasks": sorted(task_modules.keys())},
-        os.path.join(directory, optim_file(rank)),
-    )
+        torch.save({"optimizer": [per_param[i] for i in spans[name]],
+                    "weighting": [p.detach().clone() for p in weighting.task_parameters(name)]},
+                   os.path.join(directory, task_optim_file(name)))
 
 
-def restore_worker_state(
-    directory: str,
-    rank: int,
-    trunk: nn.Module,
-    task_modules: nn.ModuleDict,
-    optimizer: torch.optim.Optimizer,
-    weighting: nn.Module,
-) -> tuple[int, dict]:
-    """Loads what this rank owns; returns the next epoch to run and the monitor's saved state.
-
-    The optimiser and loss-weighting state are restored only when this rank owned the same
-    tasks before; after a change of `num_workers` they start fresh rather than pairing
-    moments or log-variances with the wrong tasks.
-    """
+def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDict,
+                         optimizer: torch.optim.Optimizer, weighting: nn.Module) -> tuple[int, dict]:
+    """Loads the trunk and this rank's tasks, each from its own files whichever rank wrote them;
+    returns the next epoch to run and the monitor's saved state. A checkpoint from before
+    task-keyed optimiser files restores the weights, and the optimiser starts fresh."""
     load_into(trunk, os.path.join(directory, TRUNK_FILE))
-    for name, module in task_modules.items():
+    for name, module in modules.items():
         load_into(module, os.path.join(directory, task_file(name)))
-    optim_path = os.path.join(directory, optim_file(rank))
-    if os.path.exists(optim_path):
-        saved = load_file(optim_path)
-        if saved["tasks"] == sorted(task_modules.keys()):
-            optimizer.load_state_dict(saved["optimizer"])
-            weighting.load_state_dict(saved["weighting"])
+    trunk_path = os.path.join(directory, TRUNK_OPTIM_FILE)
+    if os.path.exists(trunk_path):
+        _restore_optimizer(directory, trunk, modules, optimizer, weighting, load_file(trunk_path))
     state = load_state(directory)
     return int(state["epoch"]) + 1, state.get("monitor", {})
+
+
+def _restore_optimizer(directory: str, trunk: nn.Module, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+                       weighting: nn.Module, saved_trunk: dict) -> None:
+    per_param = list(saved_trunk["optimizer"])
+    weighting.load_state_dict({**weighting.state_dict(), **saved_trunk["weighting"]})
+    for name in modules:
+        saved = load_file(os.path.join(directory, task_optim_file(name)))
+        per_param += saved["optimizer"]
+        with torch.no_grad():
+            for p, value in zip(weighting.task_parameters(name), saved["weighting"]):
+                p.copy_(value)
+    groups = [{**g, "params": current["params"]}
+              for g, current in zip(saved_trunk["param_groups"], optimizer.state_dict()["param_groups"])]
+    optimizer.load_state_dict({"state": {i: s for i, s in enumerate(per_param) if s}, "param_groups": groups})

@@ -92,7 +92,7 @@ def run_training(
     spec = RunSpec(
         tags={"mtml.command": "train", "mtml.suite": plan.suite_name, "mtml.aggregation": config.aggregation.method,
               **({"mtml.streamed": ",".join(plan.streamed)} if plan.streamed else {})},
-        plan_params={"steps_per_epoch": plan.steps_per_epoch, "placement": plan.placement},
+        plan_params={"steps_per_epoch": plan.steps_per_epoch, "placement": plan.placement(config.scaling.max_workers)},
         loop=train_loop_per_worker,
         payload=plan.model_dump(mode="json"),
         total=config.training.epochs,

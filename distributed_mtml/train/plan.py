@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from distributed_mtml.config import Config
 from distributed_mtml.data.locate import ensure_suite
@@ -31,13 +31,23 @@ class TrainPlan(BaseModel):
     suite_name: str
     tasks: list[dict]  # TaskShape fields
     train_rows: dict[str, int]
-    placement: list[list[str]]
     steps_per_epoch: int
     streamed: list[str] = []  # tasks above data.max_in_memory_mb: read with Ray Data, not loaded
     preprocessing: dict[str, TaskPrep] = {}  # per task; empty in checkpoints older than data.standardize
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed_placement_of_older_plans(cls, raw: dict) -> dict:
+        """Plans saved before elastic training held their placement; it is derived now."""
+        return {k: v for k, v in raw.items() if k != "placement"} if isinstance(raw, dict) else raw
+
     def task_shapes(self) -> list[TaskShape]:
         return [TaskShape(**t) for t in self.tasks]
+
+    def placement(self, world: int) -> list[list[str]]:
+        """Which rank owns which tasks in a group of `world` workers: derived again at every
+        (re)start, so that an elastic run moves tasks with its worker count."""
+        return place_tasks([t["name"] for t in self.tasks], world)
 
     def prep(self, task: str) -> TaskPrep:
         """The task's preprocessing (none recorded: inputs used as they are)."""
@@ -52,7 +62,7 @@ def make_plan(config: Config) -> TrainPlan:
     preps = {t.name: TaskPrep.of_scan(scans[t.name], config.data.standardize) for t in spec.tasks}
     streamed = _streamed_tasks(config, spec, scans)
     check_monitor(config, monitor_keys(shapes))
-    placement = place_tasks([t.name for t in spec.tasks], config.scaling.num_workers)
+    place_tasks([t.name for t in spec.tasks], config.scaling.max_workers)  # every worker must own a task
     steps = config.training.steps_per_epoch or math.ceil(max(train_rows.values()) / config.training.batch_size)
     return TrainPlan(
         config=config,
@@ -60,7 +70,6 @@ def make_plan(config: Config) -> TrainPlan:
         suite_name=spec.name,
         tasks=[s.to_dict() for s in shapes],
         train_rows=train_rows,
-        placement=placement,
         steps_per_epoch=steps,
         preprocessing=preps,
         streamed=streamed,

@@ -47,9 +47,17 @@ def multitask_step(
     loss_scale: float,
     weighted_total: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
+    trunk_grad_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Forward all owned tasks' batches (under `autocast`), backward the scaled (weighted) sum
-    of their losses, step. Returns each task's (detached, unweighted) loss."""
+    of their losses, scale the trunk's gradient, step. Returns each task's (detached,
+    unweighted) loss.
+
+    With `loss_scale` 1/K (K tasks in the suite) every head and adapter gets the gradient of
+    the suite's mean loss, however many workers there are; DDP averages the trunk's gradient
+    over W ranks, so `trunk_grad_scale` W makes it the sum over ranks, the suite's mean again.
+    (Scaling the loss by W/K instead gives the same trunk, but heads whose gradient, and Adam
+    moments, depend on W: a run could not move tasks between worker counts.)"""
     names = list(batches)
     losses = task_losses(trunk, modules, shapes, batches, autocast)
     if weighted_total is not None:
@@ -58,5 +66,9 @@ def multitask_step(
         total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     optimizer.zero_grad(set_to_none=True)
     (total if loss_scale == 1.0 else total * loss_scale).backward()
+    if trunk_grad_scale != 1.0:
+        for p in trunk.parameters():
+            if p.grad is not None:
+                p.grad.mul_(trunk_grad_scale)
     optimizer.step()
     return {n: loss.detach() for n, loss in zip(names, losses)}

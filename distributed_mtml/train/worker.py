@@ -30,7 +30,7 @@ from distributed_mtml.data.stream import StreamedBatches, dataset_batches, datas
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
-from distributed_mtml.train.checkpoint import restore_worker_state, save_worker_state
+from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.train.plan import TrainPlan
@@ -51,6 +51,7 @@ def _wrap_trunk(trunk: nn.Module, plan: TrainPlan, device: torch.device) -> nn.M
 
 def _make_step(
     plan: TrainPlan,
+    placement: list[list[str]],
     trunk: nn.Module,
     modules: nn.ModuleDict,
     shapes: dict[str, TaskShape],
@@ -65,26 +66,26 @@ def _make_step(
       the backward (`aggregation.overlap`), the fastest exchange.
     - Other gradient methods: each owned task's gradient, one all-gather (`aggregation.exchange`).
     - mean and the loss weightings: DDP's own average (none with local SGD, which averages
-      parameters instead), over losses scaled so that it is the mean over the suite's tasks.
+      parameters instead), made the gradient of the mean over the suite's tasks for heads and
+      trunk alike, whatever the worker count (`multitask_step`).
     """
     cfg = plan.config
     agg = cfg.aggregation
     method, order = agg.resolved(), [s.name for s in plan.task_shapes()]
     half = torch.bfloat16 if cfg.training.precision == "bf16" else None  # forward and losses only
     if method.needs_exchange:
-        if method.kind == "gram" and world > 1 and all(len(tasks) == 1 for tasks in plan.placement):
+        if method.kind == "gram" and world > 1 and all(len(tasks) == 1 for tasks in placement):
             ddp, gathered = overlap.wrap_trunk(trunk, device, cfg.scaling.bucket_cap_mb)
-            rank_order = [plan.placement.index([name]) for name in order]
+            rank_order = [placement.index([name]) for name in order]
             return lambda batch, seed: overlap.overlapped_step(
                 ddp, gathered, modules, shapes, batch, optimizer, rank_order, method, seed, agg.options(), half)
         return lambda batch, seed: aggregated_step(
-            trunk, modules, shapes, batch, optimizer, plan.placement, order, method, seed, agg.options(), half)
+            trunk, modules, shapes, batch, optimizer, placement, order, method, seed, agg.options(), half)
     local_sgd = cfg.training.sync_every > 1
     synced = _wrap_trunk(trunk, plan, device) if world > 1 and not local_sgd else trunk
     weighted_total = weighting.total if method.kind == "loss" else None
-    scale = world / len(order)
     return lambda batch, seed: (
-        multitask_step(synced, modules, shapes, batch, optimizer, scale, weighted_total, half), None)
+        multitask_step(synced, modules, shapes, batch, optimizer, 1 / len(order), weighted_total, half, world), None)
 
 
 def _average_parameters(module: nn.Module, world: int) -> None:
@@ -139,6 +140,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
+    placement: list[list[str]]  # the tasks of every rank in this group (it changes with its size)
     mine: list[str]  # the tasks this rank owns
     data: dict  # task -> split -> (x, y) on the device
     trunk: nn.Module
@@ -167,7 +169,8 @@ class Worker:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         device = ray.train.torch.get_device()
-        shapes, mine = plan.task_shapes(), plan.placement[rank]
+        shapes, placement = plan.task_shapes(), plan.placement(world)
+        mine = placement[rank]
         order = [s.name for s in shapes]
         data = _load_tasks(plan, [n for n in mine if n not in plan.streamed], device)
         torch.manual_seed(t.seed)
@@ -175,19 +178,19 @@ class Worker:
         modules = build_task_modules(cfg.model, shapes, t.seed, only=mine).to(device)
         types = {s.name: s.type for s in shapes}
         weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types).to(device)
-        params = [*trunk.parameters(), *modules.parameters(), *weighting.parameters()]
-        optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay)
+        groups = parameter_groups(trunk, modules, weighting)  # the checkpoint cuts the optimiser's state by them
+        optimizer = make_optimizer(t.optimizer, [p for ps in groups.values() for p in ps], t.lr, t.weight_decay)
         start_epoch, monitor = 0, Monitor.of(cfg)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
-                start_epoch, saved = restore_worker_state(d, rank, trunk, modules, optimizer, weighting)
+                start_epoch, saved = restore_worker_state(d, trunk, modules, optimizer, weighting)
                 monitor = Monitor.of(cfg, saved)
         if t.sync_every > 1 and world > 1:
             _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
-        step_fn = _make_step(plan, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
+        step_fn = _make_step(plan, placement, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
-        return cls(plan, payload, rank, world, device, mine, data, trunk, modules, weighting, optimizer, monitor,
+        return cls(plan, payload, rank, world, device, placement, mine, data, trunk, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, restored=checkpoint is not None),
                    FiniteLossGuard(order, device))
 
@@ -206,7 +209,7 @@ class Worker:
         for step, group in enumerate(zip(*streams)):
             batch = self.fault.strike(epoch, step, dict(zip(self.mine, group)))
             if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
-                found = relations.measure(self.trunk, self.modules, shapes, batch, plan.placement, order,
+                found = relations.measure(self.trunk, self.modules, shapes, batch, self.placement, order,
                                           cfg.relations.lr or t.lr)
                 relation_sums = {k: relation_sums.get(k, 0.0) + v for k, v in found.items()}
                 measured += 1
@@ -225,7 +228,7 @@ class Worker:
         metrics = {f"train/{n}/loss": sums[n].item() / steps for n in self.mine}
         metrics.update(self._weights(sums, weight_sums))
         metrics.update({k: v / measured for k, v in relation_sums.items()})
-        return {**metrics, "epoch": epoch, "samples": samples, "train_seconds": train_seconds}
+        return {**metrics, "epoch": epoch, "samples": samples, "train_seconds": train_seconds, "holds": self.mine}
 
     def _weights(self, sums: dict[str, torch.Tensor], weight_sums: torch.Tensor) -> dict[str, float]:
         """Each owned task's mean aggregation weight this epoch (none for `mean`); a loss

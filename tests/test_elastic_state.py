@@ -1,0 +1,106 @@
+"""What lets an elastic run change its worker count: checkpoints keyed by task, and meta-batches
+that do not depend on how many workers draw them (no Ray here; the cluster tests are in
+test_elastic.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from distributed_mtml.aggregation import METHODS, loss_weighting
+from distributed_mtml.config import validate_config
+from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
+from distributed_mtml.runtime.placement import place_tasks
+from distributed_mtml.runtime.worker import make_optimizer
+from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
+
+SHAPES = [TaskShape(f"t{i}", "regression", 4) for i in range(3)]
+NAMES = [s.name for s in SHAPES]
+
+
+def _rank(cfg, owned: list[str]):
+    """One rank's parts as the worker builds them: trunk, its tasks' modules, UW, Adam."""
+    torch.manual_seed(0)
+    trunk = build_trunk(cfg.model, SHAPES)
+    modules = build_task_modules(cfg.model, SHAPES, 0, only=owned)
+    weighting = loss_weighting(METHODS["uw"], owned, NAMES, {}, {n: "regression" for n in NAMES})
+    groups = parameter_groups(trunk, modules, weighting)
+    optimizer = make_optimizer("adam", [p for ps in groups.values() for p in ps], 1e-2, 0.0)
+    return trunk, modules, weighting, optimizer
+
+
+def _train(parts, steps: int, seed: int) -> None:
+    trunk, modules, weighting, optimizer = parts
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        losses = [((modules[n].head(trunk(modules[n].adapter(torch.randn(8, 4, generator=g))))) ** 2).mean()
+                  for n in modules]
+        optimizer.zero_grad()
+        weighting.total(losses).backward()
+        optimizer.step()
+
+
+def _state_by_parameter(parts) -> dict[str, dict]:
+    """Each task's (and the trunk's) parameters with their Adam state, by a name that does not
+    depend on the rank: what must survive a change of worker count."""
+    trunk, modules, weighting, optimizer = parts
+    out = {}
+    for key, params in parameter_groups(trunk, modules, weighting).items():
+        for i, p in enumerate(params):
+            out[f"{key}.{i}"] = {"value": p.detach().clone(), **{k: v.clone() for k, v in optimizer.state[p].items()}}
+    return out
+
+
+def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp_path):
+    """Saved by ranks [[t0, t2], [t1]], restored by one rank with all three tasks: every task's
+    head, loss weight and Adam moments, and the trunk's, come back as they were."""
+    cfg = validate_config({"model": {"trunk": {"widths": [8]}}})
+    placement = place_tasks(NAMES, 2)
+    ranks = [_rank(cfg, owned) for owned in placement]
+    for r, parts in enumerate(ranks):
+        _train(parts, steps=3, seed=r)
+    ranks[1][0].load_state_dict(ranks[0][0].state_dict())  # DDP keeps the trunks equal
+    for r, (trunk, modules, weighting, optimizer) in enumerate(ranks):
+        save_worker_state(str(tmp_path), r, 4, {"plan": True}, trunk, modules, optimizer, weighting)
+
+    alone = _rank(cfg, NAMES)
+    trunk, modules, weighting, optimizer = alone
+    next_epoch, _ = restore_worker_state(str(tmp_path), trunk, modules, optimizer, weighting)
+    assert next_epoch == 5
+    saved = {**_state_by_parameter(ranks[1]), **_state_by_parameter(ranks[0])}  # the trunk's: rank 0's
+    restored = _state_by_parameter(alone)
+    assert set(restored) == set(saved)
+    for name, state in saved.items():
+        assert set(restored[name]) == set(state), name
+        for k, v in state.items():
+            assert torch.equal(restored[name][k], v), (name, k)
+
+
+def test_a_meta_batch_is_the_same_episodes_whatever_the_worker_count():
+    """The union over ranks of their episodes (index, task, rows) is one set for 1, 2 and 3
+    workers, for a family and for a suite, in training and validation streams alike."""
+    from distributed_mtml.meta.plan import MetaPlan
+    from distributed_mtml.meta.tasks import SinusoidFamily, SuiteEpisodes, draw
+
+    cfg = validate_config({"meta": {"meta_batch_size": 6}})
+    g = torch.Generator().manual_seed(1)
+    rows = {f"t{i}": (torch.randn(40, 2, generator=g), torch.randn(40, generator=g)) for i in range(4)}
+    for source, plan in [
+        (SinusoidFamily(5, 5), MetaPlan(config=cfg, source="family", name="sinusoid", task={})),
+        (None, MetaPlan(config=cfg, source="suite", name="s", task={}, suite_tasks=list(rows))),
+    ]:
+        batches = []
+        for world in (1, 2, 3):
+            found = {}
+            for rank in range(world):
+                items = plan.episodes_of(rank, world, 6, first=7 * 6)
+                owned = plan.shards(world)[rank]
+                own = source or SuiteEpisodes({n: rows[n] for n in owned}, 5, 5)
+                episodes = draw(own, 0, 7, items)
+                for k, (j, task) in enumerate(items):
+                    found[j] = (task, episodes.xs[k], episodes.yq[k])
+            batches.append(found)
+        assert sorted(batches[0]) == list(range(6))
+        for other in batches[1:]:
+            assert sorted(other) == sorted(batches[0])
+            for j, (task, xs, yq) in batches[0].items():
+                assert other[j][0] == task and torch.equal(other[j][1], xs) and torch.equal(other[j][2], yq)
