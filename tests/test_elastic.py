@@ -42,9 +42,7 @@ class ThreeNodes:
     def __init__(self):
         from ray.cluster_utils import Cluster
 
-        fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}  # a lost node noticed in ~2 s
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                                     "_system_config": fast})
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         for _ in range(2):
             self.cluster.add_node(**NODE)
         self.cluster.wait_for_nodes()
@@ -103,7 +101,13 @@ class Command:
                              f"{said[-5000:]}\nits last lines:\n{''.join(self.seen[-8:])[-3000:]}")
 
     def finish(self, timeout: float = 300) -> int:
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            while not self.lines.empty():
+                self.seen.append(self.lines.get())
+            said = "".join(line for line in self.seen if "[mtml]" in line or "error" in line)
+            raise AssertionError(f"still running after {timeout:g} s; what mtml said:\n{said[-5000:]}") from None
         time.sleep(0.5)
         while not self.lines.empty():
             self.seen.append(self.lines.get())

@@ -99,8 +99,7 @@ def make_meta_plan(config: Config) -> MetaPlan:
         raise InputError(f"key 'meta.algorithm': unknown '{meta.algorithm}' (choose from: {', '.join(ALGORITHMS)})")
     check_monitor(config, ["val/mean_loss", f"val/{META_TASK}/loss"])  # the query loss after adaptation
     if meta.meta_batch_size < workers:
-        raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least the most workers ({workers}, "
-                         "scaling.num_workers)")
+        raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least scaling.num_workers ({workers})")
     family = config.suite.generator if config.suite is not None and config.suite.path is None else None
     if family in FAMILIES:
         if config.suite.options:

@@ -225,7 +225,10 @@ class ResourceWatch:
 
         wait, since = self.cfg.scaling.resource_wait_s, None
         while not self.stop.wait(self.every_s):
-            missing = missing_resources(self.cfg, self.streams)
+            try:
+                missing = missing_resources(self.cfg, self.streams)
+            except Exception:  # noqa: BLE001 - the GCS busy with a dead node: look again next time
+                continue
             if not missing:
                 since = None
                 continue
@@ -274,6 +277,15 @@ class RunSpec:
     datasets: dict[str, Callable] = field(default_factory=dict)  # name -> a function making a Ray dataset
 
 
+def _stop(controllers: list) -> None:
+    """Ends the Train controller at once (its workers go with it): one waiting for resources that
+    will not come does not get to run an `abort` call."""
+    import ray
+
+    for controller in controllers:
+        ray.kill(controller, no_restart=True)
+
+
 def _fit(trainer, config: Config, ray_name: str, streams: bool):
     """trainer.fit(), with a failure of the worker group told in one line: which rank failed
     and how (or which resources the cluster lost), and the checkpoint `--resume` continues from."""
@@ -285,7 +297,7 @@ def _fit(trainer, config: Config, ray_name: str, streams: bool):
         return f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written"
 
     with interrupt_trainer_on_sigint(trainer) as controllers:
-        watch = ResourceWatch(config, streams, lambda: [c.abort.remote() for c in controllers])
+        watch = ResourceWatch(config, streams, lambda: _stop(controllers))
         try:
             with watch:
                 return trainer.fit()
