@@ -135,7 +135,7 @@ def _meta_config(workers) -> dict:
     return {
         "suite": {"generator": "sinusoid"},
         "model": {"trunk": {"widths": [40, 40], "activation": "tanh"}},
-        "meta": {"algorithm": "maml", "iterations": 4000, "report_every": 60, "meta_batch_size": 4, "val_tasks": 8},
+        "meta": {"algorithm": "maml", "iterations": 8000, "report_every": 120, "meta_batch_size": 4, "val_tasks": 8},
         "scaling": {"num_workers": workers, **WORKER},
     }
 
@@ -201,7 +201,7 @@ def test_training_goes_on_with_one_worker_when_a_node_is_lost_and_grows_back_to_
 
 def test_meta_training_goes_on_with_one_worker_and_grows_back(cluster, ray_session, tmp_path):
     raw = _meta_config([1, 2])
-    client, run = _run_losing_and_regaining_a_node(cluster, tmp_path, "meta-train", raw, r"iteration (120|180)/")
+    client, run = _run_losing_and_regaining_a_node(cluster, tmp_path, "meta-train", raw, r"iteration (120|240)/")
     assert run.info.status == "FINISHED"
     assert _phases(client, run.info.run_id, tmp_path) == [2, 1, 2]
     reference = _reference(ray_session, tmp_path, "meta-reference", raw, "meta-train")
