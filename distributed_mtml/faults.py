@@ -5,6 +5,9 @@ at that step, so that a user (and our tests) can watch recovery happen on a real
 `sigkill` (what the OOM killer does), `exit` (a library calling `os._exit(1)`) or, in `mtml
 train`, `nan` (the worker's first task gets a batch of NaN features, as from a corrupt shard).
 It fires only in a worker that started without a checkpoint, so a restarted group runs through.
+`slow` is a straggler instead: from that step on, each step of that worker takes SLOW_STEP_S
+longer, restarted or not (a slow machine stays slow), so that a run lasts long enough, however
+fast the machine, to watch an elastic group shrink and grow back.
 
 A non-finite loss stops the run: every rank notes the first step at which each of its tasks
 went non-finite, without a device sync per step, and one all-reduce per epoch agrees on the
@@ -15,13 +18,15 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 FAULT_ENV = "MTML_FAULT"
-KINDS = ("sigkill", "exit", "nan")
+KINDS = ("sigkill", "exit", "nan", "slow")
+SLOW_STEP_S = 0.02
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,13 +56,19 @@ class FaultInjector:
     def __init__(self, rank: int, restored: bool):
         spec = os.environ.get(FAULT_ENV)
         self.at = None
-        if spec and not restored:
+        if spec:
             kind, epoch, step, on_rank = parse_fault(spec)
-            if on_rank is None or on_rank == rank:
+            if (on_rank is None or on_rank == rank) and (kind == "slow" or not restored):
                 self.kind, self.at = kind, (epoch, step)
 
     def strike(self, epoch: int, step: int, batch: dict | None = None) -> dict | None:
         """The batch to train on: the same one, unless the fault is due now."""
+        if self.at is None:
+            return batch
+        if self.kind == "slow":
+            if (epoch, step) >= self.at:
+                time.sleep(SLOW_STEP_S)
+            return batch
         if self.at != (epoch, step):
             return batch
         print(f"[mtml] {FAULT_ENV}: worker pid {os.getpid()} fails now ({self.kind})", flush=True)

@@ -32,8 +32,11 @@ TOLERANCE = 1e-5  # relative: the same arithmetic, summed in another order acros
 # A smooth activation: with ReLU, a rounding difference (1e-8) once flipped a unit at its kink
 # at epoch 21 of 40 and the runs then drifted apart to 1e-2 (measured twice, the same way).
 # Growing back takes up to ~40 s here: Ray's autoscaling coordinator, which tells the elastic
-# group how many workers fit, looks at the cluster's nodes every 20 s. The runs are long enough
-# to outlast that after the loss.
+# group how many workers fit, looks at the cluster's nodes every 20 s. The runs must outlast that
+# after the loss: training's epochs take ~2 s each (a report is a barrier); meta-iterations take
+# milliseconds, so the meta run's workers are made stragglers (MTML_FAULT=slow, 20 ms a step),
+# which bounds its length from below on any machine (a run of 8,000 plain iterations once
+# finished on CI before the group grew back).
 
 
 class ThreeNodes:
@@ -72,8 +75,8 @@ def cluster(ray_session):
 class Command:
     """`mtml ...` in a subprocess, its output read line by line as it comes."""
 
-    def __init__(self, *args: str):
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "distributed_mtml", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
@@ -135,7 +138,7 @@ def _meta_config(workers) -> dict:
     return {
         "suite": {"generator": "sinusoid"},
         "model": {"trunk": {"widths": [40, 40], "activation": "tanh"}},
-        "meta": {"algorithm": "maml", "iterations": 8000, "report_every": 120, "meta_batch_size": 4, "val_tasks": 8},
+        "meta": {"algorithm": "maml", "iterations": 3600, "report_every": 120, "meta_batch_size": 4, "val_tasks": 8},
         "scaling": {"num_workers": workers, **WORKER},
     }
 
@@ -153,10 +156,11 @@ def _reference(ray_session, tmp_path, name: str, raw: dict, command: str) -> dic
     return run(validate_config(raw), name, Tracker(f"sqlite:///{tmp_path}/reference.db")).metrics
 
 
-def _run_losing_and_regaining_a_node(cluster, tmp_path, command: str, raw: dict, lose_at: str):
+def _run_losing_and_regaining_a_node(cluster, tmp_path, command: str, raw: dict, lose_at: str,
+                                     env: dict[str, str] | None = None):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run = Command(command, "--config", _config(tmp_path, "elastic", raw), "--address", cluster.address,
-                  "--tracking-uri", uri)
+                  "--tracking-uri", uri, env=env)
     try:
         run.wait_for(lose_at)
         cluster.lose_a_node()
@@ -201,7 +205,8 @@ def test_training_goes_on_with_one_worker_when_a_node_is_lost_and_grows_back_to_
 
 def test_meta_training_goes_on_with_one_worker_and_grows_back(cluster, ray_session, tmp_path):
     raw = _meta_config([1, 2])
-    client, run = _run_losing_and_regaining_a_node(cluster, tmp_path, "meta-train", raw, r"iteration (120|240)/")
+    client, run = _run_losing_and_regaining_a_node(cluster, tmp_path, "meta-train", raw, r"iteration (120|240)/",
+                                                   env={"MTML_FAULT": "slow@0:0"})
     assert run.info.status == "FINISHED"
     assert _phases(client, run.info.run_id, tmp_path) == [2, 1, 2]
     reference = _reference(ray_session, tmp_path, "meta-reference", raw, "meta-train")

@@ -1,9 +1,11 @@
 """The fault-injection spec and the non-finite loss guard, in one process."""
 
+import time
+
 import pytest
 import torch
 
-from distributed_mtml.faults import FaultInjector, FiniteLossGuard, NonFiniteLoss, parse_fault
+from distributed_mtml.faults import SLOW_STEP_S, FaultInjector, FiniteLossGuard, NonFiniteLoss, parse_fault
 
 
 def test_fault_spec_parses_and_bad_specs_name_the_variable():
@@ -22,6 +24,19 @@ def test_nan_fault_poisons_only_the_first_task_at_its_step_and_never_after_a_res
     poisoned = fresh.strike(1, 2, batch)
     assert poisoned["a"][0].isnan().all() and not poisoned["b"][0].isnan().any()
     assert FaultInjector(rank=0, restored=True).strike(1, 2, batch) is batch
+
+
+def test_slow_fault_delays_every_step_from_its_own_on_even_after_a_restore(monkeypatch):
+    monkeypatch.setenv("MTML_FAULT", "slow@1:2:0")
+    for restored in (False, True):
+        slow = FaultInjector(rank=0, restored=restored)
+        took = []
+        for epoch, step in [(0, 9), (1, 1), (1, 2), (1, 3), (2, 0)]:
+            start = time.perf_counter()
+            assert slow.strike(epoch, step, None) is None
+            took.append(time.perf_counter() - start)
+        assert max(took[:2]) < SLOW_STEP_S / 2 and min(took[2:]) >= SLOW_STEP_S
+    assert FaultInjector(rank=1, restored=False).at is None
 
 
 def test_guard_names_the_first_diverged_task_and_step():
