@@ -67,17 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
-    train.set_defaults(func=lambda args: cmd_train(args, args.config, args.set, args.resume))
+    train.add_argument("--register", metavar="NAME", help="also make the model a version of this registered model")
+    train.set_defaults(func=lambda args: cmd_train(args, args.config, args.set, args.resume, args.register))
     _add_common(train)
     meta = sub.add_parser("meta-train", help="meta-learning (MAML, FOMAML, Reptile, ANIL, Meta-SGD) on Ray Train workers")
     meta.add_argument("--config", required=True)
     meta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     meta.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
+    meta.add_argument("--register", metavar="NAME", help="also make the model a version of this registered model")
     meta.set_defaults(func=cmd_meta_train)
     _add_common(meta)
     ev = sub.add_parser("evaluate", help="test metrics of a trained model; few-shot adaptation of a meta-learned one")
     source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="MLflow run id")
+    source.add_argument("--run", help="MLflow run id, or a model URI: runs:/<id>/model, models:/<name>/<version|@alias>")
     source.add_argument("--checkpoint", help="checkpoint directory")
     ev.add_argument("--suite", help="suite to score on (meta-learned models: held-out tasks; default: the run's family)")
     ev.add_argument("--shots", type=int, default=None, help="meta: support points per task (default: meta.shots)")
@@ -95,12 +97,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
         _add_common(p)
+    _add_model_commands(sub)
     aff = sub.add_parser("affinity", help="task-affinity matrix of a run and the best groupings")
     aff.add_argument("--run", required=True, help="MLflow run id of a `mtml train` run with relations.enabled")
     aff.add_argument("--max-groups", type=int, default=None, help="groupings for 2..G groups (default: up to 4)")
     aff.set_defaults(func=cmd_affinity)
     _add_common(aff)
     return parser
+
+
+def _add_model_commands(sub) -> None:
+    pred = sub.add_parser("predict", help="predictions for a Parquet table of any size (Ray Data), optionally after "
+                                          "adapting a meta-learned model to a new task")
+    pred.add_argument("--model", required=True, help="runs:/<id>/model, models:/<name>/<version|@alias>, a run id, "
+                                                     "or a checkpoint directory")
+    pred.add_argument("--input", required=True, help="Parquet file or directory (or any pyarrow filesystem URI)")
+    pred.add_argument("--out", required=True, help="a new directory for the predictions (Parquet)")
+    pred.add_argument("--tasks", help="comma-separated tasks to predict (default: every task)")
+    pred.add_argument("--keep", help="comma-separated input columns to copy next to the predictions (e.g. an id)")
+    pred.add_argument("--adapt-from", help="meta-learned model: labelled rows of the new task (Parquet) to adapt on first")
+    pred.add_argument("--target", help="with --adapt-from: the labelled rows' target column")
+    pred.add_argument("--steps", type=int, default=10, help="with --adapt-from: inner steps (default 10)")
+    pred.add_argument("--actors", type=int, default=1, help="actors holding the model (default 1; Ray Data scales up to it)")
+    pred.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    pred.set_defaults(func=cmd_predict)
+    _add_common(pred)
+    reg = sub.add_parser("register", help="a Model Registry version of a run's model")
+    reg.add_argument("--run", required=True, help="MLflow run id of a finished train or meta-train run")
+    reg.add_argument("--name", required=True, help="registered model name (created if new)")
+    reg.set_defaults(func=cmd_register)
+    _add_common(reg)
 
 
 def cmd_data(args) -> int:
@@ -182,7 +208,7 @@ def cmd_meta_train(args) -> int:
     from distributed_mtml.meta.launch import run_meta_training
 
     config, run_name = _load_run_config(args, args.config, args.set)
-    outcome = run_meta_training(config, run_name, _tracker(args, config), args.resume, args.address)
+    outcome = run_meta_training(config, run_name, _tracker(args, config), args.resume, args.address, args.register)
     m, stopped = outcome.kept, " (stopped early)" if outcome.stopped_early else ""
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is iteration {outcome.best_step}'s: validation "
           f"query loss {m['val/meta/loss_before']:.4f} before and {m['val/meta/loss']:.4f} after "
@@ -190,15 +216,21 @@ def cmd_meta_train(args) -> int:
     print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracker}")
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --shots {config.meta.shots} --steps 10"
           f"{_uri_flag(outcome.tracker)}")
+    _say_model(outcome, args.register)
     return EXIT_OK
 
 
-def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False) -> int:
+def _say_model(outcome, registered: str | None) -> None:
+    where = f"models:/{registered}/latest" if registered else f"runs:/{outcome.run_id}/model"
+    print(f"use it:      mtml predict --model {where} --input ROWS.parquet --out DIR{_uri_flag(outcome.tracker)}")
+
+
+def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False, register: str | None = None) -> int:
     from distributed_mtml.report import metrics_table
     from distributed_mtml.train.launch import run_training
 
     config, run_name = _load_run_config(args, config_path, overrides)
-    outcome = run_training(config, run_name, _tracker(args, config), resume, args.address)
+    outcome = run_training(config, run_name, _tracker(args, config), resume, args.address, register)
     stopped = " (stopped early)" if outcome.stopped_early else ""
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is epoch {outcome.best_step + 1}'s, "
           f"best {config.checkpoint.monitor}; its validation metrics:")
@@ -208,6 +240,7 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
     print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracker}")
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
           f"{_uri_flag(outcome.tracker)}")
+    _say_model(outcome, register)
     return EXIT_OK
 
 
@@ -321,6 +354,36 @@ def cmd_affinity(args) -> int:
     print("\nbest groupings (TAG rule" + (", exhaustive" if len(order) <= relations.EXHAUSTIVE_UP_TO else ", greedy") + "):")
     print("\n".join(lines))
     c.log_text(args.run, "\n".join(lines) + "\n", "relations/groupings.txt")
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from distributed_mtml.artifacts import model_dir
+    from distributed_mtml.predict import PredictJob, run_predict
+
+    tracker = _tracker(args)
+    local = args.model if os.path.isdir(args.model) else None
+    if local is None:
+        tracker.check_store_exists()
+    split = lambda text: [c.strip() for c in text.split(",") if c.strip()] if text else []  # noqa: E731
+    with model_dir(None if local else args.model, local, tracker, "--model") as directory:
+        job = PredictJob(directory, args.input, args.out, split(args.tasks) or None, split(args.keep), args.adapt_from,
+                         args.target, args.steps, args.actors, args.gpu)
+        done = run_predict(job, args.address)
+    if "adapt_loss_after" in done:
+        print(f"adapted on the rows of {args.adapt_from} ({args.steps} steps): their loss "
+              f"{done['adapt_loss_before']:.4f} -> {done['adapt_loss_after']:.4f}")
+    print(f"wrote {done['rows']:,} rows of predictions to {args.out} in {done['seconds']:.1f} s")
+    return EXIT_OK
+
+
+def cmd_register(args) -> int:
+    from distributed_mtml.artifacts import register_model
+
+    tracker = _tracker(args)
+    tracker.check_store_exists()
+    version = register_model(tracker, args.run, args.name)
+    print(f"registered run {args.run}'s model as models:/{args.name}/{version.version}")
     return EXIT_OK
 
 

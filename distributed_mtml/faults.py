@@ -4,7 +4,8 @@
 at that step, so that a user (and our tests) can watch recovery happen on a real cluster:
 `sigkill` (what the OOM killer does), `exit` (a library calling `os._exit(1)`) or, in `mtml
 train`, `nan` (the worker's first task gets a batch of NaN features, as from a corrupt shard).
-It fires only in a worker that started without a checkpoint, so a restarted group runs through.
+It fires only in a worker that started without a checkpoint, so a restarted group runs through,
+and a dying worker first waits DEATH_PAUSE_S, so that the last report's checkpoint is registered.
 `slow` is a straggler instead: from that step on, each step of that worker takes SLOW_STEP_S
 longer, restarted or not (a slow machine stays slow), so that a run lasts long enough, however
 fast the machine, to watch an elastic group shrink and grow back.
@@ -27,6 +28,10 @@ import torch.distributed as dist
 FAULT_ENV = "MTML_FAULT"
 KINDS = ("sigkill", "exit", "nan", "slow")
 SLOW_STEP_S = 0.02
+# A worker dies this long after its fault is due: a death right after a report could come before
+# the controller registered that report's checkpoint, and the group would restart afresh (and the
+# fault strike again). Measured: a kill 20 ms after a report lost its checkpoint, under load.
+DEATH_PAUSE_S = 2.0
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,6 +82,7 @@ class FaultInjector:
                 return batch
             name, (x, y) = next(iter(batch.items()))
             return {**batch, name: (x * float("nan"), y)}
+        time.sleep(DEATH_PAUSE_S)
         if self.kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(1)

@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed_mtml.interrupts import uninterrupted
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 DEFAULT_DB = "mlflow.db"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI's view of an experiment: training, not GenAI
 
 
 def default_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
@@ -95,6 +100,14 @@ class Tracker:
 
         return MlflowClient(tracking_uri=self.uri)
 
+    def activate(self) -> None:
+        """Points this process's MLflow at this tracker: logging a model and resolving `runs:/` and
+        `models:/` URIs go through MLflow's current tracking URI, whatever URI is passed them."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+
     def check_store_exists(self) -> None:
         """Reading runs from a SQLite file that is not there would create an empty one: say
         where none was found instead."""
@@ -105,11 +118,15 @@ class Tracker:
                              "(pass --tracking-uri where the run was logged)")
 
     def experiment_id(self, name: str) -> str:
+        """The experiment's id, created if new, and tagged so that the MLflow UI opens it in its
+        model-training view (left unset, the UI guesses from the first runs it sees)."""
         c = self.client()
         exp = c.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return c.create_experiment(name, artifact_location=_artifact_location(self.uri))
+        if exp is None:
+            exp = c.get_experiment(c.create_experiment(name, artifact_location=_artifact_location(self.uri)))
+        if EXPERIMENT_KIND not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        return exp.experiment_id
 
     def newest_run_of(self, experiment: str, config_name: str, status: str):
         """The newest run of a config in `experiment` whose status matches `status` (a filter
@@ -178,12 +195,47 @@ class Tracker:
         finally:
             self.set_status(run_id, status)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None,
+                    model_id: str | None = None) -> None:
+        """`model_id`: the metrics are also the MLflow model's (shown with it in the UI)."""
         from mlflow.entities import Metric
 
         with uninterrupted():
             now = timestamp_ms or int(time.time() * 1000)
-            items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            items = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
             c = self.client()
             for i in range(0, len(items), 500):
                 c.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_datasets(self, run_id: str, datasets: list[tuple[str, str, str, pa.Schema]],
+                     context: str = "training") -> None:
+        """Dataset inputs of the run, which the UI's Dataset column shows: (name, source URI,
+        digest, pyarrow schema) each."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for name, source, digest, schema in datasets:
+            with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all local
+                warnings.simplefilter("ignore", UserWarning)
+                where = resolve_dataset_source(source)
+            dataset = MetaDataset(where, name=name, digest=digest, schema=_mlflow_schema(schema))
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+        with uninterrupted():
+            self.client().log_inputs(run_id, datasets=inputs)
+
+
+def _mlflow_schema(schema: pa.Schema):
+    """A Parquet schema as MLflow's column specs (a type MLflow has no name for: string)."""
+    import pyarrow as pa  # noqa: F811 (the module itself, not only its types)
+    from mlflow.types import ColSpec, Schema
+
+    def kind(t: pa.DataType) -> str:
+        if pa.types.is_floating(t):
+            return "float" if t.bit_width == 32 else "double"
+        if pa.types.is_integer(t):
+            return "integer" if t.bit_width <= 32 else "long"
+        return "boolean" if pa.types.is_boolean(t) else "string"
+
+    return Schema([ColSpec(kind(f.type), f.name) for f in schema])

@@ -149,3 +149,12 @@ def mlflow_server(tmp_path):
     server.start()
     yield server.uri
     server.stop()
+
+
+def logged_model_files(tracking_uri: str, run_id: str) -> set[str]:
+    """The files of the run's MLflow model (`runs:/<id>/model`, an MLflow 3 logged model, which is
+    not among the run's own artifacts)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)  # MLflow resolves the model's id through the current URI
+    return {a.path.split("/")[-1] for a in mlflow.artifacts.list_artifacts(artifact_uri=f"runs:/{run_id}/model")}

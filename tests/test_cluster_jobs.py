@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import free_port, wait_for_port
+from conftest import free_port, logged_model_files, wait_for_port
 from mlflow.tracking import MlflowClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +142,7 @@ def test_train_stop_resume_and_tune_as_ray_jobs(ray_head, mlflow_server, tmp_pat
     assert resumed.info.status == "FINISHED"
     steps = sorted(m.step for m in runs.get_metric_history(run.info.run_id, "train/classify/loss"))
     assert steps == list(range(done + 1))
-    assert "model" in {a.path for a in runs.list_artifacts(run.info.run_id)}
+    assert "MLmodel" in logged_model_files(mlflow_server, run.info.run_id)
 
     # 3. A tune job transferring from that run, its trials on the head's workers.
     third = _submit(env, "mtml", "tune", "--config", _tune_config(tmp_path, run.info.run_id), "--address", "auto")

@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import logged_model_files
 from distributed_mtml.config import validate_config
 from distributed_mtml.meta.launch import run_meta_training
 from distributed_mtml.tracking import Tracker
@@ -41,7 +42,8 @@ def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_sess
     assert len(val) == 4 and val[-1] < val[0]  # meta-training lowered the loss after adaptation
     assert run.data.metrics["val/meta/loss"] < run.data.metrics["val/meta/loss_before"]  # and adaptation helps
     with_model = {a.path for a in client.list_artifacts(out.run_id)}
-    assert {"model", "config.yaml", "plots"} <= with_model
+    assert {"config.yaml", "plots"} <= with_model
+    assert "MLmodel" in logged_model_files(_tracker(tmp_path).uri, out.run_id)
     model, _ = load_model(out.checkpoint_path)
     assert list(model.tasks) == ["meta"]
 

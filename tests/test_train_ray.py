@@ -10,8 +10,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import logged_model_files
+
 from distributed_mtml.config import validate_config
-from distributed_mtml.artifacts import model_from_run
+from distributed_mtml.artifacts import model_dir, model_from_run
 from distributed_mtml.evaluate import evaluate
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.launch import run_training
@@ -50,7 +52,8 @@ def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite,
     val = [m.value for m in sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)]
     assert val[-1] < val[0]
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
-    assert {"config.yaml", "suite.yaml", "model", "plots"} <= artifacts
+    assert {"config.yaml", "suite.yaml", "plots"} <= artifacts
+    assert {"MLmodel", "artifacts", "code"} <= logged_model_files(_tracker(tmp_path).uri, out.run_id)
     assert {a.path for a in client.list_artifacts(out.run_id, "plots")} == {"plots/classify.png", "plots/regress.png"}
     model = model_from_run(out.run_id, _tracker(tmp_path))
     test = evaluate(model, seed_suite)
@@ -279,7 +282,8 @@ def test_the_kept_model_is_the_best_epoch_and_early_stopping_survives_a_restart(
     runs = tmp_path / "runs" / f"patient-{out.run_id[:12]}"
     kept = torch.load(runs / f"checkpoint_epoch={best.step:04d}" / "trunk.pt", weights_only=True)
     last = torch.load(runs / f"checkpoint_epoch={history[-1].step:04d}" / "trunk.pt", weights_only=True)
-    logged = torch.load(client.download_artifacts(out.run_id, "model/trunk.pt", str(tmp_path)), weights_only=True)
+    with model_dir(out.run_id, None, _tracker(tmp_path)) as directory:
+        logged = torch.load(os.path.join(directory, "trunk.pt"), weights_only=True)
     assert all(torch.equal(logged[k], kept[k]) for k in kept) and not all(torch.equal(last[k], kept[k]) for k in kept)
 
 
@@ -399,7 +403,8 @@ def test_conflict_aware_methods_end_to_end(ray_session, tmp_path, seed_suite, me
     assert run.info.status == "FINISHED"
     assert run.data.tags["mtml.aggregation"] == method and run.data.params["aggregation.method"] == method
     assert {"aggregation/classify/weight", "aggregation/regress/weight"} <= set(run.data.metrics)
-    assert {"model", "plots", "config.yaml"} <= {a.path for a in client.list_artifacts(out.run_id)}
+    assert {"plots", "config.yaml"} <= {a.path for a in client.list_artifacts(out.run_id)}
+    assert "MLmodel" in logged_model_files(_tracker(tmp_path).uri, out.run_id)
     assert run.data.metrics["val/classify/accuracy"] > 0.6  # learned something (chance is about 0.5)
 
 

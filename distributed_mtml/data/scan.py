@@ -9,6 +9,7 @@ columns batch by batch; its memory is bounded by a batch, whatever the table's s
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -105,6 +106,23 @@ def read_batches(data: pads.Dataset, columns: list[str], batch_rows: int,
     (measured: 794 MB for 6M rows of a 30M-row file, 279 MB without)."""
     return data.to_batches(columns=columns, filter=where, batch_size=batch_rows, batch_readahead=1,
                            fragment_readahead=1, fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+
+
+def head_rows(suite_dir: str, task: TaskSpec, columns: list[str], rows: int = 5) -> pa.Table:
+    """The task's first `rows` rows of `columns`, as they are in its file (a model's input example)."""
+    return open_task(suite_dir, task).head(rows, columns=columns)
+
+
+def fingerprint(suite_dir: str, task: TaskSpec) -> str:
+    """A digest of the task's files from their footers alone: each file's path, size and row
+    count, and the schema. It changes when the data is rewritten, without reading the rows (a
+    content hash of a 30M-row task would read GBs at the end of every run)."""
+    data = open_task(suite_dir, task)
+    h = hashlib.sha256(data.schema.to_string().encode())
+    for fragment in data.get_fragments():
+        size = data.filesystem.get_file_info(fragment.path).size
+        h.update(f"{fragment.path}:{size}:{fragment.metadata.num_rows}".encode())
+    return h.hexdigest()[:16]
 
 
 def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS) -> TaskScan:

@@ -5,16 +5,22 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
+import pandas as pd
+
 from distributed_mtml import report
+from distributed_mtml.artifacts import input_example, log_mlflow_model
 from distributed_mtml.config import Config
 from distributed_mtml.meta.plan import MetaPlan, make_meta_plan
 from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch, log_run_files
 from distributed_mtml.tracking import Tracker
 
 
-def _log_artifacts(plan: MetaPlan, tracker: Tracker, run_id: str, checkpoint_dir: str) -> None:
+def _log_artifacts(plan: MetaPlan, tracker: Tracker, run_id: str, checkpoint_dir: str, best_iteration: int,
+                   register: str | None) -> None:
     c = tracker.client()
-    log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
+    log_run_files(tracker, run_id, plan.config, plan.suite_dir)
+    log_mlflow_model(tracker, run_id, checkpoint_dir, _example(plan), best_iteration, register)
     histories = {
         "meta": {
             split: [(m.step, m.value) for m in c.get_metric_history(run_id, f"{split}/meta/loss")]
@@ -27,9 +33,19 @@ def _log_artifacts(plan: MetaPlan, tracker: Tracker, run_id: str, checkpoint_dir
         c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
 
 
+def _example(plan: MetaPlan) -> pd.DataFrame:
+    """The model's input example: rows of the suite's first task, or points of the family."""
+    if plan.suite_dir is None:
+        return pd.DataFrame({c: np.linspace(-5.0, 5.0, 5) for c in plan.features})
+    return input_example(plan.suite_dir, {plan.suite_tasks[0]: plan.features})
+
+
 def run_meta_training(
-    config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None
+    config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None,
+    register: str | None = None,
 ) -> TrainOutcome:
+    """Meta-trains; the kept model becomes the run's MLflow model (and, with `register`, a version
+    of that registered model)."""
     from distributed_mtml.meta.worker import meta_train_loop_per_worker
 
     plan = make_meta_plan(config)  # bad input stops here, before Ray starts
@@ -40,6 +56,6 @@ def run_meta_training(
         payload=plan.model_dump(mode="json"),
         total=config.meta.iterations,
         counter="iteration",
-        log_artifacts=lambda tracker, run_id, d: _log_artifacts(plan, tracker, run_id, d),
+        log_artifacts=lambda tracker, run_id, d, step: _log_artifacts(plan, tracker, run_id, d, step, register),
     )
     return launch(config, run_name, spec, tracker, resume, address)

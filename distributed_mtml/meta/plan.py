@@ -32,6 +32,7 @@ class MetaPlan(BaseModel):
     suite_dir: str | None = None
     task: dict  # the TaskShape of the shared head
     suite_tasks: list[str] = []  # the suite's tasks in order; empty for a family
+    features: list[str] = []  # the feature columns a task's rows have (empty in older plans)
 
     @model_validator(mode="before")
     @classmethod
@@ -74,7 +75,7 @@ def share(total: int, world: int, rank: int) -> int:
     return total // world + (rank < total % world)
 
 
-def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[str]]:
+def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[str], list[str]]:
     spec, scans = checked_scans(suite_dir)
     need = config.meta.shots + config.meta.query_size()
     kinds = set()
@@ -90,7 +91,8 @@ def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[s
         raise InputError(f"{suite_dir}/suite.yaml: meta-learning needs tasks of one type, feature count and class "
                          f"count (one shared head); found {sorted(kinds, key=str)}")
     kind, features, classes = kinds.pop()
-    return spec.name, TaskShape(META_TASK, kind, features, classes), [t.name for t in spec.tasks]
+    columns = scans[spec.tasks[0].name].features  # what a new task's rows are read by
+    return spec.name, TaskShape(META_TASK, kind, features, classes), [t.name for t in spec.tasks], columns
 
 
 def make_meta_plan(config: Config) -> MetaPlan:
@@ -105,10 +107,11 @@ def make_meta_plan(config: Config) -> MetaPlan:
         if config.suite.options:
             raise InputError(f"suite.options: the '{family}' family is sampled on the fly and takes no options")
         shape = TaskShape(META_TASK, "regression", FAMILIES[family].num_features)
-        return MetaPlan(config=config, source="family", name=family, task=shape.to_dict())
+        return MetaPlan(config=config, source="family", name=family, task=shape.to_dict(),
+                        features=FAMILIES[family].columns)
     suite_dir = ensure_suite(config)
-    name, shape, tasks = _suite_shape(config, suite_dir)
+    name, shape, tasks, columns = _suite_shape(config, suite_dir)
     if len(tasks) < workers:
         raise InputError(f"{suite_dir}: {len(tasks)} tasks cannot be sharded over {workers} workers (scaling.num_workers)")
     return MetaPlan(config=config, source="suite", name=name, suite_dir=suite_dir, task=shape.to_dict(),
-                    suite_tasks=tasks)
+                    suite_tasks=tasks, features=columns)

@@ -51,6 +51,7 @@ class SinusoidFamily:
     x ~ U[-5, 5] (the original code's ranges and sign convention)."""
 
     num_features = 1
+    columns = ["x0"]  # as `mtml data make sinusoid` names it, so its tables adapt the model
 
     def __init__(self, shots: int, query: int):
         self.shots, self.query = shots, query

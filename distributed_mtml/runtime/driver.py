@@ -11,19 +11,22 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
 from distributed_mtml import console, faults
 from distributed_mtml.config import Config, run_params
-from distributed_mtml.data.suite import read_text, suite_yaml_path
+from distributed_mtml.data.suite import join_path, load_suite_spec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.interrupts import interrupt_trainer_on_sigint
 from distributed_mtml.runtime.callback import MetricSpool, MLflowMetricsCallback, fail_fast, spool_path, worker_error_summary
 from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
 from distributed_mtml.runtime.monitor import SCORE
 from distributed_mtml.tracking import Tracker
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 VERBOSE_ENV = "MTML_VERBOSE"  # set by `--verbose`: Ray's own log lines in the terminal too
@@ -107,9 +110,9 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, term
     )
 
 
-def log_run_files(c, run_id: str, cfg: Config, checkpoint_dir: str, suite_dir: str | None) -> None:
-    """The model (the final checkpoint), the config and the suite description."""
-    c.log_artifacts(run_id, checkpoint_dir, "model")
+def log_run_files(tracker: Tracker, run_id: str, cfg: Config, suite_dir: str | None) -> None:
+    """The config, the suite description, and each task of the suite as a dataset input."""
+    c = tracker.client()
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
@@ -118,6 +121,19 @@ def log_run_files(c, run_id: str, cfg: Config, checkpoint_dir: str, suite_dir: s
             with open(os.path.join(d, "suite.yaml"), "w") as f:
                 f.write(read_text(suite_yaml_path(suite_dir)))
             c.log_artifact(run_id, os.path.join(d, "suite.yaml"))
+    if suite_dir is not None:
+        tracker.log_datasets(run_id, suite_datasets(suite_dir))
+
+
+def suite_datasets(suite_dir: str) -> list[tuple[str, str, str, pa.Schema]]:
+    """(name, source URI, digest, schema) of each task's files: what trained the run."""
+    from distributed_mtml.data.scan import fingerprint, open_task
+
+    out = []
+    for task in load_suite_spec(suite_dir).tasks:
+        source = join_path(suite_dir, task.path)
+        out.append((task.name, source, fingerprint(suite_dir, task), open_task(suite_dir, task).schema))
+    return out
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -273,7 +289,7 @@ class RunSpec:
     payload: dict  # its plan, as JSON
     total: int  # epochs or meta-iterations, for the progress line
     counter: str  # "epoch" or "iteration": the MLflow step of every metric
-    log_artifacts: Callable[[Tracker, str, str], None]  # (tracker, run id, final checkpoint dir)
+    log_artifacts: Callable[[Tracker, str, str, int], None]  # (tracker, run id, kept checkpoint dir, its step)
     datasets: dict[str, Callable] = field(default_factory=dict)  # name -> a function making a Ray dataset
 
 
@@ -353,9 +369,9 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
                           config, ray_name, bool(spec.datasets))
         _send_kept_metrics(tracker, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
-        with kept.as_directory() as d:
-            spec.log_artifacts(tracker, run_id, d)
         best_step = _log_kept(tracker, run_id, config, spec.counter, result.metrics, kept_metrics)
+        with kept.as_directory() as d:
+            spec.log_artifacts(tracker, run_id, d, best_step)
     metrics = tracker.client().get_run(run_id).data.metrics
     return TrainOutcome(run_id, tracker, metrics, kept.path, kept_metrics, best_step, bool(result.metrics.get("stopped_early")))
 

@@ -8,22 +8,28 @@ import tempfile
 from typing import Callable
 
 from distributed_mtml import report
-from distributed_mtml.artifacts import load_model
+from distributed_mtml.artifacts import input_example, load_model, log_mlflow_model
 from distributed_mtml.config import Config
 from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch, log_run_files
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
-def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_dir: str) -> None:
+def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_dir: str, best_epoch: int,
+                   register: str | None) -> None:
     from distributed_mtml.baseline import baseline_metrics
+    from distributed_mtml.evaluate import evaluate
 
     c = tracker.client()
-    log_run_files(c, run_id, plan.config, checkpoint_dir, plan.suite_dir)
+    log_run_files(tracker, run_id, plan.config, plan.suite_dir)
     trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing,
                                shapes={s.name: s for s in plan.task_shapes()})
     tracker.log_metrics(run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
-    _log_test_metrics(plan, tracker, run_id, checkpoint_dir)
+    # the kept model scored once on the test split: the numbers to report (selection used val only)
+    test = evaluate(load_model(checkpoint_dir)[0], plan.suite_dir, "test", checked=True)
+    example = input_example(plan.suite_dir, plan.features)
+    model = log_mlflow_model(tracker, run_id, checkpoint_dir, example, best_epoch, register)
+    tracker.log_metrics(run_id, test, step=0, model_id=model.model_id)
     with tempfile.TemporaryDirectory() as d:
         histories = {
             task: {
@@ -36,15 +42,6 @@ def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_di
         c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
         if plan.config.relations.enabled:
             _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
-
-
-def _log_test_metrics(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_dir: str) -> None:
-    """The kept model scored once on the test split, `test/<task>/<metric>`: the numbers to
-    report (selection used val only)."""
-    from distributed_mtml.evaluate import evaluate
-
-    model, _ = load_model(checkpoint_dir)
-    tracker.log_metrics(run_id, evaluate(model, plan.suite_dir, "test", checked=True), step=0)
 
 
 def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
@@ -84,8 +81,11 @@ def _streamed_datasets(plan: TrainPlan) -> dict[str, Callable]:
 
 
 def run_training(
-    config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None
+    config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None,
+    register: str | None = None,
 ) -> TrainOutcome:
+    """Trains the suite; the kept model becomes the run's MLflow model (and, with `register`, a
+    version of that registered model)."""
     from distributed_mtml.train.worker import train_loop_per_worker
 
     plan = make_plan(config)  # bad input stops here, before Ray starts
@@ -97,7 +97,7 @@ def run_training(
         payload=plan.model_dump(mode="json"),
         total=config.training.epochs,
         counter="epoch",
-        log_artifacts=lambda tracker, run_id, d: _log_artifacts(plan, tracker, run_id, d),
+        log_artifacts=lambda tracker, run_id, d, step: _log_artifacts(plan, tracker, run_id, d, step, register),
         datasets=_streamed_datasets(plan),
     )
     return launch(config, run_name, spec, tracker, resume, address)

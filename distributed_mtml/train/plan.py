@@ -34,6 +34,7 @@ class TrainPlan(BaseModel):
     steps_per_epoch: int
     streamed: list[str] = []  # tasks above data.max_in_memory_mb: read with Ray Data, not loaded
     preprocessing: dict[str, TaskPrep] = {}  # per task; empty in checkpoints older than data.standardize
+    features: dict[str, list[str]] = {}  # per task, its feature columns in order; empty in older plans
 
     @model_validator(mode="before")
     @classmethod
@@ -72,6 +73,7 @@ def make_plan(config: Config) -> TrainPlan:
         train_rows=train_rows,
         steps_per_epoch=steps,
         preprocessing=preps,
+        features={t.name: scans[t.name].features for t in spec.tasks},
         streamed=streamed,
     )
 

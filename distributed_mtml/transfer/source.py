@@ -52,23 +52,24 @@ class TransferInputs:
 
 
 def _source_dir(source: str, tracker: Tracker, experiment: str):
-    """The model directory of `source`: runs:/<id>, a checkpoint directory, a run id, or the
-    newest finished run of that name in `experiment` (so `source: demo` follows `mtml demo`)."""
+    """The model directory of `source`: a model URI (runs:/<id>/model, models:/<name>/<version>
+    or @<alias>), a checkpoint directory, a run id, or the newest finished run of that name in
+    `experiment` (so `source: demo` follows `mtml demo`)."""
     import os
 
-    from distributed_mtml.artifacts import model_dir
+    from distributed_mtml.artifacts import MODEL_URI_SCHEMES, model_dir
 
-    if source.startswith("runs:/"):
-        return model_dir(source[len("runs:/"):].split("/")[0], None, tracker)
+    if source.startswith(MODEL_URI_SCHEMES):
+        return model_dir(source, None, tracker, "transfer.source")
     if os.path.isdir(source):
         return model_dir(None, source, tracker)
     named = tracker.newest_run_of(experiment, source, "attributes.status = 'FINISHED'")
     if named:
-        return model_dir(named.info.run_id, None, tracker)
+        return model_dir(named.info.run_id, None, tracker, "transfer.source")
     if len(source) != 32:
         raise InputError(f"transfer.source: '{source}' is no checkpoint directory, run id, or finished run "
                          f"name in experiment '{experiment}' of {tracker}")
-    return model_dir(source, None, tracker)
+    return model_dir(source, None, tracker, "transfer.source")
 
 
 def load_source(source: str, tracker: Tracker, experiment: str) -> tuple[MultiTaskModel, dict, InnerRule | None]:

@@ -1,0 +1,306 @@
+"""The trained model in use: a table of rows in, a table of predictions out.
+
+`Predictor` is what every way of using a model shares: the MLflow pyfunc model (`mtml_pyfunc.py`),
+`mlflow models serve`, and `mtml predict`'s Ray Data actors. It reads the model's own weights
+(`torch.load(weights_only=True)`) and its preprocessing, so rows go in raw, as in the suite's
+Parquet, and predictions come out in the target's units and classes by name:
+
+- regression task `t`: column `t`;
+- classification task `t`: column `t` (the class: its name for string labels, else its index)
+  and `t_proba_<class>` per class.
+
+Tasks with different feature columns read one table: its columns are the union of the tasks',
+and each task reads its own. A task whose columns a table lacks gets no output (`tasks` picks
+tasks explicitly). A meta-learned model has one head, `meta`: its starting point for any task
+of its family; `adapt` first takes inner steps on a few labelled rows of the new task.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs  # noqa: F401 (pa.fs)
+import torch
+
+from distributed_mtml.artifacts import load_with_learner
+from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.errors import InputError
+from distributed_mtml.evaluate import forward_in_chunks
+from distributed_mtml.models import META_TASK, TaskShape
+
+ADAPT_STEPS = 10  # inner steps on the labelled rows unless told: meta evaluation's default curve
+NOT_META = "--adapt-from: the model is not meta-learned (carry a multi-task model to a new task with mtml transfer)"
+
+
+class Predictor:
+    """A trained model (a model directory: checkpoint or MLflow model weights) as a function of
+    pandas tables."""
+
+    def __init__(self, directory: str, device: str = "cpu"):
+        model, plan, self.learner = load_with_learner(directory)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.features = _features_of(plan)
+        config = plan.get("config", {})
+        # meta-training standardised each task of a suite by that task's own train rows
+        self.own_statistics = plan.get("source") == "suite" and config.get("data", {}).get("standardize", True)
+        self.shapes: dict[str, TaskShape] = dict(model.tasks)
+        self.preps: dict[str, TaskPrep] = {n: model.preprocessing.get(n) or TaskPrep() for n in self.shapes}
+        self.params = None  # a meta-learned model's adapted parameters, once `adapt` ran
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.shapes)
+
+    def input_columns(self) -> list[str]:
+        """Every task's feature columns, in the order the tasks first name them."""
+        return list(dict.fromkeys(c for task in self.tasks for c in self.features[task]))
+
+    def output_columns(self, tasks: list[str] | None = None) -> list[str]:
+        out = []
+        for task in tasks or self.tasks:
+            out.append(task)
+            if self.shapes[task].type == "classification":
+                out += [f"{task}_proba_{c}" for c in self._class_names(task)]
+        return out
+
+    def check_tasks(self, tasks: list[str] | None) -> list[str]:
+        """`tasks` if the model has them all (every task for None); InputError naming the others."""
+        unknown = [t for t in tasks or [] if t not in self.shapes]
+        if unknown:
+            raise InputError(f"--tasks: the model has no task {unknown} (it has: {', '.join(self.tasks)})")
+        return tasks or self.tasks
+
+    def missing_columns(self, columns: list[str], tasks: list[str]) -> list[str]:
+        """The feature columns of `tasks` that a table of `columns` lacks."""
+        return [c for task in tasks for c in self.features[task] if c not in columns]
+
+    def predict(self, table: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+        """One row of predictions per row of `table`; tasks whose columns it lacks are left out
+        unless named in `tasks` (then a missing column is an InputError naming it)."""
+        tasks = self.check_tasks(tasks) if tasks else [t for t in self.tasks if not self.missing_columns(list(table.columns), [t])]
+        missing = self.missing_columns(list(table.columns), tasks)
+        if missing:
+            raise InputError(f"the input has no column {missing[0]!r}, a feature of the model (it reads: "
+                             f"{', '.join(self.input_columns())})")
+        out = {}
+        for task in tasks:
+            out.update(self._task_outputs(task, self._inputs(task, table)))
+        return pd.DataFrame(out, index=table.index)
+
+    def _inputs(self, task: str, table: pd.DataFrame) -> torch.Tensor:
+        x = table[self.features[task]].to_numpy(dtype=np.float32)
+        return torch.from_numpy(self.preps[task].inputs(x)).to(self.device)
+
+    def _task_outputs(self, task: str, x: torch.Tensor) -> dict[str, np.ndarray]:
+        output = forward_in_chunks(lambda chunk: self._forward(task, chunk), x).float().cpu()
+        if self.shapes[task].type == "regression":
+            return {task: self.preps[task].target_units(output.squeeze(-1).double()).numpy()}
+        probs = output.softmax(-1).numpy()
+        names = self._class_names(task)
+        best = probs.argmax(-1)
+        out = {task: np.asarray(names, dtype=object)[best] if self.preps[task].classes else best}
+        out.update({f"{task}_proba_{c}": probs[:, k] for k, c in enumerate(names)})
+        return out
+
+    def _forward(self, task: str, x: torch.Tensor) -> torch.Tensor:
+        if self.params is not None:
+            return self.learner.outputs(self.params, x)
+        return self.model(task, x)
+
+    def _class_names(self, task: str) -> list:
+        return self.preps[task].classes or list(range(self.shapes[task].num_classes))
+
+    def adapt(self, labelled: pd.DataFrame, target: str, steps: int = ADAPT_STEPS) -> float:
+        """Adapts a meta-learned model to a new task from its labelled rows, with the model's own
+        inner rule (the parameters it adapts, at its rates: ANIL the head, Meta-SGD its learned
+        rates), as in meta-training; a model meta-trained on a standardised suite standardises
+        the new task by the labelled rows' statistics, as each task was by its own. Returns the
+        labelled rows' loss after adapting."""
+        from distributed_mtml.meta.algorithms import adapt
+
+        if self.learner is None:
+            raise InputError(NOT_META)
+        missing = [c for c in [*self.features[META_TASK], target] if c not in labelled.columns]
+        if missing:
+            raise InputError(f"--adapt-from: no column {missing[0]!r} (the model reads {', '.join(self.features[META_TASK])})")
+        x = labelled[self.features[META_TASK]].to_numpy(dtype=np.float32)
+        y = labelled[target].to_numpy()
+        if self.shapes[META_TASK].type == "classification" and y.dtype.kind not in "iu":
+            raise InputError(f"--target {target}: class indices (integers) expected, found {y.dtype}")
+        self.preps[META_TASK] = _own_statistics(x, y, self.shapes[META_TASK]) if self.own_statistics else TaskPrep()
+        prep = self.preps[META_TASK]
+        xs = torch.from_numpy(prep.inputs(x)).to(self.device)
+        ys = torch.as_tensor(np.asarray(prep.scaled_target(y.astype(np.float32 if y.dtype.kind == "f" else np.int64))))
+        ys = ys.to(self.device)
+        self.params = {n: p.detach() for n, p in adapt(self.learner, self.learner.params(), xs, ys, steps, True).items()}
+        with torch.no_grad():
+            return float(self.learner.loss(self.params, xs, ys))
+
+
+def _own_statistics(x: np.ndarray, y: np.ndarray, shape: TaskShape) -> TaskPrep:
+    from distributed_mtml.data.scan import Moments
+
+    xm = Moments(x.shape[1])
+    xm.add(x.astype(np.float64))
+    ym = None
+    if shape.type == "regression":
+        ym = Moments(1)
+        ym.add(y.astype(np.float64))
+    return TaskPrep.of_moments(xm, ym, None, True)
+
+
+def _features_of(plan: dict) -> dict[str, list[str]]:
+    """Each task's feature columns, as the plan saved them (a meta plan: its one head's)."""
+    features = plan.get("features")
+    if not features:
+        raise InputError("the model's plan names no feature columns: it was trained before `mtml predict` "
+                         "existed (train it again to predict with it)")
+    return {META_TASK: features} if plan.get("source") in ("family", "suite") else features
+
+
+BATCH_ROWS = 4096  # rows per map_batches call: large enough that a forward pass amortises its overhead
+
+
+def model_files(directory: str) -> dict[str, bytes]:
+    """The model directory's files as bytes, which travel to the actors through Ray's object store
+    (an actor may run on a node that cannot read the driver's disk or the tracking store)."""
+    return {name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)
+            if name.endswith(".pt")}
+
+
+class PredictActor:
+    """One actor of `mtml predict`'s pool: holds the model, answers a pandas batch with its
+    predictions and the kept columns. A meta-learned model adapts once, at the start, exactly as
+    the driver did (the same rows, the same deterministic inner steps)."""
+
+    def __init__(self, files: dict[str, bytes], tasks: list[str] | None, keep: list[str], use_gpu: bool,
+                 adapt_rows: pd.DataFrame | None, target: str | None, steps: int):
+        directory = tempfile.mkdtemp(prefix="mtml-model-")
+        for name, data in files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+        self.predictor = Predictor(directory, "cuda" if use_gpu else "cpu")
+        if adapt_rows is not None:
+            self.predictor.adapt(adapt_rows, target, steps)
+        self.tasks, self.keep = tasks, keep
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = self.predictor.predict(batch, self.tasks)
+        for column in self.keep:
+            out[column] = batch[column].to_numpy()
+        return out
+
+
+@dataclass
+class PredictJob:
+    """What `mtml predict` was asked: the model (a local directory by now), the Parquet input
+    (a file, directory or any pyarrow filesystem URI), the output directory, and options."""
+
+    model_dir: str
+    input: str
+    out: str
+    tasks: list[str] | None = None
+    keep: list[str] = field(default_factory=list)
+    adapt_from: str | None = None
+    target: str | None = None
+    steps: int = ADAPT_STEPS
+    actors: int = 1
+    use_gpu: bool = False
+
+
+def check_job(job: PredictJob, predictor: Predictor) -> tuple[list[str], pd.DataFrame | None]:
+    """Every problem of the input found before any work, InputError naming the column: returns
+    the tasks to predict and the labelled rows to adapt from."""
+    from distributed_mtml.data.suite import filesystem
+
+    tasks = predictor.check_tasks(job.tasks)
+    schema = _parquet_schema(job.input, "--input")
+    missing = predictor.missing_columns(schema.names, tasks)
+    if missing:
+        raise InputError(f"--input {job.input}: no column {missing[0]!r}, a feature of task "
+                         f"'{next(t for t in tasks if missing[0] in predictor.features[t])}' (--tasks picks tasks)")
+    absent = [c for c in job.keep if c not in schema.names]
+    if absent:
+        raise InputError(f"--keep: --input {job.input} has no column {absent[0]!r}")
+    for column in dict.fromkeys(c for t in tasks for c in predictor.features[t]):
+        kind = schema.field(column).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            raise InputError(f"--input {job.input}: column {column!r} is {kind}, a feature must be numeric")
+    fs, out = filesystem(job.out)
+    if fs.get_file_info(out).type != pa.fs.FileType.NotFound and fs.get_file_info(pa.fs.FileSelector(out)):
+        raise InputError(f"--out {job.out}: exists and is not empty (predictions go to a new directory)")
+    if job.adapt_from is None:
+        return tasks, None
+    if job.target is None:
+        raise InputError("--adapt-from needs --target, the labelled rows' target column")
+    if job.steps < 1:
+        raise InputError("--steps: must be positive")
+    if predictor.learner is None:
+        raise InputError(NOT_META)
+    labelled = _parquet_schema(job.adapt_from, "--adapt-from")
+    wanted = [*predictor.features[META_TASK], job.target]
+    absent = [c for c in wanted if c not in labelled.names]
+    if absent:
+        raise InputError(f"--adapt-from {job.adapt_from}: no column {absent[0]!r}")
+    return tasks, _read_table(job.adapt_from, wanted).to_pandas()
+
+
+def _parquet_schema(path: str, flag: str) -> pa.Schema:
+    try:
+        return _dataset(path).schema
+    except (OSError, pa.ArrowInvalid) as e:
+        raise InputError(f"{flag} {path}: cannot read Parquet ({str(e).splitlines()[0][:200]})") from None
+
+
+def _dataset(path: str):
+    import pyarrow.dataset as pads
+
+    from distributed_mtml.data.suite import filesystem
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type == pa.fs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or directory: {inner}")
+    return pads.dataset(inner, filesystem=fs, format="parquet")
+
+
+def _read_table(path: str, columns: list[str]) -> pa.Table:
+    return _dataset(path).to_table(columns=columns)
+
+
+def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
+    """Predicts every row of `job.input` with Ray Data: read_parquet -> map_batches on a pool of
+    actors that hold the model -> write_parquet. Returns what it did (rows, seconds, and the
+    labelled rows' loss before and after adaptation)."""
+    import ray.data
+
+    from distributed_mtml.runtime.driver import ensure_ray
+
+    predictor = Predictor(job.model_dir)
+    tasks, labelled = check_job(job, predictor)
+    facts = {}
+    if labelled is not None:
+        facts["adapt_loss_before"] = predictor.adapt(labelled, job.target, 0)
+        facts["adapt_loss_after"] = predictor.adapt(labelled, job.target, job.steps)
+    ensure_ray(address)
+    from distributed_mtml.data.suite import filesystem
+
+    fs, inner = filesystem(job.input)
+    columns = list(dict.fromkeys([*(c for t in tasks for c in predictor.features[t]), *job.keep]))
+    begin = time.perf_counter()
+    ds = ray.data.read_parquet(inner, filesystem=fs, columns=columns)
+    ds = ds.map_batches(PredictActor, batch_format="pandas", batch_size=BATCH_ROWS,
+                        fn_constructor_args=(model_files(job.model_dir), tasks, job.keep, job.use_gpu,
+                                             labelled, job.target, job.steps),
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.actors),
+                        num_cpus=0 if job.use_gpu else 1, num_gpus=1 if job.use_gpu else 0)
+    out_fs, out = filesystem(job.out)
+    ds.write_parquet(out, filesystem=out_fs)
+    rows = sum(f.metadata.num_rows for f in _dataset(job.out).get_fragments())
+    return {**facts, "rows": rows, "seconds": time.perf_counter() - begin}
