@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Iterator
 
 from distributed_mtml.errors import InputError
@@ -90,9 +91,9 @@ def _download(model: str, tracker: Tracker, out: str, flag: str) -> str:
     uri = model if model.startswith(MODEL_URI_SCHEMES) else f"runs:/{model}/{MODEL_NAME}"
     if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:  # runs:/<id>: its model
         uri = f"{uri.rstrip('/')}/{MODEL_NAME}"
-    tracker.activate()
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=out)
+        with tracker.active():
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=out)
     except (MlflowException, OSError) as e:
         raise InputError(f"{flag} {model}: not found in {tracker} ({str(e).splitlines()[0][:200]})") from None
     for weights in (os.path.join(path, "artifacts", WEIGHTS), path):  # an MLflow model, or an older run's files
@@ -157,13 +158,16 @@ def log_mlflow_model(tracker: Tracker, run_id: str, checkpoint: str, example: "p
     with tempfile.TemporaryDirectory() as d:
         weights = copy_model_files(checkpoint, os.path.join(d, WEIGHTS))
         predictor = Predictor(weights)
-        outputs = infer_signature(example, predictor.predict(example)).outputs
+        with warnings.catch_warnings():  # "integer columns cannot hold missing values": class indices never do
+            warnings.simplefilter("ignore", UserWarning)
+            outputs = infer_signature(example, predictor.predict(example)).outputs
         signature = ModelSignature(_input_schema(predictor), outputs, infer_signature(params={"tasks": ""}).params)
-        tracker.activate()  # Model.log writes through MLflow's current store, and experiment:
-        mlflow.set_experiment(experiment_id=tracker.client().get_run(run_id).info.experiment_id)
-        return Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, step=step, python_model=PYFUNC_FILE,
-                         artifacts={WEIGHTS: weights}, code_paths=[PACKAGE_DIR], signature=signature,
-                         input_example=example, pip_requirements=requirements(), registered_model_name=register)
+        experiment = tracker.client().get_run(run_id).info.experiment_id
+        with tracker.active(experiment):  # Model.log writes through MLflow's current store and experiment
+            return Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, step=step,
+                             python_model=PYFUNC_FILE, artifacts={WEIGHTS: weights}, code_paths=[PACKAGE_DIR],
+                             signature=signature, input_example=example, pip_requirements=requirements(),
+                             registered_model_name=register)
 
 
 def _input_schema(predictor):
@@ -191,5 +195,5 @@ def register_model(tracker: Tracker, run_id: str, name: str):
     if not mine:
         raise InputError(f"--run {run_id}: it has no MLflow model (runs before `mtml register` existed, "
                          "or a run that did not finish)")
-    tracker.activate()
-    return mlflow.register_model(f"models:/{mine[0].model_id}", name)
+    with tracker.active():
+        return mlflow.register_model(f"models:/{mine[0].model_id}", name)

@@ -6,9 +6,10 @@ at that step, so that a user (and our tests) can watch recovery happen on a real
 train`, `nan` (the worker's first task gets a batch of NaN features, as from a corrupt shard).
 It fires only in a worker that started without a checkpoint, so a restarted group runs through,
 and a dying worker first waits DEATH_PAUSE_S, so that the last report's checkpoint is registered.
-`slow` is a straggler instead: from that step on, each step of that worker takes SLOW_STEP_S
-longer, restarted or not (a slow machine stays slow), so that a run lasts long enough, however
-fast the machine, to watch an elastic group shrink and grow back.
+`slow` rehearses a degraded cluster instead: from that step on, while the group runs below its
+largest size (a node lost), each step takes SLOW_STEP_S longer, restarted or not. However fast
+the machine, the run then lasts until the group has grown back (or to its end), so that an
+elastic group can be watched shrinking and growing back.
 
 A non-finite loss stops the run: every rank notes the first step at which each of its tasks
 went non-finite, without a device sync per step, and one all-reduce per epoch agrees on the
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 FAULT_ENV = "MTML_FAULT"
 KINDS = ("sigkill", "exit", "nan", "slow")
-SLOW_STEP_S = 0.02
+SLOW_STEP_S = 0.05
 # A worker dies this long after its fault is due: a death right after a report could come before
 # the controller registered that report's checkpoint, and the group would restart afresh (and the
 # fault strike again). Measured: a kill 20 ms after a report lost its checkpoint, under load.
@@ -58,12 +59,14 @@ def fault_env() -> dict[str, str]:
 class FaultInjector:
     """Strikes this worker at the configured step, once per fresh start."""
 
-    def __init__(self, rank: int, restored: bool):
+    def __init__(self, rank: int, restored: bool, degraded: bool = False):
+        """`degraded`: the group is smaller than its largest size (only `slow` looks at it)."""
         spec = os.environ.get(FAULT_ENV)
         self.at = None
         if spec:
             kind, epoch, step, on_rank = parse_fault(spec)
-            if (on_rank is None or on_rank == rank) and (kind == "slow" or not restored):
+            due = degraded if kind == "slow" else not restored
+            if (on_rank is None or on_rank == rank) and due:
                 self.kind, self.at = kind, (epoch, step)
 
     def strike(self, epoch: int, step: int, batch: dict | None = None) -> dict | None:

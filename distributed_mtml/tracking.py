@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from distributed_mtml.interrupts import uninterrupted
 
@@ -100,13 +100,27 @@ class Tracker:
 
         return MlflowClient(tracking_uri=self.uri)
 
-    def activate(self) -> None:
-        """Points this process's MLflow at this tracker: logging a model and resolving `runs:/` and
-        `models:/` URIs go through MLflow's current tracking URI, whatever URI is passed them."""
+    @contextlib.contextmanager
+    def active(self, experiment_id: str | None = None) -> Iterator[None]:
+        """MLflow's current tracking URI (and so its registry's), and experiment, set to this
+        tracker's for the block: logging a model and resolving `runs:/` and `models:/` URIs go
+        through them, whatever URI is passed. MLflow also exports both as $MLFLOW_TRACKING_URI
+        and $MLFLOW_EXPERIMENT_ID, which every later command of this process and its subprocesses
+        would take: the variables are restored after."""
         import mlflow
 
+        before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
+        try:
+            if experiment_id is not None:
+                mlflow.set_experiment(experiment_id=experiment_id)
+            yield
+        finally:
+            mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: unset again
+            if before["MLFLOW_EXPERIMENT_ID"] is None:
+                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+            else:
+                os.environ["MLFLOW_EXPERIMENT_ID"] = before["MLFLOW_EXPERIMENT_ID"]
 
     def check_store_exists(self) -> None:
         """Reading runs from a SQLite file that is not there would create an empty one: say

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distributed_mtml.data.generators import make_suite  # noqa: E402
 
 WORK = tempfile.mkdtemp(prefix="mtml_bench_data_")
+MODELS = {"article": ("article (100, 50)", (100, 50)), "4x1024": ("4 x 1024", (1024,) * 4)}
 URI = f"sqlite:///{WORK}/mlflow.db"
 
 
@@ -162,11 +163,12 @@ def main() -> None:
     p.add_argument("--small-rows", type=int, default=2_000_000)
     p.add_argument("--steps", type=int, default=400, help="steps per epoch (3 epochs per run)")
     p.add_argument("--sections", default="1,2", help="which of the two comparisons to run")
+    p.add_argument("--models", default="article,4x1024", help=f"section 2's models, of: {', '.join(MODELS)}")
     a = p.parse_args()
     sections = {int(x) for x in a.sections.split(",")}
     print(f"bench_data: {os.cpu_count()} CPUs; work dir {WORK}; batch 256 per task, {a.steps} steps x 3 epochs")
     tiny = _suite(2000)
-    models = [("article (100, 50)", (100, 50)), ("4 x 1024", (1024,) * 4)]
+    models = [MODELS[name] for name in a.models.split(",")]
     widths = {w for _, w in models} if 2 in sections else {(100, 50)}
     base = {(len(w), s): run(f"tiny-{len(w)}-{s}", tiny, list(w), s, 20) for w in widths for s in (True, False)}
     if 1 in sections:

@@ -26,17 +26,18 @@ def test_nan_fault_poisons_only_the_first_task_at_its_step_and_never_after_a_res
     assert FaultInjector(rank=0, restored=True).strike(1, 2, batch) is batch
 
 
-def test_slow_fault_delays_every_step_from_its_own_on_even_after_a_restore(monkeypatch):
+def test_slow_fault_delays_every_step_from_its_own_while_the_group_is_degraded(monkeypatch):
     monkeypatch.setenv("MTML_FAULT", "slow@1:2:0")
     for restored in (False, True):
-        slow = FaultInjector(rank=0, restored=restored)
+        slow = FaultInjector(rank=0, restored=restored, degraded=True)
         took = []
         for epoch, step in [(0, 9), (1, 1), (1, 2), (1, 3), (2, 0)]:
             start = time.perf_counter()
             assert slow.strike(epoch, step, None) is None
             took.append(time.perf_counter() - start)
         assert max(took[:2]) < SLOW_STEP_S / 2 and min(took[2:]) >= SLOW_STEP_S
-    assert FaultInjector(rank=1, restored=False).at is None
+    assert FaultInjector(rank=0, restored=True, degraded=False).at is None  # grown back: full speed
+    assert FaultInjector(rank=1, restored=False, degraded=True).at is None
 
 
 def test_guard_names_the_first_diverged_task_and_step():

@@ -262,3 +262,15 @@ def test_adapting_a_meta_learned_model_to_a_new_task_lowers_its_loss(ray_session
     adapted_mse = float(((adapted["meta"].to_numpy() - truth) ** 2).mean())
     plain_mse = float(((plain["meta"].to_numpy() - truth) ** 2).mean())
     assert adapted_mse < 0.5 * plain_mse, (adapted_mse, plain_mse)
+
+
+def test_logging_and_loading_a_model_leave_mlflows_environment_as_it_was(trained):
+    """MLflow exports its current tracking URI and experiment as environment variables; a later
+    command in this process (or a subprocess) must not inherit a tracker it was not given."""
+    from distributed_mtml.artifacts import model_dir
+
+    root, suite, tracker, outcome = trained
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    with model_dir(f"runs:/{outcome.run_id}/model", None, tracker) as directory:
+        assert os.path.exists(os.path.join(directory, "state.pt"))
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ

@@ -116,7 +116,7 @@ class MetaWorker:
                 monitor = Monitor.of(cfg, saved)
         val = draw(val_source, seed, VAL_STREAM, plan.episodes_of(rank, world, meta.val_tasks))
         return cls(plan, payload, rank, world, device, train_source, val.to(device) if val is not None else None,
-                   learner, optimizer, monitor, done, FaultInjector(rank, restored=checkpoint is not None),
+                   learner, optimizer, monitor, done, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
                    FiniteLossGuard([META_TASK], device))
 
     def step(self, iteration: int) -> tuple[torch.Tensor, int]:

@@ -191,7 +191,7 @@ class Worker:
         step_fn = _make_step(plan, placement, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
         return cls(plan, payload, rank, world, device, placement, mine, data, trunk, modules, weighting, optimizer, monitor,
-                   start_epoch, step_fn, batches, FaultInjector(rank, restored=checkpoint is not None),
+                   start_epoch, step_fn, batches, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
                    FiniteLossGuard(order, device))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
