@@ -247,7 +247,8 @@ class TransferConfig(_Section):
         return raw
 
     source: str | None = Field(
-        None, description="MLflow run id, runs:/<id>, a checkpoint directory, or the name of a finished run"
+        None, description="a model: MLflow run id, runs:/<id>/model, models:/<name>/<version|@alias>, a checkpoint "
+                          "directory, or the name of a finished run"
     )
     target: SuiteConfig | None = Field(None, description="the suite holding the target task (path or generator)")
     target_task: str | None = Field(None, description="the target task's name in that suite")

@@ -64,7 +64,12 @@ def relay(name: str, every_s: float = 0.5) -> Iterator[str]:
     `every_s` seconds, and once more, all that is left, on the way out."""
     import ray
 
-    actor = _console_actor().options(name=name).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On this node: placed elsewhere, a lost node could take every later line with it (seen when
+    # an elastic run lost the node it had landed on: the run went on, the terminal fell silent).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = _console_actor().options(name=name, scheduling_strategy=here).remote()
     stop = threading.Event()
 
     def show() -> None:

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -97,10 +98,10 @@ def _train_config(tmp_path, seed_suite) -> str:
     return str(path)
 
 
-def _tune_config(tmp_path, source_run: str) -> str:
+def _tune_config(tmp_path, source: str) -> str:
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump({
-        "transfer": {"source": source_run, "target_task": "regress", "shots": 10, "steps": 20, "eval_every": 10,
+        "transfer": {"source": source, "target_task": "regress", "shots": 10, "steps": 20, "eval_every": 10,
                      "target": {"generator": "seed-example", "options": {"rows": 400, "seed": 1, "variant": 1}},
                      "strategies": ["scratch", "linear_probe"]},
         "tune": {"num_samples": 1, "repeats": 2, "grace_period": 1},
@@ -143,9 +144,13 @@ def test_train_stop_resume_and_tune_as_ray_jobs(ray_head, mlflow_server, tmp_pat
     steps = sorted(m.step for m in runs.get_metric_history(run.info.run_id, "train/classify/loss"))
     assert steps == list(range(done + 1))
     assert "MLmodel" in logged_model_files(mlflow_server, run.info.run_id)
+    registered = subprocess.run([sys.executable, "-m", "distributed_mtml", "register", "--run", run.info.run_id,
+                                 "--name", "cluster-model", "--tracking-uri", mlflow_server],
+                                capture_output=True, text=True, timeout=120)
+    assert "models:/cluster-model/1" in registered.stdout, registered.stderr[-2000:]
 
-    # 3. A tune job transferring from that run, its trials on the head's workers.
-    third = _submit(env, "mtml", "tune", "--config", _tune_config(tmp_path, run.info.run_id), "--address", "auto")
+    # 3. A tune job transferring from that model (by its registry name), its trials on the head's workers.
+    third = _submit(env, "mtml", "tune", "--config", _tune_config(tmp_path, "models:/cluster-model/1"), "--address", "auto")
     assert _wait(third) == "SUCCEEDED", _logs(third)
     parent = _only_run(runs, "tags.`mtml.best_strategy` != ''", "distributed-mtml-transfer")
     assert parent is not None and parent.info.status == "FINISHED"
