@@ -156,5 +156,7 @@ def logged_model_files(tracking_uri: str, run_id: str) -> set[str]:
     not among the run's own artifacts)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)  # MLflow resolves the model's id through the current URI
-    return {a.path.split("/")[-1] for a in mlflow.artifacts.list_artifacts(artifact_uri=f"runs:/{run_id}/model")}
+    from distributed_mtml.tracking import Tracker
+
+    with Tracker(tracking_uri).active():  # MLflow resolves the model's id through its current URI
+        return {a.path.split("/")[-1] for a in mlflow.artifacts.list_artifacts(artifact_uri=f"runs:/{run_id}/model")}
