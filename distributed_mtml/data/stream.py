@@ -130,7 +130,7 @@ class StreamedBatches:
         self.number = number
         self.batches = iter(self.shard.iter_torch_batches(
             batch_size=self.batch_size, drop_last=True, collate_fn=self.collate, local_shuffle_buffer_size=self.shuffle_rows,
-            local_shuffle_seed=seed, prefetch_batches=2, device=self.device))
+            local_shuffle_seed=seed, prefetch_batches=1, device=self.device))
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.batches, None)
