@@ -30,6 +30,7 @@ import torch
 
 from distributed_mtml.artifacts import load_with_learner
 from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.scan import open_parquet
 from distributed_mtml.errors import InputError
 from distributed_mtml.evaluate import forward_in_chunks
 from distributed_mtml.models import META_TASK, TaskShape
@@ -61,14 +62,6 @@ class Predictor:
     def input_columns(self) -> list[str]:
         """Every task's feature columns, in the order the tasks first name them."""
         return list(dict.fromkeys(c for task in self.tasks for c in self.features[task]))
-
-    def output_columns(self, tasks: list[str] | None = None) -> list[str]:
-        out = []
-        for task in tasks or self.tasks:
-            out.append(task)
-            if self.shapes[task].type == "classification":
-                out += [f"{task}_proba_{c}" for c in self._class_names(task)]
-        return out
 
     def check_tasks(self, tasks: list[str] | None) -> list[str]:
         """`tasks` if the model has them all (every task for None); InputError naming the others."""
@@ -134,7 +127,8 @@ class Predictor:
         y = labelled[target].to_numpy()
         if self.shapes[META_TASK].type == "classification" and y.dtype.kind not in "iu":
             raise InputError(f"--target {target}: class indices (integers) expected, found {y.dtype}")
-        self.preps[META_TASK] = _own_statistics(x, y, self.shapes[META_TASK]) if self.own_statistics else TaskPrep()
+        regression = self.shapes[META_TASK].type == "regression"
+        self.preps[META_TASK] = TaskPrep.of_rows(x, y if regression else None) if self.own_statistics else TaskPrep()
         prep = self.preps[META_TASK]
         xs = torch.from_numpy(prep.inputs(x)).to(self.device)
         ys = torch.as_tensor(np.asarray(prep.scaled_target(y.astype(np.float32 if y.dtype.kind == "f" else np.int64))))
@@ -142,18 +136,6 @@ class Predictor:
         self.params = {n: p.detach() for n, p in adapt(self.learner, self.learner.params(), xs, ys, steps, True).items()}
         with torch.no_grad():
             return float(self.learner.loss(self.params, xs, ys))
-
-
-def _own_statistics(x: np.ndarray, y: np.ndarray, shape: TaskShape) -> TaskPrep:
-    from distributed_mtml.data.scan import Moments
-
-    xm = Moments(x.shape[1])
-    xm.add(x.astype(np.float64))
-    ym = None
-    if shape.type == "regression":
-        ym = Moments(1)
-        ym.add(y.astype(np.float64))
-    return TaskPrep.of_moments(xm, ym, None, True)
 
 
 def _features_of(plan: dict) -> dict[str, list[str]]:
@@ -249,29 +231,14 @@ def check_job(job: PredictJob, predictor: Predictor) -> tuple[list[str], pd.Data
     absent = [c for c in wanted if c not in labelled.names]
     if absent:
         raise InputError(f"--adapt-from {job.adapt_from}: no column {absent[0]!r}")
-    return tasks, _read_table(job.adapt_from, wanted).to_pandas()
+    return tasks, open_parquet(job.adapt_from).to_table(columns=wanted).to_pandas()
 
 
 def _parquet_schema(path: str, flag: str) -> pa.Schema:
     try:
-        return _dataset(path).schema
+        return open_parquet(path).schema
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{flag} {path}: cannot read Parquet ({str(e).splitlines()[0][:200]})") from None
-
-
-def _dataset(path: str):
-    import pyarrow.dataset as pads
-
-    from distributed_mtml.data.suite import filesystem
-
-    fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type == pa.fs.FileType.NotFound:
-        raise FileNotFoundError(f"no such file or directory: {inner}")
-    return pads.dataset(inner, filesystem=fs, format="parquet")
-
-
-def _read_table(path: str, columns: list[str]) -> pa.Table:
-    return _dataset(path).to_table(columns=columns)
 
 
 def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
@@ -302,5 +269,5 @@ def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
                         num_cpus=0 if job.use_gpu else 1, num_gpus=1 if job.use_gpu else 0)
     out_fs, out = filesystem(job.out)
     ds.write_parquet(out, filesystem=out_fs)
-    rows = sum(f.metadata.num_rows for f in _dataset(job.out).get_fragments())
+    rows = open_parquet(job.out).count_rows()  # from the footers
     return {**facts, "rows": rows, "seconds": time.perf_counter() - begin}

@@ -36,12 +36,19 @@ class TaskPrep(BaseModel):
     @classmethod
     def fit(cls, data: TaskData, standardize: bool = True) -> "TaskPrep":
         """The train split's statistics (`standardize` off: only the class names)."""
-        x, y = Moments(data.x["train"].shape[1]), None
-        x.add(data.x["train"])
-        if data.spec.type == "regression":
-            y = Moments(1)
-            y.add(data.y["train"])
-        return cls.of_moments(x, y, data.classes, standardize)
+        y = data.y["train"] if data.spec.type == "regression" else None
+        return cls.of_rows(data.x["train"], y, data.classes, standardize)
+
+    @classmethod
+    def of_rows(cls, x: np.ndarray, y: np.ndarray | None, classes: list[str] | None = None,
+                standardize: bool = True) -> "TaskPrep":
+        """The statistics of rows `x` and a regression target `y` (None: classification)."""
+        xm, ym = Moments(x.shape[1]), None
+        xm.add(x)
+        if y is not None:
+            ym = Moments(1)
+            ym.add(y)
+        return cls.of_moments(xm, ym, classes, standardize)
 
     @classmethod
     def of_scan(cls, scan: TaskScan, standardize: bool = True) -> "TaskPrep":

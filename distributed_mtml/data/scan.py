@@ -91,12 +91,18 @@ def _numeric(typ: pa.DataType) -> bool:
     return pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
 
 
-def open_task(suite_dir: str, task: TaskSpec) -> pads.Dataset:
-    """The task's Parquet file or directory as a pyarrow dataset: footers read, no rows."""
-    fs, inner = filesystem(join_path(suite_dir, task.path))
+def open_parquet(path: str) -> pads.Dataset:
+    """A Parquet file or directory (local, or any pyarrow filesystem URI) as a pyarrow dataset:
+    footers read, no rows. FileNotFoundError for a local path that is not there."""
+    fs, inner = filesystem(path)
     if isinstance(fs, pa.fs.LocalFileSystem) and not os.path.exists(inner):
         raise FileNotFoundError(inner)
     return pads.dataset(inner, filesystem=fs, format="parquet")
+
+
+def open_task(suite_dir: str, task: TaskSpec) -> pads.Dataset:
+    """The task's Parquet file or directory as a pyarrow dataset: footers read, no rows."""
+    return open_parquet(join_path(suite_dir, task.path))
 
 
 def read_batches(data: pads.Dataset, columns: list[str], batch_rows: int,
