@@ -2,8 +2,8 @@
 
 A task whose train split, as float32, is above `data.max_in_memory_mb` is *streamed*:
 - training reads its train split with Ray Data (`split_dataset`), handed to the TorchTrainer
-  unsplit so that only the worker that owns the task consumes it, and iterated with a local
-  shuffle buffer and prefetching (`StreamedBatches`); the worker's validation reads the val split
+  unsplit so that only the worker that owns the task consumes it, and iterated in seeded,
+  permuted windows of `data.shuffle_buffer_rows` rows with prefetching (`StreamedBatches`); the worker's validation reads the val split
   the same way, in order (`dataset_batches`);
 - the driver's test metrics, the trivial baseline and `mtml evaluate` read a split with pyarrow in
   batches (`split_batches`). Metrics are summed over batches (`metrics.StreamedMetrics`).
@@ -109,7 +109,13 @@ def dataset_batches(shard, task: TaskSpec, features: list[str], prep: TaskPrep,
 class StreamedBatches:
     """Endless mini-batches of a streamed task's train split, the in-memory `TaskBatches`'s twin.
 
-    The batches are one endless sequence of passes over the dataset; pass p's local shuffle is
+    The split is read in windows of `shuffle_rows` rows (rounded up to whole batches) in the
+    file's order; each window is permuted and cut into batches. Ray Data's own local shuffle
+    buffer was not used: it holds and concatenates whole blocks (a Parquet row group, 524,288
+    rows in a generated suite) in the worker's private memory, and pays its iterator per batch;
+    a window is one zero-copy slice of a block, one collate and one permutation.
+
+    The batches are one endless sequence of passes over the dataset; pass p's permutations are
     seeded by (seed, task, p) and Ray Data keeps the file's order, so the sequence is the same
     every time. Epoch e takes its `steps` batches from position e x steps on: epochs continue a
     pass where the last one stopped (with `steps_per_epoch` below a pass, every row is still
@@ -122,15 +128,23 @@ class StreamedBatches:
         self.shard, self.collate = shard, _Collate(task, features, prep)
         self.batch_size, self.seed, self.task_index = batch_size, seed, task_index
         self.per_pass = max(1, rows // batch_size)  # full batches in a pass (the rest is dropped)
-        self.shuffle_rows, self.device = max(shuffle_rows, batch_size), device
+        self.window = -(-max(shuffle_rows, batch_size) // batch_size) * batch_size
+        self.device = device
         self.position, self.number, self.batches = -1, 0, iter(())
 
     def _open(self, number: int) -> None:
         seed = zlib.crc32(np.array([self.seed, self.task_index, number], dtype=np.int64).tobytes())
         self.number = number
-        self.batches = iter(self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=True, collate_fn=self.collate, local_shuffle_buffer_size=self.shuffle_rows,
-            local_shuffle_seed=seed, prefetch_batches=1, device=self.device))
+        self.batches = self._pass(torch.Generator().manual_seed(seed))
+
+    def _pass(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass: each window permuted, then cut into full batches (a window's rest dropped:
+        `rows // batch_size` batches in all, as `per_pass` counts)."""
+        for x, y in self.shard.iter_torch_batches(batch_size=self.window, collate_fn=self.collate, prefetch_batches=1):
+            order = torch.randperm(len(y), generator=generator)
+            x, y = x[order].to(self.device), y[order].to(self.device)
+            for start in range(0, len(y) - self.batch_size + 1, self.batch_size):
+                yield x[start : start + self.batch_size], y[start : start + self.batch_size]
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.batches, None)
