@@ -88,6 +88,10 @@ class TrainingConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: forward passes under torch.autocast (GPU mixed precision; also works on CPU)"
     )
+    report_every_s: float = Field(
+        10.0, ge=0, description="train: report to Ray Train (a ~1 s barrier) when this many seconds have passed; every "
+        "epoch's metrics still reach MLflow at its own step (0: every epoch)"
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many reports (epochs; meta: reports) without a better checkpoint.monitor"
     )
@@ -95,7 +99,8 @@ class TrainingConfig(_Section):
 
 class ScalingSection(_Section):
     num_workers: int | list[int] = Field(
-        2, description="Ray Train workers, or [min, max]: elastic, starts with min and grows to max, shrinks on a lost node"
+        2, description="Ray Train workers, or [min, max]: elastic, starts with min and grows to max, shrinks on a lost node; "
+        "0: in the command's own process (Ray Train's local mode), for small jobs"
     )
     use_gpu: bool = False
     resource_wait_s: float = Field(
@@ -116,8 +121,8 @@ class ScalingSection(_Section):
     @classmethod
     def _count_or_range(cls, value: int | list[int]) -> int | list[int]:
         if isinstance(value, int):
-            if value < 1:
-                raise ValueError("must be at least 1")
+            if value < 0:
+                raise ValueError("must be at least 0 (0: in the command's own process)")
             return value
         if len(value) != 2 or not 1 <= value[0] <= value[1]:
             raise ValueError(f"an elastic range is [min, max] with 1 <= min <= max, got {value}")
@@ -128,12 +133,18 @@ class ScalingSection(_Section):
         return isinstance(self.num_workers, list)
 
     @property
+    def local(self) -> bool:
+        """0 workers: Ray Train's local mode, the training function in this process."""
+        return self.num_workers == 0
+
+    @property
     def min_workers(self) -> int:
-        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+        """The fewest ranks (local mode is one)."""
+        return self.num_workers[0] if isinstance(self.num_workers, list) else max(1, self.num_workers)
 
     @property
     def max_workers(self) -> int:
-        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+        return self.num_workers[1] if isinstance(self.num_workers, list) else max(1, self.num_workers)
 
 
 class AggregationConfig(_Section):
@@ -184,7 +195,9 @@ class RelationsConfig(_Section):
 
 
 class CheckpointSection(_Section):
-    every_n_epochs: int = Field(1, ge=1)
+    every_n_epochs: int | None = Field(
+        None, ge=1, description="train: also checkpoint every this many epochs (a report then); default: at every report"
+    )
     max_failures: int | None = Field(
         None, ge=-1, description="worker-group restarts before the run fails (-1: no limit); default 0, 3 if elastic"
     )

@@ -38,7 +38,12 @@ def _tracker(tmp_path) -> Tracker:
 
 
 def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite, capsys):
-    out = run_training(_config(tmp_path, seed_suite), "itest", _tracker(tmp_path))
+    """Also the report cadence: with `training.report_every_s` out of reach, the workers report
+    at the checkpoint every 3 epochs and at the end (a best epoch in between adds a report of
+    its own), yet every epoch's metrics reach MLflow once, at its own step, and the kept model
+    is the best epoch's."""
+    config = _config(tmp_path, seed_suite, training={"epochs": 5, "report_every_s": 1e6}, checkpoint={"every_n_epochs": 3})
+    out = run_training(config, "itest", _tracker(tmp_path))
     client = _tracker(tmp_path).client()
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
@@ -47,10 +52,13 @@ def test_two_workers_train_and_log_everything(ray_session, tmp_path, seed_suite,
     for key in ["val/classify/accuracy", "val/classify/auc", "val/regress/mse", "val/regress/mae",
                 "val/regress/r2", "val/mean_loss", "throughput/samples_per_s"]:
         assert key in run.data.metrics, key
-    history = client.get_metric_history(out.run_id, "train/regress/loss")
-    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+    for key in ("train/regress/loss", "val/mean_loss", "throughput/samples_per_s"):
+        assert sorted(m.step for m in client.get_metric_history(out.run_id, key)) == [0, 1, 2, 3, 4], key
     val = [m.value for m in sorted(client.get_metric_history(out.run_id, "val/mean_loss"), key=lambda m: m.step)]
     assert val[-1] < val[0]
+    assert run.data.tags["mtml.best_epoch"] == str(val.index(min(val)))
+    progress = re.findall(r"\[mtml\] epoch (\d)/5", capsys.readouterr().out)
+    assert progress[-1] == "5" and len(progress) <= 4  # one line per report, not per epoch
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"config.yaml", "suite.yaml", "plots"} <= artifacts
     assert {"MLmodel", "artifacts", "code"} <= logged_model_files(_tracker(tmp_path).uri, out.run_id)
@@ -504,3 +512,25 @@ def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_re
     passes = torch.cat(epochs)
     assert len(set(passes[:128].tolist())) == 128  # pass 0 spans epochs 0 and 1: no row twice
     assert not torch.equal(passes[:112], passes[128:240])  # pass 1 is another order
+
+
+def test_local_mode_trains_as_one_worker_does_and_resumes(ray_session, tmp_path, seed_suite, capsys):
+    """`scaling.num_workers: 0` runs the training function in this process (Ray Train's local
+    mode): every epoch's validation metrics equal a 1-worker Ray Train run's of the same seed,
+    and its own checkpoints resume it where it stopped, again to the same numbers."""
+    tracker, client = _tracker(tmp_path), _tracker(tmp_path).client()
+    one = run_training(_config(tmp_path, seed_suite, scaling={"num_workers": 1}), "one", tracker)
+    local = _config(tmp_path, seed_suite, scaling={"num_workers": 0}, training={"epochs": 2})
+    first = run_training(local, "local", tracker)
+    client.set_terminated(first.run_id, status="KILLED")  # as if interrupted after epoch 2
+    capsys.readouterr()
+    again = run_training(local.model_copy(update={"training": local.training.model_copy(update={"epochs": 3})}),
+                         "local", tracker, resume=True)
+    assert again.run_id == first.run_id and "after epoch 2 (checkpoint" in capsys.readouterr().out
+    for key in ("val/mean_loss", "val/classify/auc", "val/regress/r2", "train/regress/loss"):
+        ref = {m.step: m.value for m in client.get_metric_history(one.run_id, key)}
+        got = {m.step: m.value for m in client.get_metric_history(first.run_id, key)}
+        assert sorted(got) == [0, 1, 2] and got == pytest.approx(ref, rel=1e-6), key
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mtml.best_epoch"] == client.get_run(one.run_id).data.tags["mtml.best_epoch"]
+    assert {"MLmodel", "artifacts"} <= logged_model_files(tracker.uri, first.run_id)

@@ -29,6 +29,7 @@ from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_g
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
 from distributed_mtml.meta.plan import MetaPlan
 from distributed_mtml.meta.tasks import FAMILIES, Episodes, SuiteEpisodes, draw
+from distributed_mtml.runtime import local
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.runtime.worker import make_optimizer, quiet_report_log
 
@@ -103,13 +104,14 @@ class MetaWorker:
         cfg, meta, seed = plan.config, plan.config.meta, plan.config.training.seed
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        if not cfg.scaling.local:  # local mode: the command's process keeps its threads
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         device = ray.train.torch.get_device()
         train_source, val_source = _sources(plan, rank, world)
         learner = build_learner(payload).to(device)
         optimizer = make_optimizer(meta.outer_optimizer, list(learner.parameters()), meta.outer_lr, weight_decay=0.0)
         done, monitor = 0, Monitor.of(cfg)
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = local.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
                 done, saved = restore_meta_state(d, learner, optimizer)
@@ -192,8 +194,6 @@ class Progress:
 def _report(metrics: dict, finished: int, rank: int, payload: dict, learner, optimizer, monitor: dict) -> None:
     """Every rank reports (a barrier); rank 0 alone writes the checkpoint, the same on all."""
     with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
         if rank == 0:
             save_meta_state(d, finished, payload, learner, optimizer, monitor)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_iteration={finished:07d}")
+        local.report(metrics, d if rank == 0 else None, f"checkpoint_iteration={finished:07d}")

@@ -146,9 +146,13 @@ class MLflowMetricsCallback(UserCallback):
         self.phases: list[dict] = []
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        epoch, merged = merge_worker_metrics(metrics, self.counter)
-        self._record_placement(epoch, [m.get("holds", []) for m in metrics])
-        self._log(merged, epoch)
+        """One report of every rank: each epoch it covers (a train report carries the epochs
+        since the last one under "epochs") logged at its own step; one progress line."""
+        per_rank = [m.get("epochs") or [m] for m in metrics]
+        self._record_placement(int(per_rank[0][0][self.counter]), [m.get("holds", []) for m in metrics])
+        for covered in zip(*per_rank):
+            epoch, merged = merge_worker_metrics(list(covered), self.counter)
+            self._log(merged, epoch)
         self.next_step = epoch + 1
         say(progress_line(epoch, self.epochs, merged, self.counter), self.terminal)
 

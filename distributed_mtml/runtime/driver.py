@@ -21,6 +21,7 @@ from distributed_mtml.data.suite import join_path, load_suite_spec, read_text, s
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.interrupts import interrupt_trainer_on_sigint
 from distributed_mtml.runtime.callback import MetricSpool, MLflowMetricsCallback, fail_fast, spool_path, worker_error_summary
+from distributed_mtml.runtime.local import LocalRun
 from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
 from distributed_mtml.runtime.monitor import SCORE
 from distributed_mtml.tracking import Tracker
@@ -101,7 +102,7 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, term
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.num_to_keep, checkpoint_score_attribute=SCORE,
                 checkpoint_score_order=cfg.checkpoint.mode),
-            callbacks=[callback],
+            callbacks=[callback] if callback is not None else [],
             worker_runtime_env={"env_vars": {**faults.fault_env(), console.ENV: terminal}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
@@ -328,6 +329,18 @@ def _fit(trainer, config: Config, ray_name: str, streams: bool):
             raise TrainingFailed(f"training failed{tries}: {what}; {resume()}") from e
 
 
+def _fit_local(spec: RunSpec, config: Config, ray_name: str, callback: MLflowMetricsCallback, address: str | None):
+    """The training function in this process (`scaling.num_workers: 0`), through Ray Train's
+    local mode; `LocalRun` logs and keeps checkpoints as the controller would. Ray starts only
+    for Ray Data, when a task is streamed."""
+    if spec.datasets:
+        ensure_ray(address)
+    c = config.checkpoint
+    with LocalRun(c.resolved_dir(), ray_name, callback, c.num_to_keep, c.mode) as run:
+        make_trainer(spec.loop, spec.payload, config, ray_name, None, "", spec.datasets).fit()
+        return run.result()
+
+
 def _send_kept_metrics(tracker: Tracker, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
     """What the tracking server missed during training, sent now, trying every 2 s for up to
     `wait_s`. If it still does not answer, the run cannot be closed: say where the model and
@@ -354,19 +367,25 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
     """Creates (or resumes) the MLflow run, fits the TorchTrainer, logs the artifacts from its
     last checkpoint and sets the run's final status: FINISHED, KILLED on Ctrl-C, FAILED on
     anything else."""
+    if config.scaling.local and "://" in config.checkpoint.resolved_dir():
+        raise InputError(f"checkpoint.dir: {config.checkpoint.resolved_dir()} is not on this machine; scaling.num_workers: 0 "
+                         "keeps its checkpoints here (a local path)")
     check_local_resources(config, address, bool(spec.datasets))
     check_writable(config.checkpoint.resolved_dir())
     run_id, ray_name = start_or_resume_run(config, tracker, run_name, resume, spec.tags, spec.plan_params)
     spool = spool_path(config.checkpoint.resolved_dir(), ray_name)
-    terminal = f"mtml-console-{ray_name}"
+    terminal = None if config.scaling.local else f"mtml-console-{ray_name}"  # local: this process prints
     callback = MLflowMetricsCallback(tracker, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
                                               spool, terminal)
     with tracker.final_status(run_id):
-        ensure_ray(address)
-        wait_for_resources(config, bool(spec.datasets))
-        with console.relay(terminal):
-            result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal, spec.datasets),
-                          config, ray_name, bool(spec.datasets))
+        if config.scaling.local:
+            result = _fit_local(spec, config, ray_name, callback, address)
+        else:
+            ensure_ray(address)
+            wait_for_resources(config, bool(spec.datasets))
+            with console.relay(terminal):
+                result = _fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal, spec.datasets),
+                              config, ray_name, bool(spec.datasets))
         _send_kept_metrics(tracker, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
         best_step = _log_kept(tracker, run_id, config, spec.counter, result.metrics, kept_metrics)

@@ -4,6 +4,7 @@ build the optimiser."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,26 @@ def everyones(metrics: dict[str, float], world: int) -> dict[str, float]:
     parts: list = [None] * world
     dist.all_gather_object(parts, metrics)
     return {k: v for part in parts for k, v in part.items()}
+
+
+class ReportCadence:
+    """When the ranks report to Ray Train: once `every_s` seconds have passed since the last
+    report on the slowest rank's clock (one all-reduce, so that every rank decides the same: a
+    report is a collective). A report costs about a second whatever the epoch's work, so a run
+    of short epochs reports every few epochs instead of every one."""
+
+    def __init__(self, every_s: float, world: int, device: torch.device):
+        self.every_s, self.world, self.device = every_s, world, device
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        elapsed = torch.tensor([time.monotonic() - self.last], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed) >= self.every_s
+
+    def reported(self) -> None:
+        self.last = time.monotonic()
 
 
 def quiet_report_log() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import ray.train
@@ -32,9 +32,10 @@ from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
+from distributed_mtml.runtime import local
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.train.plan import TrainPlan
-from distributed_mtml.runtime.worker import everyones, make_optimizer, quiet_report_log
+from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer, quiet_report_log
 from distributed_mtml.train.step import TaskBatches, multitask_step
 
 
@@ -153,6 +154,9 @@ class Worker:
     batches: dict[str, TaskBatches]
     fault: FaultInjector
     guard: FiniteLossGuard
+    cadence: ReportCadence
+    pending: list[dict] = field(default_factory=list)  # epochs not yet reported
+    best: tuple[int, tempfile.TemporaryDirectory] | None = None  # an unreported best epoch's saved state
 
     @property
     def order(self) -> list[str]:
@@ -167,7 +171,8 @@ class Worker:
         cfg, t = plan.config, plan.config.training
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        if not cfg.scaling.local:  # local mode: the command's process keeps its threads
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         device = ray.train.torch.get_device()
         shapes, placement = plan.task_shapes(), plan.placement(world)
         mine = placement[rank]
@@ -181,7 +186,7 @@ class Worker:
         groups = parameter_groups(trunk, modules, weighting)  # the checkpoint cuts the optimiser's state by them
         optimizer = make_optimizer(t.optimizer, [p for ps in groups.values() for p in ps], t.lr, t.weight_decay)
         start_epoch, monitor = 0, Monitor.of(cfg)
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = local.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
                 start_epoch, saved = restore_worker_state(d, trunk, modules, optimizer, weighting)
@@ -192,7 +197,7 @@ class Worker:
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
         return cls(plan, payload, rank, world, device, placement, mine, data, trunk, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
-                   FiniteLossGuard(order, device))
+                   FiniteLossGuard(order, device), ReportCadence(t.report_every_s, world, device))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """`steps_per_epoch` steps over this rank's tasks; their training metrics."""
@@ -242,22 +247,51 @@ class Worker:
         self.weighting.end_epoch(_suite_losses(sums, order, steps, self.world))
         return weights
 
-    def report(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Validation metrics of every rank, the keep/stop decision, and the report to Ray Train,
-        with a checkpoint when it is due, at the end, or when the model improved."""
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Validation metrics of every rank and the keep/stop decision, every epoch; the report
+        to Ray Train (a barrier, about 1 s) only when one is due (`ReportCadence`). The epochs
+        between reports travel in the next one, each with its own metrics; an epoch that
+        improved the monitored value is saved at once (`best`) and reported as a checkpoint of
+        its own epoch, so the kept model is still the best epoch's."""
         cfg = self.plan.config
         val = everyones(_evaluate(self.trunk, self.modules, self.plan, self.data, "val", self.device), self.world)
         improved = self.monitor.update(val, epoch)
-        metrics = {**metrics, **val, **self.monitor.report_fields(val)}
-        last = epoch + 1 == cfg.training.epochs or self.monitor.stop
-        if not ((epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last or improved):  # the best is always kept
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            save_worker_state(d, self.rank, epoch, self.payload, self.trunk, self.modules, self.optimizer,
-                              self.weighting, self.monitor.state())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_epoch={epoch:04d}")
+        self.pending.append({**metrics, **val, **self.monitor.report_fields(val)})
+        if improved:
+            self.best = (epoch, self._save(epoch))
+        every, last = cfg.checkpoint.every_n_epochs, epoch + 1 == cfg.training.epochs or self.monitor.stop
+        checkpoint_due = every is not None and (epoch + 1) % every == 0
+        if last or checkpoint_due or self.cadence.due():
+            self._flush(epoch, checkpoint=last or checkpoint_due or every is None)
+
+    def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
+        d = tempfile.TemporaryDirectory()
+        save_worker_state(d.name, self.rank, epoch, self.payload, self.trunk, self.modules, self.optimizer,
+                          self.weighting, self.monitor.state())
+        return d
+
+    def _flush(self, epoch: int, checkpoint: bool) -> None:
+        """Reports the pending epochs: first up to a best epoch before this one, with its saved
+        state; then the rest, with this epoch's state when `checkpoint` (or when it is the best)."""
+        if self.best is not None and self.best[0] < epoch:
+            head = [m for m in self.pending if m["epoch"] <= self.best[0]]
+            _report(head, self.best[1])
+            self.pending, self.best = self.pending[len(head):], None
+        saved = self.best[1] if self.best is not None else self._save(epoch) if checkpoint else None
+        _report(self.pending, saved)
+        self.pending, self.best = [], None
+        self.cadence.reported()
+
+
+def _report(epochs: list[dict], saved: tempfile.TemporaryDirectory | None) -> None:
+    """One report to Ray Train: the last epoch's metrics (what a checkpoint is scored by) and
+    every epoch's under "epochs" (the controller logs each at its own step)."""
+    metrics = {**epochs[-1], "epochs": epochs}
+    if saved is None:
+        local.report(metrics)
+        return
+    with saved:
+        local.report(metrics, saved.name, f"checkpoint_epoch={int(epochs[-1]['epoch']):04d}")
 
 
 def _load_tasks(plan: TrainPlan, mine: list[str], device: torch.device) -> dict:
@@ -284,9 +318,10 @@ def _task_batches(plan: TrainPlan, name: str, data: dict, task_index: int, devic
 
 
 def train_loop_per_worker(payload: dict) -> None:
-    """What Ray Train runs on every rank: set up, then train, evaluate and report each epoch."""
+    """What Ray Train runs on every rank: set up, then train and evaluate each epoch, reporting
+    when a report is due."""
     worker = Worker.start(payload)
     for epoch in range(worker.start_epoch, worker.plan.config.training.epochs):
-        worker.report(epoch, worker.train_epoch(epoch))
+        worker.end_epoch(epoch, worker.train_epoch(epoch))
         if worker.monitor.stop:
             break
