@@ -152,6 +152,10 @@ class AggregationConfig(_Section):
     c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
     leak: float = Field(0.0, ge=0, le=1, description="GradDrop's leak: fraction of every gradient kept unmasked")
     temperature: float = Field(2.0, gt=0, description="DWA's softmax temperature T")
+    gradients: Literal["parameters", "representation"] = Field(
+        "parameters", description="what a Gram method compares: each task's trunk-parameter gradient (one backward per "
+        "task) or its gradient at the trunk's output (MGDA-UB: one trunk backward per step, whatever the task count)"
+    )
 
     @field_validator("*")
     @classmethod
@@ -162,7 +166,7 @@ class AggregationConfig(_Section):
         from distributed_mtml.aggregation import METHODS
 
         method, name = METHODS.get(info.data.get("method")), info.field_name
-        if name == "method" or method is None or value == cls.model_fields[name].default:
+        if name in ("method", "gradients") or method is None or value == cls.model_fields[name].default:
             return value
         if name not in method.params:
             taken = ", ".join(method.params) or "none"
@@ -175,6 +179,10 @@ class AggregationConfig(_Section):
 
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}' (choose from: {', '.join(METHODS)})")
+        gram = [n for n, m in METHODS.items() if m.kind == "gram" and m.needs_exchange]
+        if self.gradients == "representation" and self.method not in gram:
+            raise ValueError(f"gradients: representation weighs tasks by a Gram matrix: a method of {', '.join(gram)}, "
+                             f"not '{self.method}'")
         return self
 
     def resolved(self) -> "Method":  # noqa: F821 - aggregation.Method

@@ -35,6 +35,10 @@ def test_unknown_keys_and_bad_values_name_the_file_and_key(tmp_path):
     assert any(p.startswith(f"{path}: key 'training.lr'") for p in err.value.problems)
     with pytest.raises(InputError, match="unknown key 'training.nope'"):
         load_config(_write(tmp_path, "suite: {generator: seed-example}\n"), ["training.nope=1"])
+    with pytest.raises(InputError, match="gradients: representation weighs tasks by a Gram matrix: .*not 'mean'"):
+        load_config(_write(tmp_path, "suite: {generator: seed-example}\naggregation: {gradients: representation}\n"))
+    good = _write(tmp_path, "suite: {generator: seed-example}\naggregation: {method: mgda, gradients: representation}\n")
+    assert load_config(good).aggregation.gradients == "representation"
 
 
 def test_missing_and_unreadable_config(tmp_path):

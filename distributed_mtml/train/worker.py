@@ -25,6 +25,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from distributed_mtml import relations
 from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
+from distributed_mtml.aggregation.representation import representation_step
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
 from distributed_mtml.data.suite import load_suite_spec, load_task
@@ -66,6 +67,8 @@ def _make_step(
     - Gradient methods with one task per rank: DDP whose hook all-gathers the buckets during
       the backward (`aggregation.overlap`), the fastest exchange.
     - Other gradient methods: each owned task's gradient, one all-gather (`aggregation.exchange`).
+    - `aggregation.gradients: representation`: the Gram of gradients at the trunk's output, one
+      trunk backward (`aggregation.representation`).
     - mean and the loss weightings: DDP's own average (none with local SGD, which averages
       parameters instead), made the gradient of the mean over the suite's tasks for heads and
       trunk alike, whatever the worker count (`multitask_step`).
@@ -74,6 +77,9 @@ def _make_step(
     agg = cfg.aggregation
     method, order = agg.resolved(), [s.name for s in plan.task_shapes()]
     half = torch.bfloat16 if cfg.training.precision == "bf16" else None  # forward and losses only
+    if agg.gradients == "representation":
+        return lambda batch, seed: representation_step(
+            trunk, modules, shapes, batch, optimizer, placement, order, method, seed, agg.options(), half)
     if method.needs_exchange:
         if method.kind == "gram" and world > 1 and all(len(tasks) == 1 for tasks in placement):
             ddp, gathered = overlap.wrap_trunk(trunk, device, cfg.scaling.bucket_cap_mb)

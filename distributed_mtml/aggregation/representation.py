@@ -1,0 +1,93 @@
+"""`aggregation.gradients: representation`: Gram-based weights at the cost of one trunk backward.
+
+MGDA-UB (Sener & Koltun 2018) solves the method on the task gradients with respect to the
+trunk's output Z instead of the trunk's parameters: ||sum_t w_t dL_t/dtheta|| is bounded by
+||dZ/dtheta|| ||sum_t w_t dL_t/dZ||, and the first factor does not depend on w. There every
+sample carries every task's label, so all tasks share one Z. Here each task has its own rows,
+so the tasks' dL_t/dZ live on disjoint rows and their Gram would be diagonal (no conflict ever
+seen). Each task's representation gradient is therefore taken over its rows summed: the
+gradient with respect to one shift of Z shared by every row, r_t = sum_rows dL_t/dZ_row, a
+D-vector. Two tasks that want Z moved in opposite directions conflict there as they do in the
+parameters; the Gram of the r_t gives the weights w (same methods, same seed, across workers
+as for parameter gradients, exchanging K x D floats instead of K x P).
+
+Then one backward through the trunk of sum_t w_t L_t gives the trunk its update sum_t w_t g_t
+(g_t each task's own parameter gradient), summed over ranks by one all-reduce; the heads and
+adapters get their own task's gradient, as with parameter gradients. The cost per step is one
+trunk forward and backward whatever the number of tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distributed_mtml.aggregation import Method
+from distributed_mtml.aggregation.exchange import gather_task_grads
+from distributed_mtml.models import task_loss
+
+
+def task_representations(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict,
+                         batches: dict[str, tuple[torch.Tensor, torch.Tensor]], autocast: torch.dtype | None = None
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """One forward of every owned task: (each task's trunk output Z_t, still attached to the
+    trunk's graph; its loss; dL_t/dZ_t per row). The heads' gradients are accumulated on the
+    way, each from its own task's loss."""
+    names = list(batches)
+    device = next(iter(batches.values()))[0].device.type
+    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        inputs = [modules[n].adapter(batches[n][0]) for n in names]
+        features = list(trunk(torch.cat(inputs)).split([len(x) for x in inputs]))
+        detached = [f.detach().requires_grad_() for f in features]
+        losses = [task_loss(shapes[n], modules[n].head(z), batches[n][1]) for n, z in zip(names, detached)]
+    torch.stack(losses).sum().backward()  # the heads' gradients, and dL_t/dZ_t into each detached Z_t
+    return features, losses, [z.grad for z in detached]
+
+
+def representation_step(
+    trunk: nn.Module,
+    modules: nn.ModuleDict,
+    shapes: dict,
+    batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    placement: list[list[str]],
+    order: list[str],
+    method: Method,
+    seed: int,
+    options: dict,
+    autocast: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One step with weights from the representation Gram; returns task losses and weights [K]."""
+    names = list(batches)
+    optimizer.zero_grad(set_to_none=True)
+    features, losses, z_grads = task_representations(trunk, modules, shapes, batches, autocast)
+    local = torch.stack([g.float().sum(0) for g in z_grads])
+    rows = gather_task_grads(local, placement, order) if len(placement) > 1 else local
+    w = method.weights((rows @ rows.T).double().cpu(), seed=seed, **options)
+    adapters = [p for n in names for p in modules[n].adapter.parameters() if p.requires_grad]
+    if adapters:  # their own task's plain gradient, as with parameter gradients: a backward of its own
+        _accumulate(adapters, torch.autograd.grad(features, adapters, z_grads, retain_graph=True))
+    weighted = [g * float(w[order.index(n)]) for g, n in zip(z_grads, names)]
+    params = [p for p in trunk.parameters() if p.requires_grad]
+    _accumulate(params, torch.autograd.grad(features, params, weighted, allow_unused=True))
+    if len(placement) > 1:
+        _sum_over_ranks(params)
+    optimizer.step()
+    return {n: loss.detach() for n, loss in zip(names, losses)}, w
+
+
+def _accumulate(params: list[nn.Parameter], grads: tuple) -> None:
+    for p, g in zip(params, grads):
+        g = torch.zeros_like(p) if g is None else g
+        p.grad = g if p.grad is None else p.grad + g
+
+
+def _sum_over_ranks(params: list[nn.Parameter]) -> None:
+    """The trunk's sum_t w_t g_t: each rank holds its own tasks' part."""
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
