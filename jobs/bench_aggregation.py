@@ -8,7 +8,13 @@ receives per step for the trunk gradients:
   others   all-gather of every rank's task gradients: (W-1) * tasks_per_rank * 4P bytes
 Target: at most 1.5x mean's step time on the medium trunk.
 
-Usage: python jobs/bench_aggregation.py [--epochs 3] [--steps 200]
+`--many K` measures instead what grows with the task count: an mmoe suite of K tasks on 2
+workers (the article's trunk, batch 64 per task), samples/s of `mean`, and of `mgda` and
+`pcgrad` on parameter gradients (one trunk backward per task) and on representation
+gradients (`aggregation.gradients: representation`, one per step), each as a ratio to `mean`.
+Target: representation at least 0.5x mean at 128 tasks.
+
+Usage: python jobs/bench_aggregation.py [--epochs 3] [--steps 200] [--many 128]
 """
 
 from __future__ import annotations
@@ -39,7 +45,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200, help="steps per epoch for the article's model")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--many", type=int, default=0, help="K: the many-task comparison instead (see above)")
     args = parser.parse_args()
+    if args.many:
+        return _many_tasks(args.many, args.epochs, args.steps)
     rows = []
     for model, (widths, scale) in MODELS.items():
         steps = max(int(args.steps * scale), 10)
@@ -58,6 +67,29 @@ def main() -> None:
                          _bytes_per_step(method, widths) / 1e6, out.metrics["val/mean_loss"]])
     print()
     print(table(["model", "method", "ms/step", "x mean", "MB received/rank/step", "final val loss"], rows))
+
+
+def _many_tasks(k: int, epochs: int, steps: int) -> None:
+    """mean, and mgda and pcgrad on parameter and on representation gradients, at K tasks."""
+    from distributed_mtml.data.generators import make_suite
+
+    suite = f"{benchlib.WORKDIR}/mmoe-{k}"
+    make_suite("mmoe", suite, {"tasks": k, "features": 16, "rows": 1000, "seed": 0})
+    rows, mean = [], None
+    for method, gradients in [("mean", "parameters"), *[(m, g) for m in ("mgda", "pcgrad")
+                                                        for g in ("parameters", "representation")]]:
+        cfg = benchlib.config(suite={"path": suite}, model={"trunk": {"widths": [100, 50]}},
+                              training={"epochs": epochs, "batch_size": BATCH, "steps_per_epoch": steps},
+                              scaling={"num_workers": WORKERS}, aggregation={"method": method, "gradients": gradients})
+        out = benchlib.train(cfg, f"many-{method}-{gradients}")
+        rate = benchlib.best_throughput(out)
+        mean = mean or rate
+        rows.append([method, "" if method == "mean" else gradients, f"{rate:,.0f}", f"{rate / mean:.2f}x",
+                     out.metrics["val/mean_loss"]])
+        print(f"[bench] {k} tasks {method} {gradients}: {rate:,.0f} samples/s", flush=True)
+    print()
+    print(f"{k} mmoe tasks on {WORKERS} workers, article's trunk (100, 50), batch {BATCH} per task, {steps} steps x {epochs} epochs")
+    print(table(["method", "gradients", "samples/s", "x mean", "final val loss"], rows))
 
 
 if __name__ == "__main__":

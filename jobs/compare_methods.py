@@ -10,7 +10,11 @@ and on how many seeds the method beat `mean`.
 Published comparisons often find equal weighting as good as these methods: read the CI
 before reading a ranking.
 
+`--representation` adds each Gram method with `aggregation.gradients: representation`
+(labelled "(repr.)"), to compare it with the same method on parameter gradients.
+
 Usage: python jobs/compare_methods.py [--seeds 3] [--epochs 4] [--correlations 0.9 0.5 0 -0.5]
+       [--methods mean pcgrad mgda] [--representation]
 """
 
 from __future__ import annotations
@@ -25,15 +29,20 @@ from distributed_mtml.data.generators import make_suite
 from distributed_mtml.report import table
 from distributed_mtml.stats import fmt
 
+REPRESENTATION = " (repr.)"  # a Gram method with aggregation.gradients: representation
+
+
 def _val_loss(suite_dir: str, method: str, seed: int, epochs: int, steps: int) -> float:
+    name, gradients = (method[: -len(REPRESENTATION)], "representation") if method.endswith(REPRESENTATION) \
+        else (method, "parameters")
     cfg = benchlib.config(
         suite={"path": suite_dir},
         model={"trunk": {"widths": [64, 32]}},
         training={"epochs": epochs, "batch_size": 32, "steps_per_epoch": steps, "lr": 0.003, "seed": seed},
         scaling={"num_workers": 2},
-        aggregation={"method": method},
+        aggregation={"method": name, "gradients": gradients},
     )
-    return benchlib.train(cfg, f"compare-{method}").metrics["val/mean_loss"]
+    return benchlib.train(cfg, f"compare-{name}-{gradients}").metrics["val/mean_loss"]
 
 
 def main() -> None:
@@ -43,8 +52,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps per epoch")
     parser.add_argument("--correlations", type=float, nargs="*", default=[0.9, 0.5, 0.0, -0.5])
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--representation", action="store_true",
+                        help="each Gram method also with aggregation.gradients: representation, beside parameters")
     args = parser.parse_args()
     methods = ["mean", *[m for m in args.methods if m != "mean"]]
+    if args.representation:
+        methods += [m + REPRESENTATION for m in methods if METHODS[m].kind == "gram" and METHODS[m].needs_exchange]
     rows = []
     for p in args.correlations:
         losses: dict[str, list[float]] = {m: [] for m in methods}

@@ -182,8 +182,8 @@ def _config_cases():
         c.config["training"]["batch_size"] = -4
         return c.train(), "config.yaml: key 'training.batch_size': Input should be greater than or equal to 1"
 
-    def zero_workers(c):
-        return c.train("--set", "scaling.num_workers=0"), "key 'scaling.num_workers': Value error, must be at least 1"
+    def negative_workers(c):
+        return c.train("--set", "scaling.num_workers=-1"), "key 'scaling.num_workers': Value error, must be at least 0"
 
     def elastic_range_backwards(c):
         return c.train("--set", "scaling.num_workers=[3,1]"), \
@@ -246,7 +246,7 @@ def _config_cases():
         return c.train("--set", "aggregation.method=pcgrad", "--set", "aggregation.leak=0.2"), \
             "key 'aggregation.leak': Value error, not an option of method 'pcgrad'"
 
-    return [unknown_key, wrong_type, negative_batch, zero_workers, elastic_range_backwards, zero_lr, unknown_method, set_without_value,
+    return [unknown_key, wrong_type, negative_batch, negative_workers, elastic_range_backwards, zero_lr, unknown_method, set_without_value,
             set_unknown_key, config_yaml_syntax, set_bad_value_blames_the_flag, mistyped_suite_path, too_many_cpus, gpus_not_there, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
             unknown_monitor, unknown_algorithm, option_of_another_method]
 

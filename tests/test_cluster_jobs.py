@@ -93,7 +93,7 @@ def _wait(job_id: str, seconds: float = 300) -> str:
 def _train_config(tmp_path, seed_suite) -> str:
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({
-        "suite": {"path": seed_suite}, "training": {"epochs": 40, "batch_size": 16, "lr": 0.01},
+        "suite": {"path": seed_suite}, "training": {"epochs": 40, "batch_size": 16, "lr": 0.01, "report_every_s": 0},
         "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
     return str(path)
 

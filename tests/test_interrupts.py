@@ -60,7 +60,7 @@ def _write(tmp_path, raw: dict) -> str:
 @pytest.mark.parametrize("command", ["train", "meta-train"])
 def test_ctrl_c_ends_a_training_run_killed_and_resumable(tmp_path, seed_suite, command):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    raw = {"suite": {"path": seed_suite}, "training": {"epochs": 200, "steps_per_epoch": 20},
+    raw = {"suite": {"path": seed_suite}, "training": {"epochs": 200, "steps_per_epoch": 20, "report_every_s": 0},
            "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}
     started = "[mtml] epoch 2/"
     if command == "meta-train":

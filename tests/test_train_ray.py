@@ -356,7 +356,7 @@ def _cli_train(tmp_path, suite, env: dict, *extra: str) -> subprocess.CompletedP
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
         "suite": {"path": suite}, "training": {"epochs": 4, "batch_size": 16, "steps_per_epoch": 10},
-        "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
+        "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs"), "every_n_epochs": 1}}))
     command = [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config), "--tracking-uri", _tracker(tmp_path).uri,
                *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,

@@ -1,0 +1,84 @@
+"""Small jobs: wall time of `mtml train` on a 200-row, 3-task suite, as a user runs it.
+
+    python jobs/bench_small.py [--epochs 60]
+
+Three ways of running the same config (mmoe, 3 tasks x 200 rows, article's trunk), each a
+fresh `mtml train` process timed from start to exit, side by side in one run:
+  every epoch   2 workers reporting and checkpointing every epoch (`training.report_every_s: 0`,
+                `checkpoint.every_n_epochs: 1`): how every run went before the report cadence
+  2 workers     the defaults: a report when 10 s have passed, and at the end
+  local mode    `scaling.num_workers: 0`: the training function in the command's own process
+The kept epoch and its validation loss are printed beside each: they must agree.
+Targets: local mode at most 15 s, 2 workers at most 40 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+from distributed_mtml.data.generators import make_suite
+from distributed_mtml.report import table
+
+WORK = tempfile.mkdtemp(prefix="mtml_bench_small_")
+URI = f"sqlite:///{WORK}/mlflow.db"
+MODES = {
+    "every epoch": ({"num_workers": 2}, {"report_every_s": 0}, {"every_n_epochs": 1}),
+    "2 workers": ({"num_workers": 2}, {}, {}),
+    "local mode": ({"num_workers": 0}, {}, {}),
+}
+
+
+def _run(name: str, suite: str, epochs: int, scaling: dict, training: dict, checkpoint: dict) -> tuple[float, str, str]:
+    """(wall seconds, kept epoch, its val/mean_loss) of one `mtml train` process."""
+    config = {"suite": {"path": suite}, "training": {"epochs": epochs, "batch_size": 32, "lr": 0.003, **training},
+              "scaling": scaling, "checkpoint": {"dir": os.path.join(WORK, "runs"), **checkpoint},
+              "tracking": {"experiment": "bench-small"}}
+    path = os.path.join(WORK, f"{name.replace(' ', '-')}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    begin = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "distributed_mtml", "train", "--config", path, "--tracking-uri", URI],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - begin
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return wall, *_kept(path)
+
+
+def _kept(config_path: str) -> tuple[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(URI)
+    exp = client.get_experiment_by_name("bench-small")
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    run = client.search_runs([exp.experiment_id], f"tags.`mtml.config_name` = '{name}'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return run.data.tags["mtml.best_epoch"], f"{run.data.metrics['best/val/mean_loss']:.6f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=60)
+    a = p.parse_args()
+    suite = os.path.join(WORK, "mmoe")
+    make_suite("mmoe", suite, {"rows": 200, "tasks": 3, "features": 8, "seed": 0})
+    print(f"bench_small: {os.cpu_count()} CPUs; 3 mmoe tasks x 200 rows, {a.epochs} epochs; work dir {WORK}", flush=True)
+    rows, base = [], None
+    for name, sections in MODES.items():
+        wall, epoch, loss = _run(name, suite, a.epochs, *sections)
+        base = base or wall
+        rows.append([name, f"{wall:.1f}", f"{wall / base:.2f}x", epoch, loss])
+        print(f"[bench] {name}: {wall:.1f} s", flush=True)
+    print()
+    print(table(["mode", "wall s", "x every epoch", "kept epoch", "its val/mean_loss"], rows))
+
+
+if __name__ == "__main__":
+    main()
