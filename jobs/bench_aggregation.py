@@ -74,7 +74,7 @@ def _many_tasks(k: int, epochs: int, steps: int) -> None:
     from distributed_mtml.data.generators import make_suite
 
     suite = f"{benchlib.WORKDIR}/mmoe-{k}"
-    make_suite("mmoe", suite, {"tasks": k, "features": 16, "rows": 1000, "seed": 0})
+    make_suite("mmoe", suite, {"tasks": k, "features": k + 8, "rows": 1000, "seed": 0})  # mmoe needs features > tasks
     rows, mean = [], None
     for method, gradients in [("mean", "parameters"), *[(m, g) for m in ("mgda", "pcgrad")
                                                         for g in ("parameters", "representation")]]:
