@@ -53,7 +53,7 @@ class DataConfig(_Section):
         "(about 3x), which a worker of a few GiB still affords"
     )
     shuffle_buffer_rows: int = Field(
-        65536, ge=1, description="rows in the local shuffle buffer of a streamed task (at least one batch)"
+        65536, ge=1, description="rows in a streamed task's shuffle window (rounded up to whole batches)"
     )
 
 
