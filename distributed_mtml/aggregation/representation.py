@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_mtml.aggregation import Method
-from distributed_mtml.aggregation.exchange import gather_task_grads
+from distributed_mtml.aggregation.exchange import gather_task_grads, write_grad
 from distributed_mtml.models import task_loss
 
 
@@ -87,7 +87,4 @@ def _sum_over_ranks(params: list[nn.Parameter]) -> None:
     """The trunk's sum_t w_t g_t: each rank holds its own tasks' part."""
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    write_grad(params, flat)
