@@ -45,6 +45,11 @@ MODELS = {
             ("DDP", {}),
             ("DDP fp16 + 100MB buckets", {"scaling": {"grad_compression": "fp16", "bucket_cap_mb": 100}}),
             ("DDP sync_every=4", {"training": {"sync_every": 4}}),
+            ("DDP", {"training": {"batch_size": 256}}),
+            ("DDP 5MB buckets", {"training": {"batch_size": 256}, "scaling": {"bucket_cap_mb": 5}}),
+            ("DDP 100MB buckets", {"training": {"batch_size": 256}, "scaling": {"bucket_cap_mb": 100}}),
+            ("DDP fp16", {"training": {"batch_size": 256}, "scaling": {"grad_compression": "fp16"}}),
+            ("DDP sync_every=4", {"training": {"batch_size": 256, "sync_every": 4}}),
         ],
     },
 }
