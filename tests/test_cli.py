@@ -87,3 +87,13 @@ def test_runs_of_one_config_get_distinct_names_and_are_found_by_it(tmp_path):
     old = client.create_run(client.get_experiment_by_name("e").experiment_id, run_name="older").info.run_id
     assert tracker.find_resumable_run("e", "older") == old  # runs from before the tag: by name
     assert tracker.find_resumable_run("e", "other") is None
+
+
+def test_progress_line_names_few_tasks_and_summarises_many():
+    from distributed_mtml.runtime.callback import progress_line
+
+    few = {"val/mean_loss": 0.5, "throughput/samples_per_s": 10.0, "val/a/r2": 0.25, "val/b/accuracy": 0.75}
+    assert progress_line(0, 2, few) == "[mtml] epoch 1/2 | val/mean_loss 0.5000 | a r2 0.2500 | b accuracy 0.7500 | 10 samples/s"
+    many = {"val/mean_loss": 0.5, "throughput/samples_per_s": 10.0, **{f"val/t{i}/r2": i / 100 for i in range(20)}}
+    line = progress_line(1, 2, many)
+    assert "t7 r2" not in line and "r2 median 0.0950 (min 0.0000, max 0.1900, 20 tasks)" in line

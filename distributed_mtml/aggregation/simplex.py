@@ -1,8 +1,9 @@
-"""Small deterministic solvers over the probability simplex, shared by MGDA and CAGrad.
+"""Small deterministic solvers over the probability simplex: CAGrad's, and the Gram scaling
+MGDA shares.
 
-K is the number of tasks (tens at most), so projected gradient descent in float64 numpy with
-a fixed iteration budget is exact enough and, unlike an external QP solver, gives
-bit-identical answers on every worker. numpy, not torch: at K x K the per-call overhead is
+For CAGrad's objective projected gradient descent in float64 numpy with a fixed iteration
+budget is exact enough and gives bit-identical answers on every worker (MGDA's quadratic has
+an exact active-set solver, `scipy.optimize.nnls`; see mgda.py). numpy, not torch: at K x K the per-call overhead is
 what costs, and it runs every step.
 """
 

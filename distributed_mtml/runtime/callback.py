@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import time
 from typing import Any
 
@@ -45,14 +46,26 @@ def merge_worker_metrics(
 def progress_line(epoch: int, epochs: int, metrics: dict[str, float], counter: str = "epoch") -> str:
     done = epoch + 1 if counter == "epoch" else epoch  # epochs count from 0, iterations done from 1
     parts = [f"{counter} {done}/{epochs}", f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
-    parts += [
-        f"{k.split('/')[1]} {k.split('/')[2]} {v:.4f}"
-        for k, v in sorted(metrics.items())
-        if k.startswith("val/") and k.count("/") == 2 and k.split("/")[-1] in ("accuracy", "r2")
-    ]
+    per_task = [(k.split("/")[1], k.split("/")[2], v) for k, v in sorted(metrics.items())
+                if k.startswith("val/") and k.count("/") == 2 and k.split("/")[-1] in ("accuracy", "r2")]
+    parts += _task_parts(per_task)
     unit = "samples" if counter == "epoch" else "tasks"
     parts.append(f"{metrics['throughput/samples_per_s']:.0f} {unit}/s")
     return "[mtml] " + " | ".join(parts)
+
+
+SHOWN_TASKS = 8  # beyond this many task metrics, one line per task would not be a line
+
+
+def _task_parts(per_task: list[tuple[str, str, float]]) -> list[str]:
+    """Each task's accuracy or r2; with many tasks, each metric's median and range instead."""
+    if len(per_task) <= SHOWN_TASKS:
+        return [f"{task} {metric} {v:.4f}" for task, metric, v in per_task]
+    parts = []
+    for metric in sorted({m for _, m, _ in per_task}):
+        values = sorted(v for _, m, v in per_task if m == metric)
+        parts.append(f"{metric} median {statistics.median(values):.4f} (min {values[0]:.4f}, max {values[-1]:.4f}, {len(values)} tasks)")
+    return parts
 
 
 def worker_error_summary(worker_exceptions: dict[int, BaseException]) -> str:
