@@ -14,7 +14,7 @@ workers (the article's trunk, batch 64 per task), samples/s of `mean`, and of `m
 gradients (`aggregation.gradients: representation`, one per step), each as a ratio to `mean`.
 Target: representation at least 0.5x mean at 128 tasks.
 
-Usage: python jobs/bench_aggregation.py [--epochs 3] [--steps 200] [--many 128]
+Usage: python jobs/bench_aggregation.py [--epochs 3] [--steps 200] [--many 128 [--trunk 100,256]]
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps per epoch for the article's model")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--many", type=int, default=0, help="K: the many-task comparison instead (see above)")
+    parser.add_argument("--trunk", default="100,50", help="--many's trunk widths; representation needs the last above K")
     args = parser.parse_args()
     if args.many:
-        return _many_tasks(args.many, args.epochs, args.steps)
+        return _many_tasks(args.many, args.epochs, args.steps, [int(w) for w in args.trunk.split(",")])
     rows = []
     for model, (widths, scale) in MODELS.items():
         steps = max(int(args.steps * scale), 10)
@@ -69,7 +70,7 @@ def main() -> None:
     print(table(["model", "method", "ms/step", "x mean", "MB received/rank/step", "final val loss"], rows))
 
 
-def _many_tasks(k: int, epochs: int, steps: int) -> None:
+def _many_tasks(k: int, epochs: int, steps: int, widths: list[int]) -> None:
     """mean, and mgda and pcgrad on parameter and on representation gradients, at K tasks."""
     from distributed_mtml.data.generators import make_suite
 
@@ -78,7 +79,7 @@ def _many_tasks(k: int, epochs: int, steps: int) -> None:
     rows, mean = [], None
     for method, gradients in [("mean", "parameters"), *[(m, g) for m in ("mgda", "pcgrad")
                                                         for g in ("parameters", "representation")]]:
-        cfg = benchlib.config(suite={"path": suite}, model={"trunk": {"widths": [100, 50]}},
+        cfg = benchlib.config(suite={"path": suite}, model={"trunk": {"widths": widths}},
                               training={"epochs": epochs, "batch_size": BATCH, "steps_per_epoch": steps},
                               scaling={"num_workers": WORKERS}, aggregation={"method": method, "gradients": gradients})
         out = benchlib.train(cfg, f"many-{method}-{gradients}")
@@ -88,7 +89,7 @@ def _many_tasks(k: int, epochs: int, steps: int) -> None:
                      out.metrics["val/mean_loss"]])
         print(f"[bench] {k} tasks {method} {gradients}: {rate:,.0f} samples/s", flush=True)
     print()
-    print(f"{k} mmoe tasks on {WORKERS} workers, article's trunk (100, 50), batch {BATCH} per task, {steps} steps x {epochs} epochs")
+    print(f"{k} mmoe tasks on {WORKERS} workers, trunk {tuple(widths)}, batch {BATCH} per task, {steps} steps x {epochs} epochs")
     print(table(["method", "gradients", "samples/s", "x mean", "final val loss"], rows))
 
 

@@ -79,3 +79,15 @@ def test_readme_config_reference_lists_every_key():
     readme = open(os.path.join(REPO, "README.md")).read()
     missing = [k for k in _leaf_keys(Config) if f"`{k}`" not in readme]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_representation_narrower_than_the_task_count_is_warned(seed_suite, capsys):
+    """seed-example has 2 tasks: a trunk output of 1 cannot tell their representation gradients apart."""
+    from distributed_mtml.config import validate_config
+    from distributed_mtml.train.plan import make_plan
+
+    for width, warned in ((1, True), (2, False)):
+        make_plan(validate_config({"suite": {"path": seed_suite}, "model": {"trunk": {"widths": [8, width]}},
+                                   "aggregation": {"method": "mgda", "gradients": "representation"}}))
+        out = capsys.readouterr().out
+        assert ("warning: aggregation.gradients: representation with 2 tasks and a trunk output of 1" in out) == warned
