@@ -2,7 +2,7 @@
 
 For mmoe suites of two regression tasks at pairwise correlations 0.9, 0.5, 0 and -0.5 (the
 last one: the tasks' weight vectors point apart), and several seeds, trains each method
-through `mtml train` (2 workers, one task each, same model, budget and seed for every
+through `mtml train` (2 workers by default, one task each; same model, budget and seed for every
 method) and prints the final validation loss, averaged over tasks, as mean +- 95% CI over
 seeds (Student t), with the paired difference to `mean` (negative: the method is better)
 and on how many seeds the method beat `mean`.
@@ -14,7 +14,7 @@ before reading a ranking.
 (labelled "(repr.)"), to compare it with the same method on parameter gradients.
 
 Usage: python jobs/compare_methods.py [--seeds 3] [--epochs 4] [--correlations 0.9 0.5 0 -0.5]
-       [--methods mean pcgrad mgda] [--representation]
+       [--methods mean pcgrad mgda] [--representation] [--workers 0]
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from distributed_mtml.stats import fmt
 REPRESENTATION = " (repr.)"  # a Gram method with aggregation.gradients: representation
 
 
-def _val_loss(suite_dir: str, method: str, seed: int, epochs: int, steps: int) -> float:
+def _val_loss(suite_dir: str, method: str, seed: int, epochs: int, steps: int, workers: int) -> float:
     name, gradients = (method[: -len(REPRESENTATION)], "representation") if method.endswith(REPRESENTATION) \
         else (method, "parameters")
     cfg = benchlib.config(
         suite={"path": suite_dir},
         model={"trunk": {"widths": [64, 32]}},
         training={"epochs": epochs, "batch_size": 32, "steps_per_epoch": steps, "lr": 0.003, "seed": seed},
-        scaling={"num_workers": 2},
+        scaling={"num_workers": workers},
         aggregation={"method": name, "gradients": gradients},
     )
     return benchlib.train(cfg, f"compare-{name}-{gradients}").metrics["val/mean_loss"]
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps per epoch")
     parser.add_argument("--correlations", type=float, nargs="*", default=[0.9, 0.5, 0.0, -0.5])
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--workers", type=int, default=2,
+                        help="0: local mode, the same updates (the exchange reproduces one process) in a fraction of the time")
     parser.add_argument("--representation", action="store_true",
                         help="each Gram method also with aggregation.gradients: representation, beside parameters")
     args = parser.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
             make_suite("mmoe", suite, {"tasks": 2, "correlation": p, "features": 16, "sines": 2,
                                        "rows": 1256, "train_rows": 256, "seed": seed})
             for method in methods:
-                losses[method].append(_val_loss(suite, method, seed, args.epochs, args.steps))
+                losses[method].append(_val_loss(suite, method, seed, args.epochs, args.steps, args.workers))
                 print(f"[compare] p={p} seed {seed} {method}: val loss {losses[method][-1]:.4f}", flush=True)
         for method in methods:
             diff = [a - b for a, b in zip(losses[method], losses["mean"])]

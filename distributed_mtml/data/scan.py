@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from distributed_mtml.data.suite import SPLITS, TaskSpec, feature_columns, filesystem, is_label_column, join_path, seeded_split
 
@@ -115,8 +116,14 @@ def read_batches(data: pads.Dataset, columns: list[str], batch_rows: int,
 
 
 def head_rows(suite_dir: str, task: TaskSpec, columns: list[str], rows: int = 5) -> pa.Table:
-    """The task's first `rows` rows of `columns`, as they are in its file (a model's input example)."""
-    return open_task(suite_dir, task).head(rows, columns=columns)
+    """The task's first `rows` rows of `columns`, as they are in its file (a model's input
+    example): one batch from the first file's first row group. `Dataset.head` scans ahead through
+    several row groups (measured: 345 MB for 5 rows of a 2M-row file; this, 105 MB with its
+    524,288-row groups)."""
+    data = open_task(suite_dir, task)
+    with data.filesystem.open_input_file(data.files[0]) as f:
+        first = next(pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns), None)
+    return pa.Table.from_batches([first]) if first is not None else data.schema.empty_table().select(columns)
 
 
 def fingerprint(suite_dir: str, task: TaskSpec) -> str:
