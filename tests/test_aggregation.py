@@ -335,13 +335,14 @@ def test_representation_step_across_workers_equals_single_process(tmp_path):
 @pytest.mark.parametrize("trunk_options", [{}, {"layer_norm": True}, {"activation": "gelu"}])
 def test_task_gradients_from_one_backward_equal_one_backward_per_task(trunk_options):
     """The one-backward path (row-wise trunks) against autograd of each task's own loss, with
-    unequal batch sizes and a classification task; layer norm takes the per-task loop."""
+    unequal batch sizes, a classification task and an input adapter (task c has 4 features, the
+    trunk 5); layer norm takes the per-task loop."""
     from distributed_mtml.aggregation.exchange import task_trunk_gradients
     from distributed_mtml.config import ModelConfig, TrunkConfig
     from distributed_mtml.models import TaskShape, build_task_modules, build_trunk, task_losses
 
     shapes = {"a": TaskShape("a", "regression", 5), "b": TaskShape("b", "classification", 5, 3),
-              "c": TaskShape("c", "regression", 5)}
+              "c": TaskShape("c", "regression", 4)}
     cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8], **trunk_options))
     torch.manual_seed(0)
     trunk = build_trunk(cfg, list(shapes.values()))
@@ -349,7 +350,7 @@ def test_task_gradients_from_one_backward_equal_one_backward_per_task(trunk_opti
     g = torch.Generator().manual_seed(3)
     batches = {"a": (torch.randn(12, 5, generator=g), torch.randn(12, generator=g)),
                "b": (torch.randn(7, 5, generator=g), torch.randint(0, 3, (7,), generator=g)),
-               "c": (torch.randn(12, 5, generator=g), torch.randn(12, generator=g))}
+               "c": (torch.randn(12, 4, generator=g), torch.randn(12, generator=g))}
     losses, got = task_trunk_gradients(trunk, modules, shapes, batches)
     params = list(trunk.parameters())
     for i, loss in enumerate(task_losses(trunk, modules, shapes, batches)):

@@ -25,24 +25,29 @@ from torch import nn
 
 from distributed_mtml.aggregation import Method
 from distributed_mtml.aggregation.exchange import gather_task_grads, write_grad
-from distributed_mtml.models import task_loss
+from distributed_mtml.models import task_losses
 
 
 def task_representations(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict,
                          batches: dict[str, tuple[torch.Tensor, torch.Tensor]], autocast: torch.dtype | None = None
-                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """One forward of every owned task: (each task's trunk output Z_t, still attached to the
-    trunk's graph; its loss; dL_t/dZ_t per row). The heads' gradients are accumulated on the
-    way, each from its own task's loss."""
-    names = list(batches)
-    device = next(iter(batches.values()))[0].device.type
-    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        inputs = [modules[n].adapter(batches[n][0]) for n in names]
-        features = list(trunk(torch.cat(inputs)).split([len(x) for x in inputs]))
-        detached = [f.detach().requires_grad_() for f in features]
-        losses = [task_loss(shapes[n], modules[n].head(z), batches[n][1]) for n, z in zip(names, detached)]
-    torch.stack(losses).sum().backward()  # the heads' gradients, and dL_t/dZ_t into each detached Z_t
-    return features, losses, [z.grad for z in detached]
+                         ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """One forward of every owned task (`models.task_losses`, cut at the trunk's output): (the
+    trunk's output Z for all owned rows, still attached to the trunk's graph; each task's loss;
+    dL/dZ per row, each row's from its own task's loss). The heads' gradients are accumulated
+    on the way, each from its own task's loss."""
+    cut: dict[str, torch.Tensor] = {}
+
+    def detach_output(_module, _args, z):  # the heads see a leaf copy: their backward stops there
+        cut["z"], cut["leaf"] = z, z.detach().requires_grad_()
+        return cut["leaf"]
+
+    handle = trunk.register_forward_hook(detach_output)
+    try:
+        losses = task_losses(trunk, modules, shapes, batches, autocast)
+    finally:
+        handle.remove()
+    torch.stack(losses).sum().backward()  # the heads' gradients, and every row's dL_t/dZ into the leaf
+    return cut["z"], losses, cut["leaf"].grad
 
 
 def representation_step(
@@ -61,16 +66,18 @@ def representation_step(
     """One step with weights from the representation Gram; returns task losses and weights [K]."""
     names = list(batches)
     optimizer.zero_grad(set_to_none=True)
-    features, losses, z_grads = task_representations(trunk, modules, shapes, batches, autocast)
-    local = torch.stack([g.float().sum(0) for g in z_grads])
+    z, losses, z_grad = task_representations(trunk, modules, shapes, batches, autocast)
+    sizes = [len(y) for _, y in batches.values()]
+    local = torch.stack([g.float().sum(0) for g in z_grad.split(sizes)])
     rows = gather_task_grads(local, placement, order) if len(placement) > 1 else local
     w = method.weights((rows @ rows.T).double().cpu(), seed=seed, **options)
     adapters = [p for n in names for p in modules[n].adapter.parameters() if p.requires_grad]
     if adapters:  # their own task's plain gradient, as with parameter gradients: a backward of its own
-        _accumulate(adapters, torch.autograd.grad(features, adapters, z_grads, retain_graph=True))
-    weighted = [g * float(w[order.index(n)]) for g, n in zip(z_grads, names)]
+        _accumulate(adapters, torch.autograd.grad(z, adapters, z_grad, retain_graph=True))
+    per_row = torch.tensor([float(w[order.index(n)]) for n in names], dtype=z_grad.dtype).repeat_interleave(
+        torch.tensor(sizes)).to(z_grad.device)
     params = [p for p in trunk.parameters() if p.requires_grad]
-    _accumulate(params, torch.autograd.grad(features, params, weighted, allow_unused=True))
+    _accumulate(params, torch.autograd.grad(z, params, z_grad * per_row[:, None], allow_unused=True))
     if len(placement) > 1:
         _sum_over_ranks(params)
     optimizer.step()
