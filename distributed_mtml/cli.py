@@ -14,6 +14,7 @@ import traceback
 import typing
 
 from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InputError, TrainingFailed
+from distributed_mtml.runtime import memory
 from distributed_mtml.tracking import Tracker, default_tracking_uri
 
 if typing.TYPE_CHECKING:
@@ -406,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     # imported later, the level for when it already is.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    memory.system_arrow_pool()  # before pyarrow allocates: see runtime.memory
     previous = interrupt_on_signals()
     try:
         return dispatch(args)

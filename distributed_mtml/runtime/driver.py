@@ -23,6 +23,7 @@ from distributed_mtml.interrupts import interrupt_trainer_on_sigint
 from distributed_mtml.runtime.callback import MetricSpool, MLflowMetricsCallback, fail_fast, spool_path, worker_error_summary
 from distributed_mtml.runtime.local import LocalRun
 from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
+from distributed_mtml.runtime import memory
 from distributed_mtml.runtime.monitor import SCORE
 from distributed_mtml.tracking import Tracker
 
@@ -103,7 +104,8 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, term
                 num_to_keep=cfg.checkpoint.num_to_keep, checkpoint_score_attribute=SCORE,
                 checkpoint_score_order=cfg.checkpoint.mode),
             callbacks=[callback] if callback is not None else [],
-            worker_runtime_env={"env_vars": {**faults.fault_env(), console.ENV: terminal}},
+            worker_runtime_env={"env_vars": {**faults.fault_env(), console.ENV: terminal,
+                                             **(memory.system_arrow_pool() if datasets else {})}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets or None,
@@ -389,6 +391,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
         _send_kept_metrics(tracker, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
         best_step = _log_kept(tracker, run_id, config, spec.counter, result.metrics, kept_metrics)
+        memory.hold_mmap_threshold()  # no training follows here: the test split's reading and scoring stay bounded
         with kept.as_directory() as d:
             spec.log_artifacts(tracker, run_id, d, best_step)
     metrics = tracker.client().get_run(run_id).data.metrics
