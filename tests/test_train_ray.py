@@ -480,6 +480,12 @@ def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite
     for key in ("val/classify/accuracy", "val/regress/mse", "test/classify/auc", "test/regress/r2"):
         assert math.isfinite(out.metrics[key]), key
     assert out.metrics["val/regress/r2"] > 0.1  # it learned from the stream
+    best = int(run.data.tags["mtml.best_epoch"])
+    assert best >= 1  # so its val metrics came from the val split held after epoch 0's pass
+    again = evaluate(model_from_run(out.run_id, _tracker(tmp_path)), seed_suite, "val")
+    for key in ("val/classify/accuracy", "val/classify/auc", "val/regress/mse"):
+        logged = {m.step: m.value for m in client.get_metric_history(out.run_id, key)}
+        assert logged[best] == pytest.approx(again[key], rel=1e-6, abs=1e-9), key
 
     from conftest import write_raw_suite
 
@@ -488,6 +494,20 @@ def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite
     raw = write_raw_suite(str(tmp_path / "raw"))
     with pytest.raises(InputError, match="is streamed .* needs a split column 'split'"):
         run_training(_config(tmp_path, raw, data={"max_in_memory_mb": 0}), "raw", _tracker(tmp_path))
+
+
+def test_a_small_streamed_split_is_held_after_one_pass_and_a_large_one_is_not(monkeypatch):
+    import torch
+
+    from distributed_mtml.train import worker
+
+    batches = [(torch.ones(4, 3), torch.zeros(4)) for _ in range(3)]  # 64 bytes each
+    held: dict = {}
+    same = lambda got: len(got) == 3 and all(g[0] is w[0] and g[1] is w[1] for g, w in zip(got, batches))  # noqa: E731
+    assert same(list(worker._held_after_one_pass(iter(batches), held, "val-a")))
+    assert list(held) == ["val-a"] and same(held["val-a"])
+    monkeypatch.setattr(worker, "HOLD_SPLIT_MB", 150 / 2**20)  # two batches fit, three do not
+    assert len(list(worker._held_after_one_pass(iter(batches), held, "val-b"))) == 3 and "val-b" not in held
 
 
 def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_restart(ray_session, seed_suite):
