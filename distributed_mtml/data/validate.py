@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from distributed_mtml.data.scan import TaskScan, scan_task
 from distributed_mtml.data.suite import SPLITS, SuiteSpec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, validation_lines
+from distributed_mtml.runtime import memory
 
 
 def read_spec(suite_dir: str) -> tuple[SuiteSpec | None, list[str]]:
@@ -142,6 +143,7 @@ def validate_suite(suite_dir: str) -> list[str]:
 def checked_scans(suite_dir: str) -> tuple[SuiteSpec, dict[str, TaskScan]]:
     """The suite's spec and each task's facts, or an InputError listing every problem."""
     spec, scans, problems = scan_suite(suite_dir)
+    memory.give_back()  # the scan read every row: its freed buffers are not this process's to keep
     if problems:
         raise InputError(problems)
     assert spec is not None

@@ -37,3 +37,16 @@ def hold_mmap_threshold() -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):  # not glibc: its own allocator, its own behaviour
         pass
+
+
+def give_back() -> None:
+    """Returns the heap's free memory to the system (glibc's `malloc_trim`; pyarrow's system pool
+    calls it): after reading every row of a suite to plan a run, 106 MB of freed buffers stayed
+    resident in the driver (2M rows), under whatever it did next."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
