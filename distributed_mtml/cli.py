@@ -13,9 +13,12 @@ import sys
 import traceback
 import typing
 
-from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InputError, TrainingFailed
 from distributed_mtml.runtime import memory
-from distributed_mtml.tracking import Tracker, default_tracking_uri
+
+memory.system_arrow_pool()  # before any import below can make Arrow allocate: see runtime.memory
+
+from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InputError, TrainingFailed  # noqa: E402
+from distributed_mtml.tracking import Tracker, default_tracking_uri  # noqa: E402
 
 if typing.TYPE_CHECKING:
     from distributed_mtml.config import Config
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     # imported later, the level for when it already is.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    memory.system_arrow_pool()  # before pyarrow allocates: see runtime.memory
+    memory.hold_mmap_threshold()  # see runtime.memory
     previous = interrupt_on_signals()
     try:
         return dispatch(args)

@@ -2,41 +2,62 @@
 
 Reading a task through a process leaves its resident memory grown with the data even though
 nothing is held, because of two allocators' retention, not of our buffers:
+- glibc raises its mmap threshold each time a large block is freed (up to 32 MB); a batch's
+  arrays and a model's activations then come from per-thread heaps whose freed holes are kept.
+  The plan's scan of a 2 x 30M-row suite (pyarrow's reader threads) peaked 1,204 MB above its
+  start; with the threshold held at 128 KB, 67 MB (and took 14 s instead of 7). Evaluating a
+  4 x 1024 trunk on a 2M-row test split peaked 320 MB higher without it. `malloc_trim` after
+  each batch did not help (993 MB): the holes are spread over the heaps.
 - pyarrow's default pool (mimalloc here) keeps freed pages for reuse: reading a 2M-row task's
   test split in batches peaked 64 MB above the start with it, 32 MB with the system allocator.
-- glibc raises its mmap threshold each time a large block is freed (up to 32 MB); the model's
-  activations and each batch's arrays then come from the heap, whose freed holes are kept.
-  Evaluating a 4 x 1024 trunk on that split peaked 320 MB higher than with the threshold held
-  at 128 KB. Held there, though, every large allocation is a fresh mapping: a 4 x 1024 training
-  step took 30% longer. So it is held only where no training follows: the driver's end of run.
+So `mtml` holds the threshold and uses the system pool from its start. Held, though, every
+large block is a fresh mapping, and a 4 x 1024 training step took 30% longer: training in this
+process (local mode) runs with the threshold at glibc's ceiling instead (`heap_for_training`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
 POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value
+HEAP_THRESHOLD = 32 * 1024 * 1024  # the ceiling glibc's dynamic threshold climbs to (64-bit)
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def system_arrow_pool() -> dict[str, str]:
-    """Makes pyarrow allocate with the system allocator in this process (read at pyarrow's first
-    allocation; a user's own setting wins), and returns the variable for other processes."""
+    """Makes pyarrow allocate with the system allocator in this process, unless the user chose a
+    pool, and returns the variable that does it in other processes. Arrow reads it once, at its
+    first allocation, so the CLI calls this before importing anything else: called after our
+    imports, the process's pool had stayed mimalloc (`pyarrow.set_memory_pool` does not reach
+    the dataset scanner's), and `mtml data validate` of 2 x 30M rows peaked at 1,491 MB instead
+    of 129."""
     os.environ.setdefault(POOL_ENV, "system")
     return {POOL_ENV: os.environ[POOL_ENV]}
 
 
-def hold_mmap_threshold() -> None:
-    """From now on, large blocks are mapped and unmapped, not kept in the heap (glibc; a no-op
-    elsewhere or where the user set `MALLOC_MMAP_THRESHOLD_`)."""
+def hold_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> None:
+    """From now on, blocks above `threshold` are mapped and unmapped, not kept in a heap (glibc;
+    a no-op elsewhere or where the user set `MALLOC_MMAP_THRESHOLD_`)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):  # not glibc: its own allocator, its own behaviour
         pass
+
+
+@contextlib.contextmanager
+def heap_for_training():
+    """Training in this process: its blocks come from the heap and are reused step after step, as
+    with glibc's own threshold once it has climbed; held again afterwards."""
+    hold_mmap_threshold(HEAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        hold_mmap_threshold()
 
 
 def give_back() -> None:
