@@ -97,3 +97,16 @@ def test_progress_line_names_few_tasks_and_summarises_many():
     many = {"val/mean_loss": 0.5, "throughput/samples_per_s": 10.0, **{f"val/t{i}/r2": i / 100 for i in range(20)}}
     line = progress_line(1, 2, many)
     assert "t7 r2" not in line and "r2 median 0.0950 (min 0.0000, max 0.1900, 20 tasks)" in line
+
+
+def test_mtml_reads_with_the_system_allocator_unless_the_user_chose_one():
+    """Arrow reads its pool variable once: the CLI module must set it before anything allocates
+    (runtime.memory); a pool the user named wins."""
+    import os
+
+    code = "import distributed_mtml.cli, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    for chosen, expected in ((None, "system"), ("jemalloc", "jemalloc")):
+        run_env = env if chosen is None else {**env, "ARROW_DEFAULT_MEMORY_POOL": chosen}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
