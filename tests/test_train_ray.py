@@ -532,6 +532,8 @@ def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_re
     passes = torch.cat(epochs)
     assert len(set(passes[:128].tolist())) == 128  # pass 0 spans epochs 0 and 1: no row twice
     assert not torch.equal(passes[:112], passes[128:240])  # pass 1 is another order
+    for r in (first, restarted):  # mid-pass iterators: closed while Ray is up, not at the interpreter's exit
+        r.batches.close()
 
 
 def test_local_mode_trains_as_one_worker_does_and_resumes(ray_session, tmp_path, seed_suite, capsys):
