@@ -3,8 +3,8 @@ MGDA shares.
 
 For CAGrad's objective projected gradient descent in float64 numpy with a fixed iteration
 budget is exact enough and gives bit-identical answers on every worker (MGDA's quadratic has
-an exact active-set solver, `scipy.optimize.nnls`; see mgda.py). numpy, not torch: at K x K the per-call overhead is
-what costs, and it runs every step.
+an exact active-set solver, `scipy.optimize.nnls`; see mgda.py). numpy, not torch: at K x K
+the per-call overhead is what costs, and it runs every step.
 """
 
 from typing import Callable

@@ -38,15 +38,21 @@ def system_arrow_pool() -> dict[str, str]:
     return {POOL_ENV: os.environ[POOL_ENV]}
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (whose `mallopt` and `malloc_trim` these settings use)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its own allocator, its own behaviour
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def hold_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> None:
     """From now on, blocks above `threshold` are mapped and unmapped, not kept in a heap (glibc;
     a no-op elsewhere or where the user set `MALLOC_MMAP_THRESHOLD_`)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):  # not glibc: its own allocator, its own behaviour
-        pass
+    libc = _glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 @contextlib.contextmanager
@@ -67,7 +73,6 @@ def give_back() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

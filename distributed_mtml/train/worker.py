@@ -128,17 +128,19 @@ def _held_after_one_pass(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], h
     size = 0
     for x, y in batches:
         size += x.nbytes + y.nbytes
-        kept = kept + [(x, y)] if kept is not None and size <= HOLD_SPLIT_MB * 2**20 else None
+        if size > HOLD_SPLIT_MB * 2**20:
+            kept = None  # too large to hold: streamed every epoch, and nothing kept meanwhile
+        if kept is not None:
+            kept.append((x, y))
         yield x, y
     if kept is not None:
         held[key] = kept
 
 
 def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: dict, split: str,
-              device: torch.device, held: dict | None = None) -> dict:
+              device: torch.device, held: dict) -> dict:
     """The owned tasks' metrics on `split`: from memory, or streamed from the file in batches
     (`held`: the small streamed splits already read once, see `HOLD_SPLIT_MB`)."""
-    held = {} if held is None else held
     trunk.eval(), modules.eval()
     shapes, out = {s.name: s for s in plan.task_shapes()}, {}
     specs = {s.name: s for s in load_suite_spec(plan.suite_dir).tasks} if plan.streamed else {}
