@@ -1,12 +1,14 @@
 """Tasks larger than memory: streamed vs in-memory training, side by side in one run.
 
-    python jobs/bench_data.py [--big-rows 30000000] [--small-rows 2000000] [--steps 400]
+    python jobs/bench_data.py [--big-rows 30000000] [--small-rows 2000000] [--steps 400] [--repeats 1]
 
 1. A suite whose tasks are each larger than 2 GB as float32 (2 mmoe tasks x `--big-rows` rows x
    16 features), trained streamed (the default `data.max_in_memory_mb` streams it): samples/s and
    the peak RSS of the driver and of each worker, next to what loading it would take.
 2. A suite that fits (2 x `--small-rows` rows): streamed (`data.max_in_memory_mb: 0`) vs in
-   memory, samples/s and peak RSS, for the article's trunk (100, 50) and a 4 x 1024 trunk.
+   memory, samples/s and peak RSS, for the article's trunk (100, 50) and a 4 x 1024 trunk; with
+   `--repeats N`, each pair N times and the medians of the ratios (the in-memory peak varies
+   between runs, up to 2x).
 
 Every run is `mtml train` in a subprocess, as a user runs it, with 2 workers of 0.5 CPU each
 (so that a CPU is left for Ray Data's reads on a 2-core machine). Memory is each process's
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,6 +167,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400, help="steps per epoch (3 epochs per run)")
     p.add_argument("--sections", default="1,2", help="which of the two comparisons to run")
     p.add_argument("--models", default="article,4x1024", help=f"section 2's models, of: {', '.join(MODELS)}")
+    p.add_argument("--repeats", type=int, default=1, help="section 2: run each pair this many times, print medians")
     a = p.parse_args()
     sections = {int(x) for x in a.sections.split(",")}
     print(f"bench_data: {os.cpu_count()} CPUs; work dir {WORK}; batch 256 per task, {a.steps} steps x 3 epochs")
@@ -203,19 +207,31 @@ def _load_growth(suite: str) -> int:
 
 
 def _fits(a: argparse.Namespace, base: dict, models: list) -> None:
-    print(f"\n2. a suite that fits: 2 x {a.small_rows:,} rows ({_float32_gb(a.small_rows) * 1024:,.0f} MB each as float32)")
+    print(f"\n2. a suite that fits: 2 x {a.small_rows:,} rows ({_float32_gb(a.small_rows) * 1024:,.0f} MB each as float32)"
+          + (f", each pair run {a.repeats} times" if a.repeats > 1 else ""))
     small = _suite(a.small_rows)
     for label, widths in models:
-        results = [run(f"{'streamed' if s else 'in-memory'}-{len(widths)}", small, list(widths), s, a.steps)
-                   for s in (True, False)]
         print(f" {label}:")
-        for r, s in zip(results, (True, False)):
-            print(_line(r, base[len(widths), s]))
-        streamed, loaded = results
-        ratio = [growth(streamed, base[len(widths), True], k) / max(growth(loaded, base[len(widths), False], k), 1)
-                 for k in ("driver", "worker")]
-        print(f"  streamed / in-memory: throughput {streamed['throughput'] / loaded['throughput']:.2f}x, "
-              f"peak RSS growth driver {ratio[0]:.2f}x, worker {ratio[1]:.2f}x")
+        ratios = [_pair(small, widths, base, a.steps) for _ in range(a.repeats)]
+        if a.repeats > 1:
+            medians = [statistics.median(r[i] for r in ratios) for i in range(3)]
+            print(f"  median of {a.repeats}: throughput {medians[0]:.2f}x, peak RSS growth driver {medians[1]:.2f}x, "
+                  f"worker {medians[2]:.2f}x")
+
+
+def _pair(suite: str, widths: tuple, base: dict, steps: int) -> tuple[float, float, float]:
+    """One streamed and one in-memory run, printed; streamed / in-memory throughput and peak
+    growths (driver, worker)."""
+    streamed, loaded = [run(f"{'streamed' if s else 'in-memory'}-{len(widths)}", suite, list(widths), s, steps)
+                        for s in (True, False)]
+    for r, s in ((streamed, True), (loaded, False)):
+        print(_line(r, base[len(widths), s]))
+    ratio = [growth(streamed, base[len(widths), True], k) / max(growth(loaded, base[len(widths), False], k), 1)
+             for k in ("driver", "worker")]
+    speed = streamed["throughput"] / loaded["throughput"]
+    print(f"  streamed / in-memory: throughput {speed:.2f}x, peak RSS growth driver {ratio[0]:.2f}x, "
+          f"worker {ratio[1]:.2f}x", flush=True)
+    return speed, ratio[0], ratio[1]
 
 
 if __name__ == "__main__":
