@@ -536,19 +536,25 @@ def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_re
         r.batches.close()
 
 
-def test_a_streamed_split_comes_in_small_blocks(ray_session, tmp_path):
-    """The worker holds the block it reads in private memory, so a streamed split is cut into
-    blocks of about `BLOCK_MB`, not Ray Data's default of up to 128 MB (one 9 MB block here)."""
+def test_a_streamed_split_comes_in_one_chunk_blocks(ray_session, tmp_path):
+    """A block with a chunk per Parquet row group is joined in the worker's private memory,
+    whole, before batches are cut from it; one-chunk blocks (joined in the read task) are read
+    in place from the object store."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
     from distributed_mtml.data import stream
     from distributed_mtml.data.generators import make_suite
     from distributed_mtml.data.suite import load_suite_spec
 
     suite = str(tmp_path / "suite")
-    make_suite("mmoe", suite, {"rows": 200_000, "tasks": 2, "features": 16, "seed": 0})
+    make_suite("mmoe", suite, {"rows": 200_000, "tasks": 2, "features": 16, "seed": 0})  # 4 row groups
     task = load_suite_spec(suite).tasks[0]
     ds = stream.split_dataset(suite, task, stream.task_features(suite, task))
-    sizes = [b.nbytes for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-    assert len(sizes) > 1 and max(sizes) <= 2 * stream.BLOCK_MB * 2**20, sizes
+    blocks: list[pa.Table] = [ray.get(ref) for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    assert sum(b.num_rows for b in blocks) == pq.read_table(f"{suite}/task0.parquet", filters=[("split", "=", "train")]).num_rows
+    assert {c.num_chunks for b in blocks for c in b.columns} == {1}
 
 
 def test_local_mode_trains_as_one_worker_does_and_resumes(ray_session, tmp_path, seed_suite, capsys):
