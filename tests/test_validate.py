@@ -1,5 +1,6 @@
 """Every validation case of the suite format: one clear line naming file and column/key."""
 
+import os
 import subprocess
 import sys
 
@@ -128,3 +129,35 @@ def test_cli_validate_exit_codes(seed_suite):
     bad = subprocess.run([sys.executable, "-m", "distributed_mtml", "data", "validate", seed_suite], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: {seed_suite}/classify.parquet: target column 'nothing' not found"
+
+
+def test_validating_a_suite_many_times_a_task_limit_stays_bounded(tmp_path):
+    """`mtml data validate` streams, so its memory is bounded by its buffers, not the table: the
+    peak of validating 2 tasks of 6M rows (each 389 MB as float32, 824 MB as Arrow reads it
+    whole) is that of 2 tasks of 2M rows (where the buffers have reached their size) within a
+    quarter of one 6M-row task's float32 size."""
+    rng = np.random.default_rng(0)
+    rows, features = 2_000_000, 16
+    table = pa.table({**{f"x{i}": rng.standard_normal(rows) for i in range(features)}, "y": rng.standard_normal(rows),
+                      "split": pa.array(np.array(["train", "val", "test"])[rng.integers(0, 3, rows)]).dictionary_encode()})
+    (tmp_path / "small").mkdir()
+    (tmp_path / "big" / "t").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "small" / "t.parquet", row_group_size=1 << 16)
+    for i in range(3):  # 6M rows: the file three times in a Parquet directory
+        os.link(tmp_path / "small" / "t.parquet", tmp_path / "big" / "t" / f"part{i}.parquet")
+    for suite, path in (("small", "t.parquet"), ("big", "t")):
+        tasks = [{"name": n, "type": "regression", "path": path, "target": "y"} for n in ("a", "b")]
+        yaml.safe_dump({"name": suite, "tasks": tasks}, open(tmp_path / suite / "suite.yaml", "w"))
+
+    def growth(suite: str) -> float:
+        """Peak resident memory of validating, over that after the imports (VmHWM: ru_maxrss
+        would carry over the forking parent's, pytest's)."""
+        code = ("import re, distributed_mtml.cli as cli, distributed_mtml.data.validate\n"
+                "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+                f"base = hwm(); assert cli.main(['data', 'validate', {suite!r}]) == 0; print((hwm() - base) / 1024)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout.split()[-1])
+
+    small, big = growth(str(tmp_path / "small")), growth(str(tmp_path / "big"))
+    assert big - small < 3 * rows * (features + 1) * 4 / 2**20 / 4, (small, big)

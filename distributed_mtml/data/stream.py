@@ -17,7 +17,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from distributed_mtml.data.prepare import TaskPrep
@@ -39,9 +38,9 @@ def split_batches(suite_dir: str, task: TaskSpec, split: str, prep: TaskPrep, ba
     data = open_task(suite_dir, task)
     columns = [*(feature_columns(task, data.schema) if features else []), task.target]
     seeded = seeded_split(task, data.count_rows()) == split if task.split_column not in data.schema.names else None
-    where = None if seeded is not None else pc.field(task.split_column) == split
+    only = None if seeded is not None else (task.split_column, split)
     pending, offset = pa.Table.from_batches([], schema=pa.schema([data.schema.field(c) for c in columns])), 0
-    for batch in read_batches(data, columns, batch_rows, where):
+    for batch in read_batches(data, columns, batch_rows, only):
         if seeded is not None:
             batch, offset = batch.filter(pa.array(seeded[offset : offset + batch.num_rows])), offset + batch.num_rows
         pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
