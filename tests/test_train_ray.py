@@ -464,6 +464,20 @@ def test_affinity_ranks_within_pair_above_across_and_groups_the_pairs(ray_sessio
     assert "relations/groupings.txt" in {a.path for a in client.list_artifacts(out.run_id, "relations")}
 
 
+def _dataset_readers(ray) -> dict[tuple[str, str], set[str]]:
+    """(dataset name, Ray's id of it) -> the log files of the processes that executed it: Ray
+    Data says "Starting execution of Dataset <name>_<id>_<n>" in the log of the process that
+    iterates a dataset (the reads themselves run in its read tasks)."""
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    found: dict[tuple[str, str], set[str]] = {}
+    for name in os.listdir(logs):
+        if name.startswith("worker-") and name.endswith((".out", ".err")):
+            with open(os.path.join(logs, name), errors="replace") as f:
+                for m in re.finditer(r"Starting execution of Dataset ((?:train|val)-.+?)_([0-9A-Za-z]+)_\d+\.", f.read()):
+                    found.setdefault((m[1], m[2]), set()).add(name[:-4])
+    return found
+
+
 def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite):
     """`data.max_in_memory_mb: 0` streams every task: each worker reads its own task's Ray
     dataset (the train split filtered at the read), running out and starting a next pass within
@@ -471,7 +485,13 @@ def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite
     streamed: exit 2 before Ray starts."""
     config = _config(tmp_path, seed_suite, data={"max_in_memory_mb": 0, "shuffle_buffer_rows": 50},
                      training={"epochs": 2, "batch_size": 16, "steps_per_epoch": 12, "lr": 0.02})
+    before = _dataset_readers(ray_session)
     out = run_training(config, "streamed", _tracker(tmp_path))
+    readers = {name: logs for name, logs in _dataset_readers(ray_session).items() if name not in before}
+    for task in ("classify", "regress"):  # the owner reads its task's train and val datasets; no other worker does
+        assert {kind for kind, _ in readers if kind.endswith(f"-{task}")} == {f"train-{task}", f"val-{task}"}
+        assert len(set().union(*(logs for (kind, _), logs in readers.items() if kind.endswith(f"-{task}")))) == 1
+    assert len(set().union(*readers.values())) == 2  # two workers, one task each
     run = _tracker(tmp_path).client().get_run(out.run_id)
     assert run.data.tags["mtml.streamed"] == "classify,regress"
     assert run.data.params["plan.placement"] == "[['classify'], ['regress']]"
