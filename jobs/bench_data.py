@@ -15,7 +15,7 @@ Every run is `mtml train` in a subprocess, as a user runs it, with 2 workers of 
 private resident memory (RssAnon), its peak taken from /proc every 0.1 s while the run goes: a
 worker also maps pages of Ray's shared object store, which count in its RSS but are the node's
 store (bounded by Ray Data's budget), so they are shown apart as "shared". Growth is a peak minus
-the same process's peak in the same run on a 2 x 2,000-row suite: what the data adds to the fixed
+the same process's peak in the same run on a 2 x 20,000-row suite: what the data adds to the fixed
 cost of Python, torch, Ray and MLflow. Throughput is the run's best epoch after the first, from
 MLflow.
 """
@@ -171,7 +171,7 @@ def main() -> None:
     a = p.parse_args()
     sections = {int(x) for x in a.sections.split(",")}
     print(f"bench_data: {os.cpu_count()} CPUs; work dir {WORK}; batch 256 per task, {a.steps} steps x 3 epochs")
-    tiny = _suite(2000)
+    tiny = _suite(20_000)  # a streamed pass of it is 54 batches: few Ray Data executions, as in the real runs
     models = [MODELS[name] for name in a.models.split(",")]
     widths = {w for _, w in models} if 2 in sections else {(100, 50)}
     base = {(len(w), s): run(f"tiny-{len(w)}-{s}", tiny, list(w), s, 20) for w in widths for s in (True, False)}
@@ -197,12 +197,12 @@ def _large(a: argparse.Namespace, base: dict) -> None:
 
 
 def _load_growth(suite: str) -> int:
-    """Peak private memory, over the imports, of loading the suite's first task whole: what an
-    in-memory worker (and, before streaming, the driver's plan) held for one task."""
-    code = ("import resource; from distributed_mtml.data.suite import load_suite_spec, load_task; "
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"d = load_task({suite!r}, load_suite_spec({suite!r}).tasks[0]); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    """Peak resident memory, over the imports, of loading the suite's first task whole: what an
+    in-memory worker (and, before streaming, the driver's plan) held for one task. (VmHWM, not
+    ru_maxrss, which a child carries over from the parent it was forked from.)"""
+    code = ("import re; from distributed_mtml.data.suite import load_suite_spec, load_task\n"
+            "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+            f"base = hwm(); d = load_task({suite!r}, load_suite_spec({suite!r}).tasks[0]); print((hwm() - base) // 1024)")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
