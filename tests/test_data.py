@@ -230,3 +230,19 @@ def test_a_large_suite_is_written_chunk_by_chunk_as_row_groups_of_the_same_tasks
     counts = {s: sum(1 for v in pq.read_table(tmp_path / "task1.parquet").column("split").to_pylist() if v == s)
               for s in SPLITS}
     assert counts["train"] == sum(int(n * 0.7) for n in (100, 100, 100, 50))
+
+
+def test_a_column_prepared_alone_is_bit_identical_to_the_whole_rows():
+    """Streamed windows are prepared a column at a time (`input_column`), in-memory tasks whole
+    (`inputs`): the same float64 arithmetic, so the same float32 values, bit for bit."""
+    from distributed_mtml.data.prepare import TaskPrep
+
+    rng = np.random.default_rng(0)
+    raw = (rng.standard_normal((1000, 5)) * 7 + 3).astype(np.float32)
+    prep = TaskPrep(feature_mean=rng.standard_normal(5).tolist(), feature_std=(rng.random(5) + 0.5).tolist())
+    by_column = np.empty_like(raw)
+    for i in range(5):
+        by_column[:, i] = prep.input_column(i, raw[:, i])
+    assert np.array_equal(by_column, prep.inputs(raw))
+    column = raw[:, 0]
+    assert TaskPrep().input_column(0, column) is column  # not standardised: as it is

@@ -71,6 +71,14 @@ class TaskPrep(BaseModel):
         mean, std = np.asarray(self.feature_mean), np.asarray(self.feature_std)
         return ((x - mean) / std).astype(np.float32)
 
+    def input_column(self, i: int, values: np.ndarray) -> np.ndarray:
+        """Feature `i` of raw rows (float32) as the model takes it: `inputs` one column at a time,
+        with the same float64 arithmetic, so a streamed window is prepared without float64
+        copies of the whole window."""
+        if self.feature_mean is None:
+            return values
+        return (values.astype(np.float64) - self.feature_mean[i]) / self.feature_std[i]
+
     def scaled_target(self, y: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """A regression target in the units the model is trained on (class indices untouched)."""
         floating = y.dtype.is_floating_point if isinstance(y, torch.Tensor) else y.dtype.kind == "f"

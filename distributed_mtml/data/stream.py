@@ -103,9 +103,11 @@ class _Collate:
         self.task, self.features, self.prep = task, features, prep
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.column_stack([batch[c].astype(np.float32) for c in self.features])
+        x = np.empty((len(batch[self.task.target]), len(self.features)), dtype=np.float32)
+        for i, c in enumerate(self.features):  # a column at a time: no float64 copy of the window
+            x[:, i] = self.prep.input_column(i, batch[c].astype(np.float32))
         y = encode_target(self.task, pa.array(batch[self.task.target]), self.prep.classes)
-        return torch.from_numpy(self.prep.inputs(x)), torch.from_numpy(np.asarray(self.prep.scaled_target(y)))
+        return torch.from_numpy(x), torch.from_numpy(np.asarray(self.prep.scaled_target(y)))
 
 
 def dataset_batches(shard, task: TaskSpec, features: list[str], prep: TaskPrep,
