@@ -533,7 +533,10 @@ def test_a_small_streamed_split_is_held_after_one_pass_and_a_large_one_is_not(mo
 def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_restart(ray_session, seed_suite):
     """A streamed task's batches are one seeded sequence of passes: epochs continue the pass the
     last one left (no row twice within a pass), and a fresh reader of epoch 1 (a worker
-    restarted from a checkpoint) sees exactly what the first reader saw."""
+    restarted from a checkpoint) sees exactly what the first reader saw. The dataset's blocks
+    have one chunk per column though the file has a row group per 50 rows: a block of many
+    chunks is joined in the worker's private memory, whole, before batches are cut from it."""
+    import pyarrow.parquet as pq
     import torch
 
     from distributed_mtml.data.prepare import TaskPrep
@@ -541,8 +544,13 @@ def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_re
     from distributed_mtml.data.suite import load_suite_spec
 
     task = load_suite_spec(seed_suite).tasks[1]
+    path = os.path.join(seed_suite, task.path)
+    pq.write_table(pq.read_table(path), path, row_group_size=50)
     features = [f"x{i}" for i in range(10)]
-    shard = split_dataset(seed_suite, task, features).iterator()
+    dataset = split_dataset(seed_suite, task, features)
+    blocks = [ray_session.get(ref) for bundle in dataset.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    assert {c.num_chunks for b in blocks for c in b.columns} == {1} and sum(b.num_rows for b in blocks) == 140
+    shard = dataset.iterator()
     reader = lambda: StreamedBatches(shard, task, features, TaskPrep(), 16, 0, 1, 140, 50, torch.device("cpu"))  # noqa: E731
     first = reader()
     epochs = [torch.cat([y for _, y in first.epoch(e, 5)]) for e in range(3)]  # 15 batches; a pass has 8
@@ -554,27 +562,6 @@ def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_re
     assert not torch.equal(passes[:112], passes[128:240])  # pass 1 is another order
     for r in (first, restarted):  # mid-pass iterators: closed while Ray is up, not at the interpreter's exit
         r.batches.close()
-
-
-def test_a_streamed_split_comes_in_one_chunk_blocks(ray_session, tmp_path):
-    """A block with a chunk per Parquet row group is joined in the worker's private memory,
-    whole, before batches are cut from it; one-chunk blocks (joined in the read task) are read
-    in place from the object store."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-
-    from distributed_mtml.data import stream
-    from distributed_mtml.data.generators import make_suite
-    from distributed_mtml.data.suite import load_suite_spec
-
-    suite = str(tmp_path / "suite")
-    make_suite("mmoe", suite, {"rows": 200_000, "tasks": 2, "features": 16, "seed": 0})  # 4 row groups
-    task = load_suite_spec(suite).tasks[0]
-    ds = stream.split_dataset(suite, task, stream.task_features(suite, task))
-    blocks: list[pa.Table] = [ray.get(ref) for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
-    assert sum(b.num_rows for b in blocks) == pq.read_table(f"{suite}/task0.parquet", filters=[("split", "=", "train")]).num_rows
-    assert {c.num_chunks for b in blocks for c in b.columns} == {1}
 
 
 def test_local_mode_trains_as_one_worker_does_and_resumes(ray_session, tmp_path, seed_suite, capsys):

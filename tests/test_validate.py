@@ -133,17 +133,17 @@ def test_cli_validate_exit_codes(seed_suite):
 
 def test_validating_a_suite_many_times_a_task_limit_stays_bounded(tmp_path):
     """`mtml data validate` streams, so its memory is bounded by its buffers, not the table: the
-    peak of validating 2 tasks of 2M rows (each 130 MB as float32, 275 MB as Arrow reads it
-    whole) is that of 2 tasks of 500K rows (where the buffers have reached their size) within a
-    quarter of one 2M-row task's float32 size."""
+    peak of validating 2 tasks of 1.2M rows (each 78 MB as float32, 165 MB as Arrow reads it
+    whole) is that of 2 tasks of 300K rows (where the buffers have reached their size) within a
+    quarter of one 1.2M-row task's float32 size."""
     rng = np.random.default_rng(0)
-    rows, features, copies = 500_000, 16, 4
+    rows, features, copies = 300_000, 16, 4
     table = pa.table({**{f"x{i}": rng.standard_normal(rows) for i in range(features)}, "y": rng.standard_normal(rows),
                       "split": pa.array(np.array(["train", "val", "test"])[rng.integers(0, 3, rows)]).dictionary_encode()})
     (tmp_path / "small").mkdir()
     (tmp_path / "big" / "t").mkdir(parents=True)
     pq.write_table(table, tmp_path / "small" / "t.parquet", row_group_size=1 << 16)
-    for i in range(copies):  # 2M rows: the file four times in a Parquet directory
+    for i in range(copies):  # the file four times in a Parquet directory
         os.link(tmp_path / "small" / "t.parquet", tmp_path / "big" / "t" / f"part{i}.parquet")
     for suite, path in (("small", "t.parquet"), ("big", "t")):
         tasks = [{"name": n, "type": "regression", "path": path, "target": "y"} for n in ("a", "b")]
