@@ -112,8 +112,8 @@ def read_batches(data: pads.Dataset, columns: list[str], batch_rows: int,
     `batch_rows` at a time, file after file, one row group decoded at a time. Not the dataset's
     own scanner: whatever its readahead settings, it read ahead of a consumer slower than the
     disk (a scan's statistics, a model's forward); validating a directory of three 2M-row files
-    peaked at 146-168 MB of Arrow memory per task with it, 48 MB this way. (With pre-buffering, a reader read
-    ahead through the whole file: 794 MB for 6M rows of a 30M-row file.)"""
+    peaked at 146-168 MB of Arrow memory per task with it, 48 MB this way. (With pre-buffering,
+    a reader read ahead through the whole file: 794 MB for 6M rows of a 30M-row file.)"""
     read = columns if split is None or split[0] in columns else [*columns, split[0]]
     for path in data.files:
         with data.filesystem.open_input_file(path) as f:
