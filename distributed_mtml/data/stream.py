@@ -56,8 +56,16 @@ def _prepared(task: TaskSpec, table: pa.Table, prep: TaskPrep, features: bool) -
     if not features:
         return torch.empty(len(y), 0), y
     names = [c for c in table.column_names if c != task.target]
-    x = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in names])
-    return torch.from_numpy(prep.inputs(x)), y
+    return torch.from_numpy(_inputs([table.column(c).to_numpy(zero_copy_only=False) for c in names], prep)), y
+
+
+def _inputs(columns: list[np.ndarray], prep: TaskPrep) -> np.ndarray:
+    """Raw feature columns -> the [rows, features] float32 array the model takes, a column at a
+    time (`TaskPrep.input_column`): no float64 copy of the whole batch."""
+    x = np.empty((len(columns[0]), len(columns)), dtype=np.float32)
+    for i, values in enumerate(columns):
+        x[:, i] = prep.input_column(i, values.astype(np.float32))
+    return x
 
 
 def task_features(suite_dir: str, task: TaskSpec) -> list[str]:
@@ -103,9 +111,7 @@ class _Collate:
         self.task, self.features, self.prep = task, features, prep
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.empty((len(batch[self.task.target]), len(self.features)), dtype=np.float32)
-        for i, c in enumerate(self.features):  # a column at a time: no float64 copy of the window
-            x[:, i] = self.prep.input_column(i, batch[c].astype(np.float32))
+        x = _inputs([batch[c] for c in self.features], self.prep)
         y = encode_target(self.task, pa.array(batch[self.task.target]), self.prep.classes)
         return torch.from_numpy(x), torch.from_numpy(np.asarray(self.prep.scaled_target(y)))
 
