@@ -401,7 +401,7 @@ def dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distributed_mtml.interrupts import interrupt_on_signals, restore
+    from distributed_mtml.interrupts import interrupt_on_signals, raise_if_swallowed, restore
 
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
@@ -413,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     memory.hold_mmap_threshold()  # see runtime.memory
     previous = interrupt_on_signals()
     try:
-        return dispatch(args)
+        code = dispatch(args)
+        raise_if_swallowed()
+        return code
     except InputError as e:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)

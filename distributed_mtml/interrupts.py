@@ -18,7 +18,7 @@ import signal
 import threading
 
 
-_guarded = {"depth": 0, "pending": None}
+_guarded = {"depth": 0, "pending": None, "raised": None}
 
 
 def _interrupt(signum, frame):
@@ -26,7 +26,18 @@ def _interrupt(signum, frame):
     if _guarded["depth"]:
         _guarded["pending"] = signum
         return
+    _guarded["raised"] = signum
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def raise_if_swallowed() -> None:
+    """Raises again an interrupt that was raised and lost. A signal handler runs wherever the
+    main thread is, and when that is a finalizer (a `__del__`, a weakref callback such as
+    SQLAlchemy's, run by the garbage collector) Python prints the KeyboardInterrupt as
+    "Exception ignored" and goes on: the command would finish as if Ctrl-C had not been
+    pressed. Called where a run is about to be marked FINISHED and where a command returns."""
+    if _guarded["raised"] is not None:
+        raise KeyboardInterrupt(f"signal {_guarded['raised']}")
 
 
 @contextlib.contextmanager
@@ -42,6 +53,7 @@ def uninterrupted():
         _guarded["depth"] -= 1
         pending, _guarded["pending"] = _guarded["pending"], None
         if pending is not None and not _guarded["depth"]:
+            _guarded["raised"] = pending
             raise KeyboardInterrupt(f"signal {pending}")
 
 
@@ -83,6 +95,9 @@ def interrupt_trainer_on_sigint(trainer):
 
 
 def restore(previous: dict | None) -> None:
+    """The handlers from before `interrupt_on_signals`; the interrupt it saw is forgotten (a
+    command run again in this process starts clean)."""
+    _guarded["raised"] = None
     if previous is not None and threading.current_thread() is threading.main_thread():
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from distributed_mtml.interrupts import uninterrupted
+from distributed_mtml.interrupts import raise_if_swallowed, uninterrupted
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -200,6 +200,7 @@ class Tracker:
         status = "FAILED"
         try:
             yield
+            raise_if_swallowed()
             status = "FINISHED"
         except KeyboardInterrupt as interrupt:
             status = "KILLED"
