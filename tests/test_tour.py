@@ -2,7 +2,8 @@
 the repository's shipped configs (as a fresh clone does): every step must work where it stands.
 
 Shorter settings are appended to the long steps (later `--set`s win); `<RUN_ID>` is the run the
-step before printed; the Ctrl-C step gets a real SIGINT to its process group after two epochs;
+step before printed; the Ctrl-C step gets a real SIGINT to its process group after two epochs
+(it stands for `mtml train`'s Ctrl-C test: `test_interrupts` has meta-train's and tune's);
 `mlflow ui` (a server that runs until stopped) is the one step not run: the demo's output must
 name that command for this directory. The demo step also checks what a new user sees first.
 """
@@ -55,18 +56,20 @@ def _argv(command: str, run_id: str | None, shorten: bool) -> list[str]:
     return [sys.executable, "-m", "distributed_mtml", *words[1:], *extra]
 
 
-def _run(argv: list[str], cwd: str, interrupt_after: str | None) -> tuple[int, str]:
-    """The step's exit code and output; with `interrupt_after`, Ctrl-C once that line shows."""
+def _run(argv: list[str], cwd: str, interrupt_after: str | None) -> tuple[int, str, float]:
+    """The step's exit code, output and seconds from Ctrl-C to its exit; with `interrupt_after`,
+    Ctrl-C once that line shows."""
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    out = []
+    out, sent = [], None
     for line in proc.stdout:
         out.append(line)
         if interrupt_after and interrupt_after in line:
             time.sleep(1)
             os.killpg(proc.pid, signal.SIGINT)
-            interrupt_after = None
-    return proc.wait(timeout=600), "".join(out)
+            interrupt_after, sent = None, time.monotonic()
+    code = proc.wait(timeout=600)
+    return code, "".join(out), time.monotonic() - sent if sent else 0.0
 
 
 def _check_demo(out: str, tmp_path) -> None:
@@ -105,13 +108,16 @@ def test_the_readme_tour_works_in_order_in_a_fresh_directory(tmp_path):
             continue
         ctrl_c = "Ctrl-C" in comment
         # the Ctrl-C step as written: shortened to 4 epochs, it could finish before the signal lands
-        code, out = _run(_argv(command, run_id, shorten=not ctrl_c), str(tmp_path), "[mtml] epoch 2/" if ctrl_c else None)
+        code, out, took = _run(_argv(command, run_id, shorten=not ctrl_c), str(tmp_path),
+                               "[mtml] epoch 2/" if ctrl_c else None)
         assert code == (130 if ctrl_c else 0), f"'{command}' exited {code}:\n{out[-3000:]}"
         if command == "mtml demo":
             assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
             _check_demo(out, tmp_path)
-        if ctrl_c:
-            assert "continue it with --resume" in out
+        if ctrl_c:  # ends KILLED within seconds, its checkpoints kept: the resume step below uses them
+            assert took < 20, f"{took:.1f} s from Ctrl-C to exit"
+            (killed,) = re.findall(r"interrupted: run ([0-9a-f]{32}) is marked KILLED; continue it with --resume", out)
+            assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(killed).info.status == "KILLED"
         if "--resume" in command:
             assert f"[mtml] resuming run {run_id}" in out and "after epoch" in out  # the interrupted run
         found = re.findall(r"\brun ([0-9a-f]{32})\b", out)

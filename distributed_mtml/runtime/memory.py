@@ -11,7 +11,7 @@ nothing is held, because of two allocators' retention, not of our buffers:
 - pyarrow's default pool (mimalloc here) keeps freed pages for reuse: reading a 2M-row task's
   test split in batches peaked 64 MB above the start with it, 32 MB with the system allocator.
 So `mtml` holds the threshold and uses the system pool from its start, and so do Ray Train
-workers (`train.worker`): unheld, a 4 x 1024 trunk's first validation pass over a 200,000-row
+workers (`train.worker`): unheld, a 4 x 1024 trunk's first validation pass over a 300,000-row
 split grew a worker by 140 MB. Held, though, every large block is a fresh mapping, and a
 4 x 1024 training step took 30% longer: training epochs, in a worker or in this process (local
 mode), run with the threshold at glibc's ceiling instead (`heap_for_training`).

@@ -357,7 +357,7 @@ def train_loop_per_worker(payload: dict) -> None:
     """What Ray Train runs on every rank: set up, then train and evaluate each epoch, reporting
     when a report is due. Training steps take their memory from the heap, and the rest (loading,
     evaluation) holds glibc's mmap threshold (see `runtime.memory`): a 4 x 1024 trunk's first
-    validation pass over a 200,000-row split grew a worker by 140 MB (peak 250) without it."""
+    validation pass over a 300,000-row split grew a worker by 140 MB (peak 250) without it."""
     memory.hold_mmap_threshold()
     worker = Worker.start(payload)
     for epoch in range(worker.start_epoch, worker.plan.config.training.epochs):
