@@ -26,6 +26,11 @@ def _interrupt(signum, frame):
     if _guarded["depth"]:
         _guarded["pending"] = signum
         return
+    _raise(signum)
+
+
+def _raise(signum: int) -> None:
+    """KeyboardInterrupt, remembered for `raise_if_swallowed`."""
     _guarded["raised"] = signum
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -53,8 +58,7 @@ def uninterrupted():
         _guarded["depth"] -= 1
         pending, _guarded["pending"] = _guarded["pending"], None
         if pending is not None and not _guarded["depth"]:
-            _guarded["raised"] = pending
-            raise KeyboardInterrupt(f"signal {pending}")
+            _raise(pending)
 
 
 def interrupt_on_signals():
