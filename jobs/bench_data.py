@@ -198,11 +198,10 @@ def _large(a: argparse.Namespace, base: dict) -> None:
 
 def _load_growth(suite: str) -> int:
     """Peak resident memory, over the imports, of loading the suite's first task whole: what an
-    in-memory worker (and, before streaming, the driver's plan) held for one task. (VmHWM, not
-    ru_maxrss, which a child carries over from the parent it was forked from.)"""
-    code = ("import re; from distributed_mtml.data.suite import load_suite_spec, load_task\n"
-            "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
-            f"base = hwm(); d = load_task({suite!r}, load_suite_spec({suite!r}).tasks[0]); print((hwm() - base) // 1024)")
+    in-memory worker (and, before streaming, the driver's plan) held for one task."""
+    code = ("from distributed_mtml.data.suite import load_suite_spec, load_task\n"
+            "from distributed_mtml.runtime.memory import peak_resident_mb as peak\n"
+            f"base = peak(); d = load_task({suite!r}, load_suite_spec({suite!r}).tasks[0]); print(int(peak() - base))")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 

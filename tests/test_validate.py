@@ -150,11 +150,10 @@ def test_validating_a_suite_many_times_a_task_limit_stays_bounded(tmp_path):
         yaml.safe_dump({"name": suite, "tasks": tasks}, open(tmp_path / suite / "suite.yaml", "w"))
 
     def growth(suite: str) -> float:
-        """Peak resident memory of validating, over that after the imports (VmHWM: ru_maxrss
-        would carry over the forking parent's, pytest's)."""
-        code = ("import re, distributed_mtml.cli as cli, distributed_mtml.data.validate\n"
-                "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
-                f"base = hwm(); assert cli.main(['data', 'validate', {suite!r}]) == 0; print((hwm() - base) / 1024)")
+        """Peak resident memory of validating, over that after the imports, in a fresh process."""
+        code = ("import distributed_mtml.cli as cli, distributed_mtml.data.validate\n"
+                "from distributed_mtml.runtime.memory import peak_resident_mb as peak\n"
+                f"base = peak(); assert cli.main(['data', 'validate', {suite!r}]) == 0; print(peak() - base)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         return float(out.stdout.split()[-1])

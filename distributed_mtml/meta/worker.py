@@ -29,7 +29,7 @@ from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_g
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
 from distributed_mtml.meta.plan import MetaPlan
 from distributed_mtml.meta.tasks import FAMILIES, Episodes, SuiteEpisodes, draw
-from distributed_mtml.runtime import local
+from distributed_mtml.runtime import local, memory
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.runtime.worker import make_optimizer, quiet_report_log
 
@@ -154,8 +154,14 @@ class MetaWorker:
 
 
 def meta_train_loop_per_worker(payload: dict) -> None:
-    """What Ray Train runs on every rank: outer updates, a report every `meta.report_every`."""
+    """What Ray Train runs on every rank: outer updates, a report every `meta.report_every`. The
+    updates take their memory from the heap, as training epochs do (see `runtime.memory`)."""
     worker = MetaWorker.start(payload)
+    with memory.heap_for_training():
+        _meta_train(worker)
+
+
+def _meta_train(worker: MetaWorker) -> None:
     meta = worker.plan.config.meta
     progress = Progress(worker.done, meta.iterations)
     loss_sum, block, drawn, begin = torch.zeros((), dtype=torch.float64), 0, 0, time.perf_counter()

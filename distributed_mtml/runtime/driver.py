@@ -338,7 +338,7 @@ def _fit_local(spec: RunSpec, config: Config, ray_name: str, callback: MLflowMet
     if spec.datasets:
         ensure_ray(address)
     c = config.checkpoint
-    with LocalRun(c.resolved_dir(), ray_name, callback, c.num_to_keep, c.mode) as run, memory.heap_for_training():
+    with LocalRun(c.resolved_dir(), ray_name, callback, c.num_to_keep, c.mode) as run:
         make_trainer(spec.loop, spec.payload, config, ray_name, None, "", spec.datasets).fit()
         return run.result()
 

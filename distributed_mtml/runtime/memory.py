@@ -13,8 +13,9 @@ nothing is held, because of two allocators' retention, not of our buffers:
 So `mtml` holds the threshold and uses the system pool from its start, and so do Ray Train
 workers (`train.worker`): unheld, a 4 x 1024 trunk's first validation pass over a 300,000-row
 split grew a worker by 140 MB. Held, though, every large block is a fresh mapping, and a
-4 x 1024 training step took 30% longer: training epochs, in a worker or in this process (local
-mode), run with the threshold at glibc's ceiling instead (`heap_for_training`).
+4 x 1024 training step took 30% longer: training epochs and meta-training's updates, in a
+worker or in this process (local mode), run with the threshold at glibc's ceiling instead
+(`heap_for_training`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def heap_for_training():
         yield
     finally:
         hold_mmap_threshold()
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux's VmHWM; not `ru_maxrss`, which a
+    forked child starts with its parent's): what the memory tests and `jobs/bench_data.py`
+    compare before and after a piece of work."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def give_back() -> None:
