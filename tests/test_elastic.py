@@ -28,16 +28,24 @@ pytestmark = pytest.mark.ray
 NODE = {"num_cpus": 1, "resources": {"mtml_worker": 1}, "object_store_memory": 100 * 2**20}
 WORKER = {"cpus_per_worker": 1, "worker_resources": {"mtml_worker": 1}, "resize_check_s": 2,
           "placement_strategy": "SPREAD"}
+# A lost node is known in about 3 s (a check a second, three missed) rather than Ray's default 15 s
+# (every 3 s, five missed): with the defaults, the meta and fixed-size tests took 104 and 41 s
+# here, with these 77 and 33 s.
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+# Right after a loss, the elastic controller still counts the lost node's resources (its view is
+# refreshed every 20 s), asks for two workers, and waits for them until the group's start times
+# out: Ray's default is 60 s, which was most of each test's time.
+START_TIMEOUT_S = 20
 TOLERANCE = 1e-5  # relative: the same arithmetic, summed in another order across 1 or 2 ranks
 # A smooth activation: with ReLU, a rounding difference (1e-8) once flipped a unit at its kink
 # at epoch 21 of 40 and the runs then drifted apart to 1e-2 (measured twice, the same way).
 # Growing back takes 40 s or more here: Ray's autoscaling coordinator, which tells the elastic
-# group how many workers fit, looks at the cluster's nodes every 20 s. The runs must outlast that
-# after the loss, so both rehearse a degraded cluster (MTML_FAULT=slow: 50 ms more a step while
-# the group is below its largest size): the training run's one-worker phase can last ~90 s (37
-# epochs of 30 steps), the meta run's ~160 s (3,120 iterations), on any machine. A meta run of
-# 8,000 plain iterations (CI), and one slowed by 20 ms a step in every phase (67 s at one worker,
-# in the full suite here), both finished before the group grew back.
+# group how many workers fit, looks at the cluster's nodes every 20 s. The training run must
+# outlast that after the loss, so it rehearses a degraded cluster (MTML_FAULT=slow: 50 ms more a
+# step while the group is below its largest size): its one-worker phase can last ~90 s (37 epochs
+# of 30 steps), on any machine. Meta-training only loses a node (its state moves between group
+# sizes the same way in both directions, and growing back is the same driver code as training's):
+# that saves the suite about 100 s.
 
 
 class ThreeNodes:
@@ -46,7 +54,8 @@ class ThreeNodes:
     def __init__(self):
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                                     "_system_config": HEALTH_CHECKS})
         for _ in range(2):
             self.cluster.add_node(**NODE)
         self.cluster.wait_for_nodes()
@@ -67,6 +76,7 @@ def cluster(ray_session):
     connected to: a `ray.init()` here would otherwise find this cluster."""
     patch = pytest.MonkeyPatch()
     patch.setenv("RAY_AUTH_MODE", "disabled")
+    patch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(START_TIMEOUT_S))  # read by the cluster's controller
     c = ThreeNodes()
     yield c
     c.cluster.shutdown()
@@ -139,7 +149,7 @@ def _meta_config(workers) -> dict:
     return {
         "suite": {"generator": "sinusoid"},
         "model": {"trunk": {"widths": [40, 40], "activation": "tanh"}},
-        "meta": {"algorithm": "maml", "iterations": 3600, "report_every": 120, "meta_batch_size": 4, "val_tasks": 8},
+        "meta": {"algorithm": "maml", "iterations": 1200, "report_every": 120, "meta_batch_size": 4, "val_tasks": 8},
         "scaling": {"num_workers": workers, **WORKER},
     }
 
@@ -157,8 +167,10 @@ def _reference(ray_session, tmp_path, name: str, raw: dict, command: str) -> dic
     return run(validate_config(raw), name, Tracker(f"sqlite:///{tmp_path}/reference.db")).metrics
 
 
-def _run_losing_and_regaining_a_node(cluster, tmp_path, command: str, raw: dict, lose_at: str,
-                                     env: dict[str, str] | None = None):
+def _run_losing_a_node(cluster, tmp_path, command: str, raw: dict, lose_at: str, regain: bool,
+                       env: dict[str, str] | None = None):
+    """The command on the cluster; a worker node lost once `lose_at` shows and, with `regain`,
+    added back once the group runs at one worker (otherwise only after the run)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run = Command(command, "--config", _config(tmp_path, "elastic", raw), "--address", cluster.address,
                   "--tracking-uri", uri, env=env)
@@ -166,8 +178,9 @@ def _run_losing_and_regaining_a_node(cluster, tmp_path, command: str, raw: dict,
         run.wait_for(lose_at)
         cluster.lose_a_node()
         run.wait_for(r"now 1 worker\(s\)")
-        cluster.restore()
-        run.wait_for(r"now 2 worker\(s\)")
+        if regain:
+            cluster.restore()
+            run.wait_for(r"now 2 worker\(s\)")
         assert run.finish() == 0, "".join(run.seen)[-4000:]
     finally:
         run.proc.kill()
@@ -192,8 +205,8 @@ def _assert_same_results(got: dict, want: dict, prefix: str) -> None:
 
 def test_training_goes_on_with_one_worker_when_a_node_is_lost_and_grows_back_to_two(cluster, ray_session, tmp_path):
     raw = _train_config(tmp_path, [1, 2])
-    client, run = _run_losing_and_regaining_a_node(cluster, tmp_path, "train", raw, r"epoch 3/40",
-                                                   env={"MTML_FAULT": "slow@0:0"})
+    client, run = _run_losing_a_node(cluster, tmp_path, "train", raw, r"epoch 3/40", regain=True,
+                                     env={"MTML_FAULT": "slow@0:0"})
     assert run.info.status == "FINISHED"
     workers = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "system/workers"),
                                             key=lambda m: m.step)]
@@ -205,12 +218,11 @@ def test_training_goes_on_with_one_worker_when_a_node_is_lost_and_grows_back_to_
     _assert_same_results(run.data.metrics, reference, "best/")
 
 
-def test_meta_training_goes_on_with_one_worker_and_grows_back(cluster, ray_session, tmp_path):
+def test_meta_training_goes_on_with_one_worker_when_a_node_is_lost(cluster, ray_session, tmp_path):
     raw = _meta_config([1, 2])
-    client, run = _run_losing_and_regaining_a_node(cluster, tmp_path, "meta-train", raw, r"iteration (120|240)/",
-                                                   env={"MTML_FAULT": "slow@0:0"})
+    client, run = _run_losing_a_node(cluster, tmp_path, "meta-train", raw, r"iteration (120|240)/", regain=False)
     assert run.info.status == "FINISHED"
-    assert _phases(client, run.info.run_id, tmp_path) == [2, 1, 2]
+    assert _phases(client, run.info.run_id, tmp_path) == [2, 1]
     reference = _reference(ray_session, tmp_path, "meta-reference", raw, "meta-train")
     _assert_same_results(run.data.metrics, reference, "val/meta/")
 
