@@ -53,7 +53,11 @@ def _add_data_commands(sub) -> None:
         for field, info in gen.options.model_fields.items():
             p.add_argument(f"--{field}", type=_scalar_type(info.annotation), default=info.default,
                            help=f"{info.description} (default {info.default})")
-    data.add_parser("validate", help="check a suite, one line per problem").add_argument("suite")
+    validate = data.add_parser("validate", help="check a suite, one line per problem")
+    validate.add_argument("suite")
+    validate.add_argument("--address", help="check each task's file as a Ray task on this cluster, all at once "
+                                            "('auto' inside a job; every node must reach the suite: a bucket URI "
+                                            "or a shared path)")
     data.add_parser("show", help="tasks, types, rows per split, features").add_argument("suite")
 
 
@@ -144,7 +148,7 @@ def cmd_data(args) -> int:
     if args.data_cmd == "validate":
         from distributed_mtml.data.validate import validate_suite
 
-        problems = validate_suite(args.suite)
+        problems = validate_suite(args.suite, args.address)
         if problems:
             raise InputError(problems)
         print(f"{args.suite}: ok")

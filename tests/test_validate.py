@@ -122,6 +122,18 @@ def test_all_problems_are_reported_at_once(seed_suite):
     assert any("target column 'nothing' not found" in p for p in problems)
 
 
+@pytest.mark.ray
+def test_with_an_address_each_task_is_scanned_as_a_ray_task_with_the_same_problems(ray_session, seed_suite, capsys):
+    """`mtml data validate --address`: the tests' Ray stands for the cluster (a joined one is
+    what `ensure_ray` returns to); the lines are the same, in the same order, as in one process."""
+    _edit_table(seed_suite, "classify", lambda t: _set_column(t, "x0", pa.array([np.nan] * t.num_rows)))
+    _edit_yaml(seed_suite, lambda r: r["tasks"][1].update(target="nothing"))
+    alone = validate_suite(seed_suite)
+    assert len(alone) == 2 and not capsys.readouterr().out
+    assert validate_suite(seed_suite, address="auto") == alone
+    assert "[mtml] scanned 2 task file(s) as Ray tasks on 1 node(s)" in capsys.readouterr().out
+
+
 def test_cli_validate_exit_codes(seed_suite):
     ok = subprocess.run([sys.executable, "-m", "distributed_mtml", "data", "validate", seed_suite], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

@@ -123,21 +123,46 @@ def scan_problems(scan: TaskScan, suite_dir: str, key: str = "tasks") -> list[st
     )
 
 
-def scan_suite(suite_dir: str) -> tuple[SuiteSpec | None, dict[str, TaskScan], list[str]]:
-    """The suite's spec, each task's facts, and every problem (one streamed pass per task)."""
+def scan_suite(suite_dir: str, address: str | None = None) -> tuple[SuiteSpec | None, dict[str, TaskScan], list[str]]:
+    """The suite's spec, each task's facts, and every problem (one streamed pass per task). With
+    `address`, each task's pass is a Ray task on that cluster, all at once."""
     spec, problems = read_spec(suite_dir)
     if spec is None:
         return None, {}, problems
+    scanned = _scan_on_cluster(suite_dir, spec, address) if address else [scan_task(suite_dir, t) for t in spec.tasks]
     scans = {}
-    for i, task in enumerate(spec.tasks):
-        scans[task.name] = scan_task(suite_dir, task)
-        problems += scan_problems(scans[task.name], suite_dir, f"tasks.{i}")
+    for i, (task, scan) in enumerate(zip(spec.tasks, scanned)):
+        scans[task.name] = scan
+        problems += scan_problems(scan, suite_dir, f"tasks.{i}")
     return spec, scans, problems
 
 
-def validate_suite(suite_dir: str) -> list[str]:
+def _scan_on_cluster(suite_dir: str, spec: SuiteSpec, address: str) -> list[TaskScan]:
+    """Each task's scan as a Ray task (one CPU each), in the suite's order: a suite of many
+    files in a bucket is read by the cluster's cores at once, not by this process one by one.
+    Every node must reach `suite_dir` (a bucket URI or a shared path)."""
+    import ray
+
+    from distributed_mtml.runtime.driver import ensure_ray
+
+    ensure_ray(address)
+    remote = ray.remote(num_cpus=1)(_scan_where).options(runtime_env={"env_vars": memory.system_arrow_pool()})
+    done = ray.get([remote.remote(suite_dir, task) for task in spec.tasks])
+    nodes = {node for _, node in done}
+    print(f"[mtml] scanned {len(done)} task file(s) as Ray tasks on {len(nodes)} node(s)", flush=True)
+    return [scan for scan, _ in done]
+
+
+def _scan_where(suite_dir: str, task) -> tuple[TaskScan, str]:
+    """`scan_task` in a Ray task, with the node that ran it."""
+    import ray
+
+    return scan_task(suite_dir, task), ray.get_runtime_context().get_node_id()
+
+
+def validate_suite(suite_dir: str, address: str | None = None) -> list[str]:
     """All problems of a suite; an empty list means it is ready to train on."""
-    return scan_suite(suite_dir)[2]
+    return scan_suite(suite_dir, address)[2]
 
 
 def checked_scans(suite_dir: str) -> tuple[SuiteSpec, dict[str, TaskScan]]:
