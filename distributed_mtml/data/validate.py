@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from distributed_mtml.data.scan import TaskScan, scan_task
-from distributed_mtml.data.suite import SPLITS, SuiteSpec, read_text, suite_yaml_path
+from distributed_mtml.data.suite import SPLITS, SuiteSpec, TaskSpec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, validation_lines
 from distributed_mtml.runtime import memory
 
@@ -153,7 +153,7 @@ def _scan_on_cluster(suite_dir: str, spec: SuiteSpec, address: str) -> list[Task
     return [scan for scan, _ in done]
 
 
-def _scan_where(suite_dir: str, task) -> tuple[TaskScan, str]:
+def _scan_where(suite_dir: str, task: TaskSpec) -> tuple[TaskScan, str]:
     """`scan_task` in a Ray task, with the node that ran it."""
     import ray
 
