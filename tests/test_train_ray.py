@@ -351,14 +351,13 @@ def test_tracking_server_going_away_mid_run_loses_nothing(ray_session, tmp_path,
     assert not spool[0].exists()  # all sent
 
 
-def _cli_train(tmp_path, suite, env: dict, *extra: str) -> subprocess.CompletedProcess:
+def _cli_train(tmp_path, suite, env: dict) -> subprocess.CompletedProcess:
     """`mtml train` in its own process with its own local Ray, as a user runs it."""
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
         "suite": {"path": suite}, "training": {"epochs": 4, "batch_size": 16, "steps_per_epoch": 10},
         "scaling": {"num_workers": 2}, "checkpoint": {"dir": str(tmp_path / "runs"), "every_n_epochs": 1}}))
-    command = [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config), "--tracking-uri", _tracker(tmp_path).uri,
-               *extra]
+    command = [sys.executable, "-m", "distributed_mtml", "train", "--config", str(config), "--tracking-uri", _tracker(tmp_path).uri]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**os.environ, **env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
 
