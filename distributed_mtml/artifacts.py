@@ -25,6 +25,7 @@ from distributed_mtml.meta.checkpoint import load_learner
 from distributed_mtml.models import MultiTaskModel
 from distributed_mtml.runtime.checkpoint import STATE_FILE, TRUNK_FILE, load_into, load_state, task_file
 from distributed_mtml.tracking import Tracker
+from distributed_mtml.train.checkpoint import load_shared_heads
 from distributed_mtml.train.plan import TrainPlan
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
     plan = TrainPlan.model_validate(state["plan"])
     model = MultiTaskModel(plan.config.model, plan.task_shapes(), plan.config.training.seed, plan.preprocessing)
     load_into(model.trunk, os.path.join(directory, TRUNK_FILE))
+    load_shared_heads(model.shared_heads, directory)
     for name, module in model.task_modules.items():
         load_into(module, os.path.join(directory, task_file(name)))
     model.eval()

@@ -44,9 +44,18 @@ class SuiteConfig(_Section):
 
 
 class DataConfig(_Section):
-    standardize: bool = Field(
-        True, description="standardise features and regression targets with train-split statistics (stored with the model)"
+    standardize: Literal["suite", "task", "off"] = Field(
+        "suite", description="suite: each feature column (and regression target column) standardised with train-split "
+        "statistics pooled over every task that reads it, so a feature constant within a task (a group-level "
+        "covariate) keeps its between-task spread and targets keep their between-task means; task: each task by "
+        "its own train split; off: raw units. Stored with the model (true/false: suite/off)"
     )
+
+    @field_validator("standardize", mode="before")
+    @classmethod
+    def _booleans_of_older_configs(cls, value: Any) -> Any:
+        """Configs and saved plans from before the modes said true/false."""
+        return {True: "suite", False: "off"}.get(value, value) if isinstance(value, bool) else value
     max_in_memory_mb: float = Field(
         1024, ge=0, description="a task whose train split is larger as float32 is streamed with Ray Data instead of "
         "loaded: 1 GiB, since a whole-table load holds the Arrow table, its numpy copy and the tensors at once "
@@ -70,6 +79,39 @@ class ModelConfig(_Section):
         None, ge=1, description="trunk input width; default: the tasks' common feature count"
     )
     head_hidden: list[int] = Field(default_factory=list, description="hidden widths of each task head")
+    heads: str = Field(
+        "shared_plus_offset", description="how task heads share (heads.HEADS): separate, shared_plus_offset (one head "
+        "per task type plus a penalised per-task offset: partial pooling), task_embedding (one head per task type over "
+        "the trunk's output and a learned task embedding)"
+    )
+    head_penalty: float = Field(
+        1.0, ge=0, description="shared_plus_offset, task_embedding: L2 strength on each task's own head parameters "
+        "(offsets, embedding), divided by its train rows: a mixed model's residual over between-task variance; "
+        ".inf: one shared head, 0: free"
+    )
+    embedding_dim: int = Field(8, ge=1, description="task_embedding: width of each task's embedding")
+
+    @field_validator("head_penalty", "embedding_dim")
+    @classmethod
+    def _option_of_the_heads(cls, value: Any, info: ValidationInfo) -> Any:
+        """An option set for a head kind that does not take it is a mistake: named by its key
+        (defaults pass, so dumped configs validate again)."""
+        from distributed_mtml.heads import HEADS
+
+        kind, name = HEADS.get(info.data.get("heads")), info.field_name
+        if kind is None or value == cls.model_fields[name].default or name in kind.params:
+            return value
+        taken = ", ".join(kind.params) or "none"
+        raise ValueError(f"not an option of heads '{info.data['heads']}' (its options: {taken})")
+
+    @field_validator("heads")
+    @classmethod
+    def _known_heads(cls, value: str) -> str:
+        from distributed_mtml.heads import HEADS
+
+        if value not in HEADS:
+            raise ValueError(f"unknown heads '{value}' (choose from: {', '.join(HEADS)})")
+        return value
 
 
 class TrainingConfig(_Section):
@@ -365,7 +407,18 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
     overrides = overrides or []
     raw = apply_overrides(raw, overrides)
     blame = {item.split("=", 1)[0].strip(): f"--set {item}" for item in overrides}
+    _note_boolean_standardize(raw, path)
     return validate_config(raw, where=path, blame=blame)
+
+
+def _note_boolean_standardize(raw: dict[str, Any], path: str) -> None:
+    """`data.standardize: true/false` still works; the user is told what it now means."""
+    value = raw.get("data", {}).get("standardize") if isinstance(raw.get("data"), dict) else None
+    if isinstance(value, bool):
+        from distributed_mtml.console import say
+
+        say(f"[mtml] note: {path}: data.standardize: {str(value).lower()} is read as "
+            f"'{'suite' if value else 'off'}' (the modes are suite, task and off)")
 
 
 def validate_config(raw: dict[str, Any], where: str = "config", blame: dict[str, str] | None = None) -> Config:

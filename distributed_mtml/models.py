@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distributed_mtml.config import ModelConfig, TrunkConfig
+from distributed_mtml.config import ModelConfig
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import TaskScan
 from distributed_mtml.data.suite import TaskData
+from distributed_mtml.heads import HEADS, build_shared, group_key
+from distributed_mtml.layers import mlp
 
 META_TASK = "meta"  # the one head a meta-learned model carries: every task's starting head
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 @dataclass(frozen=True)
@@ -51,21 +52,6 @@ class TaskShape:
         return cls(scan.task.name, scan.task.type, len(scan.features), len(classes) if classes else scan.task.num_classes)
 
 
-def mlp(in_width: int, widths: list[int], cfg: TrunkConfig | None = None) -> nn.Sequential:
-    """Linear layers of `widths`, each followed by norm, activation and dropout (from `cfg`)."""
-    cfg = cfg or TrunkConfig()
-    layers: list[nn.Module] = []
-    for width in widths:
-        layers.append(nn.Linear(in_width, width))
-        if cfg.layer_norm:
-            layers.append(nn.LayerNorm(width))
-        layers.append(ACTIVATIONS[cfg.activation]())
-        if cfg.dropout:
-            layers.append(nn.Dropout(cfg.dropout))
-        in_width = width
-    return nn.Sequential(*layers)
-
-
 def trunk_input_width(cfg: ModelConfig, tasks: list[TaskShape]) -> int:
     widths = {t.num_features for t in tasks}
     if cfg.input_width is not None:
@@ -78,28 +64,45 @@ def build_trunk(cfg: ModelConfig, tasks: list[TaskShape]) -> nn.Sequential:
 
 
 class TaskModule(nn.Module):
-    """A task's private parameters: an optional input adapter and its head."""
+    """A task's private parameters: an optional input adapter and its head (`heads.HEADS`: its
+    own, or its part of a head shared with the tasks of its type; see `heads/`)."""
 
-    def __init__(self, task: TaskShape, cfg: ModelConfig, trunk_in: int):
+    def __init__(self, task: TaskShape, cfg: ModelConfig, trunk_in: int, shared: nn.ModuleDict | None = None,
+                 rows: int = 1):
         super().__init__()
         self.adapter = nn.Identity() if task.num_features == trunk_in else nn.Linear(task.num_features, trunk_in)
-        hidden = mlp(cfg.trunk.widths[-1], cfg.head_hidden, cfg.trunk)
-        last = cfg.head_hidden[-1] if cfg.head_hidden else cfg.trunk.widths[-1]
-        self.head = nn.Sequential(hidden, nn.Linear(last, task.out_width))
+        part = shared[group_key(task.type, task.out_width)] if shared is not None and len(shared) else None
+        self.head = HEADS[cfg.heads].task_head(task.out_width, cfg, cfg.trunk.widths[-1], part, rows)
+
+
+def build_shared_heads(cfg: ModelConfig, tasks: list[TaskShape], seed: int) -> nn.ModuleDict:
+    """The head parts the suite's tasks share (empty for `separate`), the same on every worker."""
+    return build_shared(cfg, [(t.type, t.out_width) for t in tasks], cfg.trunk.widths[-1], seed)
 
 
 def build_task_modules(
-    cfg: ModelConfig, tasks: list[TaskShape], seed: int, only: list[str] | None = None
+    cfg: ModelConfig, tasks: list[TaskShape], seed: int, only: list[str] | None = None,
+    shared: nn.ModuleDict | None = None, rows: dict[str, int] | None = None,
 ) -> nn.ModuleDict:
     """Modules of the tasks named in `only` (default: all), each seeded by its index in the
-    suite, so a head's initial weights do not depend on which worker builds it."""
+    suite, so a head's initial weights do not depend on which worker builds it. `shared`: the
+    shared head parts (`build_shared_heads`) their heads use (default: new ones, reached through
+    `head_parameters`); `rows`: each task's train rows, which scale a sharing head's penalty."""
     trunk_in = trunk_input_width(cfg, tasks)
+    shared = build_shared_heads(cfg, tasks, seed) if shared is None else shared  # reached through the heads
     modules = {}
     for i, task in enumerate(tasks):
         if only is None or task.name in only:
             torch.manual_seed(seed * 1000 + i + 1)
-            modules[task.name] = TaskModule(task, cfg, trunk_in)
+            modules[task.name] = TaskModule(task, cfg, trunk_in, shared, (rows or {}).get(task.name, 1))
     return nn.ModuleDict(modules)
+
+
+def head_parameters(modules: nn.ModuleDict) -> list[nn.Parameter]:
+    """Every parameter the tasks' heads and adapters use: their own, then the shared parts they
+    refer to (once each)."""
+    shared = {id(m.head.shared): m.head.shared for m in modules.values() if getattr(m.head, "shared", None) is not None}
+    return [*modules.parameters(), *(p for part in shared.values() for p in part.parameters())]
 
 
 def task_loss(task: TaskShape, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,14 @@ def task_losses(
             features = [trunk(inputs[0])]
         else:
             features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
-        return [task_loss(shapes[n], modules[n].head(f), batches[n][1]) for n, f in zip(names, features)]
+        return [_with_penalty(task_loss(shapes[n], modules[n].head(f), batches[n][1]), modules[n].head)
+                for n, f in zip(names, features)]
+
+
+def _with_penalty(loss: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """A sharing head's penalty on the task's own head parameters joins its loss (`heads/`)."""
+    penalty = head.penalty()
+    return loss if penalty is None else loss + penalty.to(loss.dtype)
 
 
 class MultiTaskModel(nn.Module):
@@ -145,7 +155,8 @@ class MultiTaskModel(nn.Module):
         self.preprocessing = preprocessing or {}
         torch.manual_seed(seed)
         self.trunk = build_trunk(cfg, tasks)
-        self.task_modules = build_task_modules(cfg, tasks, seed)
+        self.shared_heads = build_shared_heads(cfg, tasks, seed)
+        self.task_modules = build_task_modules(cfg, tasks, seed, shared=self.shared_heads)
 
     def forward(self, task: str, x: torch.Tensor) -> torch.Tensor:
         module = self.task_modules[task]

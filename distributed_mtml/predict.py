@@ -29,7 +29,7 @@ import pyarrow.fs  # noqa: F401 (pa.fs)
 import torch
 
 from distributed_mtml.artifacts import load_with_learner
-from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.scan import open_parquet
 from distributed_mtml.errors import InputError
 from distributed_mtml.evaluate import forward_in_chunks
@@ -50,7 +50,7 @@ class Predictor:
         self.features = _features_of(plan)
         config = plan.get("config", {})
         # meta-training standardised each task of a suite by that task's own train rows
-        self.own_statistics = plan.get("source") == "suite" and config.get("data", {}).get("standardize", True)
+        self.own_statistics = plan.get("source") == "suite" and standardizes(config.get("data", {}).get("standardize", True))
         self.shapes: dict[str, TaskShape] = dict(model.tasks)
         self.preps: dict[str, TaskPrep] = {n: model.preprocessing.get(n) or TaskPrep() for n in self.shapes}
         self.params = None  # a meta-learned model's adapted parameters, once `adapt` ran

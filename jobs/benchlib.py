@@ -49,7 +49,7 @@ def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> 
     import torch
 
     from distributed_mtml.data.suite import load_suite_spec, load_task
-    from distributed_mtml.models import build_task_modules, build_trunk
+    from distributed_mtml.models import build_task_modules, build_trunk, head_parameters
     from distributed_mtml.train.plan import make_plan
     from distributed_mtml.runtime.worker import make_optimizer
     from distributed_mtml.train.step import TaskBatches, multitask_step
@@ -63,7 +63,7 @@ def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> 
     torch.manual_seed(t.seed)
     trunk = build_trunk(cfg.model, list(shapes.values()))
     modules = build_task_modules(cfg.model, list(shapes.values()), t.seed)
-    optimizer = make_optimizer(t.optimizer, [*trunk.parameters(), *modules.parameters()], t.lr, t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, [*trunk.parameters(), *head_parameters(modules)], t.lr, t.weight_decay)
     batches = {}
     for i, spec in enumerate(specs):
         d = load_task(plan.suite_dir, spec)

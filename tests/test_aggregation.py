@@ -254,7 +254,7 @@ def _representation_setup(names):
     from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 
     shapes = {n: TaskShape(n, "regression", 5) for n in ("a", "b", "c")}
-    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8]))
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8]), heads="separate")  # each task's own head, as drawn
     torch.manual_seed(0)
     trunk = build_trunk(cfg, list(shapes.values()))
     modules = build_task_modules(cfg, list(shapes.values()), 0, only=names)

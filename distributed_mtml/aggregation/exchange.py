@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_mtml.aggregation import Method, combine
-from distributed_mtml.models import task_losses
+from distributed_mtml.models import head_parameters, task_losses
 
 
 def gather_task_grads(local: torch.Tensor, placement: list[list[str]], order: list[str]) -> torch.Tensor:
@@ -45,7 +45,7 @@ def task_trunk_gradients(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each owned task's loss and its flat trunk gradient [n, P], from one shared forward.
 
-    A trunk of Linear layers between row-wise functions (what `models.mlp` builds without layer
+    A trunk of Linear layers between row-wise functions (what `layers.mlp` builds without layer
     norm) takes them all from one backward: see `_one_backward`. Any other trunk takes one
     backward per task."""
     params = [p for p in trunk.parameters() if p.requires_grad]
@@ -109,7 +109,7 @@ def aggregated_step(
     losses, stacked = task_trunk_gradients(trunk, modules, shapes, batches, keep_graph=True, autocast=autocast)
     params = [p for p in trunk.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    torch.stack(losses).sum().backward(inputs=list(modules.parameters()))
+    torch.stack(losses).sum().backward(inputs=head_parameters(modules))
     all_grads = gather_task_grads(stacked, placement, order) if len(placement) > 1 else stacked
     aggregated, w = combine(all_grads, method, seed, **options)
     write_grad(params, aggregated)

@@ -60,6 +60,18 @@ class SinusoidOptions(_SuiteOptions):
     rows: int = Field(100, ge=20, description="points per task (all splits)")
 
 
+class MultilevelOptions(_SuiteOptions):
+    rows: int = Field(30, ge=5, description="rows per group (all splits)")
+    groups: int = Field(50, ge=2, description="number of groups G: one regression task each")
+    features: int = Field(3, ge=1, description="row-level features x1..xp (x1 has a random slope)")
+    group_features: int = Field(2, ge=0, description="group-level covariates z1..zq, constant within a group")
+    noise: float = Field(1.0, gt=0, description="residual standard deviation (sigma)")
+    between: float = Field(
+        0.3, ge=0, lt=1, description="share of the non-fixed variance that lies between groups: random intercept and "
+        "slope variance over that plus sigma^2"
+    )
+
+
 def _split_column(opts: _SuiteOptions, rng: np.random.Generator, rows: int) -> pa.Array:
     """A chunk of `rows` rows' split labels: the suite's train share of them, the rest halved."""
     share = opts.train_rows / opts.rows if opts.train_rows is not None else SPLIT_FRACTIONS[0]
@@ -184,6 +196,39 @@ def sinusoid(opts: SinusoidOptions, rng: np.random.Generator, rows: int, state: 
     return SuiteSpec(name="sinusoid", description="MAML sinusoid regression tasks", tasks=tasks), tables
 
 
+def multilevel(opts: MultilevelOptions, rng: np.random.Generator, rows: int, state: dict) -> Drawn:
+    """G groups of the two-level model a statistician fits with a mixed model (one task a group):
+
+        y_ij = b0 + x_ij . beta + z_j . gamma + u0_j + u1_j x1_ij + e_ij,   e_ij ~ N(0, sigma^2)
+
+    with random intercepts u0_j and slopes u1_j on x1, each of variance tau^2 / 2, where
+    tau^2 = between / (1 - between) sigma^2 (`between`: the groups' share of the variance around
+    the fixed part). x_ij ~ N(m_j, 1) with a group mean m_j ~ N(0, 0.5^2) (groups differ in their
+    rows, as schools do); z_j ~ N(0, 1) is the same on every row of group j. Units are an exam
+    score's: b0 = 50 and every effect times 5. The fixed effects, group effects and covariates are
+    drawn on the first chunk, so more chunks are more rows of the same groups."""
+    p, q = opts.features, opts.group_features
+    if not state:
+        tau = math.sqrt(opts.between / (1 - opts.between) / 2) * opts.noise
+        state.update(beta=rng.normal(size=p), gamma=rng.normal(size=q), u=rng.normal(size=(opts.groups, 2)) * tau,
+                     z=rng.normal(size=(opts.groups, q)), m=0.5 * rng.normal(size=(opts.groups, p)))
+    tables, tasks = {}, []
+    for j in range(opts.groups):
+        x = state["m"][j] + rng.normal(size=(rows, p))
+        z = np.repeat(state["z"][j][None, :], rows, axis=0)
+        u0, u1 = state["u"][j]
+        y = x @ state["beta"] + z @ state["gamma"] + u0 + u1 * x[:, 0] + opts.noise * rng.normal(size=rows)
+        name = f"g{j:04d}"
+        columns = {**{f"x{i + 1}": x[:, i] for i in range(p)}, **{f"z{i + 1}": z[:, i] for i in range(q)}}
+        table = pa.table({k: pa.array(v.astype(np.float32)) for k, v in columns.items()})
+        table = table.append_column("y", pa.array((50 + 5 * y).astype(np.float32)))
+        tables[name] = table.append_column("split", _split_column(opts, rng, rows))
+        tasks.append(TaskSpec(name=name, type="regression", path=f"{name}.parquet", target="y"))
+    spec = SuiteSpec(name="multilevel", description=f"{opts.groups} groups x {opts.rows} rows, random intercepts and "
+                     f"slopes, between-group share {opts.between}", tasks=tasks)
+    return spec, tables
+
+
 @dataclass(frozen=True)
 class Generator:
     """A suite family. `draw(options, rng, rows, state)` draws `rows` rows of every task;
@@ -211,6 +256,7 @@ GENERATORS: dict[str, Generator] = {
     "seed-example": Generator(seed_example, SeedExampleOptions, "the article's classification + regression pair"),
     "mmoe": Generator(mmoe, MMoEOptions, "K correlated regression tasks (MMoE synthetic)"),
     "sinusoid": Generator(sinusoid, SinusoidOptions, "MAML sinusoid regression tasks"),
+    "multilevel": Generator(multilevel, MultilevelOptions, "G groups of a mixed model: one small regression task a group"),
 }
 
 

@@ -2,16 +2,23 @@
 
 Real tables come in raw units (a blood pressure next to a 0/1 flag, a price in the thousands);
 an MLP trained on them learns slowly and a loss in squared thousands drowns every other task's in
-`val/mean_loss`. So by default every feature, and a regression target, is standardised with the
-train split's mean and standard deviation: statistics of train only, so val and test never shape
+`val/mean_loss`. So by default every feature, and a regression target, is standardised with
+train-split means and standard deviations: statistics of train only, so val and test never shape
 the model. The statistics travel in the run's plan and with the saved model, so evaluation,
 transfer and prediction apply exactly the transform training used. Metrics are reported in the
 target's own units; losses stay standardised so that tasks weigh alike in their mean.
+
+Whose statistics (`data.standardize`): `suite` (the default) pools a column's train rows over
+every task that reads it. Per-task statistics (`task`) would centre a feature that is constant
+within a task (a school's size, a region) to 0 in every task, so the model never sees it, and
+would centre each task's target on its own mean of a few dozen rows: an intercept per task with
+no shrinkage toward the others. On many small related tasks that loses to a pooled Ridge.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -106,7 +113,44 @@ class TaskPrep(BaseModel):
                        y={s: self.scaled_target(v) for s, v in data.y.items()})
 
 
-def prepared(data: TaskData, standardize: bool) -> tuple[TaskData, TaskPrep]:
-    """`data` standardised by its own train split, and the statistics used."""
-    prep = TaskPrep.fit(data, standardize)
+def pooled_moments(scans: Iterable[TaskScan]) -> tuple[dict[str, Moments], dict[str, Moments]]:
+    """Train-split moments per feature column and per regression target column, each pooled
+    over every task that reads that column (`Moments.merge`: no row is read again)."""
+    columns: dict[str, Moments] = {}
+    targets: dict[str, Moments] = {}
+    for scan in scans:
+        for i, column in enumerate(scan.usable_features()):
+            columns.setdefault(column, Moments(1)).merge(scan.x.column(i))
+        if scan.y is not None:
+            targets.setdefault(scan.task.target, Moments(1)).merge(scan.y)
+    return columns, targets
+
+
+def plan_preprocessing(scans: dict[str, TaskScan], mode: str) -> dict[str, TaskPrep]:
+    """Every task's preprocessing under `data.standardize` = `mode` (suite | task | off)."""
+    if mode != "suite":
+        return {name: TaskPrep.of_scan(scan, mode == "task") for name, scan in scans.items()}
+    columns, targets = pooled_moments(scans.values())
+    preps = {}
+    for name, scan in scans.items():
+        stats = [columns[c] for c in scan.usable_features()]
+        prep = TaskPrep(feature_mean=[float(m.mean[0]) for m in stats], feature_std=[float(m.std()[0]) for m in stats],
+                        classes=scan.class_names())
+        if scan.y is not None:
+            target = targets[scan.task.target]
+            prep.target_mean, prep.target_std = float(target.mean[0]), float(target.std()[0])
+        preps[name] = prep
+    return preps
+
+
+def standardizes(mode: str | bool) -> bool:
+    """Whether `data.standardize` (a mode, or the true/false of older saved plans) transforms
+    at all."""
+    return mode not in ("off", False)
+
+
+def prepared(data: TaskData, mode: str | bool) -> tuple[TaskData, TaskPrep]:
+    """`data` standardised by its own train split (one task alone is its own pool: `suite` and
+    `task` agree), and the statistics used."""
+    prep = TaskPrep.fit(data, standardizes(mode))
     return prep.apply(data), prep

@@ -39,13 +39,28 @@ class Moments:
         n = len(values)
         if n == 0:
             return
-        mean = values.mean(axis=0)
-        m2 = ((values - mean) ** 2).sum(axis=0)
-        total = self.n + n
-        delta = mean - self.mean
-        self.m2 = self.m2 + m2 + delta**2 * self.n * n / total
-        self.mean = self.mean + delta * n / total
+        batch = Moments(values.shape[1])
+        batch.n, batch.mean = n, values.mean(axis=0)
+        batch.m2 = ((values - batch.mean) ** 2).sum(axis=0)
+        self.merge(batch)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Adds another set of rows' moments (the same rule as `add`): statistics pooled over
+        tasks, or over streamed batches, without revisiting a row."""
+        total = self.n + other.n
+        if other.n == 0:
+            return self
+        delta = other.mean - self.mean
+        self.m2 = self.m2 + other.m2 + delta**2 * self.n * other.n / total
+        self.mean = self.mean + delta * other.n / total
         self.n = total
+        return self
+
+    def column(self, i: int) -> "Moments":
+        """Column `i`'s moments alone."""
+        out = Moments(1)
+        out.n, out.mean, out.m2 = self.n, self.mean[i : i + 1].copy(), self.m2[i : i + 1].copy()
+        return out
 
     def std(self) -> np.ndarray:
         """Population standard deviation, 1 for a constant column (a zero would divide by 0)."""

@@ -55,7 +55,9 @@ def build_learner(plan_dict: dict) -> MetaLearner:
 
     plan = MetaPlan.model_validate(plan_dict)
     cfg = plan.config
-    model = MultiTaskModel(cfg.model, [plan.shape()], cfg.training.seed)
+    # its one head is every task's starting point, shared by construction: `model.heads` is for
+    # multi-task training's many heads
+    model = MultiTaskModel(cfg.model.model_copy(update={"heads": "separate"}), [plan.shape()], cfg.training.seed)
     return MetaLearner(model, cfg.meta.algorithm, cfg.meta.inner_lr, cfg.training.seed)
 
 

@@ -3,6 +3,7 @@
 Layout of one checkpoint directory (Ray merges what every worker writes into it):
   state.pt          rank 0: epoch (meta: iterations done), plan (config, tasks, placement), version
   trunk.pt          rank 0: trunk state_dict (identical on every rank)
+  shared_heads.pt   rank 0: the head parts tasks share (`heads/`; identical on every rank), if any
   task_<name>.pt    owner rank: the task's adapter + head state_dict
   ...               what the recipe adds (optimiser state per rank, Meta-SGD's rates)
 """
@@ -19,6 +20,7 @@ from distributed_mtml.errors import InputError
 
 STATE_FILE = "state.pt"
 TRUNK_FILE = "trunk.pt"
+SHARED_HEADS_FILE = "shared_heads.pt"
 
 
 def task_file(name: str) -> str:
@@ -85,6 +87,7 @@ def _whole(directory: str) -> bool:
     try:
         plan = load_state(directory)["plan"]
         files = [STATE_FILE, TRUNK_FILE] + [task_file(t["name"]) for t in plan.get("tasks", [])]
+        files += [SHARED_HEADS_FILE] if os.path.exists(os.path.join(directory, SHARED_HEADS_FILE)) else []
         for name in files:
             zipfile.ZipFile(os.path.join(directory, name)).close()
         return True

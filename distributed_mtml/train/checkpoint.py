@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from distributed_mtml import __version__
-from distributed_mtml.runtime.checkpoint import STATE_FILE, TRUNK_FILE, load_file, load_into, load_state, task_file
+from distributed_mtml.runtime.checkpoint import (SHARED_HEADS_FILE, STATE_FILE, TRUNK_FILE, load_file, load_into,
+                                                 load_state, task_file)
 
 TRUNK_OPTIM_FILE = "optim_trunk.pt"
 
@@ -24,10 +25,12 @@ def task_optim_file(name: str) -> str:
     return f"optim_task_{name}.pt"
 
 
-def parameter_groups(trunk: nn.Module, modules: nn.ModuleDict, weighting: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """'trunk' and each owned task -> its parameters. The optimiser takes them in this order,
-    so its state (indexed by position) can be cut into the same groups."""
-    groups = {"trunk": list(trunk.parameters())}
+def parameter_groups(trunk: nn.Module, modules: nn.ModuleDict, weighting: nn.Module,
+                     shared: nn.ModuleDict | None = None) -> dict[str, list[nn.Parameter]]:
+    """'trunk' (with the shared head parts, the same on every rank as the trunk) and each owned
+    task -> its parameters. The optimiser takes them in this order, so its state (indexed by
+    position) can be cut into the same groups."""
+    groups = {"trunk": [*trunk.parameters(), *(shared.parameters() if shared is not None else ())]}
     for name, module in modules.items():
         groups[name] = [*module.parameters(), *weighting.task_parameters(name)]
     return groups
@@ -43,10 +46,11 @@ def _spans(groups: dict[str, list[nn.Parameter]]) -> dict[str, range]:
 
 def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, trunk: nn.Module,
                       modules: nn.ModuleDict, optimizer: torch.optim.Optimizer, weighting: nn.Module,
-                      monitor: dict | None = None) -> None:
-    """This rank's share of a checkpoint: rank 0 the run's state and the trunk, every rank its
-    tasks. `monitor`: the best-model and early-stopping state (`runtime/monitor.py`)."""
-    groups = parameter_groups(trunk, modules, weighting)
+                      monitor: dict | None = None, shared: nn.ModuleDict | None = None) -> None:
+    """This rank's share of a checkpoint: rank 0 the run's state, the trunk and the shared head
+    parts, every rank its tasks. `monitor`: the best-model and early-stopping state
+    (`runtime/monitor.py`)."""
+    groups = parameter_groups(trunk, modules, weighting, shared)
     state = optimizer.state_dict()
     per_param = [state["state"].get(i, {}) for i in range(sum(len(p) for p in groups.values()))]
     spans = _spans(groups)
@@ -54,6 +58,8 @@ def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, tr
         run_state = {"epoch": epoch, "plan": plan_dict, "version": __version__, "monitor": monitor or {}}
         torch.save(run_state, os.path.join(directory, STATE_FILE))
         torch.save(trunk.state_dict(), os.path.join(directory, TRUNK_FILE))
+        if shared is not None and len(shared):
+            torch.save(shared.state_dict(), os.path.join(directory, SHARED_HEADS_FILE))
         torch.save({"optimizer": [per_param[i] for i in spans["trunk"]], "param_groups": state["param_groups"],
                     "weighting": weighting.shared_state()}, os.path.join(directory, TRUNK_OPTIM_FILE))
     for name, module in modules.items():
@@ -64,21 +70,30 @@ def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, tr
 
 
 def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDict,
-                         optimizer: torch.optim.Optimizer, weighting: nn.Module) -> tuple[int, dict]:
-    """Loads the trunk and this rank's tasks, each from its own files whichever rank wrote them;
-    returns the next epoch to run and the monitor's saved state. A checkpoint from before
-    task-keyed optimiser files restores the weights, and the optimiser starts fresh."""
+                         optimizer: torch.optim.Optimizer, weighting: nn.Module,
+                         shared: nn.ModuleDict | None = None) -> tuple[int, dict]:
+    """Loads the trunk, the shared head parts and this rank's tasks, each from its own files
+    whichever rank wrote them; returns the next epoch to run and the monitor's saved state. A
+    checkpoint from before task-keyed optimiser files restores the weights, and the optimiser
+    starts fresh."""
     load_into(trunk, os.path.join(directory, TRUNK_FILE))
+    load_shared_heads(shared, directory)
     for name, module in modules.items():
         load_into(module, os.path.join(directory, task_file(name)))
     trunk_path = os.path.join(directory, TRUNK_OPTIM_FILE)
     if os.path.exists(trunk_path):
-        _restore_optimizer(directory, trunk, modules, optimizer, weighting, load_file(trunk_path))
+        _restore_optimizer(directory, modules, optimizer, weighting, load_file(trunk_path))
     state = load_state(directory)
     return int(state["epoch"]) + 1, state.get("monitor", {})
 
 
-def _restore_optimizer(directory: str, trunk: nn.Module, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+def load_shared_heads(shared: nn.ModuleDict | None, directory: str) -> None:
+    """The shared head parts, where the model has any."""
+    if shared is not None and len(shared):
+        load_into(shared, os.path.join(directory, SHARED_HEADS_FILE))
+
+
+def _restore_optimizer(directory: str, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
                        weighting: nn.Module, saved_trunk: dict) -> None:
     per_param = list(saved_trunk["optimizer"])
     weighting.load_state_dict({**weighting.state_dict(), **saved_trunk["weighting"]})

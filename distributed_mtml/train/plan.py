@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from distributed_mtml.config import Config
 from distributed_mtml.console import say
 from distributed_mtml.data.locate import ensure_suite
-from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.prepare import TaskPrep, plan_preprocessing
 from distributed_mtml.data.scan import TaskScan
 from distributed_mtml.data.stream import train_megabytes
 from distributed_mtml.data.suite import SuiteSpec
@@ -61,7 +61,7 @@ def make_plan(config: Config) -> TrainPlan:
     spec, scans = checked_scans(suite_dir)  # one streamed pass per task: no table is held
     shapes = [TaskShape.of_scan(scans[t.name]) for t in spec.tasks]
     train_rows = {t.name: scans[t.name].rows["train"] for t in spec.tasks}
-    preps = {t.name: TaskPrep.of_scan(scans[t.name], config.data.standardize) for t in spec.tasks}
+    preps = plan_preprocessing({t.name: scans[t.name] for t in spec.tasks}, config.data.standardize)
     streamed = _streamed_tasks(config, spec, scans)
     check_monitor(config, monitor_keys(shapes))
     _warn_if_representation_is_too_narrow(config, len(shapes))

@@ -30,7 +30,8 @@ from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
-from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
+from distributed_mtml.heads import sync_shared_grads
+from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
 from distributed_mtml.runtime import local, memory
@@ -179,6 +180,7 @@ class Worker:
     mine: list[str]  # the tasks this rank owns
     data: dict  # task -> split -> (x, y) on the device
     trunk: nn.Module
+    shared: nn.ModuleDict  # the head parts tasks share (`heads/`): on every rank, like the trunk
     modules: nn.ModuleDict
     weighting: nn.Module
     optimizer: torch.optim.Optimizer
@@ -215,22 +217,24 @@ class Worker:
         data = _load_tasks(plan, [n for n in mine if n not in plan.streamed], device)
         torch.manual_seed(t.seed)
         trunk = build_trunk(cfg.model, shapes).to(device)
-        modules = build_task_modules(cfg.model, shapes, t.seed, only=mine).to(device)
+        shared = build_shared_heads(cfg.model, shapes, t.seed).to(device)  # every rank holds all of them
+        modules = build_task_modules(cfg.model, shapes, t.seed, only=mine, shared=shared, rows=plan.train_rows).to(device)
         types = {s.name: s.type for s in shapes}
         weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types).to(device)
-        groups = parameter_groups(trunk, modules, weighting)  # the checkpoint cuts the optimiser's state by them
+        groups = parameter_groups(trunk, modules, weighting, shared)  # the checkpoint cuts the optimiser's state by them
         optimizer = make_optimizer(t.optimizer, [p for ps in groups.values() for p in ps], t.lr, t.weight_decay)
+        optimizer.register_step_pre_hook(lambda *_: sync_shared_grads(shared, world))
         start_epoch, monitor = 0, Monitor.of(cfg)
         checkpoint = local.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
-                start_epoch, saved = restore_worker_state(d, trunk, modules, optimizer, weighting)
+                start_epoch, saved = restore_worker_state(d, trunk, modules, optimizer, weighting, shared)
                 monitor = Monitor.of(cfg, saved)
         if t.sync_every > 1 and world > 1:
             _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
         step_fn = _make_step(plan, placement, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
-        return cls(plan, payload, rank, world, device, placement, mine, data, trunk, modules, weighting, optimizer, monitor,
+        return cls(plan, payload, rank, world, device, placement, mine, data, trunk, shared, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
                    FiniteLossGuard(order, device), ReportCadence(t.report_every_s, world, device))
 
@@ -303,7 +307,7 @@ class Worker:
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
         d = tempfile.TemporaryDirectory()
         save_worker_state(d.name, self.rank, epoch, self.payload, self.trunk, self.modules, self.optimizer,
-                          self.weighting, self.monitor.state())
+                          self.weighting, self.monitor.state(), self.shared)
         return d
 
     def _flush(self, epoch: int, checkpoint: bool) -> None:

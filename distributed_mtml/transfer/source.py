@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from distributed_mtml.config import Config
-from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.suite import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
@@ -105,7 +105,7 @@ def load_inputs(config: Config, tracker: Tracker) -> TransferInputs:
     if t.shots > available:
         raise InputError(f"transfer.shots: {t.shots} exceeds the {available} rows of split 'train' "
                          f"in {suite_dir}/{task.path}")
-    prep = TaskPrep.fit(data, config.data.standardize)
+    prep = TaskPrep.fit(data, standardizes(config.data.standardize))
     split = {s: (torch.from_numpy(prep.inputs(data.x[s])), torch.from_numpy(data.y[s])) for s in ("train", "val", "test")}
     return TransferInputs(model, source_config, learner, TaskShape.of(data), split["train"], t.shots, split["val"],
                           split["test"], prep).draw(t.seed)

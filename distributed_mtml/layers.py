@@ -1,0 +1,25 @@
+"""The one block every network part here is made of: Linear layers with norm, activation and
+dropout. Its own module so that the trunk (`models`) and the heads (`heads/`) both build from it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distributed_mtml.config import TrunkConfig
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def mlp(in_width: int, widths: list[int], cfg: TrunkConfig | None = None) -> nn.Sequential:
+    """Linear layers of `widths`, each followed by norm, activation and dropout (from `cfg`)."""
+    cfg = cfg or TrunkConfig()
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers.append(nn.Linear(in_width, width))
+        if cfg.layer_norm:
+            layers.append(nn.LayerNorm(width))
+        layers.append(ACTIVATIONS[cfg.activation]())
+        if cfg.dropout:
+            layers.append(nn.Dropout(cfg.dropout))
+        in_width = width
+    return nn.Sequential(*layers)
