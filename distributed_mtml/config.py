@@ -84,12 +84,26 @@ class ModelConfig(_Section):
         "per task type plus a penalised per-task offset: partial pooling), task_embedding (one head per task type over "
         "the trunk's output and a learned task embedding)"
     )
-    head_penalty: float = Field(
-        1.0, ge=0, description="shared_plus_offset, task_embedding: L2 strength on each task's own head parameters "
+    head_penalty: float | Literal["auto"] = Field(
+        "auto", description="shared_plus_offset, task_embedding: L2 strength on each task's own head parameters "
         "(offsets, embedding), divided by its train rows: a mixed model's residual over between-task variance; "
-        ".inf: one shared head, 0: free"
+        ".inf: one shared head, 0: free; auto: shared_plus_offset learns it after every epoch (least leave-one-out "
+        "error over every task's train rows), task_embedding takes 10"
     )
     embedding_dim: int = Field(8, ge=1, description="task_embedding: width of each task's embedding")
+
+    @field_validator("head_penalty", mode="before")
+    @classmethod
+    def _penalty_number_or_auto(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not number >= 0:
+            raise ValueError(f"expected a number >= 0 (.inf: one shared head) or 'auto', got {value!r}")
+        return number
 
     @field_validator("head_penalty", "embedding_dim")
     @classmethod

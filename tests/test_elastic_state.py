@@ -8,7 +8,7 @@ import torch
 
 from distributed_mtml.aggregation import METHODS, loss_weighting
 from distributed_mtml.config import validate_config
-from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
+from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
 from distributed_mtml.runtime.placement import place_tasks
 from distributed_mtml.runtime.worker import make_optimizer
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
@@ -18,18 +18,20 @@ NAMES = [s.name for s in SHAPES]
 
 
 def _rank(cfg, owned: list[str]):
-    """One rank's parts as the worker builds them: trunk, its tasks' modules, UW, Adam."""
+    """One rank's parts as the worker builds them: trunk, the shared head parts (the default
+    heads share one), its tasks' modules, UW, Adam."""
     torch.manual_seed(0)
     trunk = build_trunk(cfg.model, SHAPES)
-    modules = build_task_modules(cfg.model, SHAPES, 0, only=owned)
+    shared = build_shared_heads(cfg.model, SHAPES, 0)
+    modules = build_task_modules(cfg.model, SHAPES, 0, only=owned, shared=shared)
     weighting = loss_weighting(METHODS["uw"], owned, NAMES, {}, {n: "regression" for n in NAMES})
-    groups = parameter_groups(trunk, modules, weighting)
+    groups = parameter_groups(trunk, modules, weighting, shared)
     optimizer = make_optimizer("adam", [p for ps in groups.values() for p in ps], 1e-2, 0.0)
-    return trunk, modules, weighting, optimizer
+    return trunk, shared, modules, weighting, optimizer
 
 
 def _train(parts, steps: int, seed: int) -> None:
-    trunk, modules, weighting, optimizer = parts
+    trunk, _, modules, weighting, optimizer = parts
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         losses = [((modules[n].head(trunk(modules[n].adapter(torch.randn(8, 4, generator=g))))) ** 2).mean()
@@ -42,9 +44,9 @@ def _train(parts, steps: int, seed: int) -> None:
 def _state_by_parameter(parts) -> dict[str, dict]:
     """Each task's (and the trunk's) parameters with their Adam state, by a name that does not
     depend on the rank: what must survive a change of worker count."""
-    trunk, modules, weighting, optimizer = parts
+    trunk, shared, modules, weighting, optimizer = parts
     out = {}
-    for key, params in parameter_groups(trunk, modules, weighting).items():
+    for key, params in parameter_groups(trunk, modules, weighting, shared).items():
         for i, p in enumerate(params):
             out[f"{key}.{i}"] = {"value": p.detach().clone(), **{k: v.clone() for k, v in optimizer.state[p].items()}}
     return out
@@ -59,12 +61,13 @@ def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp
     for r, parts in enumerate(ranks):
         _train(parts, steps=3, seed=r)
     ranks[1][0].load_state_dict(ranks[0][0].state_dict())  # DDP keeps the trunks equal
-    for r, (trunk, modules, weighting, optimizer) in enumerate(ranks):
-        save_worker_state(str(tmp_path), r, 4, {"plan": True}, trunk, modules, optimizer, weighting)
+    ranks[1][1].load_state_dict(ranks[0][1].state_dict())  # and the shared heads (their gradients are summed)
+    for r, (trunk, shared, modules, weighting, optimizer) in enumerate(ranks):
+        save_worker_state(str(tmp_path), r, 4, {"plan": True}, trunk, modules, optimizer, weighting, shared=shared)
 
     alone = _rank(cfg, NAMES)
-    trunk, modules, weighting, optimizer = alone
-    next_epoch, _ = restore_worker_state(str(tmp_path), trunk, modules, optimizer, weighting)
+    trunk, shared, modules, weighting, optimizer = alone
+    next_epoch, _ = restore_worker_state(str(tmp_path), trunk, modules, optimizer, weighting, shared)
     assert next_epoch == 5
     saved = {**_state_by_parameter(ranks[1]), **_state_by_parameter(ranks[0])}  # the trunk's: rank 0's
     restored = _state_by_parameter(alone)

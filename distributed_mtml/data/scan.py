@@ -35,10 +35,10 @@ class Moments:
 
     def add(self, values: np.ndarray) -> None:
         """`values` [N, W] (or [N] for one column)."""
-        values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
         n = len(values)
-        if n == 0:
+        if n == 0:  # a streamed batch without train rows
             return
+        values = np.asarray(values, dtype=np.float64).reshape(n, -1)
         batch = Moments(values.shape[1])
         batch.n, batch.mean = n, values.mean(axis=0)
         batch.m2 = ((values - batch.mean) ** 2).sum(axis=0)

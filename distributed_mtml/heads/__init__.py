@@ -48,13 +48,17 @@ class HeadKind:
     # (output width, config, trunk output width) -> the part a group of tasks shares; None: nothing shared
     shared: Callable[[int, ModelConfig, int], nn.Module] | None = None
     params: tuple[str, ...] = ()  # keys of the `model` config section it takes
+    # after each epoch: ({task: (its head, train features, train target)}, head_penalty, world) -> None;
+    # a closed-form solve of what gradient steps fit slowly (`shared_plus_offset.refit`)
+    refit: Callable[[dict, float | str, int], object] | None = None
 
 
 HEADS: dict[str, HeadKind] = {
     "separate": HeadKind("one head per task, fitted from its own rows", separate.task_head),
     "shared_plus_offset": HeadKind(
         "a head shared per task type plus an L2-penalised per-task offset (partial pooling)",
-        shared_plus_offset.task_head, shared_plus_offset.shared, params=("head_penalty",)),
+        shared_plus_offset.task_head, shared_plus_offset.shared, params=("head_penalty",),
+        refit=shared_plus_offset.refit),
     "task_embedding": HeadKind(
         "a head shared per task type over the trunk's output and a learned task embedding",
         task_embedding.task_head, task_embedding.shared, params=("head_penalty", "embedding_dim")),

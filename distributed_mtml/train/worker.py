@@ -30,7 +30,7 @@ from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
-from distributed_mtml.heads import sync_shared_grads
+from distributed_mtml.heads import HEADS, sync_shared_grads
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
@@ -114,6 +114,10 @@ def _suite_losses(sums: dict[str, torch.Tensor], order: list[str], steps: int, w
         dist.all_reduce(out)
     return out.cpu()
 
+
+REFIT_ROWS = 10_000
+"""A task's train split up to this many rows gets its head refitted after every epoch (see
+`Worker._refit_heads`): one forward and an SVD of rows x (head width + 1), small next to its epoch."""
 
 HOLD_SPLIT_MB = 64.0
 """A streamed task's validation split up to this size (its batches as read) is kept after its first
@@ -293,6 +297,7 @@ class Worker:
         improved the monitored value is saved at once (`best`) and reported as a checkpoint of
         its own epoch, so the kept model is still the best epoch's."""
         cfg = self.plan.config
+        metrics = {**metrics, **self._refit_heads()}
         val = everyones(_evaluate(self.trunk, self.modules, self.plan, self.data, "val", self.device, self.held),
                          self.world)
         improved = self.monitor.update(val, epoch)
@@ -303,6 +308,25 @@ class Worker:
         checkpoint_due = every is not None and (epoch + 1) % every == 0
         if last or checkpoint_due or self.cadence.due():
             self._flush(epoch, checkpoint=last or checkpoint_due or every is None)
+
+    def _refit_heads(self) -> dict[str, float]:
+        """The head kind's closed-form solve after the epoch's steps (`heads.HeadKind.refit`), on
+        each owned regression task's train split held in memory, up to `REFIT_ROWS` rows (a larger
+        task takes enough steps an epoch to fit its head). Every rank calls the kind's refit.
+        Returns the metric `heads/penalty`: the penalty it used (`auto`: the one it learned)."""
+        model = self.plan.config.model
+        refit = HEADS[model.heads].refit
+        if refit is None:
+            return {}
+        shapes, problems = {s.name: s for s in self.plan.task_shapes()}, {}
+        self.trunk.eval()
+        for n in self.mine:
+            if n in self.data and shapes[n].type == "regression" and len(self.data[n]["train"][1]) <= REFIT_ROWS:
+                x, y = self.data[n]["train"]
+                module = self.modules[n]
+                problems[n] = (module.head, forward_in_chunks(lambda rows, m=module: self.trunk(m.adapter(rows)), x), y)
+        self.trunk.train()
+        return {"heads/penalty": float(refit(problems, model.head_penalty, self.world))}
 
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
         d = tempfile.TemporaryDirectory()

@@ -1,0 +1,275 @@
+"""Sharing between many small related tasks: suite-pooled standardisation and the head kinds
+(`heads/`), against closed forms, a single process, and separate heads."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+
+from distributed_mtml.config import ModelConfig, TrunkConfig, validate_config
+from distributed_mtml.data.generators import make_suite
+from distributed_mtml.data.prepare import plan_preprocessing
+from distributed_mtml.data.scan import Moments, scan_task
+from distributed_mtml.data.suite import load_suite_spec, load_task
+from distributed_mtml.data.validate import checked_scans
+from distributed_mtml.errors import InputError
+from distributed_mtml.heads import shared_plus_offset
+from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
+
+
+def test_merged_moments_are_those_of_all_rows_at_once():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(loc=m, scale=s, size=(n, 3)) for m, s, n in ((1e4, 1, 7), (-3, 50, 120), (0, 1e-3, 1))]
+    merged = Moments(3)
+    for p in parts:
+        one = Moments(3)
+        one.add(p)
+        merged.merge(one)
+    rows = np.concatenate(parts)
+    np.testing.assert_allclose(merged.mean, rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged.std(), rows.std(0), rtol=1e-9)
+    np.testing.assert_allclose(merged.column(1).std(), rows[:, 1:2].std(0), rtol=1e-9)
+
+
+def _write(path, name, columns: dict, split: list[str]):
+    pq.write_table(pa.table({**columns, "split": split}), f"{path}/{name}.parquet")
+
+
+@pytest.fixture
+def mixed_suite(tmp_path):
+    """Tasks a and b read x1, x2 and target y; task c reads x1, x3 and target t; in very
+    different units per task, so pooled and per-task statistics differ."""
+    rng = np.random.default_rng(1)
+    path = str(tmp_path)
+    split = lambda n: ["train"] * (n - 4) + ["val", "val", "test", "test"]  # noqa: E731
+    _write(path, "a", {"x1": rng.normal(10, 1, 20), "x2": rng.normal(0, 1, 20), "y": rng.normal(100, 5, 20)}, split(20))
+    _write(path, "b", {"x1": rng.normal(-5, 3, 30), "x2": rng.normal(7, 2, 30), "y": rng.normal(0, 1, 30)}, split(30))
+    _write(path, "c", {"x1": rng.normal(0, 1, 25), "x3": rng.normal(1e3, 10, 25), "t": rng.normal(3, 1, 25)}, split(25))
+    with open(f"{path}/suite.yaml", "w") as f:
+        f.write("name: mixed\ntasks:\n"
+                "- {name: a, type: regression, path: a.parquet, target: y}\n"
+                "- {name: b, type: regression, path: b.parquet, target: y}\n"
+                "- {name: c, type: regression, path: c.parquet, target: t}\n")
+    return path
+
+
+def test_suite_statistics_pool_the_train_rows_of_every_task_reading_a_column(mixed_suite):
+    spec, scans = checked_scans(mixed_suite)
+    preps = plan_preprocessing(scans, "suite")
+    data = {t.name: load_task(mixed_suite, t) for t in spec.tasks}
+    column = lambda task, c: data[task].x["train"][:, data[task].features.index(c)].astype(np.float64)  # noqa: E731
+    x1 = np.concatenate([column(t, "x1") for t in "abc"])
+    x2 = np.concatenate([column(t, "x2") for t in "ab"])
+    y = np.concatenate([data[t].y["train"] for t in "ab"]).astype(np.float64)
+    for task in "ab":
+        assert preps[task].feature_mean == pytest.approx([x1.mean(), x2.mean()], rel=1e-6)
+        assert preps[task].feature_std == pytest.approx([x1.std(), x2.std()], rel=1e-5)
+        assert (preps[task].target_mean, preps[task].target_std) == pytest.approx((y.mean(), y.std()), rel=1e-5)
+    assert preps["c"].feature_mean == pytest.approx([x1.mean(), column("c", "x3").mean()], rel=1e-6)
+    assert preps["c"].target_mean == pytest.approx(data["c"].y["train"].mean(), rel=1e-5)  # its own column: alone
+    own = plan_preprocessing(scans, "task")
+    assert own["a"].feature_mean == pytest.approx([column("a", "x1").mean(), column("a", "x2").mean()], rel=1e-6)
+    assert plan_preprocessing(scans, "off")["a"].feature_mean is None
+    streamed = {t.name: scan_task(mixed_suite, t, batch_rows=3) for t in spec.tasks}  # moments merged batch by batch
+    for name, prep in plan_preprocessing(streamed, "suite").items():
+        assert prep.feature_mean == pytest.approx(preps[name].feature_mean, rel=1e-9)
+        assert prep.feature_std == pytest.approx(preps[name].feature_std, rel=1e-9)
+        assert prep.target_std == pytest.approx(preps[name].target_std, rel=1e-9)
+
+
+def test_a_group_level_feature_survives_suite_standardisation_and_not_per_task(tmp_path):
+    make_suite("multilevel", str(tmp_path), {"groups": 6, "rows": 20, "group_features": 1})
+    spec, scans = checked_scans(str(tmp_path))
+    for mode, survives in (("suite", True), ("task", False)):
+        preps = plan_preprocessing(scans, mode)
+        seen = []
+        for task in spec.tasks:
+            data = load_task(str(tmp_path), task)
+            z = preps[task.name].inputs(data.x["train"])[:, data.features.index("z1")]
+            assert np.ptp(z) < 1e-5  # constant within a group either way
+            seen.append(float(z[0]))
+        assert (np.std(seen) > 0.3) == survives, (mode, seen)
+
+
+def _features(seed: int, rows: int, width: int = 3) -> torch.Tensor:
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _offset_heads(penalty, tasks: int = 3, rows: int = 40, width: int = 3, noise: float = 0.1):
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[width]), heads="shared_plus_offset", head_penalty=penalty)
+    shapes = [TaskShape(f"t{i}", "regression", width) for i in range(tasks)]
+    shared = build_shared_heads(cfg, shapes, 0)
+    modules = build_task_modules(cfg, shapes, 0, shared=shared, rows={s.name: rows for s in shapes})
+    data = {}
+    for i, s in enumerate(shapes):
+        f = _features(i, rows, width)
+        deviation = (1 + i) if noise < 1 else 1 + 0.2 * i  # tasks far apart, or near each other in noise
+        data[s.name] = (f, f @ torch.tensor([1.0, -2.0, 0.5]) * deviation + i + noise * _features(9 + i, rows, 1)[:, 0])
+    return shared, modules, data
+
+
+def _design(f: torch.Tensor) -> np.ndarray:
+    return np.hstack([f.double().numpy(), np.ones((len(f), 1))])
+
+
+def test_offsets_are_the_ridge_toward_the_shared_head_and_zero_penalty_gives_each_task_its_own_fit():
+    """With penalty 0 every task's head is its own least-squares fit (separate heads' optimum);
+    with penalty lambda, the ridge regression of the shared head's residual toward 0."""
+    for lam in (0.0, 5.0):
+        shared, modules, data = _offset_heads(lam)
+        shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, lam, 1)
+        for n, m in modules.items():
+            f, y = data[n]
+            x = _design(f)
+            base = shared["regression:1"](f).squeeze(-1).detach().double().numpy()
+            coef = np.linalg.solve(x.T @ x + lam * np.eye(4), x.T @ (y.double().numpy() - base))
+            got = m.head(f).squeeze(-1).detach().double().numpy()
+            np.testing.assert_allclose(got, base + x @ coef, atol=1e-4)
+            if lam == 0:
+                own = np.linalg.lstsq(x, y.double().numpy(), rcond=None)[0]
+                np.testing.assert_allclose(got, x @ own, atol=1e-4)
+
+
+def test_an_infinite_penalty_leaves_one_shared_head_fitted_to_every_tasks_rows():
+    shared, modules, data = _offset_heads(float("inf"))
+    assert all(not list(m.parameters()) for m in modules.values())  # nothing of its own
+    params = list(shared.parameters())
+    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = sum(((m.head(data[n][0]).squeeze(-1) - data[n][1]) ** 2).sum() for n, m in modules.items())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    x = np.vstack([_design(data[n][0]) for n in modules])
+    pooled = np.linalg.lstsq(x, np.concatenate([data[n][1].double().numpy() for n in modules]), rcond=None)[0]
+    for n, m in modules.items():
+        got = m.head(data[n][0]).squeeze(-1).detach().double().numpy()
+        np.testing.assert_allclose(got, _design(data[n][0]) @ pooled, atol=1e-3)
+
+
+def test_auto_penalty_is_the_least_leave_one_out_error_over_every_task():
+    shared, modules, data = _offset_heads("auto", tasks=4, rows=12, noise=2.0)
+    lam = shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, "auto", 1)
+    totals = []
+    for grid in shared_plus_offset.LAMBDAS.tolist():
+        total = 0.0
+        for n, m in modules.items():
+            f, y = data[n]
+            x, r = _design(f), y.double().numpy() - shared["regression:1"](f).squeeze(-1).detach().double().numpy()
+            for i in range(len(r)):  # refit without row i, predict it
+                keep = np.arange(len(r)) != i
+                coef = np.linalg.solve(x[keep].T @ x[keep] + grid * np.eye(4), x[keep].T @ r[keep])
+                total += (r[i] - x[i] @ coef) ** 2
+        totals.append(total)
+    assert lam == pytest.approx(shared_plus_offset.LAMBDAS[int(np.argmin(totals))].item())
+    assert 0 < int(np.argmin(totals)) < len(totals) - 1  # a real choice, not an end of the grid
+    assert all(float(m.head.lam) == lam for m in modules.values())
+
+
+def _setup(names):
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[8]))  # the default heads: shared_plus_offset
+    shapes = {n: TaskShape(n, "regression", 4) for n in ("a", "b", "c")}
+    torch.manual_seed(0)
+    trunk = build_trunk(cfg, list(shapes.values()))
+    shared = build_shared_heads(cfg, list(shapes.values()), 0)
+    modules = build_task_modules(cfg, list(shapes.values()), 0, only=names, shared=shared, rows=dict.fromkeys(shapes, 10))
+    batches = {n: (_features(i, 10, 4), _features(20 + i, 10, 1)[:, 0] * (i - 1)) for i, n in enumerate(shapes) if n in names}
+    return trunk, shared, modules, shapes, batches
+
+
+def _steps(trunk, shared, modules, shapes, batches, world, steps=3):
+    from distributed_mtml.heads import sync_shared_grads
+    from distributed_mtml.models import head_parameters
+    from distributed_mtml.train.step import multitask_step
+
+    optimizer = torch.optim.Adam([*trunk.parameters(), *shared.parameters(), *modules.parameters()], lr=0.05)
+    optimizer.register_step_pre_hook(lambda *_: sync_shared_grads(shared, world))
+    assert {id(p) for p in head_parameters(modules)} <= {id(p) for g in optimizer.param_groups for p in g["params"]}
+    synced = torch.nn.parallel.DistributedDataParallel(trunk) if world > 1 else trunk
+    for _ in range(steps):
+        multitask_step(synced, modules, shapes, batches, optimizer, 1 / 3, trunk_grad_scale=world)
+
+
+def _rank(rank, placement, port, out):
+    from torch.nn.utils import parameters_to_vector
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(placement))
+    trunk, shared, modules, shapes, batches = _setup(placement[rank])
+    _steps(trunk, shared, modules, shapes, batches, len(placement))
+    torch.save({"shared": parameters_to_vector(shared.parameters()).detach(),
+                "trunk": parameters_to_vector(trunk.parameters()).detach(),
+                **{n: parameters_to_vector(m.parameters()).detach() for n, m in modules.items()}}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # gloo's threads can abort interpreter finalisation (see test_aggregation._exit_cleanly)
+
+
+def test_shared_heads_across_two_ranks_take_the_steps_of_one_process(tmp_path):
+    """Tasks a, c on one rank and b on the other (the group shared by all three): after three
+    Adam steps every rank's shared head, trunk and offsets equal one process holding all tasks."""
+    from torch.nn.utils import parameters_to_vector
+
+    placement = [["a", "c"], ["b"]]
+    mp.spawn(_rank, args=(placement, free_port(), str(tmp_path)), nprocs=2)
+    trunk, shared, modules, shapes, batches = _setup(["a", "b", "c"])
+    before = parameters_to_vector(shared.parameters()).detach().clone()
+    _steps(trunk, shared, modules, shapes, batches, 1)
+    assert not torch.allclose(before, parameters_to_vector(shared.parameters()))
+    for rank, owned in enumerate(placement):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(got["shared"], parameters_to_vector(shared.parameters()), atol=1e-5), rank
+        assert torch.allclose(got["trunk"], parameters_to_vector(trunk.parameters()), atol=1e-5), rank
+        for n in owned:
+            assert torch.allclose(got[n], parameters_to_vector(modules[n].parameters()), atol=1e-5), (rank, n)
+
+
+def test_heads_options_and_modes_are_checked_by_name():
+    for raw, words in (({"model": {"heads": "pooled"}}, "unknown heads 'pooled'"),
+                       ({"model": {"heads": "separate", "head_penalty": 3}}, "not an option of heads 'separate'"),
+                       ({"model": {"embedding_dim": 4}}, "not an option of heads 'shared_plus_offset'"),
+                       ({"model": {"head_penalty": -1}}, "key 'model.head_penalty': .*or 'auto', got -1"),
+                       ({"data": {"standardize": "group"}}, "data.standardize")):
+        with pytest.raises(InputError, match=words):
+            validate_config(raw)
+    assert validate_config({"data": {"standardize": True}}).data.standardize == "suite"
+    assert validate_config({"data": {"standardize": False}}).data.standardize == "off"
+    assert validate_config({"model": {"head_penalty": float("inf")}}).model.head_penalty == float("inf")
+
+
+def _pooled_test_mse(out, suite: str) -> float:
+    counts = {t.name: len(load_task(suite, t).y["test"]) for t in load_suite_spec(suite).tasks}
+    return sum(out.metrics[f"test/{n}/mse"] * c for n, c in counts.items()) / sum(counts.values())
+
+
+def test_on_many_small_groups_the_default_heads_beat_separate_heads(ray_session, tmp_path):
+    """A seeded 30-group multilevel suite, 16 rows a group, local mode: the default
+    (shared_plus_offset, suite statistics) against separate heads on the same statistics, test
+    MSE pooled over every test row of the kept models (read back from MLflow). Also: the
+    learned penalty is logged, and the model's shared head reloads with it."""
+    from distributed_mtml.tracking import Tracker
+    from distributed_mtml.train.launch import run_training
+
+    suite = str(tmp_path / "suite")
+    make_suite("multilevel", suite, {"groups": 30, "rows": 16, "between": 0.5, "seed": 3})
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    results = {}
+    for heads in ("shared_plus_offset", "separate"):
+        cfg = validate_config({"suite": {"path": suite}, "model": {"heads": heads}, "scaling": {"num_workers": 0},
+                               "training": {"epochs": 60, "batch_size": 32, "lr": 0.003, "early_stopping_patience": 15},
+                               "checkpoint": {"dir": str(tmp_path / "runs")}})
+        results[heads] = run_training(cfg, heads, tracker)
+    default, separate = (_pooled_test_mse(results[h], suite) for h in ("shared_plus_offset", "separate"))
+    assert default < 0.95 * separate, (default, separate)
+    assert results["shared_plus_offset"].metrics["heads/penalty"] > 0
+    assert "heads/penalty" not in results["separate"].metrics
