@@ -123,7 +123,9 @@ def _add_model_commands(sub) -> None:
     pred.add_argument("--out", required=True, help="a new directory for the predictions (Parquet)")
     pred.add_argument("--tasks", help="comma-separated tasks to predict (default: every task)")
     pred.add_argument("--keep", help="comma-separated input columns to copy next to the predictions (e.g. an id)")
-    pred.add_argument("--adapt-from", help="meta-learned model: labelled rows of the new task (Parquet) to adapt on first")
+    pred.add_argument("--adapt-from", help="labelled rows of a new task (Parquet) to adapt on first: a meta-learned model "
+                      "takes inner steps; a multi-task model with a shared head (model.heads: shared_plus_offset) solves "
+                      "the new group's offsets and predicts it as column new_group")
     pred.add_argument("--target", help="with --adapt-from: the labelled rows' target column")
     pred.add_argument("--steps", type=int, default=10, help="with --adapt-from: inner steps (default 10)")
     pred.add_argument("--actors", type=int, default=1, help="actors holding the model (default 1; Ray Data scales up to it)")
@@ -379,7 +381,8 @@ def cmd_predict(args) -> int:
                          args.target, args.steps, args.actors, args.gpu)
         done = run_predict(job, args.address)
     if "adapt_loss_after" in done:
-        print(f"adapted on the rows of {args.adapt_from} ({args.steps} steps): their loss "
+        how = f"{args.steps} steps" if done["meta"] else "shared head -> its offsets solved, column new_group"
+        print(f"adapted on the rows of {args.adapt_from} ({how}): their loss "
               f"{done['adapt_loss_before']:.4f} -> {done['adapt_loss_after']:.4f}")
     print(f"wrote {done['rows']:,} rows of predictions to {args.out} in {done['seconds']:.1f} s")
     return EXIT_OK

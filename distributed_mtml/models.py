@@ -80,6 +80,16 @@ def build_shared_heads(cfg: ModelConfig, tasks: list[TaskShape], seed: int) -> n
     return build_shared(cfg, [(t.type, t.out_width) for t in tasks], cfg.trunk.widths[-1], seed)
 
 
+def new_task_head(cfg: ModelConfig, task: TaskShape, shared: nn.ModuleDict) -> nn.Module:
+    """A head for a task the model was not trained on: the shared head of its type and width
+    where the model has one (`heads/`: offsets or embedding at zero, the tasks' common ground),
+    else a fresh head of its own. A self-contained module: every parameter it uses is its own."""
+    key = group_key(task.type, task.out_width)
+    part = shared[key] if key in shared else None
+    cfg = cfg if part is not None else cfg.model_copy(update={"heads": "separate"})
+    return HEADS[cfg.heads].task_head(task.out_width, cfg, cfg.trunk.widths[-1], part, 1).standalone()
+
+
 def build_task_modules(
     cfg: ModelConfig, tasks: list[TaskShape], seed: int, only: list[str] | None = None,
     shared: nn.ModuleDict | None = None, rows: dict[str, int] | None = None,

@@ -12,7 +12,11 @@ Parquet, and predictions come out in the target's units and classes by name:
 Tasks with different feature columns read one table: its columns are the union of the tasks',
 and each task reads its own. A task whose columns a table lacks gets no output (`tasks` picks
 tasks explicitly). A meta-learned model has one head, `meta`: its starting point for any task
-of its family; `adapt` first takes inner steps on a few labelled rows of the new task.
+of its family; `adapt` first takes inner steps on a few labelled rows of the new task. A
+multi-task model whose regression tasks share a head (`model.heads: shared_plus_offset`) adapts
+to a new group, `new_group`, from its labelled rows: the shared head plus offsets solved in
+closed form with the penalty it learned (a mixed model's BLUP for a new group), on the model's
+saved statistics only (nothing of the new rows but their K labels).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from distributed_mtml.evaluate import forward_in_chunks
 from distributed_mtml.models import META_TASK, TaskShape
 
 ADAPT_STEPS = 10  # inner steps on the labelled rows unless told: meta evaluation's default curve
-NOT_META = "--adapt-from: the model is not meta-learned (carry a multi-task model to a new task with mtml transfer)"
+NOT_META = ("--adapt-from: the model is neither meta-learned nor a multi-task model with a shared regression head "
+            "(model.heads: shared_plus_offset); carry it to a new task with mtml transfer")
+NEW_GROUP = "new_group"  # the task a multi-task model with a shared head adapts to
 
 
 class Predictor:
@@ -54,6 +60,8 @@ class Predictor:
         self.shapes: dict[str, TaskShape] = dict(model.tasks)
         self.preps: dict[str, TaskPrep] = {n: model.preprocessing.get(n) or TaskPrep() for n in self.shapes}
         self.params = None  # a meta-learned model's adapted parameters, once `adapt` ran
+        self.heads = config.get("model", {}).get("heads", "separate")
+        self.new_head: tuple[str, torch.nn.Module] | None = None  # (source task, head) once a new group is adapted
 
     @property
     def tasks(self) -> list[str]:
@@ -105,7 +113,50 @@ class Predictor:
     def _forward(self, task: str, x: torch.Tensor) -> torch.Tensor:
         if self.params is not None:
             return self.learner.outputs(self.params, x)
+        if task == NEW_GROUP and self.new_head is not None:
+            source, head = self.new_head
+            return head(self.model.trunk(self.model.task_modules[source].adapter(x)))
         return self.model(task, x)
+
+    def adapt_features(self) -> list[str]:
+        """The feature columns the labelled rows of a new task must have."""
+        if self.learner is not None:
+            return self.features[META_TASK]
+        return self.features[self.group_source()]
+
+    def group_source(self) -> str:
+        """The trained task a new group starts from: a regression task of the shared head (its
+        saved statistics are the suite's pooled ones under `data.standardize: suite`). Every task
+        of that head must read the same columns, which the new group's rows then have."""
+        group = [n for n, s in self.shapes.items() if n != NEW_GROUP and s.type == "regression" and s.out_width == 1]
+        if self.heads != "shared_plus_offset" or not group:
+            raise InputError(NOT_META)
+        if len({tuple(self.features[n]) for n in group}) > 1:
+            raise InputError("--adapt-from: the model's regression tasks read different feature columns, so a new "
+                             "group's columns are not known")
+        return group[0]
+
+    def _adapt_group(self, labelled: pd.DataFrame, target: str, steps: int) -> float:
+        """A new group's head from its labelled rows (see the module's docstring); `steps` 0: the
+        shared head alone (the 0-shot prediction). Returns the rows' loss on the model's scale."""
+        from distributed_mtml.heads import group_key, shared_plus_offset
+
+        source = self.group_source()
+        features, prep = self.features[source], self.preps[source]
+        own = self.model.task_modules[source]
+        y = labelled[target].to_numpy(dtype=np.float32)
+        xs = torch.from_numpy(prep.inputs(labelled[features].to_numpy(dtype=np.float32))).to(self.device)
+        ys = torch.from_numpy(np.asarray(prep.scaled_target(y), dtype=np.float32)).to(self.device)
+        lam = float(own.head.lam)
+        head = shared_plus_offset.OffsetHead(self.model.shared_heads[group_key("regression", 1)], lam, len(y))
+        with torch.no_grad():
+            f = self.model.trunk(own.adapter(xs))
+            if steps > 0:
+                shared_plus_offset.refit({NEW_GROUP: (head, f, ys)}, lam, 1)
+            loss = float(((head(f).squeeze(-1) - ys) ** 2).mean())
+        self.shapes[NEW_GROUP] = TaskShape(NEW_GROUP, "regression", len(features))
+        self.features[NEW_GROUP], self.preps[NEW_GROUP], self.new_head = features, prep, (source, head)
+        return loss
 
     def _class_names(self, task: str) -> list:
         return self.preps[task].classes or list(range(self.shapes[task].num_classes))
@@ -119,7 +170,7 @@ class Predictor:
         from distributed_mtml.meta.algorithms import adapt
 
         if self.learner is None:
-            raise InputError(NOT_META)
+            return self._adapt_group(labelled, target, steps)
         missing = [c for c in [*self.features[META_TASK], target] if c not in labelled.columns]
         if missing:
             raise InputError(f"--adapt-from: no column {missing[0]!r} (the model reads {', '.join(self.features[META_TASK])})")
@@ -202,9 +253,10 @@ def check_job(job: PredictJob, predictor: Predictor) -> tuple[list[str], pd.Data
     the tasks to predict and the labelled rows to adapt from."""
     from distributed_mtml.data.suite import filesystem
 
-    tasks = predictor.check_tasks(job.tasks)
+    new_group = job.adapt_from is not None and predictor.learner is None  # a multi-task model adapts a new group
+    tasks = predictor.check_tasks(job.tasks) if job.tasks or not new_group else []
     schema = _parquet_schema(job.input, "--input")
-    missing = predictor.missing_columns(schema.names, tasks)
+    missing = predictor.missing_columns(schema.names, [*tasks, *([predictor.group_source()] if new_group else [])])
     if missing:
         raise InputError(f"--input {job.input}: no column {missing[0]!r}, a feature of task "
                          f"'{next(t for t in tasks if missing[0] in predictor.features[t])}' (--tasks picks tasks)")
@@ -224,14 +276,13 @@ def check_job(job: PredictJob, predictor: Predictor) -> tuple[list[str], pd.Data
         raise InputError("--adapt-from needs --target, the labelled rows' target column")
     if job.steps < 1:
         raise InputError("--steps: must be positive")
-    if predictor.learner is None:
-        raise InputError(NOT_META)
     labelled = _parquet_schema(job.adapt_from, "--adapt-from")
-    wanted = [*predictor.features[META_TASK], job.target]
+    wanted = [*predictor.adapt_features(), job.target]
     absent = [c for c in wanted if c not in labelled.names]
     if absent:
         raise InputError(f"--adapt-from {job.adapt_from}: no column {absent[0]!r}")
-    return tasks, open_parquet(job.adapt_from).to_table(columns=wanted).to_pandas()
+    rows = open_parquet(job.adapt_from).to_table(columns=wanted).to_pandas()
+    return ([NEW_GROUP, *tasks] if new_group else tasks), rows
 
 
 def _parquet_schema(path: str, flag: str) -> pa.Schema:
@@ -251,7 +302,7 @@ def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
 
     predictor = Predictor(job.model_dir)
     tasks, labelled = check_job(job, predictor)
-    facts = {}
+    facts: dict = {"meta": predictor.learner is not None}
     if labelled is not None:
         facts["adapt_loss_before"] = predictor.adapt(labelled, job.target, 0)
         facts["adapt_loss_after"] = predictor.adapt(labelled, job.target, job.steps)

@@ -26,7 +26,7 @@ from distributed_mtml.report import table
 
 
 def _learner(algorithm: str) -> MetaLearner:
-    cfg = ModelConfig(trunk=TrunkConfig(widths=[40, 40]))
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[40, 40]), heads="separate")  # a meta head is its own
     return MetaLearner(MultiTaskModel(cfg, [TaskShape(META_TASK, "regression", 1)], 0), algorithm, 0.01)
 
 

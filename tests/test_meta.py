@@ -19,7 +19,7 @@ ALPHA = 0.05
 
 
 def _learner(algorithm, widths=(3,), kind="regression", features=1, classes=None):
-    cfg = ModelConfig(trunk=TrunkConfig(widths=list(widths), activation="tanh"))
+    cfg = ModelConfig(trunk=TrunkConfig(widths=list(widths), activation="tanh"), heads="separate")
     model = MultiTaskModel(cfg, [TaskShape(META_TASK, kind, features, classes)], seed=0)
     return MetaLearner(model, algorithm, ALPHA, seed=0).double()
 

@@ -16,11 +16,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 import torch
 
 from conftest import free_port
 from distributed_mtml.artifacts import load_model
 from distributed_mtml.config import validate_config
+from distributed_mtml.data.generators import make_suite
 from distributed_mtml.tracking import Tracker
 
 pytestmark = pytest.mark.ray
@@ -202,7 +204,7 @@ def test_mlflow_models_serve_answers_with_the_same_predictions(trained):
     assert list(served["cls"]) == list(want["cls"])
 
 
-@pytest.mark.parametrize("case", ["missing_feature", "text_feature", "missing_keep", "out_not_empty", "adapt_not_meta",
+@pytest.mark.parametrize("case", ["missing_feature", "text_feature", "missing_keep", "out_not_empty", "adapt_no_target",
                                   "unknown_task"])
 def test_predict_bad_input_exits_2_naming_the_column_before_ray_is_used(trained, case, capsys, monkeypatch):
     import distributed_mtml.runtime.driver as driver
@@ -221,8 +223,8 @@ def test_predict_bad_input_exits_2_naming_the_column_before_ray_is_used(trained,
         os.makedirs(root / "full", exist_ok=True)
         (root / "full" / "x").write_text("")
         expect = "--out .*full: exists and is not empty"
-    elif case == "adapt_not_meta":
-        extra, expect = ["--adapt-from", str(root / f"{case}.parquet"), "--target", "a"], "is not meta-learned"
+    elif case == "adapt_no_target":  # a new group of the shared regression head: its labels must be there
+        extra, expect = ["--adapt-from", str(root / f"{case}.parquet"), "--target", "price"], "--adapt-from .*: no column 'price'"
     else:
         extra, expect = ["--tasks", "cls,weather"], r"no task \['weather'\]"
     table.to_parquet(root / f"{case}.parquet")
@@ -262,6 +264,47 @@ def test_adapting_a_meta_learned_model_to_a_new_task_lowers_its_loss(ray_session
     adapted_mse = float(((adapted["meta"].to_numpy() - truth) ** 2).mean())
     plain_mse = float(((plain["meta"].to_numpy() - truth) ** 2).mean())
     assert adapted_mse < 0.5 * plain_mse, (adapted_mse, plain_mse)
+
+
+def test_a_multitask_model_with_a_shared_head_adapts_to_a_new_group_from_its_labelled_rows(ray_session, tmp_path, capsys):
+    """36 groups of a mixed model; 30 train (default heads: shared_plus_offset), 6 are new: each
+    new group's offsets solved from 8 labelled rows beat the shared head alone (0 steps) on its
+    other rows, pooled over the 6 groups. Only the model's saved statistics touch the new rows.
+    `mtml predict --adapt-from` gives the same predictions, as column new_group."""
+    from distributed_mtml.cli import main
+    from distributed_mtml.data.suite import SuiteSpec, suite_yaml_path, write_text
+    from distributed_mtml.predict import Predictor
+    from distributed_mtml.train.launch import run_training
+
+    suite = str(tmp_path / "suite")
+    spec = make_suite("multilevel", suite, {"groups": 36, "rows": 40, "between": 0.6, "seed": 5})
+    write_text(suite_yaml_path(suite), yaml.safe_dump(SuiteSpec(name="ml", tasks=spec.tasks[:30]).model_dump(
+        exclude_none=True), sort_keys=False))  # groups 30..35 are not in the suite
+    config = validate_config({"suite": {"path": suite}, "scaling": {"num_workers": 0},
+                              "training": {"epochs": 40, "batch_size": 32, "lr": 0.003},
+                              "checkpoint": {"dir": str(tmp_path / "runs")}})
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    outcome = run_training(config, "groups", tracker)
+    errors: dict[int, list] = {0: [], 1: []}
+    for task in spec.tasks[30:]:
+        rows = pq.read_table(f"{suite}/{task.path}").to_pandas().drop(columns="split")
+        for steps, found in errors.items():
+            predictor = Predictor(outcome.checkpoint_path)
+            predictor.adapt(rows.head(8), "y", steps)
+            found.append(predictor.predict(rows.tail(32), ["new_group"])["new_group"].to_numpy() - rows.tail(32)["y"])
+    mse = {steps: float(np.mean(np.concatenate(found) ** 2)) for steps, found in errors.items()}
+    assert mse[1] < 0.8 * mse[0], mse
+    last = rows.assign(id=range(40))
+    last.head(8).to_parquet(tmp_path / "labelled.parquet")
+    last.tail(32).drop(columns="y").to_parquet(tmp_path / "rows.parquet")
+    capsys.readouterr()
+    assert main(["predict", "--model", outcome.run_id, "--input", str(tmp_path / "rows.parquet"), "--out",
+                 str(tmp_path / "out"), "--keep", "id", "--adapt-from", str(tmp_path / "labelled.parquet"),
+                 "--target", "y", "--tracking-uri", tracker.uri]) == 0
+    assert "column new_group" in capsys.readouterr().out
+    adapted = pd.read_parquet(tmp_path / "out").sort_values("id")
+    assert list(adapted.columns) == ["new_group", "id"]
+    np.testing.assert_allclose(adapted["new_group"] - last.tail(32)["y"].to_numpy(), errors[1][-1], rtol=1e-4, atol=1e-3)
 
 
 def test_logging_and_loading_a_model_leave_mlflows_environment_as_it_was(trained):

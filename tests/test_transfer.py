@@ -16,8 +16,8 @@ SOURCE_TASKS = [TaskShape("classify", "classification", 10, 2), TaskShape("regre
 
 
 def _inputs(target=TaskShape("new", "regression", 10), meta=None, tasks=SOURCE_TASKS):
-    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8, 4]))
-    model = MultiTaskModel(cfg, tasks, seed=0)
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8, 4]), heads="separate" if meta else "shared_plus_offset")
+    model = MultiTaskModel(cfg, tasks, seed=0)  # a meta-learned model's one head is its own (meta.checkpoint)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, target.num_features, generator=g)
     y = torch.randint(0, 2, (40,), generator=g) if target.type == "classification" else x.sum(1)
@@ -72,10 +72,38 @@ def test_adapter_trains_adapters_input_map_and_head_and_starts_as_the_frozen_tru
 
 def test_nearest_head_starts_from_the_best_fitting_compatible_source_head():
     inputs = _inputs(target=TaskShape("new", "classification", 10, 2))
+    with torch.no_grad():
+        for p in inputs.model.task_modules["classify"].head.parameters():
+            p.add_(0.3)  # an offset of its own, so its head differs from the shared one
     built = build("nearest_head", inputs, 1, 4, seed=0)
-    assert torch.equal(built.model.head[-1].weight, inputs.model.task_modules["classify"].head[-1].weight)
+    features = inputs.model.trunk(inputs.train[0])
+    assert torch.equal(built.model.head(features), inputs.model.task_modules["classify"].head(features))
     _, changed = _trained_names("nearest_head", inputs)
     assert changed == {n for n, _ in built.model.named_parameters()}
+
+
+@pytest.mark.parametrize("heads", ["shared_plus_offset", "task_embedding"])
+def test_a_new_head_starts_from_the_shared_head_of_its_type_and_scratch_does_not(heads):
+    """Sharing heads: a new task's head is the shared head of its type and width (a task's own
+    part at zero); a type the source has no shared head for, and `scratch`, start fresh."""
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8]), heads=heads)
+    model = MultiTaskModel(cfg, SOURCE_TASKS, seed=0)
+    inputs = _inputs()
+    inputs.model, inputs.source_config = model, {"model": cfg.model_dump(mode="json"), "meta": None}
+    with torch.no_grad():
+        for p in model.task_modules["regress"].head.parameters():
+            p.add_(0.5)  # the source task's own part: not what a new task starts from
+    features = model.trunk(inputs.train[0])
+    shared = model.shared_heads["regression:1"]
+    start = shared(features) if heads == "shared_plus_offset" else shared(features, torch.zeros(cfg.embedding_dim))
+    built = build("finetune", inputs, 1, 4, seed=0)
+    assert torch.equal(built.model.head(features), start)
+    assert {n for n, _ in built.model.head.named_parameters()} and not torch.equal(
+        model.task_modules["regress"].head(features), start)
+    scratch = build("scratch", inputs, 1, 4, seed=0)
+    assert not torch.allclose(scratch.model.head(scratch.model.trunk(inputs.train[0])), start)
+    _, changed = _trained_names("linear_probe", inputs)
+    assert changed == {n for n, _ in built.model.named_parameters() if n.startswith("head.")}
 
 
 def test_meta_adapt_uses_the_inner_rule_and_anil_adapts_the_head_only():

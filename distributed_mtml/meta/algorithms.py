@@ -53,6 +53,8 @@ class MetaLearner(nn.Module):
 
     def __init__(self, model: MultiTaskModel, algorithm: str, inner_lr: float, seed: int = 0):
         super().__init__()
+        if len(model.shared_heads):
+            raise ValueError("a meta-learned model's one head is its own: build it with model.heads: separate")
         self.model, self.algorithm, self.inner_lr = model, ALGORITHMS[algorithm], inner_lr
         self.shape: TaskShape = model.tasks[META_TASK]
         head = f"task_modules.{META_TASK}.head."

@@ -39,9 +39,15 @@ class TrainPlan(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _fixed_placement_of_older_plans(cls, raw: dict) -> dict:
-        """Plans saved before elastic training held their placement; it is derived now."""
-        return {k: v for k, v in raw.items() if k != "placement"} if isinstance(raw, dict) else raw
+    def _older_plans(cls, raw: dict) -> dict:
+        """Plans saved before elastic training held their placement (it is derived now); plans
+        saved before head kinds had separate heads (the default is a sharing kind now)."""
+        if not isinstance(raw, dict):
+            return raw
+        model = raw.get("config", {}).get("model") if isinstance(raw.get("config"), dict) else None
+        if isinstance(model, dict) and "heads" not in model:
+            raw = {**raw, "config": {**raw["config"], "model": {**model, "heads": "separate"}}}
+        return {k: v for k, v in raw.items() if k != "placement"}
 
     def task_shapes(self) -> list[TaskShape]:
         return [TaskShape(**t) for t in self.tasks]

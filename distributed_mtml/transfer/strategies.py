@@ -6,6 +6,9 @@ otherwise, built like the source's heads for the target's output width.
 
   scratch       the source architecture, freshly initialised; all of it trains
   finetune      the source trunk and a new head; all of it trains
+
+A new head is the source's shared head of the target's type and width where the source shares
+heads (`model.heads`: the tasks' common ground, offsets or embedding at zero), else fresh.
   linear_probe  the source trunk frozen, a new head
   partial       the top `partial_layers` linear layers of the trunk and a new head
   adapter       the source trunk frozen with a residual bottleneck adapter after every layer
@@ -28,7 +31,7 @@ from torch import nn
 
 from distributed_mtml.config import ModelConfig
 from distributed_mtml.errors import InputError
-from distributed_mtml.models import META_TASK, TaskModule, build_trunk, task_loss
+from distributed_mtml.models import META_TASK, build_trunk, new_task_head, task_loss
 from distributed_mtml.transfer.source import TransferInputs
 
 
@@ -73,8 +76,10 @@ def _model_config(inputs: TransferInputs) -> ModelConfig:
 
 
 def _new_head(inputs: TransferInputs, seed: int) -> nn.Module:
+    """The target's head: the source's shared head of its type where the source shares heads
+    (`model.heads`), else a fresh one."""
     torch.manual_seed(seed)
-    return TaskModule(inputs.target, _model_config(inputs), _trunk_in(inputs)).head
+    return new_task_head(_model_config(inputs), inputs.target, inputs.model.shared_heads)
 
 
 def _compatible_heads(inputs: TransferInputs) -> list[str]:
@@ -139,8 +144,10 @@ class Options:
 
 
 def _scratch(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
+    """Nothing of the source's weights: a fresh trunk and a fresh head of the target's own."""
     torch.manual_seed(o.seed)
-    model = TargetModel(nn.Identity(), build_trunk(_model_config(inputs), [inputs.target]), head)
+    fresh = build_trunk(_model_config(inputs), [inputs.target])
+    model = TargetModel(nn.Identity(), fresh, new_task_head(_model_config(inputs), inputs.target, nn.ModuleDict()))
     return Built(model, [n for n, _ in model.named_parameters()])
 
 
@@ -171,7 +178,7 @@ def _adapter(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Optio
 
 
 def _nearest(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
-    chosen_head = copy.deepcopy(inputs.model.task_modules[_nearest_head(inputs)].head)
+    chosen_head = inputs.model.task_modules[_nearest_head(inputs)].head.standalone()  # shared part included
     model = TargetModel(nn.Identity(), trunk, chosen_head)
     return Built(model, [n for n, _ in model.named_parameters()])
 
