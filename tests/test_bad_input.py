@@ -73,20 +73,21 @@ class Case:
         """A real checkpoint directory of this suite's model, written as a worker writes it."""
         from distributed_mtml.aggregation import METHODS, loss_weighting
         from distributed_mtml.config import validate_config
-        from distributed_mtml.models import build_task_modules, build_trunk
+        from distributed_mtml.models import build_shared_heads, build_task_modules, build_trunk
         from distributed_mtml.train.checkpoint import save_worker_state
         from distributed_mtml.train.plan import make_plan
         from distributed_mtml.runtime.worker import make_optimizer
 
         plan = make_plan(validate_config({**self.config, "model": {"trunk": {"widths": widths}}}))
-        shapes = plan.task_shapes()
-        trunk, modules = build_trunk(plan.config.model, shapes), build_task_modules(plan.config.model, shapes, 0)
-        optimizer = make_optimizer("adam", [*trunk.parameters(), *modules.parameters()], 1e-3, 0.0)
+        shapes, cfg = plan.task_shapes(), plan.config.model
+        trunk, shared = build_trunk(cfg, shapes), build_shared_heads(cfg, shapes, 0)
+        modules = build_task_modules(cfg, shapes, 0, shared=shared)
+        optimizer = make_optimizer("adam", [*trunk.parameters(), *shared.parameters(), *modules.parameters()], 1e-3, 0.0)
         directory = self.root / name
         directory.mkdir(parents=True)
         names = [s.name for s in shapes]
         save_worker_state(str(directory), 0, 0, plan.model_dump(mode="json"), trunk, modules, optimizer,
-                          loss_weighting(METHODS["mean"], names, names, {}))
+                          loss_weighting(METHODS["mean"], names, names, {}), shared=shared)
         return str(directory)
 
 
@@ -195,6 +196,16 @@ def _config_cases():
     def unknown_method(c):
         return c.train("--set", "aggregation.method=pcgradd"), "key 'aggregation': Value error, unknown method 'pcgradd'"
 
+    def unknown_heads(c):
+        return c.train("--set", "model.heads=pooled"), "key 'model.heads': Value error, unknown heads 'pooled'"
+
+    def option_of_other_heads(c):
+        c.config["model"] = {"heads": "separate", "head_penalty": 5}
+        return c.train(), "config.yaml: key 'model.head_penalty': Value error, not an option of heads 'separate'"
+
+    def unknown_standardize(c):
+        return c.train("--set", "data.standardize=group"), "key 'data.standardize': Input should be 'suite', 'task' or 'off'"
+
     def set_without_value(c):
         return c.train("--set", "training.epochs"), "--set 'training.epochs': expected key=value"
 
@@ -248,7 +259,7 @@ def _config_cases():
 
     return [unknown_key, wrong_type, negative_batch, negative_workers, elastic_range_backwards, zero_lr, unknown_method, set_without_value,
             set_unknown_key, config_yaml_syntax, set_bad_value_blames_the_flag, mistyped_suite_path, too_many_cpus, gpus_not_there, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
-            unknown_monitor, unknown_algorithm, option_of_another_method]
+            unknown_monitor, unknown_algorithm, option_of_another_method, unknown_heads, option_of_other_heads, unknown_standardize]
 
 
 def _argument_and_checkpoint_cases():
