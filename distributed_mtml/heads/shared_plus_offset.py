@@ -97,11 +97,12 @@ def _loo_errors(u: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tens
     return (((r - fitted) / (1 - leverage.T).clamp_min(1e-9)) ** 2).sum(1)
 
 
-def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], penalty: float | str, world: int) -> float:
+def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], penalty: float | str, world: int,
+          device: torch.device | None = None) -> float:
     """Solves every owned regression task's last-layer offsets exactly (see the module's
     docstring). `problems`: task -> (its OffsetHead, train features, train target on the model's
-    scale). Every rank calls it each epoch (with `auto`, one all-reduce of L floats); returns
-    the lambda used."""
+    scale). Every rank calls it each epoch (with `auto`, one all-reduce of L floats on `device`,
+    the process group's: NCCL reduces GPU tensors only); returns the lambda used."""
     solvable = {n: (head, *head.last_layer_problem(f, y)) for n, (head, f, y) in problems.items()
                 if len(head.offsets) and head.shared[1].out_features == 1}
     svds = {n: (head, *torch.linalg.svd(x, full_matrices=False), r) for n, (head, x, r) in solvable.items()}
@@ -110,8 +111,9 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
         for _, u, s, _, r in svds.values():
             errors += _loo_errors(u, s, r).cpu()
         if world > 1:
+            errors = errors.to(device)
             dist.all_reduce(errors)
-        lam = float(LAMBDAS[int(errors.argmin())])
+        lam = float(LAMBDAS[int(errors.cpu().argmin())])
     else:
         lam = float(penalty)
     for head, u, s, vh, r in svds.values():

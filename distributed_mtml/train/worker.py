@@ -326,7 +326,7 @@ class Worker:
                 module = self.modules[n]
                 problems[n] = (module.head, forward_in_chunks(lambda rows, m=module: self.trunk(m.adapter(rows)), x), y)
         self.trunk.train()
-        return {"heads/penalty": float(refit(problems, model.head_penalty, self.world))}
+        return {"heads/penalty": float(refit(problems, model.head_penalty, self.world, self.device))}
 
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
         d = tempfile.TemporaryDirectory()
