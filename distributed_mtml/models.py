@@ -1,12 +1,14 @@
 """The shared trunk, per-task heads and per-task input adapters.
 
-The trunk is the only part synchronised across workers; a task's adapter and head live
-on the worker that owns the task. Adapters exist only when tasks disagree on feature
-width: they map each task's features into the trunk's input width ("feature mapping").
+The trunk, and the head parts that tasks share (`heads/`, `model.heads`), are synchronised
+across workers; a task's adapter and its own head part live on the worker that owns the task.
+Adapters exist only when tasks disagree on feature width: they map each task's features into
+the trunk's input width ("feature mapping").
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -97,14 +99,19 @@ def build_task_modules(
     """Modules of the tasks named in `only` (default: all), each seeded by its index in the
     suite, so a head's initial weights do not depend on which worker builds it. `shared`: the
     shared head parts (`build_shared_heads`) their heads use (default: new ones, reached through
-    `head_parameters`); `rows`: each task's train rows, which scale a sharing head's penalty."""
+    `head_parameters`); `rows`: each task's train rows, which scale a sharing head's penalty. A
+    task alone in its group (type and width) has no part of its own: an offset beside a head
+    that only it uses would change nothing but double the step its head takes."""
     trunk_in = trunk_input_width(cfg, tasks)
     shared = build_shared_heads(cfg, tasks, seed) if shared is None else shared  # reached through the heads
+    groups = Counter(group_key(t.type, t.out_width) for t in tasks)
+    alone = cfg.model_copy(update={"head_penalty": float("inf")})  # the shared head is the task's own
     modules = {}
     for i, task in enumerate(tasks):
         if only is None or task.name in only:
             torch.manual_seed(seed * 1000 + i + 1)
-            modules[task.name] = TaskModule(task, cfg, trunk_in, shared, (rows or {}).get(task.name, 1))
+            own = alone if groups[group_key(task.type, task.out_width)] == 1 and len(shared) else cfg
+            modules[task.name] = TaskModule(task, own, trunk_in, shared, (rows or {}).get(task.name, 1))
     return nn.ModuleDict(modules)
 
 

@@ -95,7 +95,8 @@ def test_more_tasks_than_workers_with_different_feature_widths(ray_session, tmp_
 
 def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session, tmp_path, raw_suite):
     """No split column, string labels, features and target in the thousands: the saved model
-    carries the train split's statistics and class names, and metrics come in the price's units."""
+    carries the train split's statistics (a column's pooled over the tasks that read it) and
+    class names, and metrics come in the price's units."""
     import numpy as np
     import torch
 
@@ -107,7 +108,9 @@ def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session
     cls, reg = (load_task(raw_suite, t) for t in load_suite_spec(raw_suite).tasks)
     prep = model.preprocessing["reg"]
     assert model.preprocessing["cls"].classes == ["no", "yes"]
-    assert prep.feature_mean == pytest.approx(reg.x["train"].mean(0).tolist(), rel=1e-5)
+    pooled = np.concatenate([cls.x["train"], reg.x["train"]]).astype(np.float64)  # both tasks read a, b, c
+    assert prep.feature_mean == pytest.approx(pooled.mean(0).tolist(), rel=1e-5)
+    assert model.preprocessing["cls"].feature_std == pytest.approx(pooled.std(0).tolist(), rel=1e-4)
     assert prep.target_mean == pytest.approx(float(reg.y["train"].mean()), rel=1e-5)
     test = evaluate(model, raw_suite)
     with torch.no_grad():  # by hand: standardise the raw rows, predict, back to the price's units
@@ -485,8 +488,9 @@ def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite
     dataset (the train split filtered at the read), running out and starting a next pass within
     an epoch; validation and test are streamed too. A task without a split column cannot be
     streamed: exit 2 before Ray starts."""
-    config = _config(tmp_path, seed_suite, data={"max_in_memory_mb": 0, "shuffle_buffer_rows": 50},
-                     training={"epochs": 2, "batch_size": 16, "steps_per_epoch": 12, "lr": 0.02})
+    config = _config(tmp_path, seed_suite, data={"max_in_memory_mb": 0, "shuffle_buffer_rows": 50, "standardize": "task"},
+                     training={"epochs": 2, "batch_size": 16, "steps_per_epoch": 12, "lr": 0.02},
+                     model={"heads": "separate"})  # the model whose epoch 1 improves on epoch 0 (see `best` below)
     before = _dataset_readers(ray_session)
     out = run_training(config, "streamed", _tracker(tmp_path))
     readers = {name: logs for name, logs in _dataset_readers(ray_session).items() if name not in before}

@@ -50,7 +50,7 @@ class HeadKind:
     params: tuple[str, ...] = ()  # keys of the `model` config section it takes
     # after each epoch: ({task: (its head, train features, train target)}, head_penalty, world, device)
     # -> the penalty used; a closed-form solve of what gradient steps fit slowly (`shared_plus_offset.refit`)
-    refit: Callable[[dict, float | str, int, torch.device], float] | None = None
+    refit: Callable[[dict, float | str, int, torch.device], float | None] | None = None
 
 
 HEADS: dict[str, HeadKind] = {

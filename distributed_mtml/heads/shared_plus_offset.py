@@ -97,12 +97,14 @@ def _loo_errors(u: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tens
     return (((r - fitted) / (1 - leverage.T).clamp_min(1e-9)) ** 2).sum(1)
 
 
+@torch.no_grad()
 def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], penalty: float | str, world: int,
-          device: torch.device | None = None) -> float:
+          device: torch.device | None = None) -> float | None:
     """Solves every owned regression task's last-layer offsets exactly (see the module's
     docstring). `problems`: task -> (its OffsetHead, train features, train target on the model's
     scale). Every rank calls it each epoch (with `auto`, one all-reduce of L floats on `device`,
-    the process group's: NCCL reduces GPU tensors only); returns the lambda used."""
+    the process group's: NCCL reduces GPU tensors only); returns the lambda used (None: `auto`
+    and no rank had a task to solve, so there was nothing to learn it from)."""
     solvable = {n: (head, *head.last_layer_problem(f, y)) for n, (head, f, y) in problems.items()
                 if len(head.offsets) and head.shared[1].out_features == 1}
     svds = {n: (head, *torch.linalg.svd(x, full_matrices=False), r) for n, (head, x, r) in solvable.items()}
@@ -113,6 +115,8 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
         if world > 1:
             errors = errors.to(device)
             dist.all_reduce(errors)
+        if not errors.any():
+            return None
         lam = float(LAMBDAS[int(errors.cpu().argmin())])
     else:
         lam = float(penalty)

@@ -313,7 +313,8 @@ class Worker:
         """The head kind's closed-form solve after the epoch's steps (`heads.HeadKind.refit`), on
         each owned regression task's train split held in memory, up to `REFIT_ROWS` rows (a larger
         task takes enough steps an epoch to fit its head). Every rank calls the kind's refit.
-        Returns the metric `heads/penalty`: the penalty it used (`auto`: the one it learned)."""
+        Returns the metric `heads/penalty`: the penalty it used (`auto`: the one it learned), none
+        where no task had anything to solve."""
         model = self.plan.config.model
         refit = HEADS[model.heads].refit
         if refit is None:
@@ -326,7 +327,8 @@ class Worker:
                 module = self.modules[n]
                 problems[n] = (module.head, forward_in_chunks(lambda rows, m=module: self.trunk(m.adapter(rows)), x), y)
         self.trunk.train()
-        return {"heads/penalty": float(refit(problems, model.head_penalty, self.world, self.device))}
+        lam = refit(problems, model.head_penalty, self.world, self.device)
+        return {} if lam is None else {"heads/penalty": float(lam)}
 
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
         d = tempfile.TemporaryDirectory()
