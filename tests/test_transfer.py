@@ -72,9 +72,6 @@ def test_adapter_trains_adapters_input_map_and_head_and_starts_as_the_frozen_tru
 
 def test_nearest_head_starts_from_the_best_fitting_compatible_source_head():
     inputs = _inputs(target=TaskShape("new", "classification", 10, 2))
-    with torch.no_grad():
-        for p in inputs.model.task_modules["classify"].head.parameters():
-            p.add_(0.3)  # an offset of its own, so its head differs from the shared one
     built = build("nearest_head", inputs, 1, 4, seed=0)
     features = inputs.model.trunk(inputs.train[0])
     assert torch.equal(built.model.head(features), inputs.model.task_modules["classify"].head(features))
@@ -87,7 +84,7 @@ def test_a_new_head_starts_from_the_shared_head_of_its_type_and_scratch_does_not
     """Sharing heads: a new task's head is the shared head of its type and width (a task's own
     part at zero); a type the source has no shared head for, and `scratch`, start fresh."""
     cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8]), heads=heads)
-    model = MultiTaskModel(cfg, SOURCE_TASKS, seed=0)
+    model = MultiTaskModel(cfg, [*SOURCE_TASKS, TaskShape("regress2", "regression", 10)], seed=0)  # a group of two
     inputs = _inputs()
     inputs.model, inputs.source_config = model, {"model": cfg.model_dump(mode="json"), "meta": None}
     with torch.no_grad():
