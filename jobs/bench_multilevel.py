@@ -1,6 +1,7 @@
 """Many small related tasks: does `mtml train` share across groups as well as a statistician?
 
-    python jobs/bench_multilevel.py [--seeds 2] [--settings few-large,many-tiny,strong,weak]
+    pip install -e '.[bench]'   # scikit-learn and statsmodels, the anchors
+    python jobs/bench_multilevel.py [--seeds 2] [--settings few-large,many-tiny,strong,weak] [--set KEY=VALUE]
 
 Each setting is a `multilevel` suite (one regression task per group: random intercepts and slopes
 on x1, group-level covariates z constant within a group; `mtml data make multilevel`). On the same
