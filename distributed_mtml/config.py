@@ -43,6 +43,17 @@ class SuiteConfig(_Section):
         return os.path.abspath(os.path.join("mtml_data", f"{self.generator}-{digest}"))
 
 
+def _option_of(registry: dict, choice: str, value: Any, info: ValidationInfo, default: Any) -> Any:
+    """`value` of option `info.field_name`, unless it is set (not its default) while the entry
+    the section's `choice` key names does not take it (its `params`): a ValueError naming the
+    entry and the options it takes. An unknown entry is its own key's error."""
+    entry = registry.get(info.data.get(choice))
+    if entry is None or value == default or info.field_name in entry.params:
+        return value
+    taken = ", ".join(entry.params) or "none"
+    raise ValueError(f"not an option of {choice} '{info.data[choice]}' (its options: {taken})")
+
+
 class DataConfig(_Section):
     standardize: Literal["suite", "task", "off"] = Field(
         "suite", description="suite: each feature column (and regression target column) standardised with train-split "
@@ -112,11 +123,7 @@ class ModelConfig(_Section):
         (defaults pass, so dumped configs validate again)."""
         from distributed_mtml.heads import HEADS
 
-        kind, name = HEADS.get(info.data.get("heads")), info.field_name
-        if kind is None or value == cls.model_fields[name].default or name in kind.params:
-            return value
-        taken = ", ".join(kind.params) or "none"
-        raise ValueError(f"not an option of heads '{info.data['heads']}' (its options: {taken})")
+        return _option_of(HEADS, "heads", value, info, cls.model_fields[info.field_name].default)
 
     @field_validator("heads")
     @classmethod
@@ -221,13 +228,9 @@ class AggregationConfig(_Section):
         config (plans, checkpoints, which hold every key) validates again."""
         from distributed_mtml.aggregation import METHODS
 
-        method, name = METHODS.get(info.data.get("method")), info.field_name
-        if name in ("method", "gradients") or method is None or value == cls.model_fields[name].default:
+        if info.field_name in ("method", "gradients"):
             return value
-        if name not in method.params:
-            taken = ", ".join(method.params) or "none"
-            raise ValueError(f"not an option of method '{info.data['method']}' (its options: {taken})")
-        return value
+        return _option_of(METHODS, "method", value, info, cls.model_fields[info.field_name].default)
 
     @model_validator(mode="after")
     def _known_method(self) -> "AggregationConfig":

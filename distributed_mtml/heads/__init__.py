@@ -44,7 +44,7 @@ class TaskHead(Protocol):
 class HeadKind:
     summary: str
     # (task's output width, config, trunk output width, its shared part or None, task's train rows) -> head
-    task_head: Callable[..., nn.Module]
+    task_head: Callable[..., TaskHead]
     # (output width, config, trunk output width) -> the part a group of tasks shares; None: nothing shared
     shared: Callable[[int, ModelConfig, int], nn.Module] | None = None
     params: tuple[str, ...] = ()  # keys of the `model` config section it takes
