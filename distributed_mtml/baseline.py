@@ -43,7 +43,7 @@ def baseline_metrics(suite_dir: str, splits: tuple[str, ...] = ("val", "test"),
     has checked the suite already (the end of a run), which saves a pass over every file."""
     out: dict[str, float] = {}
     if shapes is None:
-        spec, scans = checked_scans(suite_dir)
+        spec, scans = checked_scans(suite_dir, impute=True)  # features are not read
         shapes = {t.name: TaskShape.of_scan(scans[t.name]) for t in spec.tasks}
     else:
         spec = load_suite_spec(suite_dir)

@@ -164,17 +164,24 @@ def show_suite(suite_dir: str) -> int:
     from distributed_mtml.models import TaskShape
     from distributed_mtml.report import table
 
-    spec, scans = checked_scans(suite_dir)  # streamed: no table is held
+    spec, scans = checked_scans(suite_dir, impute=True)  # streamed: no table is held; missing features are listed
     rows = []
     for task in spec.tasks:
         scan, shape = scans[task.name], TaskShape.of_scan(scans[task.name])
         kind = f"classification ({shape.num_classes})" if task.type == "classification" else "regression"
         split = "seeded" if scan.seeded else f"column '{task.split_column}'"
         labels = f" ({', '.join(scan.class_names())})" if scan.classes else ""
-        rows.append([task.name, kind, *(scan.rows[s] for s in SPLITS), len(scan.features), task.target + labels, split])
+        counts = [n if scan.labelled[s] == n else f"{scan.labelled[s]} of {n}" for s, n in scan.rows.items()]
+        rows.append([task.name, kind, *counts, len(scan.features), task.target + labels, split])
     fractions = "/".join(f"{f:g}" for f in spec.split_fractions)
     print(f"suite '{spec.name}': {spec.description}")
     print(table(["task", "type", *SPLITS, "features", "target", "split"], rows))
+    if any(s.labelled != s.rows for s in scans.values()):
+        print("'L of N': N rows, L of them labelled; a row whose target is null is left out of that task")
+    for task in spec.tasks:
+        if scans[task.name].missing:
+            gaps = ", ".join(f"{c} ({n})" for c, n in scans[task.name].missing.items())
+            print(f"task '{task.name}': missing feature values in labelled rows: {gaps}; training needs data.impute: mean")
     print(f"a task without a split column is split at random (seeded): split_fractions {fractions} "
           f"(train/val/test), split_seed {spec.split_seed}")
     return EXIT_OK

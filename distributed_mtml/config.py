@@ -67,6 +67,11 @@ class DataConfig(_Section):
     def _booleans_of_older_configs(cls, value: Any) -> Any:
         """Configs and saved plans from before the modes said true/false."""
         return {True: "suite", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    impute: Literal["off", "mean"] = Field(
+        "off", description="off: a missing (NaN or null) feature value in a labelled row is an error naming the "
+        "column; mean: it is filled with the column's train mean (pooled as data.standardize pools), stored with "
+        "the model so prediction fills alike. A missing target is never filled: that row is unlabelled for its task"
+    )
     max_in_memory_mb: float = Field(
         1024, ge=0, description="a task whose train split is larger as float32 is streamed with Ray Data instead of "
         "loaded: 1 GiB, since a whole-table load holds the Arrow table, its numpy copy and the tensors at once "

@@ -37,7 +37,8 @@ def split_metrics(shape: TaskShape, prep: TaskPrep, batches: Iterable[tuple[torc
 def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test", checked: bool = False) -> dict[str, float]:
     """Metrics `<split>/<task>/<metric>` for every suite task the model has a head for.
     `checked`: the caller validated the suite already (the end of a run): no second pass."""
-    spec = load_suite_spec(suite_dir) if checked else checked_suite(suite_dir)
+    fills = any(p.feature_fill is not None for p in model.preprocessing.values())  # trained with data.impute: mean
+    spec = load_suite_spec(suite_dir) if checked else checked_suite(suite_dir, fills)
     known = [t for t in spec.tasks if t.name in model.tasks]
     if not known:
         raise InputError(f"{suite_dir}: none of its tasks {[t.name for t in spec.tasks]} has a head in the model")

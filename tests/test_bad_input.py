@@ -118,7 +118,7 @@ def _suite_cases():
 
     def nan_feature(c):
         c.rewrite("regress.parquet", "x0", lambda v: [float("nan")] + v[1:])
-        return c.train(), "regress.parquet: feature column 'x0' has NaN, infinite or null values"
+        return c.train(), "regress.parquet: feature column 'x0' has 1 missing (NaN or null) value(s) in task 'regress'"
 
     def string_target(c):
         c.rewrite("regress.parquet", "y", lambda v: ["high"] * len(v))
@@ -165,9 +165,22 @@ def _suite_cases():
         return c.train(), "regress.parquet: task 'regress' is streamed (train split 0 MB as float32 > " \
                           "data.max_in_memory_mb 0.001) and needs a split column 'split'"
 
+    def only_null_labels(c):  # a null target is an unlabelled row: a task needs some labelled ones
+        c.rewrite("regress.parquet", "y", lambda v: pa.nulls(len(v), pa.float64()))
+        return c.train(), "regress.parquet: task 'regress' has no labelled rows (target column 'y' is null in all"
+
+    def target_shared_by_two_types(c):  # two targets of one file are fine; one column as two kinds of label is not
+        c.edit_suite(lambda s: s["tasks"][1].update(path="classify.parquet"))
+        return c.train(), ("classify.parquet: target column 'y' is read by tasks of different types "
+                           "('classify' classification, 'regress' regression)")
+
+    def pooled_column_text_in_one_task(c):  # data.standardize: suite pools x3 over both tasks
+        c.rewrite("classify.parquet", "x3", lambda v: [str(x) for x in v])
+        return c.train(), "classify.parquet: column 'x3' is string in task 'classify' and a numeric feature of task 'regress'"
+
     return [corrupt_parquet, string_feature, label_out_of_range, nan_feature, string_target, unknown_split,
             missing_target, missing_file, duplicate_task, suite_unknown_key, suite_not_yaml, no_classes, missing_suite,
-            streamed_without_split]
+            streamed_without_split, only_null_labels, target_shared_by_two_types, pooled_column_text_in_one_task]
 
 
 def _config_cases():

@@ -180,7 +180,7 @@ def test_imtl_with_collinear_gradients_is_the_mean(grads, s):
 
 DEFECTS = {
     None: None,
-    "nan_feature": "feature column 'x0' has NaN, infinite or null values",
+    "nan_feature": "feature column 'x0' has 1 missing (NaN or null) value(s)",
     "label_out_of_range": "has label",
     "text_feature": "feature column 'x1' is not numeric",
     "empty_split": "split 'val' is empty",

@@ -6,6 +6,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -486,8 +489,14 @@ def _dataset_readers(ray) -> dict[tuple[str, str], set[str]]:
 def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite):
     """`data.max_in_memory_mb: 0` streams every task: each worker reads its own task's Ray
     dataset (the train split filtered at the read), running out and starting a next pass within
-    an epoch; validation and test are streamed too. A task without a split column cannot be
-    streamed: exit 2 before Ray starts."""
+    an epoch; validation and test are streamed too, and a row without a label is left out of
+    each (a tenth of regress's rows here). A task without a split column cannot be streamed:
+    exit 2 before Ray starts."""
+    path = f"{seed_suite}/regress.parquet"
+    table = pq.read_table(path)
+    y = table.column("y").to_numpy().copy()
+    y[::10] = np.nan
+    pq.write_table(table.set_column(table.column_names.index("y"), "y", pa.array(y)), path)
     config = _config(tmp_path, seed_suite, data={"max_in_memory_mb": 0, "shuffle_buffer_rows": 50, "standardize": "task"},
                      training={"epochs": 2, "batch_size": 16, "steps_per_epoch": 12, "lr": 0.02},
                      model={"heads": "separate"})  # the model whose epoch 1 improves on epoch 0 (see `best` below)

@@ -24,16 +24,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from distributed_mtml.data.scan import Moments, TaskScan
+from distributed_mtml.data.scan import Moments, TaskScan, is_numeric
 from distributed_mtml.data.suite import TaskData
+from distributed_mtml.errors import InputError
 
 
 class TaskPrep(BaseModel):
-    """One task's preprocessing: feature and target statistics of its train split (None and
-    0/1: left as they are) and its class names (string labels; class k is `classes[k]`)."""
+    """One task's preprocessing: what fills a missing feature value (`data.impute: mean`: the
+    train mean; None: nothing is filled), feature and target statistics of its train split (None
+    and 0/1: left as they are) and its class names (string labels; class k is `classes[k]`)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    feature_fill: list[float] | None = None
     feature_mean: list[float] | None = None
     feature_std: list[float] | None = None
     target_mean: float = 0.0
@@ -41,38 +44,42 @@ class TaskPrep(BaseModel):
     classes: list[str] | None = None
 
     @classmethod
-    def fit(cls, data: TaskData, standardize: bool = True) -> "TaskPrep":
+    def fit(cls, data: TaskData, standardize: bool = True, impute: bool = False) -> "TaskPrep":
         """The train split's statistics (`standardize` off: only the class names)."""
         y = data.y["train"] if data.spec.type == "regression" else None
-        return cls.of_rows(data.x["train"], y, data.classes, standardize)
+        return cls.of_rows(data.x["train"], y, data.classes, standardize, impute)
 
     @classmethod
     def of_rows(cls, x: np.ndarray, y: np.ndarray | None, classes: list[str] | None = None,
-                standardize: bool = True) -> "TaskPrep":
+                standardize: bool = True, impute: bool = False) -> "TaskPrep":
         """The statistics of rows `x` and a regression target `y` (None: classification)."""
         xm, ym = Moments(x.shape[1]), None
         xm.add(x)
         if y is not None:
             ym = Moments(1)
             ym.add(y)
-        return cls.of_moments(xm, ym, classes, standardize)
+        return cls.of_moments(xm, ym, classes, standardize, impute)
 
     @classmethod
-    def of_scan(cls, scan: TaskScan, standardize: bool = True) -> "TaskPrep":
+    def of_scan(cls, scan: TaskScan, standardize: bool = True, impute: bool = False) -> "TaskPrep":
         """The same statistics, from a streamed pass over the task's file."""
-        return cls.of_moments(scan.x, scan.y, scan.class_names(), standardize)
+        return cls.of_moments(scan.x, scan.y, scan.class_names(), standardize, impute)
 
     @classmethod
-    def of_moments(cls, x: Moments, y: Moments | None, classes: list[str] | None, standardize: bool) -> "TaskPrep":
+    def of_moments(cls, x: Moments, y: Moments | None, classes: list[str] | None, standardize: bool,
+                   impute: bool = False) -> "TaskPrep":
+        prep = cls(classes=classes, feature_fill=x.mean.tolist() if impute else None)
         if not standardize:
-            return cls(classes=classes)
-        prep = cls(feature_mean=x.mean.tolist(), feature_std=x.std().tolist(), classes=classes)
+            return prep
+        prep.feature_mean, prep.feature_std = x.mean.tolist(), x.std().tolist()
         if y is not None:
             prep.target_mean, prep.target_std = float(y.mean[0]), float(y.std()[0])
         return prep
 
     def inputs(self, x: np.ndarray) -> np.ndarray:
         """Raw feature rows [N, F] -> what the model takes."""
+        if self.feature_fill is not None:
+            x = np.where(np.isnan(x), np.asarray(self.feature_fill, dtype=x.dtype), x)
         if self.feature_mean is None:
             return x
         mean, std = np.asarray(self.feature_mean), np.asarray(self.feature_std)
@@ -82,6 +89,8 @@ class TaskPrep(BaseModel):
         """Feature `i` of raw rows (float32) as the model takes it: `inputs` one column at a time,
         with the same float64 arithmetic, so a streamed window is prepared without float64
         copies of the whole window."""
+        if self.feature_fill is not None:
+            values = np.where(np.isnan(values), np.float32(self.feature_fill[i]), values)
         if self.feature_mean is None:
             return values
         return (values.astype(np.float64) - self.feature_mean[i]) / self.feature_std[i]
@@ -126,21 +135,40 @@ def pooled_moments(scans: Iterable[TaskScan]) -> tuple[dict[str, Moments], dict[
     return columns, targets
 
 
-def plan_preprocessing(scans: dict[str, TaskScan], mode: str) -> dict[str, TaskPrep]:
-    """Every task's preprocessing under `data.standardize` = `mode` (suite | task | off)."""
+def plan_preprocessing(scans: dict[str, TaskScan], mode: str, impute: bool = False) -> dict[str, TaskPrep]:
+    """Every task's preprocessing under `data.standardize` = `mode` (suite | task | off);
+    `impute`: a missing feature value is filled with the train mean of the same rows whose
+    statistics standardise it (the task's own under `task` and `off`)."""
     if mode != "suite":
-        return {name: TaskPrep.of_scan(scan, mode == "task") for name, scan in scans.items()}
+        return {name: TaskPrep.of_scan(scan, mode == "task", impute) for name, scan in scans.items()}
+    _check_columns_agree(scans)
     columns, targets = pooled_moments(scans.values())
     preps = {}
     for name, scan in scans.items():
         stats = [columns[c] for c in scan.usable_features()]
-        prep = TaskPrep(feature_mean=[float(m.mean[0]) for m in stats], feature_std=[float(m.std()[0]) for m in stats],
-                        classes=scan.class_names())
+        means = [float(m.mean[0]) for m in stats]
+        prep = TaskPrep(feature_mean=means, feature_std=[float(m.std()[0]) for m in stats],
+                        feature_fill=means if impute else None, classes=scan.class_names())
         if scan.y is not None:
             target = targets[scan.task.target]
             prep.target_mean, prep.target_std = float(target.mean[0]), float(target.std()[0])
         preps[name] = prep
     return preps
+
+
+def _check_columns_agree(scans: dict[str, TaskScan]) -> None:
+    """`suite` pools a column over every task that names it, which assumes the name means one
+    quantity: a column that is a numeric feature of one task and text in another is an error
+    naming both, not a feature silently left out of one of them."""
+    numeric = {c: name for name, scan in scans.items() for c in scan.usable_features()}
+    for name, scan in scans.items():
+        if scan.task.features is not None:  # listed features: a text one is already an error naming it
+            continue
+        for column, typ in scan.types.items():
+            if column in numeric and column not in (scan.task.target, scan.task.split_column) and not is_numeric(typ):
+                raise InputError(f"{scan.where}: column '{column}' is {typ} in task '{name}' and a numeric feature of task "
+                                 f"'{numeric[column]}'; data.standardize: suite pools a column over the tasks that read it, "
+                                 "so it must be numeric in each (or list each task's features, or data.standardize: task)")
 
 
 def standardizes(mode: str | bool) -> bool:
@@ -149,8 +177,8 @@ def standardizes(mode: str | bool) -> bool:
     return mode not in ("off", False)
 
 
-def prepared(data: TaskData, mode: str | bool) -> tuple[TaskData, TaskPrep]:
+def prepared(data: TaskData, mode: str | bool, impute: bool = False) -> tuple[TaskData, TaskPrep]:
     """`data` standardised by its own train split (one task alone is its own pool: `suite` and
     `task` agree), and the statistics used."""
-    prep = TaskPrep.fit(data, standardizes(mode))
+    prep = TaskPrep.fit(data, standardizes(mode), impute)
     return prep.apply(data), prep

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from distributed_mtml.data.suite import SPLITS, TaskSpec, feature_columns, filesystem, is_label_column, join_path, seeded_split
+from distributed_mtml.data.suite import (SPLITS, TaskSpec, feature_columns, filesystem, float_values, is_label_column, join_path,
+                                         labelled, seeded_split)
 
 SCAN_BATCH_ROWS = 65_536  # ~9 MB of float64 for 16 features: small next to any table worth streaming
 
@@ -28,43 +29,45 @@ SCAN_BATCH_ROWS = 65_536  # ~9 MB of float64 for 16 features: small next to any 
 class Moments:
     """Count, mean and sum of squared deviations of W columns, updated batch by batch with Chan
     et al.'s pairwise rule, so that the spread of 30M rows takes one pass and no sum of squares
-    (which loses every digit when the mean is large next to the spread)."""
+    (which loses every digit when the mean is large next to the spread). A missing value (NaN)
+    is skipped, so each column keeps its own count: a feature measured for some rows only has
+    the moments of those rows (what `data.impute: mean` fills the others with)."""
 
     def __init__(self, width: int):
-        self.n, self.mean, self.m2 = 0, np.zeros(width), np.zeros(width)
+        self.n, self.mean, self.m2 = np.zeros(width), np.zeros(width), np.zeros(width)
 
     def add(self, values: np.ndarray) -> None:
         """`values` [N, W] (or [N] for one column)."""
-        n = len(values)
-        if n == 0:  # a streamed batch without train rows
+        if len(values) == 0:  # a streamed batch without train rows
             return
-        values = np.asarray(values, dtype=np.float64).reshape(n, -1)
+        values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+        present = ~np.isnan(values)
         batch = Moments(values.shape[1])
-        batch.n, batch.mean = n, values.mean(axis=0)
-        batch.m2 = ((values - batch.mean) ** 2).sum(axis=0)
+        batch.n = present.sum(axis=0).astype(np.float64)
+        batch.mean = np.where(present, values, 0).sum(axis=0) / np.maximum(batch.n, 1)
+        batch.m2 = np.where(present, (values - batch.mean) ** 2, 0).sum(axis=0)
         self.merge(batch)
 
     def merge(self, other: "Moments") -> "Moments":
         """Adds another set of rows' moments (the same rule as `add`): statistics pooled over
         tasks, or over streamed batches, without revisiting a row."""
         total = self.n + other.n
-        if other.n == 0:
-            return self
+        share = np.divide(other.n, total, out=np.zeros_like(total), where=total > 0)
         delta = other.mean - self.mean
-        self.m2 = self.m2 + other.m2 + delta**2 * self.n * other.n / total
-        self.mean = self.mean + delta * other.n / total
+        self.m2 = self.m2 + other.m2 + delta**2 * self.n * share
+        self.mean = self.mean + delta * share
         self.n = total
         return self
 
     def column(self, i: int) -> "Moments":
         """Column `i`'s moments alone."""
         out = Moments(1)
-        out.n, out.mean, out.m2 = self.n, self.mean[i : i + 1].copy(), self.m2[i : i + 1].copy()
+        out.n, out.mean, out.m2 = self.n[i : i + 1].copy(), self.mean[i : i + 1].copy(), self.m2[i : i + 1].copy()
         return out
 
     def std(self) -> np.ndarray:
         """Population standard deviation, 1 for a constant column (a zero would divide by 0)."""
-        std = np.sqrt(self.m2 / max(self.n, 1))
+        std = np.sqrt(self.m2 / np.maximum(self.n, 1))
         return np.where(std > 1e-12, std, 1.0)
 
 
@@ -80,12 +83,14 @@ class TaskScan:
     features: list[str] = field(default_factory=list)
     total_rows: int = 0
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    labelled: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # rows with a target
     unknown_splits: set = field(default_factory=set)
-    non_finite: set[str] = field(default_factory=set)  # columns with NaN, inf or null
+    non_finite: set[str] = field(default_factory=set)  # columns with infinite values
+    missing: dict[str, int] = field(default_factory=dict)  # feature column -> labelled rows with NaN or null
     classes: set[str] | None = None  # string labels: every name seen
     bad_label: float | None = None  # numeric class labels: the first outside 0..num_classes-1
-    x: Moments | None = None  # the train split's features
-    y: Moments | None = None  # the train split's target (regression)
+    x: Moments | None = None  # the train split's labelled rows' features
+    y: Moments | None = None  # the train split's labels (regression)
 
     @property
     def seeded(self) -> bool:
@@ -100,10 +105,10 @@ class TaskScan:
         return sorted(self.classes) if self.classes is not None else None
 
     def usable_features(self) -> list[str]:
-        return [c for c in self.features if c in self.types and _numeric(self.types[c])]
+        return [c for c in self.features if c in self.types and is_numeric(self.types[c])]
 
 
-def _numeric(typ: pa.DataType) -> bool:
+def is_numeric(typ: pa.DataType) -> bool:
     return pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
 
 
@@ -177,7 +182,7 @@ def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS)
     usable = scan.usable_features()
     target = task.target if task.target in scan.types else None
     split = task.split_column if task.split_column in scan.types else None
-    if target is not None and not scan.string_labels and not _numeric(scan.types[target]):
+    if target is not None and not scan.string_labels and not is_numeric(scan.types[target]):
         target = None  # a non-numeric target: its type is the problem, not its values
     scan.x = Moments(len(usable))
     scan.y = Moments(1) if task.type == "regression" and target is not None else None
@@ -189,57 +194,55 @@ def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS)
         splits = pa.array(seeded[offset : offset + batch.num_rows]) if seeded is not None else (
             batch.column(split) if split else None)
         offset += batch.num_rows
-        train = _count_splits(scan, splits) if splits is not None else None
+        has_label = labelled(batch.column(target)) if target else np.ones(batch.num_rows, dtype=bool)
+        train = _count_splits(scan, splits, has_label) if splits is not None else None
         if target is not None:
-            _add_target(scan, batch.column(target), train)
-        _add_features(scan, batch, usable, train)
+            _add_target(scan, batch.column(target).filter(pa.array(has_label)), train[has_label] if train is not None else None)
+        _add_features(scan, batch.filter(pa.array(has_label)), usable, train[has_label] if train is not None else None)
     return scan
 
 
-def _count_splits(scan: TaskScan, splits: pa.Array) -> np.ndarray:
-    """Adds the batch's rows per split; returns which rows are train."""
+def _count_splits(scan: TaskScan, splits: pa.Array, has_label: np.ndarray) -> np.ndarray:
+    """Adds the batch's rows, and its labelled rows, per split; returns which rows are train."""
     if pa.types.is_dictionary(splits.type):
         splits = splits.dictionary_decode()
-    counts = pc.value_counts(splits)
-    for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
-        if value in scan.rows:
-            scan.rows[value] += count
-        else:
-            scan.unknown_splits.add(value)
+    for counted, rows in ((scan.rows, splits), (scan.labelled, splits.filter(pa.array(has_label)))):
+        counts = pc.value_counts(rows)
+        for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+            if value in counted:
+                counted[value] += count
+            else:
+                scan.unknown_splits.add(value)
     if not is_label_column(splits.type):
         return np.zeros(len(splits), dtype=bool)
     return pc.fill_null(pc.equal(splits, "train"), False).to_numpy(zero_copy_only=False)
 
 
 def _add_features(scan: TaskScan, batch: pa.RecordBatch, usable: list[str], train: np.ndarray | None) -> None:
-    """Notes the features with non-finite values, and adds the train rows to their moments."""
-    for c in usable:
-        if c not in scan.non_finite and not _finite(batch.column(c)):
+    """Notes the features with missing or infinite values (of labelled rows), and adds the train
+    rows to their moments (a missing value skipped)."""
+    x = np.column_stack([float_values(batch.column(c)) for c in usable]) if usable else None
+    for i, c in enumerate(usable):
+        gaps = int(np.isnan(x[:, i]).sum())
+        if gaps:
+            scan.missing[c] = scan.missing.get(c, 0) + gaps
+        if np.isinf(x[:, i]).any():
             scan.non_finite.add(c)
-    if usable and train is not None and train.any() and not scan.non_finite & set(usable):
-        x = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in usable])
+    if x is not None and train is not None and train.any() and not scan.non_finite & set(usable):
         scan.x.add(x[train].astype(np.float32))  # what the model is given, as `suite.load_task` makes it
 
 
-def _finite(column: pa.Array) -> bool:
-    if column.null_count:
-        return False
-    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-    return bool(np.isfinite(values).all())
-
-
 def _add_target(scan: TaskScan, column: pa.Array, train: np.ndarray | None) -> None:
+    """Adds the labelled rows' target (`column` holds no unlabelled row): class names, a label
+    out of range, infinite values, the train split's moments."""
     task = scan.task
     if scan.classes is not None:
-        if column.null_count:
-            scan.non_finite.add(task.target)
-            column = pc.drop_null(column)
         scan.classes.update(str(v) for v in pc.unique(column).to_pylist())
         return
-    if not _finite(column):
+    values = float_values(column)
+    if np.isinf(values).any():
         scan.non_finite.add(task.target)
         return
-    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
     if task.type == "classification" and task.num_classes is not None and scan.bad_label is None:
         bad = values[(values < 0) | (values >= task.num_classes) | (values != np.round(values))]
         if bad.size:

@@ -21,7 +21,8 @@ import torch
 
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import open_task, read_batches
-from distributed_mtml.data.suite import TaskSpec, encode_target, feature_columns, filesystem, join_path, seeded_split
+from distributed_mtml.data.suite import (TaskSpec, encode_target, feature_columns, filesystem, join_path, labelled,
+                                         seeded_split)
 
 EVAL_BATCH_ROWS = 1 << 14  # rows per evaluation batch: on a 2M-row task, 262,144 grew a worker by 100 MB more
 
@@ -33,8 +34,8 @@ def train_megabytes(rows: int, features: int) -> float:
 
 def split_batches(suite_dir: str, task: TaskSpec, split: str, prep: TaskPrep, batch_rows: int = EVAL_BATCH_ROWS,
                   features: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One split of a task as the model sees it (`prep` applied), `batch_rows` rows at a time;
-    `features=False` reads the target column alone (x then has no columns)."""
+    """One split of a task's labelled rows as the model sees it (`prep` applied), `batch_rows`
+    rows at a time; `features=False` reads the target column alone (x then has no columns)."""
     data = open_task(suite_dir, task)
     columns = [*(feature_columns(task, data.schema) if features else []), task.target]
     seeded = seeded_split(task, data.count_rows()) == split if task.split_column not in data.schema.names else None
@@ -43,6 +44,7 @@ def split_batches(suite_dir: str, task: TaskSpec, split: str, prep: TaskPrep, ba
     for batch in read_batches(data, columns, batch_rows, only):
         if seeded is not None:
             batch, offset = batch.filter(pa.array(seeded[offset : offset + batch.num_rows])), offset + batch.num_rows
+        batch = batch.filter(pa.array(labelled(batch.column(task.target))))
         pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
         while pending.num_rows >= batch_rows:  # the filter leaves batches of any size: re-cut them
             yield _prepared(task, pending.slice(0, batch_rows), prep, features)
@@ -89,19 +91,21 @@ def split_dataset(suite_dir: str, task: TaskSpec, features: list[str], split: st
     fs, inner = filesystem(join_path(suite_dir, task.path))
     ds = ray.data.read_parquet(inner, filesystem=fs)
     ds = ds.filter(expr=col(task.split_column) == lit(split)).select_columns([*features, task.target])
-    ds = ds.map_batches(_one_chunk, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    ds = ds.map_batches(_labelled_chunk, fn_kwargs={"target": task.target}, batch_format="pyarrow", batch_size=None,
+                        zero_copy_batch=True)
     ds.context.execution_options.preserve_order = True  # the file's order: a seeded shuffle then repeats
     ds.context.enable_progress_bars = False
     return ds
 
 
-def _one_chunk(block: pa.Table) -> pa.Table:
-    """A block as one contiguous chunk per column, made in the read task. A block read from
+def _labelled_chunk(block: pa.Table, target: str) -> pa.Table:
+    """A block's labelled rows (a null target: not a row of this task) as one contiguous chunk
+    per column, made in the read task. A block read from
     Parquet has a chunk per row group, and the worker's iterator joins a block's chunks in its
     own private memory before cutting batches from it: a whole block (28 and 59 MB on a 2M-row
     task) held per streamed task. A one-chunk block is read in place from the object store (a
     Ray actor's Arrow allocations while iterating a split: 92 MB at most before, 4 MB after)."""
-    return block.combine_chunks()
+    return block.filter(pa.array(labelled(block.column(target)))).combine_chunks()
 
 
 class _Collate:

@@ -14,6 +14,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
@@ -185,17 +186,34 @@ def encode_target(task: TaskSpec, column: pa.Array | pa.ChunkedArray, classes: l
     return values.astype(np.int64 if task.type == "classification" else np.float32)
 
 
+def float_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric or boolean column as float64, a missing value (null or NaN) as NaN."""
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def labelled(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which rows have a label: a null (or NaN) target is an unlabelled row of that task, the
+    usual shape of a table with several targets, each measured for some rows only."""
+    present = pc.is_valid(column)
+    if pa.types.is_floating(column.type):
+        present = pc.and_kleene(present, pc.invert(pc.is_nan(column)))
+    return pc.fill_null(present, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
 def table_to_task_data(task: TaskSpec, table: pa.Table, classes: list[str] | None = None) -> TaskData:
-    """Splits a validated table into per-split numpy arrays. String labels become class indices
-    in sorted order, or in the order of `classes` (a trained model's) when given."""
+    """Splits a validated table into per-split numpy arrays of its labelled rows (a row with a
+    null target is no row of this task's). String labels become class indices in sorted order,
+    or in the order of `classes` (a trained model's) when given. A missing feature value stays
+    NaN: `TaskPrep` fills it where the config asks (`data.impute`)."""
     features = feature_columns(task, table.schema)
-    x_all = np.column_stack(
-        [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in features]
-    )
+    split = split_values(task, table)  # of every row: the seeded split does not move with the labels
+    keep = labelled(table.column(task.target))
+    table, split = table.filter(pa.array(keep)), split[keep]
+    x_all = np.column_stack([float_values(table.column(c)).astype(np.float32) for c in features]) \
+        if table.num_rows else np.zeros((0, len(features)), np.float32)
     target = table.column(task.target)
     classes = (classes or class_names(target)) if is_label_column(target.type) else None
     y_all = encode_target(task, target, classes)
-    split = split_values(task, table)
     x = {s: x_all[split == s] for s in SPLITS}
     y = {s: y_all[split == s] for s in SPLITS}
     return TaskData(spec=task, features=features, x=x, y=y, classes=classes)
@@ -203,6 +221,20 @@ def table_to_task_data(task: TaskSpec, table: pa.Table, classes: list[str] | Non
 
 def load_task(suite_dir: str, task: TaskSpec, classes: list[str] | None = None) -> TaskData:
     return table_to_task_data(task, read_table(suite_dir, task), classes)
+
+
+def load_tasks(suite_dir: str, tasks: list[TaskSpec], classes: dict[str, list[str] | None]) -> dict[str, TaskData]:
+    """Several tasks' data, each file read once: tasks that share a table (several targets of
+    one file) take their columns from the same read."""
+    by_path: dict[str, list[TaskSpec]] = {}
+    for task in tasks:
+        by_path.setdefault(join_path(suite_dir, task.path), []).append(task)
+    out = {}
+    for same_file in by_path.values():
+        table = read_table(suite_dir, same_file[0])
+        for task in same_file:
+            out[task.name] = table_to_task_data(task, table, classes.get(task.name))
+    return {t.name: out[t.name] for t in tasks}
 
 
 ROW_GROUP_ROWS = 1 << 16

@@ -6,11 +6,10 @@ must name the file and the key or column at fault so it can be fixed without gue
 
 from __future__ import annotations
 
-import pyarrow as pa
 import yaml
 from pydantic import ValidationError
 
-from distributed_mtml.data.scan import TaskScan, scan_task
+from distributed_mtml.data.scan import TaskScan, is_numeric, scan_task
 from distributed_mtml.data.suite import SPLITS, SuiteSpec, TaskSpec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, validation_lines
 from distributed_mtml.runtime import memory
@@ -42,7 +41,8 @@ def read_spec(suite_dir: str) -> tuple[SuiteSpec | None, list[str]]:
     return spec, problems
 
 
-def _column_problems(scan: TaskScan) -> list[str]:
+def _column_problems(scan: TaskScan, impute: bool) -> list[str]:
+    """`impute`: missing feature values will be filled (`data.impute: mean`), so not a problem."""
     where, task, problems = scan.where, scan.task, []
     if task.target not in scan.types:
         problems.append(f"{where}: target column '{task.target}' not found")
@@ -56,7 +56,10 @@ def _column_problems(scan: TaskScan) -> list[str]:
         elif col not in scan.usable_features():
             problems.append(f"{where}: feature column '{col}' is not numeric (type {scan.types[col]})")
         elif col in scan.non_finite:
-            problems.append(f"{where}: feature column '{col}' has NaN, infinite or null values")
+            problems.append(f"{where}: feature column '{col}' has infinite values")
+        elif col in scan.missing and not impute:
+            problems.append(f"{where}: feature column '{col}' has {scan.missing[col]} missing (NaN or null) value(s) "
+                            f"in task '{task.name}'s labelled rows; fill them, or set data.impute: mean")
     return problems
 
 
@@ -64,8 +67,6 @@ def _label_problems(scan: TaskScan) -> list[str]:
     """String class labels: classes are the distinct names, so there must be two or more and,
     when `num_classes` is given, exactly that many."""
     where, task = scan.where, scan.task
-    if task.target in scan.non_finite:
-        return [f"{where}: target column '{task.target}' has null labels"]
     names = scan.class_names()
     if len(names) < 2:
         return [f"{where}: target column '{task.target}' has one class ({names[0] if names else 'none'}); "
@@ -83,10 +84,10 @@ def _target_problems(scan: TaskScan, key: str) -> list[str]:
     typ = scan.types[task.target]
     if task.type == "classification" and scan.string_labels:
         return _label_problems(scan)
-    if scan.string_labels or not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
+    if scan.string_labels or not is_numeric(typ):
         return [f"{where}: target column '{task.target}' is not numeric (type {typ})"]
     if task.target in scan.non_finite:
-        return [f"{where}: target column '{task.target}' has NaN, infinite or null values"]
+        return [f"{where}: target column '{task.target}' has infinite values"]
     if task.type != "classification":
         return []
     if task.num_classes is None:
@@ -104,6 +105,11 @@ def _split_problems(scan: TaskScan) -> list[str]:
     source = (f"split column '{task.split_column}'" if not scan.seeded else
               f"no split column; split_fractions {list(task._seeded_split[0])} of {scan.total_rows} rows")
     problems = [f"{where}: {source}: split '{s}' is empty" for s, n in scan.rows.items() if n == 0]
+    if task.target in scan.types and scan.total_rows and not any(scan.labelled.values()):
+        return problems + [f"{where}: task '{task.name}' has no labelled rows (target column '{task.target}' is null "
+                           f"in all {scan.total_rows})"]
+    problems += [f"{where}: task '{task.name}' has no labelled rows in split '{s}' (target column '{task.target}' is "
+                 f"null in all {n})" for s, n in scan.rows.items() if n and not scan.labelled[s] and task.target in scan.types]
     if scan.unknown_splits:
         problems.append(
             f"{where}: split column '{task.split_column}' has values {sorted(map(str, scan.unknown_splits))} "
@@ -112,20 +118,34 @@ def _split_problems(scan: TaskScan) -> list[str]:
     return problems
 
 
-def scan_problems(scan: TaskScan, suite_dir: str, key: str = "tasks") -> list[str]:
+def scan_problems(scan: TaskScan, suite_dir: str, key: str = "tasks", impute: bool = False) -> list[str]:
     """Every problem of one task's data file; `key` is the task's place in suite.yaml."""
     if scan.error is not None:
         return [scan.error]
     return (
-        _column_problems(scan)
+        _column_problems(scan, impute)
         + _target_problems(scan, f"{suite_yaml_path(suite_dir)}: key '{key}")
         + _split_problems(scan)
     )
 
 
-def scan_suite(suite_dir: str, address: str | None = None) -> tuple[SuiteSpec | None, dict[str, TaskScan], list[str]]:
+def _shared_target_problems(scans: dict[str, TaskScan]) -> list[str]:
+    """Tasks that read one column of one file as their target must agree on what it is: a
+    column is class labels or a quantity, not both."""
+    kinds: dict[tuple[str, str], dict[str, str]] = {}
+    for name, scan in scans.items():
+        if scan.error is None and scan.task.target in scan.types:
+            kinds.setdefault((scan.where, scan.task.target), {})[name] = scan.task.type
+    return [f"{where}: target column '{target}' is read by tasks of different types ("
+            + ", ".join(f"'{n}' {t}" for n, t in tasks.items()) + "); one column is one kind of label"
+            for (where, target), tasks in kinds.items() if len(set(tasks.values())) > 1]
+
+
+def scan_suite(suite_dir: str, address: str | None = None,
+               impute: bool = False) -> tuple[SuiteSpec | None, dict[str, TaskScan], list[str]]:
     """The suite's spec, each task's facts, and every problem (one streamed pass per task). With
-    `address`, each task's pass is a Ray task on that cluster, all at once."""
+    `address`, each task's pass is a Ray task on that cluster, all at once. `impute`: missing
+    feature values will be filled (`data.impute: mean`)."""
     spec, problems = read_spec(suite_dir)
     if spec is None:
         return None, {}, problems
@@ -133,8 +153,8 @@ def scan_suite(suite_dir: str, address: str | None = None) -> tuple[SuiteSpec | 
     scans = {}
     for i, (task, scan) in enumerate(zip(spec.tasks, scanned)):
         scans[task.name] = scan
-        problems += scan_problems(scan, suite_dir, f"tasks.{i}")
-    return spec, scans, problems
+        problems += scan_problems(scan, suite_dir, f"tasks.{i}", impute)
+    return spec, scans, problems + _shared_target_problems(scans)
 
 
 def _scan_on_cluster(suite_dir: str, spec: SuiteSpec, address: str) -> list[TaskScan]:
@@ -160,14 +180,14 @@ def _scan_where(suite_dir: str, task: TaskSpec) -> tuple[TaskScan, str]:
     return scan_task(suite_dir, task), ray.get_runtime_context().get_node_id()
 
 
-def validate_suite(suite_dir: str, address: str | None = None) -> list[str]:
+def validate_suite(suite_dir: str, address: str | None = None, impute: bool = False) -> list[str]:
     """All problems of a suite; an empty list means it is ready to train on."""
-    return scan_suite(suite_dir, address)[2]
+    return scan_suite(suite_dir, address, impute)[2]
 
 
-def checked_scans(suite_dir: str) -> tuple[SuiteSpec, dict[str, TaskScan]]:
+def checked_scans(suite_dir: str, impute: bool = False) -> tuple[SuiteSpec, dict[str, TaskScan]]:
     """The suite's spec and each task's facts, or an InputError listing every problem."""
-    spec, scans, problems = scan_suite(suite_dir)
+    spec, scans, problems = scan_suite(suite_dir, impute=impute)
     memory.give_back()  # the scan read every row: its freed buffers are not this process's to keep
     if problems:
         raise InputError(problems)
@@ -175,6 +195,6 @@ def checked_scans(suite_dir: str) -> tuple[SuiteSpec, dict[str, TaskScan]]:
     return spec, scans
 
 
-def checked_suite(suite_dir: str) -> SuiteSpec:
+def checked_suite(suite_dir: str, impute: bool = False) -> SuiteSpec:
     """The suite's spec, or an InputError listing every problem."""
-    return checked_scans(suite_dir)[0]
+    return checked_scans(suite_dir, impute)[0]

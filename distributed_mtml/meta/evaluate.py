@@ -34,10 +34,12 @@ def held_out_episodes(plan: dict, suite_dir: str | None, shots: int, query: int,
         if plan["source"] != "family":
             raise InputError("--suite: this run meta-trained on a suite; name the suite of held-out tasks")
         return FAMILIES[plan["name"]](shots, query).sample(generator, tasks)
-    spec = checked_suite(suite_dir)
+    saved = plan["config"].get("data", {})
+    impute = saved.get("impute") == "mean"
+    spec = checked_suite(suite_dir, impute)
     rows = {}
     for task in spec.tasks:
-        data, _ = prepared(load_task(suite_dir, task), plan["config"].get("data", {}).get("standardize", False))
+        data, _ = prepared(load_task(suite_dir, task), saved.get("standardize", False), impute)
         x = torch.cat([torch.from_numpy(data.x[s]) for s in data.x])
         y = torch.cat([torch.from_numpy(data.y[s]) for s in data.y])
         if len(y) < shots + query:

@@ -76,15 +76,15 @@ def share(total: int, world: int, rank: int) -> int:
 
 
 def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[str], list[str]]:
-    spec, scans = checked_scans(suite_dir)
+    spec, scans = checked_scans(suite_dir, config.data.impute == "mean")
     need = config.meta.shots + config.meta.query_size()
     kinds = set()
     for task in spec.tasks:
         shape = TaskShape.of_scan(scans[task.name])
         kinds.add((task.type, shape.num_features, shape.num_classes))
-        if scans[task.name].rows["train"] < need:
+        if scans[task.name].labelled["train"] < need:
             raise InputError(
-                f"{suite_dir}/{task.path}: split 'train' has {scans[task.name].rows['train']} rows; "
+                f"{suite_dir}/{task.path}: split 'train' has {scans[task.name].labelled['train']} labelled rows; "
                 f"meta.shots + query needs {need} per episode"
             )
     if len(kinds) > 1:

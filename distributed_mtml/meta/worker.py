@@ -45,7 +45,8 @@ def _sources(plan: MetaPlan, rank: int, world: int):
     specs = {t.name: t for t in load_suite_spec(plan.suite_dir).tasks}
     train, val = {}, {}
     for name in plan.shards(world)[rank]:
-        data, _ = prepared(load_task(plan.suite_dir, specs[name]), plan.config.data.standardize)
+        data, _ = prepared(load_task(plan.suite_dir, specs[name]), plan.config.data.standardize,
+                           plan.config.data.impute == "mean")
         rows = {s: (torch.from_numpy(data.x[s]), torch.from_numpy(data.y[s])) for s in data.x}
         train[name] = rows["train"]
         # the val split when it holds a whole episode, else the train rows (small suites)

@@ -64,11 +64,13 @@ class TrainPlan(BaseModel):
 
 def make_plan(config: Config) -> TrainPlan:
     suite_dir = ensure_suite(config)
-    spec, scans = checked_scans(suite_dir)  # one streamed pass per task: no table is held
+    impute = config.data.impute == "mean"
+    spec, scans = checked_scans(suite_dir, impute)  # one streamed pass per task: no table is held
     shapes = [TaskShape.of_scan(scans[t.name]) for t in spec.tasks]
-    train_rows = {t.name: scans[t.name].rows["train"] for t in spec.tasks}
-    preps = plan_preprocessing({t.name: scans[t.name] for t in spec.tasks}, config.data.standardize)
+    train_rows = {t.name: scans[t.name].labelled["train"] for t in spec.tasks}
+    preps = plan_preprocessing({t.name: scans[t.name] for t in spec.tasks}, config.data.standardize, impute)
     streamed = _streamed_tasks(config, spec, scans)
+    _say_unlabelled(scans)
     check_monitor(config, monitor_keys(shapes))
     _warn_if_representation_is_too_narrow(config, len(shapes))
     place_tasks([t.name for t in spec.tasks], config.scaling.max_workers)  # every worker must own a task
@@ -84,6 +86,16 @@ def make_plan(config: Config) -> TrainPlan:
         features={t.name: scans[t.name].features for t in spec.tasks},
         streamed=streamed,
     )
+
+
+def _say_unlabelled(scans: dict[str, TaskScan]) -> None:
+    """One line per task with unlabelled rows: they are left out, and the user should know how many."""
+    for name, scan in scans.items():
+        total, labelled = sum(scan.rows.values()), sum(scan.labelled.values())
+        if labelled < total:
+            per_split = ", ".join(f"{s} {scan.labelled[s]}" for s in scan.rows)
+            say(f"[mtml] task '{name}': {total - labelled} of {total} rows have no label ('{scan.task.target}' is null) "
+                f"and are left out; labelled rows: {per_split}")
 
 
 def _warn_if_representation_is_too_narrow(config: Config, tasks: int) -> None:
@@ -106,7 +118,7 @@ def _streamed_tasks(config: Config, spec: SuiteSpec, scans: dict[str, TaskScan])
     streamed = []
     for task in spec.tasks:
         scan = scans[task.name]
-        size = train_megabytes(scan.rows["train"], len(scan.features))
+        size = train_megabytes(scan.labelled["train"], len(scan.features))
         if size <= config.data.max_in_memory_mb:
             continue
         if scan.seeded:

@@ -28,7 +28,7 @@ from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
-from distributed_mtml.data.suite import load_suite_spec, load_task
+from distributed_mtml.data.suite import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.heads import HEADS, sync_shared_grads
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
@@ -363,9 +363,10 @@ def _report(epochs: list[dict], saved: tempfile.TemporaryDirectory | None) -> No
 def _load_tasks(plan: TrainPlan, mine: list[str], device: torch.device) -> dict:
     """This rank's tasks, preprocessed as the plan says, per split as tensors on the device."""
     specs = {s.name: s for s in load_suite_spec(plan.suite_dir).tasks}
+    loaded = load_tasks(plan.suite_dir, [specs[n] for n in mine], {n: plan.prep(n).classes for n in mine})
     data = {}
     for name in mine:
-        d = plan.prep(name).apply(load_task(plan.suite_dir, specs[name], plan.prep(name).classes))
+        d = plan.prep(name).apply(loaded.pop(name))
         data[name] = {s: (torch.from_numpy(d.x[s]).to(device), torch.from_numpy(d.y[s]).to(device)) for s in d.x}
     return data
 
