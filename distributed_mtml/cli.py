@@ -299,8 +299,15 @@ def _evaluate_meta(args, directory: str, tracker: Tracker) -> int:
     episodes = held_out_episodes(plan, args.suite, shots, query, args.tasks)
     curve = few_shot_curve(learner, episodes, args.steps)
     print(f"{meta['algorithm']}: {args.tasks} held-out tasks, {shots} shots, {query} query points each (95% CI)")
-    rows = [[step, *(f"{curve[m][step][0]:.4f} +- {curve[m][step][1]:.4f}" for m in curve)] for step in range(args.steps + 1)]
-    print(table(["steps", *(f"query {m}" for m in curve)], rows))
+    steps = [m for m in curve if len(curve[m]) > 1]
+    ci = lambda point: f"{point[0]:.4f} +- {point[1]:.4f}"  # noqa: E731
+    rows = [[step, *(ci(curve[m][step]) for m in steps)] for step in range(args.steps + 1)]
+    print(table(["steps", *(f"query {m}" for m in steps)], rows))
+    if "support_mean" in curve:  # the anchors, on the same episodes
+        best = min(range(args.steps + 1), key=lambda s: curve["loss"][s][0])
+        print(f"anchors on the same episodes: no adaptation (step 0) {ci(curve['loss'][0])}; step 0 shifted by the "
+              f"support rows' mean residual {ci(curve['support_mean'][0])}; the best step is {best}"
+              + ("" if curve["loss"][best][0] < curve["support_mean"][0][0] else ", and it does not beat the shift"))
     if args.run:
         log_curve(tracker, args.run, curve, shots)
         print(f"logged fewshot/{shots}shot/* and plots/fewshot_{shots}shot_*.png to run {args.run}")

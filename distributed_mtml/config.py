@@ -300,7 +300,8 @@ class TrackingConfig(_Section):
 class MetaConfig(_Section):
     algorithm: str = Field(
         "maml", description="a name from meta.algorithms.ALGORITHMS: maml (second order), fomaml, reptile, "
-        "anil (heads only), metasgd (learned inner rates); checked by mtml meta-train before Ray starts"
+        "anil (heads only), metasgd (learned inner rates), ridge_head (regression: the last layer solved in closed form "
+        "on the K rows, a Bayesian last layer with learned prior precisions); checked by mtml meta-train before Ray starts"
     )
     iterations: int = Field(1000, ge=1, description="outer (meta) updates")
     meta_batch_size: int = Field(25, ge=1, description="tasks per outer update, split over the workers")
@@ -311,7 +312,12 @@ class MetaConfig(_Section):
     outer_optimizer: Literal["adam", "sgd"] = Field("adam", description="optimiser of the outer update")
     outer_lr: float = Field(1e-3, gt=0, description="step size of the outer update")
     report_every: int = Field(500, ge=1, description="iterations between MLflow reports and checkpoints")
-    val_tasks: int = Field(100, ge=1, description="held-out tasks scored at every report")
+    val_tasks: int = Field(100, ge=1, description="validation episodes scored at every report")
+    val_task_share: float = Field(
+        0.2, ge=0, lt=1, description="share of a suite's tasks held out of meta-training (seeded by training.seed, at "
+        "least one) whose episodes are the validation set: what a new task will see. Validating on the training "
+        "tasks' own val rows rewards memorising them (a group-level feature names its group); 0 does that anyway"
+    )
 
     def query_size(self) -> int:
         return self.query or self.shots

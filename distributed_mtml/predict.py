@@ -55,8 +55,10 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.features = _features_of(plan)
         config = plan.get("config", {})
-        # meta-training standardised each task of a suite by that task's own train rows
-        self.own_statistics = plan.get("source") == "suite" and standardizes(config.get("data", {}).get("standardize", True))
+        # a meta-learned model standardises a new task by its labelled rows, as each episode was by
+        # its support rows (`data.standardize: task`); under `suite` by the statistics saved with it
+        self.own_statistics = plan.get("source") == "suite" and plan.get("prep") is None and standardizes(
+            config.get("data", {}).get("standardize", True))
         self.shapes: dict[str, TaskShape] = dict(model.tasks)
         self.preps: dict[str, TaskPrep] = {n: model.preprocessing.get(n) or TaskPrep() for n in self.shapes}
         self.params = None  # a meta-learned model's adapted parameters, once `adapt` ran
@@ -164,10 +166,11 @@ class Predictor:
     def adapt(self, labelled: pd.DataFrame, target: str, steps: int = ADAPT_STEPS) -> float:
         """Adapts a meta-learned model to a new task from its labelled rows, with the model's own
         inner rule (the parameters it adapts, at its rates: ANIL the head, Meta-SGD its learned
-        rates), as in meta-training; a model meta-trained on a standardised suite standardises
-        the new task by the labelled rows' statistics, as each task was by its own. Returns the
-        labelled rows' loss after adapting."""
+        rates), as in meta-training, and the same transform: the statistics saved with the model
+        (`data.standardize: suite`) or the labelled rows' own (`meta.tasks.support_prep`, as each
+        episode was by its support rows). Returns the labelled rows' loss after adapting."""
         from distributed_mtml.meta.algorithms import adapt
+        from distributed_mtml.meta.tasks import support_prep
 
         if self.learner is None:
             return self._adapt_group(labelled, target, steps)
@@ -179,7 +182,8 @@ class Predictor:
         if self.shapes[META_TASK].type == "classification" and y.dtype.kind not in "iu":
             raise InputError(f"--target {target}: class indices (integers) expected, found {y.dtype}")
         regression = self.shapes[META_TASK].type == "regression"
-        self.preps[META_TASK] = TaskPrep.of_rows(x, y if regression else None) if self.own_statistics else TaskPrep()
+        if self.own_statistics:
+            self.preps[META_TASK] = support_prep(x, y.astype(np.float32) if regression else y)
         prep = self.preps[META_TASK]
         xs = torch.from_numpy(prep.inputs(x)).to(self.device)
         ys = torch.as_tensor(np.asarray(prep.scaled_target(y.astype(np.float32 if y.dtype.kind == "f" else np.int64))))
@@ -225,8 +229,13 @@ class PredictActor:
         self.tasks, self.keep = tasks, keep
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = self.predictor.predict(batch, self.tasks)
-        for column in self.keep:
+        return self.answer(self.predictor, batch, self.tasks, self.keep)
+
+    @staticmethod
+    def answer(predictor: Predictor, batch: pd.DataFrame, tasks: list[str] | None, keep: list[str]) -> pd.DataFrame:
+        """A batch's predictions and its kept columns."""
+        out = predictor.predict(batch, tasks)
+        for column in keep:
             out[column] = batch[column].to_numpy()
         return out
 
@@ -293,25 +302,46 @@ def _parquet_schema(path: str, flag: str) -> pa.Schema:
 
 
 def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
-    """Predicts every row of `job.input` with Ray Data: read_parquet -> map_batches on a pool of
-    actors that hold the model -> write_parquet. Returns what it did (rows, seconds, and the
-    labelled rows' loss before and after adaptation)."""
-    import ray.data
-
-    from distributed_mtml.runtime.driver import ensure_ray
-
+    """Predicts every row of `job.input`: a table of one batch in this process (a new group's
+    few hundred rows, once per group, need no Ray), a larger one with Ray Data: read_parquet ->
+    map_batches on a pool of actors that hold the model -> write_parquet. Returns what it did
+    (rows, seconds, and the labelled rows' loss before and after adaptation)."""
     predictor = Predictor(job.model_dir)
     tasks, labelled = check_job(job, predictor)
     facts: dict = {"meta": predictor.learner is not None}
     if labelled is not None:
         facts["adapt_loss_before"] = predictor.adapt(labelled, job.target, 0)
         facts["adapt_loss_after"] = predictor.adapt(labelled, job.target, job.steps)
-    ensure_ray(address)
-    from distributed_mtml.data.suite import filesystem
-
-    fs, inner = filesystem(job.input)
     columns = list(dict.fromkeys([*(c for t in tasks for c in predictor.features[t]), *job.keep]))
     begin = time.perf_counter()
+    if address is None and job.actors == 1 and not job.use_gpu and open_parquet(job.input).count_rows() <= BATCH_ROWS:
+        _predict_here(job, predictor, tasks, columns)
+        return {**facts, "rows": open_parquet(job.out).count_rows(), "seconds": time.perf_counter() - begin}
+    return {**facts, **_predict_with_ray_data(job, address, tasks, labelled, columns), "seconds": time.perf_counter() - begin}
+
+
+def _predict_here(job: PredictJob, predictor: Predictor, tasks: list[str], columns: list[str]) -> None:
+    """One batch, predicted by the (already adapted) predictor of this process, written as one file."""
+    import pyarrow.parquet as pq
+
+    from distributed_mtml.data.suite import filesystem
+
+    table = open_parquet(job.input).to_table(columns=columns).to_pandas()
+    out = PredictActor.answer(predictor, table, tasks, job.keep)
+    fs, inner = filesystem(job.out)
+    fs.create_dir(inner, recursive=True)
+    pq.write_table(pa.Table.from_pandas(out, preserve_index=False), f"{inner}/part-0.parquet", filesystem=fs)
+
+
+def _predict_with_ray_data(job: PredictJob, address: str | None, tasks: list[str], labelled: pd.DataFrame | None,
+                           columns: list[str]) -> dict[str, float]:
+    import ray.data
+
+    from distributed_mtml.data.suite import filesystem
+    from distributed_mtml.runtime.driver import ensure_ray
+
+    ensure_ray(address)
+    fs, inner = filesystem(job.input)
     ds = ray.data.read_parquet(inner, filesystem=fs, columns=columns)
     ds = ds.map_batches(PredictActor, batch_format="pandas", batch_size=BATCH_ROWS,
                         fn_constructor_args=(model_files(job.model_dir), tasks, job.keep, job.use_gpu,
@@ -320,5 +350,4 @@ def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
                         num_cpus=0 if job.use_gpu else 1, num_gpus=1 if job.use_gpu else 0)
     out_fs, out = filesystem(job.out)
     ds.write_parquet(out, filesystem=out_fs)
-    rows = open_parquet(job.out).count_rows()  # from the footers
-    return {**facts, "rows": rows, "seconds": time.perf_counter() - begin}
+    return {"rows": open_parquet(job.out).count_rows()}  # from the footers

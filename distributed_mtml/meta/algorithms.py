@@ -1,6 +1,15 @@
-"""MAML, first-order MAML, Reptile, ANIL and Meta-SGD as functions of a parameter dict.
+"""MAML, first-order MAML, Reptile, ANIL, Meta-SGD and a closed-form head as functions of a
+parameter dict.
 
-All five share one inner loop: `adapt` takes `steps` gradient steps on a task's support set,
+`ridge_head` (regression) adapts in closed form instead: the head's last layer is solved on the
+K support rows, ridge toward the meta-learned last layer w0 with a learned prior precision per
+feature (`rates`: their logs), w = w0 + (F'F + diag(p))^-1 F'(y - F w0) for the support rows'
+last-layer inputs F, a Bayesian last layer's posterior mean: the neural form of a new group's
+BLUP (Harrison et al., ALPaCA, 2018; Bertinetto et al., ICLR 2019). The outer update
+differentiates the query loss through the solve, so the trunk learns features in which a new
+task's K labels say the most. Any number of steps is the same one solve.
+
+The others share one inner loop: `adapt` takes `steps` gradient steps on a task's support set,
 p <- p - rate * grad, on the parameters the algorithm adapts. They differ only in
   - which parameters adapt (ANIL: the head; the others: everything),
   - the rates (Meta-SGD: a learned rate per parameter entry; the others: `inner_lr`),
@@ -33,6 +42,7 @@ class Algorithm:
     heads_only: bool = False
     learned_rates: bool = False
     reptile: bool = False
+    closed_form: bool = False  # the last layer solved on the support rows (`solve_last_layer`)
 
 
 ALGORITHMS = {
@@ -41,7 +51,9 @@ ALGORITHMS = {
     "reptile": Algorithm(first_order=True, reptile=True),
     "anil": Algorithm(heads_only=True),
     "metasgd": Algorithm(learned_rates=True),
+    "ridge_head": Algorithm(closed_form=True),
 }
+LAST = f"task_modules.{META_TASK}.head.1."  # the head's last layer (`heads.separate.stack`)
 
 
 class MetaLearner(nn.Module):
@@ -61,7 +73,13 @@ class MetaLearner(nn.Module):
         names = [n for n, _ in model.named_parameters()]
         self.adapted = [n for n in names if n.startswith(head)] if self.algorithm.heads_only else names
         rates = []
-        if self.algorithm.learned_rates:
+        if self.algorithm.closed_form:
+            if self.shape.type != "regression":
+                raise ValueError("ridge_head adapts a regression head; classification needs a gradient-step algorithm")
+            self.adapted = [f"{LAST}weight", f"{LAST}bias"]
+            width = dict(model.named_parameters())[f"{LAST}weight"].shape[1] + 1
+            rates = [nn.Parameter(torch.zeros(width))]  # log prior precision per last-layer input and the bias
+        elif self.algorithm.learned_rates:
             generator = torch.Generator().manual_seed(seed)
             shapes = dict(model.named_parameters())
             rates = [nn.Parameter(0.005 + 0.095 * torch.rand(shapes[n].shape, generator=generator)) for n in self.adapted]
@@ -81,10 +99,36 @@ class MetaLearner(nn.Module):
     def outputs(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (META_TASK, x))
 
+    def last_inputs(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """What the head's last layer reads: adapter, trunk and the head's hidden layers."""
+        module = self.model.task_modules[META_TASK]
+
+        def part(prefix: str) -> Params:
+            return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
+
+        z = functional_call(module.adapter, part(f"task_modules.{META_TASK}.adapter."), (x,))
+        z = functional_call(self.model.trunk, part("trunk."), (z,))
+        return functional_call(module.head[0], part(f"task_modules.{META_TASK}.head.0."), (z,))
+
+
+def solve_last_layer(learner: MetaLearner, params: Params, xs: torch.Tensor, ys: torch.Tensor) -> Params:
+    """`ridge_head`'s adaptation (see the module docstring), in the K x K form of the solve
+    (Woodbury: K support rows are fewer than the last layer's inputs)."""
+    f = learner.last_inputs(params, xs)
+    f = torch.cat([f, torch.ones_like(f[:, :1])], 1)  # [K, d + 1]
+    w0 = torch.cat([params[f"{LAST}weight"].reshape(-1), params[f"{LAST}bias"].reshape(-1)])
+    spread = torch.exp(-learner.rates[0])  # the prior's variance per weight
+    gram = (f * spread) @ f.T + torch.eye(len(f), dtype=f.dtype, device=f.device)
+    w = w0 + spread * (f.T @ torch.linalg.solve(gram, ys - f @ w0))
+    return {**params, f"{LAST}weight": w[:-1].view_as(params[f"{LAST}weight"]),
+            f"{LAST}bias": w[-1:].view_as(params[f"{LAST}bias"])}
+
 
 def adapt(learner: MetaLearner, params: Params, xs: torch.Tensor, ys: torch.Tensor, steps: int,
           first_order: bool) -> Params:
     """One task's fast parameters after `steps` inner steps (unbatched; vmapped by callers)."""
+    if learner.algorithm.closed_form:
+        return solve_last_layer(learner, params, xs, ys) if steps else dict(params)
     rate, fast = learner.rate(), dict(params)
     for _ in range(steps):
         sub = {n: fast[n] for n in learner.adapted}
@@ -131,24 +175,31 @@ def meta_gradient(learner: MetaLearner, episodes: Episodes, steps: int, total_ta
 
 
 def adaptation_curve(learner: MetaLearner, episodes: Episodes, steps: int) -> dict[str, torch.Tensor]:
-    """Query loss (and accuracy for classification) after 0..steps inner steps: [B, steps + 1]."""
+    """Query loss (and accuracy for classification) after 0..steps inner steps: [B, steps + 1].
+    Regression also has `support_mean` [B, 1], the anchor that says whether steps pay: the
+    unadapted prediction shifted by the support rows' mean residual (a new group's intercept
+    from its K labels, nothing learned)."""
     params = {n: p.detach() for n, p in learner.params().items()}
     classify = learner.shape.type == "classification"
 
     def per_task(xs, ys, xq, yq):
         losses, hits, fast = [], [], params
         for step in range(steps + 1):
-            if step:
-                fast = adapt(learner, fast, xs, ys, 1, first_order=True)
+            if step:  # one step on from the last (a closed-form head: the one solve, from the start)
+                fast = adapt(learner, params, xs, ys, 1, True) if learner.algorithm.closed_form else \
+                    adapt(learner, fast, xs, ys, 1, first_order=True)
             out = learner.outputs(fast, xq)
             losses.append(task_loss(learner.shape, out, yq))
             if classify:
                 hits.append((out.argmax(-1) == yq).float().mean())
-        return torch.stack(losses), torch.stack(hits) if classify else torch.stack(losses)
+        if classify:
+            return torch.stack(losses), torch.stack(hits)
+        shift = (ys - learner.outputs(params, xs).squeeze(-1)).mean()
+        return torch.stack(losses), task_loss(learner.shape, learner.outputs(params, xq) + shift, yq).unsqueeze(0)
 
     with torch.no_grad():
-        losses, hits = vmap(per_task)(episodes.xs, episodes.ys, episodes.xq, episodes.yq)
-    return {"loss": losses, "accuracy": hits} if classify else {"loss": losses}
+        losses, other = vmap(per_task)(episodes.xs, episodes.ys, episodes.xq, episodes.yq)
+    return {"loss": losses, "accuracy": other} if classify else {"loss": losses, "support_mean": other}
 
 
 # --- the per-task reference: how learn2learn-style code computes the same thing -------------
@@ -159,13 +210,25 @@ def query_losses_loop(learner: MetaLearner, episodes: Episodes, steps: int) -> t
     rate, second_order = learner.rate(), not learner.algorithm.first_order
     out = []
     for b in range(len(episodes)):
-        fast = learner.params()
-        for _ in range(steps):
+        fast, inner = learner.params(), steps
+        if learner.algorithm.closed_form and steps:
+            fast, inner = _solve_directly(learner, fast, episodes.xs[b], episodes.ys[b]), 0
+        for _ in range(inner):
             loss = learner.loss(fast, episodes.xs[b], episodes.ys[b])
             g = torch.autograd.grad(loss, [fast[n] for n in learner.adapted], create_graph=second_order)
             fast = {**fast, **{n: fast[n] - rate[n] * gi for n, gi in zip(learner.adapted, g)}}
         out.append(learner.loss(fast, episodes.xq[b], episodes.yq[b]))
     return torch.stack(out)
+
+
+def _solve_directly(learner: MetaLearner, params: Params, xs: torch.Tensor, ys: torch.Tensor) -> Params:
+    """`solve_last_layer` as written: the (d + 1) x (d + 1) system F'F + diag(p)."""
+    f = learner.last_inputs(params, xs)
+    f = torch.cat([f, torch.ones_like(f[:, :1])], 1)
+    w0 = torch.cat([params[f"{LAST}weight"].reshape(-1), params[f"{LAST}bias"].reshape(-1)])
+    w = w0 + torch.linalg.solve(f.T @ f + torch.diag(torch.exp(learner.rates[0])), f.T @ (ys - f @ w0))
+    return {**params, f"{LAST}weight": w[:-1].view_as(params[f"{LAST}weight"]),
+            f"{LAST}bias": w[-1:].view_as(params[f"{LAST}bias"])}
 
 
 def meta_gradient_loop(learner: MetaLearner, episodes: Episodes, steps: int, total_tasks: int) -> torch.Tensor:

@@ -57,7 +57,8 @@ def build_learner(plan_dict: dict) -> MetaLearner:
     cfg = plan.config
     # its one head is every task's starting point, shared by construction: `model.heads` is for
     # multi-task training's many heads
-    model = MultiTaskModel(cfg.model.model_copy(update={"heads": "separate"}), [plan.shape()], cfg.training.seed)
+    model = MultiTaskModel(cfg.model.model_copy(update={"heads": "separate"}), [plan.shape()], cfg.training.seed,
+                           {META_TASK: plan.prep} if plan.prep is not None else None)
     return MetaLearner(model, cfg.meta.algorithm, cfg.meta.inner_lr, cfg.training.seed)
 
 

@@ -16,11 +16,11 @@ import tempfile
 
 import torch
 
-from distributed_mtml.data.prepare import prepared
-from distributed_mtml.data.suite import load_task
+from distributed_mtml.data.suite import SPLITS, load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.meta.algorithms import MetaLearner, adaptation_curve
+from distributed_mtml.meta.plan import MetaPlan, enough_rows
 from distributed_mtml.meta.tasks import FAMILIES, Episodes, SuiteEpisodes, episode_generator
 from distributed_mtml.tracking import Tracker
 
@@ -34,18 +34,16 @@ def held_out_episodes(plan: dict, suite_dir: str | None, shots: int, query: int,
         if plan["source"] != "family":
             raise InputError("--suite: this run meta-trained on a suite; name the suite of held-out tasks")
         return FAMILIES[plan["name"]](shots, query).sample(generator, tasks)
-    saved = plan["config"].get("data", {})
-    impute = saved.get("impute") == "mean"
-    spec = checked_suite(suite_dir, impute)
+    meta = MetaPlan.model_validate(plan)
+    spec = checked_suite(suite_dir, meta.config.data.impute == "mean")
     rows = {}
     for task in spec.tasks:
-        data, _ = prepared(load_task(suite_dir, task), saved.get("standardize", False), impute)
-        x = torch.cat([torch.from_numpy(data.x[s]) for s in data.x])
-        y = torch.cat([torch.from_numpy(data.y[s]) for s in data.y])
-        if len(y) < shots + query:
-            raise InputError(f"{suite_dir}/{task.path}: {len(y)} rows; --shots {shots} + {query} query points needs more")
-        rows[task.name] = (x, y)
-    return SuiteEpisodes(rows, shots, query).sample(generator, tasks)
+        split = meta.task_rows(load_task(suite_dir, task))  # the saved transform, or none (`by_support`)
+        rows[task.name] = tuple(torch.cat([split[s][i] for s in SPLITS]) for i in (0, 1))
+    kept = enough_rows({name: len(y) for name, (_, y) in rows.items()}, shots + query, suite_dir, "labelled rows",
+                       f"--shots {shots} + {query} query points", "held-out tasks", "left out")
+    rows = {name: rows[name] for name in kept}
+    return SuiteEpisodes(rows, shots, query, meta.by_support()).sample(generator, tasks)
 
 
 def few_shot_curve(learner: MetaLearner, episodes: Episodes, steps: int, chunk: int = 200) -> dict[str, list[tuple]]:
@@ -70,6 +68,8 @@ def log_curve(tracker: Tracker, run_id: str, curve: dict[str, list[tuple]], shot
                                                f"fewshot/{shots}shot/{metric}_ci95": half}, step=step)
     with tempfile.TemporaryDirectory() as d:
         for metric, points in curve.items():
+            if len(points) == 1:  # an anchor, not a curve
+                continue
             path = os.path.join(d, f"fewshot_{shots}shot_{metric}.png")
             report.adaptation_plot([m for m, _ in points], [h for _, h in points],
                                    f"{shots}-shot query {metric}, {len(points) - 1} steps", f"query {metric}", path)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distributed_mtml.data.prepare import TaskPrep
+
 
 @dataclass
 class Episodes:
@@ -73,12 +75,15 @@ FAMILIES = {"sinusoid": SinusoidFamily}
 
 
 class SuiteEpisodes:
-    """Episodes from a fixed set of tasks, each given as (x [N, d], y [N]) rows."""
+    """Episodes from a fixed set of tasks, each given as (x [N, d], y [N]) rows. `by_support`:
+    each episode's rows are standardised by its support rows' statistics alone (`support_prep`),
+    the only labels of a new task there are to standardise by."""
 
-    def __init__(self, tasks: dict[str, tuple[torch.Tensor, torch.Tensor]], shots: int, query: int):
+    def __init__(self, tasks: dict[str, tuple[torch.Tensor, torch.Tensor]], shots: int, query: int,
+                 by_support: bool = False):
         self.names = list(tasks)
         self.rows = [tasks[n] for n in self.names]
-        self.shots, self.query = shots, query
+        self.shots, self.query, self.by_support = shots, query, by_support
 
     def sample(self, generator: torch.Generator, n: int) -> Episodes:
         picks = torch.randint(len(self.rows), (n,), generator=generator).tolist()
@@ -96,10 +101,24 @@ class SuiteEpisodes:
         return self._episodes([(x[rows], y[rows])])
 
     def _episodes(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Episodes:
+        if self.by_support:
+            parts = [_standardised(x, y, self.shots) for x, y in parts]
         x = torch.stack([p[0] for p in parts])
         y = torch.stack([p[1] for p in parts])
         k = self.shots
         return Episodes(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+
+def support_prep(xs: np.ndarray, ys: np.ndarray) -> TaskPrep:
+    """How a task known by its K labelled rows is standardised, in meta-training, few-shot
+    evaluation and `mtml predict --adapt-from` alike: by those rows' statistics only."""
+    return TaskPrep.of_rows(xs, ys if ys.dtype.kind == "f" else None)
+
+
+def _standardised(x: torch.Tensor, y: torch.Tensor, shots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An episode's rows (support first) transformed by `support_prep` of its support rows."""
+    prep = support_prep(x[:shots].numpy(), y[:shots].numpy())
+    return torch.from_numpy(prep.inputs(x.numpy())), torch.as_tensor(np.asarray(prep.scaled_target(y.numpy())))
 
 
 def draw(source, seed: int, stream: int, items: list[tuple[int, str | None]]) -> Episodes | None:

@@ -22,7 +22,6 @@ import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml.console import say
-from distributed_mtml.data.prepare import prepared
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_gradient
@@ -45,13 +44,15 @@ def _sources(plan: MetaPlan, rank: int, world: int):
     specs = {t.name: t for t in load_suite_spec(plan.suite_dir).tasks}
     train, val = {}, {}
     for name in plan.shards(world)[rank]:
-        data, _ = prepared(load_task(plan.suite_dir, specs[name]), plan.config.data.standardize,
-                           plan.config.data.impute == "mean")
-        rows = {s: (torch.from_numpy(data.x[s]), torch.from_numpy(data.y[s])) for s in data.x}
+        rows = plan.task_rows(load_task(plan.suite_dir, specs[name]))
+        if name in plan.held_tasks:  # a task held out of meta-training: any of its train and val rows
+            val[name] = tuple(torch.cat(part) for part in zip(rows["train"], rows["val"]))
+            continue
         train[name] = rows["train"]
-        # the val split when it holds a whole episode, else the train rows (small suites)
-        val[name] = rows["val"] if len(rows["val"][1]) >= meta.shots + meta.query_size() else rows["train"]
-    return SuiteEpisodes(train, meta.shots, meta.query_size()), SuiteEpisodes(val, meta.shots, meta.query_size())
+        if not plan.held_tasks:  # the val split when it holds a whole episode, else the train rows (small suites)
+            val[name] = rows["val"] if len(rows["val"][1]) >= meta.shots + meta.query_size() else rows["train"]
+    episodes = lambda rows: SuiteEpisodes(rows, meta.shots, meta.query_size(), plan.by_support())  # noqa: E731
+    return episodes(train), episodes(val)
 
 
 def _all_reduce(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -117,7 +118,7 @@ class MetaWorker:
             with checkpoint.as_directory() as d:
                 done, saved = restore_meta_state(d, learner, optimizer)
                 monitor = Monitor.of(cfg, saved)
-        val = draw(val_source, seed, VAL_STREAM, plan.episodes_of(rank, world, meta.val_tasks))
+        val = draw(val_source, seed, VAL_STREAM, plan.episodes_of(rank, world, meta.val_tasks, validation=True))
         return cls(plan, payload, rank, world, device, train_source, val.to(device) if val is not None else None,
                    learner, optimizer, monitor, done, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
                    FiniteLossGuard([META_TASK], device))
