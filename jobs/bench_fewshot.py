@@ -1,7 +1,8 @@
 """A new group from K labelled rows: does meta-learned adaptation beat what a statistician predicts?
 
     pip install -e '.[bench]'   # scikit-learn and statsmodels, the anchors
-    python jobs/bench_fewshot.py [--seeds 2] [--settings strong,weak] [--shots 3,5,10,20] [--set KEY=VALUE]
+    python jobs/bench_fewshot.py [--seeds 2] [--settings strong,weak] [--shots 3,5,10,20] [--algorithms maml,ridge_head]
+                                 [--set KEY=VALUE]
 
 Each setting is a `multilevel` suite (`mtml data make multilevel`, 80 groups of 40 rows: random
 intercepts and slopes on x1, group-level covariates z). The first 60 groups are the training
@@ -10,10 +11,11 @@ algorithm, `meta.shots` K) learns on the training groups' train rows; then every
 same episodes of the new groups: K support rows with their labels, 10 query rows to predict
 (600 episodes, the episode stream of `mtml evaluate`). Query MSE in the target's units, mean over
 episodes and seeds, +- the 95% CI over episodes of the first seed, and the ratio to the BLUP:
-  ours, N steps       the meta-learned model adapted with its own inner rule on the K rows,
-                      exactly as `mtml predict --adapt-from` does (the model's saved transform)
-  ours, 0 steps       the same model unadapted (a 0-shot prediction)
-  support-mean shift  ours, 0 steps + the K rows' mean residual
+  <algorithm>, N steps  `mtml meta-train` with that `meta.algorithm`, adapted with its own inner rule
+                      on the K rows, exactly as `mtml predict --adapt-from` does (the model's saved
+                      transform); ridge_head's one closed-form solve is its every step count
+  <algorithm>, 0 steps  the same model unadapted (a 0-shot prediction)
+  <algorithm> + shift   its 0 steps + the K rows' mean residual
   multi-task + offsets  `mtml train` (the default `shared_plus_offset` heads, bench_multilevel's
                       config) on the training groups, then `mtml predict --adapt-from` the K rows:
                       the shared head plus offsets solved in closed form with the learned penalty
@@ -116,13 +118,13 @@ class Blup:
         return self._fixed(query) + z(query) @ b
 
 
-def _meta_model(suite: str, shots: int, seed: int, overrides: list[str]) -> str:
+def _meta_model(suite: str, algorithm: str, shots: int, seed: int, overrides: list[str]) -> str:
     """A meta-trained model's directory (its kept checkpoint)."""
-    raw = {"suite": {"path": suite}, "meta": {**META, "shots": shots, "query": QUERY},
+    raw = {"suite": {"path": suite}, "meta": {**META, "algorithm": algorithm, "shots": shots, "query": QUERY},
            "training": {"seed": seed}, "scaling": {"num_workers": 0}}
     cfg = benchlib.config(**apply_overrides(raw, overrides))
     ensure_ray(None)
-    outcome = run_meta_training(cfg, f"fewshot-{shots}", benchlib.TRACKER)
+    outcome = run_meta_training(cfg, f"fewshot-{algorithm}-{shots}", benchlib.TRACKER)
     return outcome.checkpoint_path
 
 
@@ -133,9 +135,10 @@ def _multitask_model(suite: str, seed: int) -> str:
     return benchlib.train(cfg, "fewshot-multitask").checkpoint_path
 
 
-def _errors(model: str, multitask: str, blup: Blup, ridge, episodes, features: list[str]) -> dict[str, np.ndarray]:
+def _errors(models: dict[str, str], multitask: str, blup: Blup, ridge, episodes,
+            features: list[str]) -> dict[str, np.ndarray]:
     """Per-episode query MSE of every method, raw units."""
-    predictor, grouped = Predictor(model), Predictor(multitask)
+    predictors, grouped = {name: Predictor(m) for name, m in models.items()}, Predictor(multitask)
     out: dict[str, list[float]] = {}
     for support, query in episodes:
         grouped.adapt(support, "y", 0)
@@ -143,14 +146,17 @@ def _errors(model: str, multitask: str, blup: Blup, ridge, episodes, features: l
         grouped.adapt(support, "y", 1)
         offsets = grouped.predict(query)[NEW_GROUP].to_numpy()
         y = query["y"].to_numpy()
-        predictor.adapt(support, "y", 0)
-        zero = predictor.predict(query)["meta"].to_numpy()
-        shift = (support["y"].to_numpy() - predictor.predict(support)["meta"].to_numpy()).mean()
-        predictor.adapt(support, "y", STEPS)
-        methods = {f"ours, {STEPS} steps": predictor.predict(query)["meta"].to_numpy(), "ours, 0 steps": zero,
-                   "support-mean shift": zero + shift, "multi-task + offsets": offsets, "multi-task, 0-shot": shared,
-                   "pooled ridge": ridge.predict(query[features].to_numpy()),
-                   "mixedlm BLUP": blup.predict(support, query)}
+        methods = {}
+        for name, predictor in predictors.items():
+            predictor.adapt(support, "y", 0)
+            zero = predictor.predict(query)["meta"].to_numpy()
+            shift = (support["y"].to_numpy() - predictor.predict(support)["meta"].to_numpy()).mean()
+            predictor.adapt(support, "y", STEPS)
+            methods.update({f"{name}, {STEPS} steps": predictor.predict(query)["meta"].to_numpy(),
+                            f"{name}, 0 steps": zero, f"{name} + shift": zero + shift})
+        methods.update({"multi-task + offsets": offsets, "multi-task, 0-shot": shared,
+                        "pooled ridge": ridge.predict(query[features].to_numpy()),
+                        "mixedlm BLUP": blup.predict(support, query)})
         for name, pred in methods.items():
             out.setdefault(name, []).append(float(np.mean((pred - y) ** 2)))
     return {k: np.asarray(v) for k, v in out.items()}
@@ -163,6 +169,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--shots", default="3,5,10,20")
+    parser.add_argument("--algorithms", default="maml,ridge_head", help="meta.algorithm of each meta-trained model")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every meta-training run (e.g. meta.algorithm=anil)")
     args = parser.parse_args()
@@ -176,10 +183,10 @@ def main() -> None:
                 features = [c for c in train.columns if c not in ("y", "group")]
                 ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(train[features].to_numpy(), train["y"].to_numpy())
                 episodes = _episodes(_frame(new_suite, SPLITS), shots)
-                model = _meta_model(train_suite, shots, seed, args.set)
+                models = {a: _meta_model(train_suite, a, shots, seed, args.set) for a in args.algorithms.split(",")}
                 if seed not in multitask:
                     multitask[seed] = _multitask_model(train_suite, seed)
-                per_seed.append(_errors(model, multitask[seed], Blup(train, features), ridge, episodes, features))
+                per_seed.append(_errors(models, multitask[seed], Blup(train, features), ridge, episodes, features))
             blup = np.mean([e["mixedlm BLUP"].mean() for e in per_seed])
             for name in per_seed[0]:
                 mean = np.mean([e[name].mean() for e in per_seed])

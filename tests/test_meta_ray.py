@@ -85,7 +85,9 @@ def test_meta_training_on_a_suite_shards_its_tasks_and_resumes(ray_session, tmp_
     tracker = _tracker(tmp_path)
     first = run_meta_training(cfg, "suite-meta", tracker)
     client = tracker.client()
-    assert client.get_run(first.run_id).data.params["plan.shards"] == str([["task0", "task2"], ["task1", "task3"]])
+    params = client.get_run(first.run_id).data.params  # task2 is held out (validation), owned like the others
+    assert params["plan.held_tasks"] == "['task2']"
+    assert params["plan.shards"] == str([["task0", "task3"], ["task1", "task2"]])
     client.set_terminated(first.run_id, status="KILLED")  # as if interrupted after 20 iterations
     longer = cfg.model_copy(update={"meta": cfg.meta.model_copy(update={"iterations": 30})})
     again = run_meta_training(longer, "suite-meta", tracker, resume=True)
@@ -98,7 +100,7 @@ def test_meta_training_on_a_suite_shards_its_tasks_and_resumes(ray_session, tmp_
 @pytest.mark.parametrize("suite, meta, message", [
     ("seed-example", {}, "one type, feature count and class count"),
     ("family", {"meta_batch_size": 1}, "meta.meta_batch_size (1) must be at least scaling.num_workers (2)"),
-    ("seed-example", {"shots": 400}, "meta.shots + query needs 800"),
+    ("seed-example", {"shots": 400}, "no task has the 800 labelled train rows an episode needs (meta.shots + query)"),
 ])
 def test_bad_meta_input_exits_2_before_ray(tmp_path, seed_suite, capsys, suite, meta, message):
     import yaml

@@ -51,7 +51,8 @@ def run_meta_training(
     plan = make_meta_plan(config)  # bad input stops here, before Ray starts
     spec = RunSpec(
         tags={"mtml.command": "meta-train", "mtml.suite": plan.name, "mtml.algorithm": config.meta.algorithm},
-        plan_params={"source": plan.source, "shards": plan.shards(config.scaling.max_workers)},
+        plan_params={"source": plan.source, "shards": plan.shards(config.scaling.max_workers),
+                     "held_tasks": plan.held_tasks},
         loop=meta_train_loop_per_worker,
         payload=plan.model_dump(mode="json"),
         total=config.meta.iterations,

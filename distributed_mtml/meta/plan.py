@@ -110,14 +110,14 @@ def share(total: int, world: int, rank: int) -> int:
 def _suite_shape(config: Config, suite_dir: str) -> tuple[str, TaskShape, list[str], list[str], list[str], TaskPrep | None]:
     spec, scans = checked_scans(suite_dir, config.data.impute == "mean")
     need = config.meta.shots + config.meta.query_size()
-    kinds = {(t.type, TaskShape.of_scan(scans[t.name]).num_features, TaskShape.of_scan(scans[t.name]).num_classes)
-             for t in spec.tasks}
-    if len(kinds) > 1:
-        raise InputError(f"{suite_dir}/suite.yaml: meta-learning needs tasks of one type, feature count and class "
-                         f"count (one shared head); found {sorted(kinds, key=str)}")
     kept = enough_rows({t.name: scans[t.name].labelled["train"] for t in spec.tasks}, need, suite_dir,
                        "labelled train rows", "meta.shots + query", "tasks", "left out of meta-training")
     used = [t for t in spec.tasks if t.name in kept]
+    kinds = {(t.type, TaskShape.of_scan(scans[t.name]).num_features, TaskShape.of_scan(scans[t.name]).num_classes)
+             for t in used}
+    if len(kinds) > 1:
+        raise InputError(f"{suite_dir}/suite.yaml: meta-learning needs tasks of one type, feature count and class "
+                         f"count (one shared head); found {sorted(kinds, key=str)}")
     kind, features, classes = kinds.pop()
     columns = scans[used[0].name].features  # what a new task's rows are read by
     train, held = _hold_out([t.name for t in used], config)
