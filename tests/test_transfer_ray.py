@@ -40,9 +40,15 @@ def test_transfer_runs_each_strategy_as_a_child_run(source, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     config = _write(tmp_path, source["checkpoint"], strategies=["scratch", "linear_probe", "adapter"])
     assert main(["transfer", "--config", config, "--tracking-uri", source["uri"]]) == 0
-    assert "linear_probe" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "linear_probe" in out and "anchor: the K labels alone" in out
     client = MlflowClient(source["uri"])
     exp = client.get_experiment_by_name("distributed-mtml-transfer")
+    (parent,) = [r for r in client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'transfer'")
+                 if "mlflow.parentRunId" not in r.data.tags]
+    (probe,) = client.search_runs([exp.experiment_id], "tags.`mtml.strategy` = 'linear_probe'")
+    # the source knows this task: its trunk beats the K labels' mean
+    assert probe.data.metrics["target/test/mse"] < parent.data.metrics["anchor/test"]
     children = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'transfer' and tags.`mlflow.parentRunId` != ''")
     assert sorted(r.data.tags["mtml.strategy"] for r in children) == ["adapter", "linear_probe", "scratch"]
     curve = client.get_metric_history(children[0].info.run_id, "target/val/mse")

@@ -13,7 +13,9 @@ import tempfile
 import time
 
 from distributed_mtml import report
+from distributed_mtml.baseline import trivial_output
 from distributed_mtml.config import Config, run_params
+from distributed_mtml.metrics import task_metrics
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.transfer.fit import Curve, fit
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
@@ -57,8 +59,26 @@ def run_transfer(config: Config, tracker: Tracker, run_name: str) -> tuple[str, 
     with tracker.final_status(parent):
         for strategy in t.strategies:
             rows.append(_one_strategy(strategy, inputs, config, tracker, parent, metric))
+        rows.append(anchor_row(inputs, metric))
+        tracker.log_metrics(parent, {f"anchor/{k}": v for k, v in zip(("test", "test_loss", "val"), rows[-1][1:4])}, step=0)
         tracker.client().log_text(parent, report.table(results_header(metric), rows), "transfer/results.txt")
     return parent, results_header(metric), rows
+
+
+ANCHOR = "anchor: the K labels alone"
+
+
+def anchor_row(inputs: TransferInputs, metric: str) -> list:
+    """What the K labels alone score, beside the strategies: their mean (regression) or class
+    frequencies, as a constant prediction. A strategy that does not beat it has not used the
+    source model or the target's features."""
+    constant = trivial_output(inputs.target, [inputs.train[1]])
+    scores = {}
+    for split in ("val", "test"):
+        x, y = inputs.scored(split)
+        scores.update({f"{split}/{k}": v for k, v in task_metrics(
+            inputs.target, constant.to(x.dtype).expand(len(x), -1), y, inputs.prep).items()})
+    return [ANCHOR, scores[f"test/{metric}"], scores["test/loss"], scores[f"val/{metric}"], 0.0]
 
 
 def _one_strategy(strategy: str, inputs: TransferInputs, config: Config, tracker: Tracker, parent: str, metric: str) -> list:
