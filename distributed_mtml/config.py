@@ -87,6 +87,11 @@ class TrunkConfig(_Section):
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
     layer_norm: bool = False
+    passthrough: bool = Field(
+        False, description="the trunk's output is its last layer's features next to its own input (wide and deep), "
+        "so a head's last layer is also linear in the inputs: with head_penalty: em, a task's offsets there are random "
+        "slopes on the inputs, as a mixed model's"
+    )
 
 
 class ModelConfig(_Section):
@@ -100,25 +105,27 @@ class ModelConfig(_Section):
         "per task type plus a penalised per-task offset: partial pooling), task_embedding (one head per task type over "
         "the trunk's output and a learned task embedding)"
     )
-    head_penalty: float | Literal["auto"] = Field(
+    head_penalty: float | Literal["auto", "em"] = Field(
         "auto", description="shared_plus_offset, task_embedding: L2 strength on each task's own head parameters "
         "(offsets, embedding), divided by its train rows: a mixed model's residual over between-task variance; "
         ".inf: one shared head, 0: free; auto: shared_plus_offset learns it after every epoch (least leave-one-out "
-        "error over every task's train rows), task_embedding takes 10"
+        "error over every task's train rows), task_embedding takes 10; em: shared_plus_offset also learns a prior "
+        "variance per last-layer input by EM (a mixed model's variance components, diagonal), so offsets go where "
+        "tasks differ (best with model.trunk.passthrough)"
     )
     embedding_dim: int = Field(8, ge=1, description="task_embedding: width of each task's embedding")
 
     @field_validator("head_penalty", mode="before")
     @classmethod
     def _penalty_number_or_auto(cls, value: Any) -> Any:
-        if value == "auto":
+        if value in ("auto", "em"):
             return value
         try:
             number = float(value)
         except (TypeError, ValueError):
             number = float("nan")
         if isinstance(value, bool) or not number >= 0:
-            raise ValueError(f"expected a number >= 0 (.inf: one shared head) or 'auto', got {value!r}")
+            raise ValueError(f"expected a number >= 0 (.inf: one shared head) or 'auto' or 'em', got {value!r}")
         return number
 
     @field_validator("head_penalty", "embedding_dim")

@@ -61,8 +61,22 @@ def trunk_input_width(cfg: ModelConfig, tasks: list[TaskShape]) -> int:
     return widths.pop() if len(widths) == 1 else max(widths)
 
 
+class PassthroughTrunk(nn.Sequential):
+    """The trunk's layers, with its input next to their output (`model.trunk.passthrough`). A
+    Sequential of the same layers, so its state dict and layer list are a plain trunk's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super().forward(x), x], -1)
+
+
 def build_trunk(cfg: ModelConfig, tasks: list[TaskShape]) -> nn.Sequential:
-    return mlp(trunk_input_width(cfg, tasks), cfg.trunk.widths, cfg.trunk)
+    layers = mlp(trunk_input_width(cfg, tasks), cfg.trunk.widths, cfg.trunk)
+    return PassthroughTrunk(*layers) if cfg.trunk.passthrough else layers
+
+
+def trunk_output_width(cfg: ModelConfig, trunk_in: int) -> int:
+    """What a head reads: the trunk's last width, and its input with `model.trunk.passthrough`."""
+    return cfg.trunk.widths[-1] + (trunk_in if cfg.trunk.passthrough else 0)
 
 
 class TaskModule(nn.Module):
@@ -74,22 +88,23 @@ class TaskModule(nn.Module):
         super().__init__()
         self.adapter = nn.Identity() if task.num_features == trunk_in else nn.Linear(task.num_features, trunk_in)
         part = shared[group_key(task.type, task.out_width)] if shared is not None and len(shared) else None
-        self.head = HEADS[cfg.heads].task_head(task.out_width, cfg, cfg.trunk.widths[-1], part, rows)
+        self.head = HEADS[cfg.heads].task_head(task.out_width, cfg, trunk_output_width(cfg, trunk_in), part, rows)
 
 
 def build_shared_heads(cfg: ModelConfig, tasks: list[TaskShape], seed: int) -> nn.ModuleDict:
     """The head parts the suite's tasks share (empty for `separate`), the same on every worker."""
-    return build_shared(cfg, [(t.type, t.out_width) for t in tasks], cfg.trunk.widths[-1], seed)
+    width = trunk_output_width(cfg, trunk_input_width(cfg, tasks))
+    return build_shared(cfg, [(t.type, t.out_width) for t in tasks], width, seed)
 
 
-def new_task_head(cfg: ModelConfig, task: TaskShape, shared: nn.ModuleDict) -> nn.Module:
+def new_task_head(cfg: ModelConfig, task: TaskShape, shared: nn.ModuleDict, trunk_in: int) -> nn.Module:
     """A head for a task the model was not trained on: the shared head of its type and width
     where the model has one (`heads/`: offsets or embedding at zero, the tasks' common ground),
     else a fresh head of its own. A self-contained module: every parameter it uses is its own."""
     key = group_key(task.type, task.out_width)
     part = shared[key] if key in shared else None
     cfg = cfg if part is not None else cfg.model_copy(update={"heads": "separate"})
-    return HEADS[cfg.heads].task_head(task.out_width, cfg, cfg.trunk.widths[-1], part, 1).standalone()
+    return HEADS[cfg.heads].task_head(task.out_width, cfg, trunk_output_width(cfg, trunk_in), part, 1).standalone()
 
 
 def build_task_modules(

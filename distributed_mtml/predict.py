@@ -151,10 +151,11 @@ class Predictor:
         ys = torch.from_numpy(np.asarray(prep.scaled_target(y), dtype=np.float32)).to(self.device)
         lam = float(own.head.lam)
         head = shared_plus_offset.OffsetHead(self.model.shared_heads[group_key("regression", 1)], lam, len(y))
+        head.precision.copy_(own.head.precision)  # the penalty per input the model learned
         with torch.no_grad():
             f = self.model.trunk(own.adapter(xs))
             if steps > 0:
-                shared_plus_offset.refit({NEW_GROUP: (head, f, ys)}, lam, 1)
+                shared_plus_offset.solve_offsets(head, f, ys)
             loss = float(((head(f).squeeze(-1) - ys) ** 2).mean())
         self.shapes[NEW_GROUP] = TaskShape(NEW_GROUP, "regression", len(features))
         self.features[NEW_GROUP], self.preps[NEW_GROUP], self.new_head = features, prep, (source, head)

@@ -238,7 +238,7 @@ def test_heads_options_and_modes_are_checked_by_name():
     for raw, words in (({"model": {"heads": "pooled"}}, "unknown heads 'pooled'"),
                        ({"model": {"heads": "separate", "head_penalty": 3}}, "not an option of heads 'separate'"),
                        ({"model": {"embedding_dim": 4}}, "not an option of heads 'shared_plus_offset'"),
-                       ({"model": {"head_penalty": -1}}, "key 'model.head_penalty': .*or 'auto', got -1"),
+                       ({"model": {"head_penalty": -1}}, "key 'model.head_penalty': .*or 'auto' or 'em', got -1"),
                        ({"data": {"standardize": "group"}}, "data.standardize")):
         with pytest.raises(InputError, match=words):
             validate_config(raw)
@@ -273,3 +273,56 @@ def test_on_many_small_groups_the_default_heads_beat_separate_heads(ray_session,
     assert default < 0.95 * separate, (default, separate)
     assert results["shared_plus_offset"].metrics["heads/penalty"] > 0
     assert "heads/penalty" not in results["separate"].metrics
+
+
+def test_em_learns_a_penalty_per_input_small_where_tasks_differ_and_a_new_group_is_solved_with_it():
+    """40 tasks whose intercept and first slope vary (a mixed model's random intercept and slope)
+    and whose other slopes do not: EM's prior variances are large on those two and tiny on the
+    others, and `solve_offsets` (a new group) is the ridge with that penalty per input."""
+    tasks, rows = 40, 20
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[3]), heads="shared_plus_offset", head_penalty="em")
+    shapes = [TaskShape(f"t{i}", "regression", 3) for i in range(tasks)]
+    shared = build_shared_heads(cfg, shapes, 0)
+    with torch.no_grad():  # the shared head at the fixed effects, as training brings it near them
+        shared["regression:1"][1].weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
+        shared["regression:1"][1].bias.zero_()
+    modules = build_task_modules(cfg, shapes, 0, shared=shared, rows={s.name: rows for s in shapes})
+    effects = _features(99, tasks, 2) * 2.0
+    data = {}
+    for i, s in enumerate(shapes):
+        f = _features(i, rows, 3)
+        data[s.name] = (f, f @ torch.tensor([1.0, -2.0, 0.5]) + effects[i, 0] + effects[i, 1] * f[:, 0]
+                        + 0.3 * _features(500 + i, rows, 1)[:, 0])
+    shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1, width=4)
+    precision = modules["t0"].head.precision  # inputs x0, x1, x2, then the bias
+    assert all(torch.equal(m.head.precision, precision) for m in modules.values())
+    assert min(precision[1], precision[2]) > 100 * max(precision[0], precision[3])
+    f, y = _features(1000, 6, 3), _features(1001, 6, 1)[:, 0]
+    new = shared_plus_offset.OffsetHead(shared["regression:1"], "em", 6)
+    new.precision.copy_(precision)
+    shared_plus_offset.solve_offsets(new, f, y)
+    x = _design(f)
+    base = shared["regression:1"](f).squeeze(-1).detach().double().numpy()
+    coef = np.linalg.solve(x.T @ x + np.diag(precision.numpy()), x.T @ (y.double().numpy() - base))
+    np.testing.assert_allclose(new(f).squeeze(-1).detach().double().numpy(), base + x @ coef, atol=1e-5)
+
+
+def test_a_passthrough_trunk_hands_its_input_to_the_heads_and_keeps_a_plain_trunks_state():
+    shapes = [TaskShape("a", "regression", 4), TaskShape("b", "regression", 4)]
+    plain = build_trunk(ModelConfig(trunk=TrunkConfig(widths=[8])), shapes)
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[8], passthrough=True))
+    trunk = build_trunk(cfg, shapes)
+    assert list(trunk.state_dict()) == list(plain.state_dict())
+    trunk.load_state_dict(plain.state_dict())
+    x = _features(3, 5, 4)
+    assert torch.equal(trunk(x), torch.cat([plain(x), x], -1))
+    modules = build_task_modules(cfg, shapes, 0, shared=build_shared_heads(cfg, shapes, 0))
+    assert modules["a"].head(trunk(x)).shape == (5, 1)
+
+
+def test_heads_saved_before_a_penalty_per_input_load_with_their_one_penalty():
+    shared, modules, _ = _offset_heads(5.0)
+    state = {k: v for k, v in modules["t0"].head.state_dict().items() if k != "precision"}
+    head = shared_plus_offset.OffsetHead(shared["regression:1"], 1.0, 40)
+    head.load_state_dict(state)
+    assert torch.equal(head.precision, torch.full((4,), 5.0, dtype=torch.float64))

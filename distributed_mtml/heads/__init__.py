@@ -48,9 +48,10 @@ class HeadKind:
     # (output width, config, trunk output width) -> the part a group of tasks shares; None: nothing shared
     shared: Callable[[int, ModelConfig, int], nn.Module] | None = None
     params: tuple[str, ...] = ()  # keys of the `model` config section it takes
-    # after each epoch: ({task: (its head, train features, train target)}, head_penalty, world, device)
-    # -> the penalty used; a closed-form solve of what gradient steps fit slowly (`shared_plus_offset.refit`)
-    refit: Callable[[dict, float | str, int, torch.device], float | None] | None = None
+    # after each epoch: ({task: (its head, train features, train target)}, head_penalty, world, device,
+    # the shared regression head's last-layer inputs + 1) -> the penalty used; a closed-form solve of
+    # what gradient steps fit slowly (`shared_plus_offset.refit`)
+    refit: Callable[[dict, float | str, int, torch.device, int], float | None] | None = None
 
 
 HEADS: dict[str, HeadKind] = {

@@ -51,7 +51,7 @@ class EmbeddingHead(nn.Module):
     def __init__(self, shared_part: nn.Module, dim: int, penalty: float | str, rows: int):
         super().__init__()
         object.__setattr__(self, "shared", shared_part)  # not registered: saved and synchronised once, apart
-        penalty = AUTO if penalty == "auto" else float(penalty)
+        penalty = AUTO if penalty in ("auto", "em") else float(penalty)  # em is shared_plus_offset's
         self.embedding = nn.Parameter(torch.zeros(dim), requires_grad=not math.isinf(penalty))
         self.strength = penalty / max(rows, 1) if not math.isinf(penalty) else 0.0
 

@@ -30,7 +30,7 @@ from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
 from distributed_mtml.data.suite import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
-from distributed_mtml.heads import HEADS, sync_shared_grads
+from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
@@ -327,7 +327,9 @@ class Worker:
                 module = self.modules[n]
                 problems[n] = (module.head, forward_in_chunks(lambda rows, m=module: self.trunk(m.adapter(rows)), x), y)
         self.trunk.train()
-        lam = refit(problems, model.head_penalty, self.world, self.device)
+        group = self.shared[group_key("regression", 1)] if group_key("regression", 1) in self.shared else None
+        width = group[1].in_features + 1 if group is not None else 0  # the last layer's inputs and its bias
+        lam = refit(problems, model.head_penalty, self.world, self.device, width)
         return {} if lam is None else {"heads/penalty": float(lam)}
 
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:

@@ -79,7 +79,7 @@ def _new_head(inputs: TransferInputs, seed: int) -> nn.Module:
     """The target's head: the source's shared head of its type where the source shares heads
     (`model.heads`), else a fresh one."""
     torch.manual_seed(seed)
-    return new_task_head(_model_config(inputs), inputs.target, inputs.model.shared_heads)
+    return new_task_head(_model_config(inputs), inputs.target, inputs.model.shared_heads, _trunk_in(inputs))
 
 
 def _compatible_heads(inputs: TransferInputs) -> list[str]:
@@ -133,7 +133,7 @@ def _adapted_trunk(trunk: nn.Module, width: int) -> nn.Sequential:
         if ends_block:
             out = [m for m in blocks[: i + 1] if isinstance(m, nn.Linear)][-1].out_features
             layers.append(Adapter(out, width))
-    return nn.Sequential(*layers)
+    return type(trunk)(*layers)  # a passthrough trunk stays one
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,9 @@ class Options:
 def _scratch(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
     """Nothing of the source's weights: a fresh trunk and a fresh head of the target's own."""
     torch.manual_seed(o.seed)
-    fresh = build_trunk(_model_config(inputs), [inputs.target])
-    model = TargetModel(nn.Identity(), fresh, new_task_head(_model_config(inputs), inputs.target, nn.ModuleDict()))
+    cfg = _model_config(inputs)
+    fresh = build_trunk(cfg, [inputs.target])
+    model = TargetModel(nn.Identity(), fresh, new_task_head(cfg, inputs.target, nn.ModuleDict(), _linears(fresh)[0].in_features))
     return Built(model, [n for n, _ in model.named_parameters()])
 
 
