@@ -20,6 +20,7 @@ episodes and seeds, +- the 95% CI over episodes of the first seed, and the ratio
                       config) on the training groups, then `mtml predict --adapt-from` the K rows:
                       the shared head plus offsets solved in closed form with the learned penalty
   multi-task, 0-shot  the same model's shared head alone
+  multi-task em + offsets  the same with `model.trunk.passthrough: true` and `model.head_penalty: em`
   pooled ridge        RidgeCV on every training group's train rows (0-shot)
   mixedlm BLUP        statsmodels MixedLM y ~ x + z, random intercept and slope on x1, fitted on
                       the training groups' train rows; a new group's prediction = fixed part +
@@ -128,25 +129,31 @@ def _meta_model(suite: str, algorithm: str, shots: int, seed: int, overrides: li
     return outcome.checkpoint_path
 
 
-def _multitask_model(suite: str, seed: int) -> str:
+MULTITASK = {"multi-task": {}, "multi-task em": {"trunk": {"passthrough": True}, "head_penalty": "em"}}
+
+
+def _multitask_model(suite: str, seed: int, model: dict) -> str:
     from bench_multilevel import TRAINING
 
-    cfg = benchlib.config(suite={"path": suite}, training={**TRAINING, "seed": seed}, scaling={"num_workers": 0})
+    cfg = benchlib.config(suite={"path": suite}, training={**TRAINING, "seed": seed}, scaling={"num_workers": 0},
+                          model=model)
     return benchlib.train(cfg, "fewshot-multitask").checkpoint_path
 
 
-def _errors(models: dict[str, str], multitask: str, blup: Blup, ridge, episodes,
+def _errors(models: dict[str, str], multitask: dict[str, str], blup: Blup, ridge, episodes,
             features: list[str]) -> dict[str, np.ndarray]:
     """Per-episode query MSE of every method, raw units."""
-    predictors, grouped = {name: Predictor(m) for name, m in models.items()}, Predictor(multitask)
+    predictors = {name: Predictor(m) for name, m in models.items()}
+    grouped = {name: Predictor(m) for name, m in multitask.items()}
     out: dict[str, list[float]] = {}
     for support, query in episodes:
-        grouped.adapt(support, "y", 0)
-        shared = grouped.predict(query)[NEW_GROUP].to_numpy()
-        grouped.adapt(support, "y", 1)
-        offsets = grouped.predict(query)[NEW_GROUP].to_numpy()
-        y = query["y"].to_numpy()
         methods = {}
+        for name, predictor in grouped.items():
+            predictor.adapt(support, "y", 0)
+            methods[f"{name}, 0-shot"] = predictor.predict(query)[NEW_GROUP].to_numpy()
+            predictor.adapt(support, "y", 1)
+            methods[f"{name} + offsets"] = predictor.predict(query)[NEW_GROUP].to_numpy()
+        y = query["y"].to_numpy()
         for name, predictor in predictors.items():
             predictor.adapt(support, "y", 0)
             zero = predictor.predict(query)["meta"].to_numpy()
@@ -154,8 +161,7 @@ def _errors(models: dict[str, str], multitask: str, blup: Blup, ridge, episodes,
             predictor.adapt(support, "y", STEPS)
             methods.update({f"{name}, {STEPS} steps": predictor.predict(query)["meta"].to_numpy(),
                             f"{name}, 0 steps": zero, f"{name} + shift": zero + shift})
-        methods.update({"multi-task + offsets": offsets, "multi-task, 0-shot": shared,
-                        "pooled ridge": ridge.predict(query[features].to_numpy()),
+        methods.update({"pooled ridge": ridge.predict(query[features].to_numpy()),
                         "mixedlm BLUP": blup.predict(support, query)})
         for name, pred in methods.items():
             out.setdefault(name, []).append(float(np.mean((pred - y) ** 2)))
@@ -185,7 +191,7 @@ def main() -> None:
                 episodes = _episodes(_frame(new_suite, SPLITS), shots)
                 models = {a: _meta_model(train_suite, a, shots, seed, args.set) for a in args.algorithms.split(",")}
                 if seed not in multitask:
-                    multitask[seed] = _multitask_model(train_suite, seed)
+                    multitask[seed] = {name: _multitask_model(train_suite, seed, m) for name, m in MULTITASK.items()}
                 per_seed.append(_errors(models, multitask[seed], Blup(train, features), ridge, episodes, features))
             blup = np.mean([e["mixedlm BLUP"].mean() for e in per_seed])
             for name in per_seed[0]:
