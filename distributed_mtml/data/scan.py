@@ -195,10 +195,11 @@ def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS)
             batch.column(split) if split else None)
         offset += batch.num_rows
         has_label = labelled(batch.column(target)) if target else np.ones(batch.num_rows, dtype=bool)
-        train = _count_splits(scan, splits, has_label) if splits is not None else None
+        train = _count_splits(scan, splits, has_label)[has_label] if splits is not None else None
+        rows = batch.filter(pa.array(has_label))  # the task's rows: the labelled ones
         if target is not None:
-            _add_target(scan, batch.column(target).filter(pa.array(has_label)), train[has_label] if train is not None else None)
-        _add_features(scan, batch.filter(pa.array(has_label)), usable, train[has_label] if train is not None else None)
+            _add_target(scan, rows.column(target), train)
+        _add_features(scan, rows, usable, train)
     return scan
 
 
