@@ -88,9 +88,9 @@ class TrunkConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     layer_norm: bool = False
     passthrough: bool = Field(
-        False, description="the trunk's output is its last layer's features next to its own input (wide and deep), "
-        "so a head's last layer is also linear in the inputs: with head_penalty: em, a task's offsets there are random "
-        "slopes on the inputs, as a mixed model's"
+        True, description="the trunk's output is its last layer's features next to its own input (wide and deep), "
+        "so a head's last layer is also linear in the inputs: with head_penalty: em, the shared weights there are a "
+        "mixed model's fixed effects and a task's offsets its random slopes (false: the heads read the last layer alone)"
     )
 
 
@@ -106,12 +106,12 @@ class ModelConfig(_Section):
         "the trunk's output and a learned task embedding)"
     )
     head_penalty: float | Literal["auto", "em"] = Field(
-        "auto", description="shared_plus_offset, task_embedding: L2 strength on each task's own head parameters "
+        "em", description="shared_plus_offset, task_embedding: L2 strength on each task's own head parameters "
         "(offsets, embedding), divided by its train rows: a mixed model's residual over between-task variance; "
-        ".inf: one shared head, 0: free; auto: shared_plus_offset learns it after every epoch (least leave-one-out "
-        "error over every task's train rows), task_embedding takes 10; em: shared_plus_offset also learns a prior "
-        "variance per last-layer input by EM (a mixed model's variance components, diagonal), so offsets go where "
-        "tasks differ (best with model.trunk.passthrough)"
+        ".inf: one shared head, 0: free; auto: shared_plus_offset learns one strength after every epoch (least "
+        "leave-one-out error over every task's train rows), task_embedding takes 10; em: shared_plus_offset solves "
+        "the regression heads' last layer as a mixed model after every epoch: shared weights (fixed effects), a prior "
+        "variance per input for the offsets (variance components) and one for the trunk's learned features, by EM"
     )
     embedding_dim: int = Field(8, ge=1, description="task_embedding: width of each task's embedding")
 
@@ -403,6 +403,27 @@ class Config(_Section):
     tune: TuneSection = Field(default_factory=TuneSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def config_of_older_plans(raw: Any) -> Any:
+    """A saved plan's config as it was trained, where today's defaults differ from those it was
+    saved under (plans hold every key, so a missing one means an older plan): no head kinds
+    meant separate heads, no `model.trunk.passthrough` a plain trunk and the `auto` penalty (which
+    a kind without a penalty no longer accepts, as it is no longer the default)."""
+    from distributed_mtml.heads import HEADS
+
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("trunk", {}), dict):
+        return raw
+    model = {"heads": "separate", **model}
+    if "passthrough" not in model.get("trunk", {}):
+        model["trunk"] = {**model.get("trunk", {}), "passthrough": False}
+        kind = HEADS.get(model["heads"])
+        if kind is not None and "head_penalty" in kind.params:
+            model["head_penalty"] = model.get("head_penalty", "auto")
+        else:
+            model.pop("head_penalty", None)
+    return {**raw, "model": model}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str = "--set") -> dict[str, Any]:

@@ -275,36 +275,101 @@ def test_on_many_small_groups_the_default_heads_beat_separate_heads(ray_session,
     assert "heads/penalty" not in results["separate"].metrics
 
 
+def _mixed_tasks(tasks: int, rows: int, noise_features: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Tasks of a mixed model: fixed slopes (1, -2, 0.5) on three inputs, a random intercept and
+    a random slope on the first input. The head reads `noise_features` features the target does
+    not depend on, then the inputs (as a passthrough trunk hands them on)."""
+    effects = _features(99, tasks, 2) * 2.0
+    data = {}
+    for i in range(tasks):
+        f = _features(i, rows, 3)
+        y = f @ torch.tensor([1.0, -2.0, 0.5]) + effects[i, 0] + effects[i, 1] * f[:, 0] + 0.3 * _features(500 + i, rows, 1)[:, 0]
+        data[f"t{i}"] = (torch.cat([_features(700 + i, rows, noise_features), f], 1), y)
+    return data
+
+
+def _em_problem(tasks: int, rows: int, noise_features: int):
+    """Heads over a passthrough trunk of width `noise_features`, and `_mixed_tasks`."""
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[noise_features], passthrough=True), heads="shared_plus_offset",
+                      head_penalty="em")
+    shapes = [TaskShape(f"t{i}", "regression", 3) for i in range(tasks)]
+    shared = build_shared_heads(cfg, shapes, 0)
+    modules = build_task_modules(cfg, shapes, 0, shared=shared, rows={s.name: rows for s in shapes})
+    return shared["regression:1"], modules, _mixed_tasks(tasks, rows, noise_features)
+
+
+def _em_heads(tasks: int, rows: int, noise_features: int):
+    """`_em_problem` after one EM refit."""
+    shared, modules, data = _em_problem(tasks, rows, noise_features)
+    shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1,
+                             last=shared_plus_offset.SharedLast(shared[1], inputs=3))
+    return shared, modules, data
+
+
+def _em_rank(rank, placement, port, out):
+    """Two EM refits (cold, then warm) of this rank's tasks; saves the shared layer and offsets."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(placement))
+    shared, modules, data = _em_problem(12, 10, 4)
+    last = shared_plus_offset.SharedLast(shared[1], inputs=3)
+    for _ in range(2):
+        shared_plus_offset.refit({n: (modules[n].head, *data[n]) for n in placement[rank]}, "em", len(placement),
+                                 last=last)
+    torch.save({"shared": torch.cat([p.detach().reshape(-1) for p in shared.parameters()]),
+                **{n: modules[n].head.offsets[-2].detach().clone() for n in placement[rank]}}, f"{out}/em{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_em_across_ranks_solves_what_one_process_solves_a_rank_without_tasks_included(tmp_path):
+    placement = [[f"t{i}" for i in range(7)], [], [f"t{i}" for i in range(7, 12)]]
+    mp.spawn(_em_rank, args=(placement, free_port(), str(tmp_path)), nprocs=3)
+    shared, modules, data = _em_problem(12, 10, 4)
+    before = torch.cat([p.detach().reshape(-1) for p in shared.parameters()])
+    last = shared_plus_offset.SharedLast(shared[1], inputs=3)
+    for _ in range(2):
+        shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1, last=last)
+    after = torch.cat([p.detach().reshape(-1) for p in shared.parameters()])
+    assert not torch.allclose(before, after)
+    for rank, owned in enumerate(placement):
+        got = torch.load(tmp_path / f"em{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["shared"], after, atol=1e-5, rtol=1e-4)
+        for n in owned:
+            torch.testing.assert_close(got[n], modules[n].head.offsets[-2].detach(), atol=1e-5, rtol=1e-4)
+
+
 def test_em_learns_a_penalty_per_input_small_where_tasks_differ_and_a_new_group_is_solved_with_it():
     """40 tasks whose intercept and first slope vary (a mixed model's random intercept and slope)
     and whose other slopes do not: EM's prior variances are large on those two and tiny on the
-    others, and `solve_offsets` (a new group) is the ridge with that penalty per input."""
-    tasks, rows = 40, 20
-    cfg = ModelConfig(trunk=TrunkConfig(widths=[3]), heads="shared_plus_offset", head_penalty="em")
-    shapes = [TaskShape(f"t{i}", "regression", 3) for i in range(tasks)]
-    shared = build_shared_heads(cfg, shapes, 0)
-    with torch.no_grad():  # the shared head at the fixed effects, as training brings it near them
-        shared["regression:1"][1].weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
-        shared["regression:1"][1].bias.zero_()
-    modules = build_task_modules(cfg, shapes, 0, shared=shared, rows={s.name: rows for s in shapes})
-    effects = _features(99, tasks, 2) * 2.0
-    data = {}
-    for i, s in enumerate(shapes):
-        f = _features(i, rows, 3)
-        data[s.name] = (f, f @ torch.tensor([1.0, -2.0, 0.5]) + effects[i, 0] + effects[i, 1] * f[:, 0]
-                        + 0.3 * _features(500 + i, rows, 1)[:, 0])
-    shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1, width=4)
-    precision = modules["t0"].head.precision  # inputs x0, x1, x2, then the bias
-    assert all(torch.equal(m.head.precision, precision) for m in modules.values())
+    others, the shared layer is the fixed effects, and `solve_offsets` (a new group) is the
+    ridge with that penalty per input."""
+    shared, modules, _ = _em_heads(40, 20, noise_features=1)
+    np.testing.assert_allclose(shared[1].weight.detach().numpy()[0, 1:], [1.0, -2.0, 0.5], atol=0.5)
+    precision = modules["t0"].head.precision[1:]  # inputs x0, x1, x2, then the bias (after one learned feature)
+    assert all(torch.equal(m.head.precision, modules["t0"].head.precision) for m in modules.values())
     assert min(precision[1], precision[2]) > 100 * max(precision[0], precision[3])
-    f, y = _features(1000, 6, 3), _features(1001, 6, 1)[:, 0]
-    new = shared_plus_offset.OffsetHead(shared["regression:1"], "em", 6)
-    new.precision.copy_(precision)
+    f, y = _features(1000, 6, 4), _features(1001, 6, 1)[:, 0]
+    new = shared_plus_offset.OffsetHead(shared, "em", 6)
+    new.precision.copy_(modules["t0"].head.precision)
     shared_plus_offset.solve_offsets(new, f, y)
     x = _design(f)
-    base = shared["regression:1"](f).squeeze(-1).detach().double().numpy()
-    coef = np.linalg.solve(x.T @ x + np.diag(precision.numpy()), x.T @ (y.double().numpy() - base))
+    base = shared(f).squeeze(-1).detach().double().numpy()
+    coef = np.linalg.solve(x.T @ x + np.diag(new.precision.numpy()), x.T @ (y.double().numpy() - base))
     np.testing.assert_allclose(new(f).squeeze(-1).detach().double().numpy(), base + x @ coef, atol=1e-5)
+
+
+def test_em_shrinks_learned_features_the_target_does_not_depend_on():
+    """Ten learned features of noise before the three inputs: their shared weights go to about
+    zero (a ridge learned from the data) and the inputs' stay the fixed effects; without that
+    block's own prior, least squares over 13 columns would give the noise weights of their own."""
+    shared, _, data = _em_heads(40, 20, noise_features=10)
+    weights = shared[1].weight.detach().numpy()[0]
+    assert np.abs(weights[:10]).max() < 0.02, weights[:10]
+    np.testing.assert_allclose(weights[10:], [1.0, -2.0, 0.5], atol=0.5)
+    x = np.vstack([data[n][0].double().numpy() for n in data])
+    y = np.concatenate([data[n][1].double().numpy() for n in data])
+    unpenalised = np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1))]), y, rcond=None)[0]
+    assert np.abs(unpenalised[:10]).max() > 5 * np.abs(weights[:10]).max()
 
 
 def test_a_passthrough_trunk_hands_its_input_to_the_heads_and_keeps_a_plain_trunks_state():
@@ -326,3 +391,25 @@ def test_heads_saved_before_a_penalty_per_input_load_with_their_one_penalty():
     head = shared_plus_offset.OffsetHead(shared["regression:1"], 1.0, 40)
     head.load_state_dict(state)
     assert torch.equal(head.precision, torch.full((4,), 5.0, dtype=torch.float64))
+
+
+def test_plans_saved_under_older_defaults_load_as_they_were_trained():
+    """A saved plan holds every config key; one without `heads` predates head kinds (separate
+    heads), one without `model.trunk.passthrough` predates it and `em` as defaults (and one
+    without `head_penalty` predates `auto` too)."""
+    from distributed_mtml.meta.plan import MetaPlan
+    from distributed_mtml.train.plan import TrainPlan
+
+    config = validate_config({"suite": {"path": "/nowhere"}}).model_dump(mode="json")
+    assert config["model"]["trunk"]["passthrough"] and config["model"]["head_penalty"] == "em"
+    plan = {"config": config, "suite_dir": "/nowhere", "suite_name": "s", "tasks": [], "train_rows": {}, "steps_per_epoch": 1}
+    assert TrainPlan.model_validate(plan).config.model == validate_config({"suite": {"path": "/nowhere"}}).model
+    del config["model"]["trunk"]["passthrough"], config["model"]["head_penalty"]
+    model = TrainPlan.model_validate(plan).config.model
+    assert (model.trunk.passthrough, model.head_penalty, model.heads) == (False, "auto", "shared_plus_offset")
+    del config["model"]["heads"]
+    assert TrainPlan.model_validate(plan).config.model.heads == "separate"
+    config["model"] |= {"heads": "separate", "head_penalty": "auto"}  # a default once, refused now by separate
+    assert TrainPlan.model_validate(plan).config.model.heads == "separate"
+    meta = MetaPlan.model_validate({"config": config, "source": "family", "name": "sinusoid", "task": {}})
+    assert not meta.config.model.trunk.passthrough

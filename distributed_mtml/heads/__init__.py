@@ -49,9 +49,10 @@ class HeadKind:
     shared: Callable[[int, ModelConfig, int], nn.Module] | None = None
     params: tuple[str, ...] = ()  # keys of the `model` config section it takes
     # after each epoch: ({task: (its head, train features, train target)}, head_penalty, world, device,
-    # the shared regression head's last-layer inputs + 1) -> the penalty used; a closed-form solve of
-    # what gradient steps fit slowly (`shared_plus_offset.refit`)
-    refit: Callable[[dict, float | str, int, torch.device, int], float | None] | None = None
+    # the shared regression head's last layer or None, whether the dict holds every regression task
+    # of this rank) -> the penalty used; a closed-form solve of what gradient steps fit slowly
+    # (`shared_plus_offset.refit`)
+    refit: Callable[[dict, float | str, int, torch.device, nn.Module | None, bool], float | None] | None = None
 
 
 HEADS: dict[str, HeadKind] = {

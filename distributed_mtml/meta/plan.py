@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from distributed_mtml.config import Config
+from distributed_mtml.config import Config, config_of_older_plans
 from distributed_mtml.console import say
 from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.scan import Moments, TaskScan
@@ -53,8 +53,12 @@ class MetaPlan(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _shards_of_older_plans(cls, raw: dict) -> dict:
-        """Plans saved before elastic training held fixed shards; the tasks are what is kept."""
-        if not isinstance(raw, dict) or "shards" not in raw:
+        """Plans saved before elastic training held fixed shards (the tasks are what is kept);
+        the model of plans saved under older defaults (`config_of_older_plans`)."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = {k: config_of_older_plans(v) if k == "config" else v for k, v in raw.items()}
+        if "shards" not in raw:
             return raw
         shards = raw["shards"]  # round-robin: task i was on rank i mod W
         tasks = [s[i] for i in range(max(map(len, shards), default=0)) for s in shards if i < len(s)]

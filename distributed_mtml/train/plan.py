@@ -10,7 +10,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from distributed_mtml.config import Config
+from distributed_mtml.config import Config, config_of_older_plans
 from distributed_mtml.console import say
 from distributed_mtml.data.locate import ensure_suite
 from distributed_mtml.data.prepare import TaskPrep, plan_preprocessing
@@ -40,14 +40,11 @@ class TrainPlan(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _older_plans(cls, raw: dict) -> dict:
-        """Plans saved before elastic training held their placement (it is derived now); plans
-        saved before head kinds had separate heads (the default is a sharing kind now)."""
+        """Plans saved before elastic training held their placement (it is derived now); the
+        model of plans saved under older defaults (`config_of_older_plans`)."""
         if not isinstance(raw, dict):
             return raw
-        model = raw.get("config", {}).get("model") if isinstance(raw.get("config"), dict) else None
-        if isinstance(model, dict) and "heads" not in model:
-            raw = {**raw, "config": {**raw["config"], "model": {**model, "heads": "separate"}}}
-        return {k: v for k, v in raw.items() if k != "placement"}
+        return {k: config_of_older_plans(v) if k == "config" else v for k, v in raw.items() if k != "placement"}
 
     def task_shapes(self) -> list[TaskShape]:
         return [TaskShape(**t) for t in self.tasks]

@@ -31,6 +31,7 @@ from distributed_mtml.data.stream import StreamedBatches, dataset_batches, datas
 from distributed_mtml.data.suite import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
+from distributed_mtml.heads.shared_plus_offset import SharedLast
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
@@ -198,6 +199,7 @@ class Worker:
     pending: list[dict] = field(default_factory=list)  # epochs not yet reported
     best: tuple[int, tempfile.TemporaryDirectory] | None = None  # an unreported best epoch's saved state
     held: dict = field(default_factory=dict)  # streamed tasks' small val splits, after their first pass
+    em_state: dict = field(default_factory=dict)  # `head_penalty: em`'s variances, from one epoch to the next
 
     @property
     def order(self) -> list[str]:
@@ -319,17 +321,25 @@ class Worker:
         refit = HEADS[model.heads].refit
         if refit is None:
             return {}
-        shapes, problems = {s.name: s for s in self.plan.task_shapes()}, {}
+        shapes, problems, left_out = {s.name: s for s in self.plan.task_shapes()}, {}, False
         self.trunk.eval()
         for n in self.mine:
-            if n in self.data and shapes[n].type == "regression" and len(self.data[n]["train"][1]) <= REFIT_ROWS:
+            if shapes[n].type != "regression":
+                continue
+            if n in self.data and len(self.data[n]["train"][1]) <= REFIT_ROWS:
                 x, y = self.data[n]["train"]
                 module = self.modules[n]
                 problems[n] = (module.head, forward_in_chunks(lambda rows, m=module: self.trunk(m.adapter(rows)), x), y)
+            else:
+                left_out = True
         self.trunk.train()
-        group = self.shared[group_key("regression", 1)] if group_key("regression", 1) in self.shared else None
-        width = group[1].in_features + 1 if group is not None else 0  # the last layer's inputs and its bias
-        lam = refit(problems, model.head_penalty, self.world, self.device, width)
+        key = group_key("regression", 1)
+        last = None
+        if key in self.shared:  # the shared regression head's last layer; with passthrough its inputs end in the model's
+            linear = self.shared[key][1]
+            passed = linear.in_features - model.trunk.widths[-1] if model.trunk.passthrough and not model.head_hidden else 0
+            last = SharedLast(linear, passed, self.em_state)
+        lam = refit(problems, model.head_penalty, self.world, self.device, last, not left_out)
         return {} if lam is None else {"heads/penalty": float(lam)}
 
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
