@@ -66,7 +66,15 @@ class PassthroughTrunk(nn.Sequential):
     Sequential of the same layers, so its state dict and layer list are a plain trunk's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([super().forward(x), x], -1)
+        features = super().forward(x)
+        return torch.cat([features, x.to(features.dtype)], -1)
+
+
+def learned_width(trunk: nn.Module, output_width: int) -> int:
+    """How many of the trunk's `output_width` columns its parameters make: all of a plain trunk's;
+    a passthrough trunk's less its input, which no trunk parameter moves (DDP-wrapped or not)."""
+    inner = getattr(trunk, "module", trunk)
+    return output_width - inner[0].in_features if isinstance(inner, PassthroughTrunk) else output_width
 
 
 def build_trunk(cfg: ModelConfig, tasks: list[TaskShape]) -> nn.Sequential:

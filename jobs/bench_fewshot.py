@@ -17,11 +17,12 @@ episodes and seeds, +- the 95% CI over episodes of the first seed, and the ratio
                       transform); ridge_head's one closed-form solve is its every step count
   <algorithm>, 0 steps  the same model unadapted (a 0-shot prediction)
   <algorithm> + shift   its 0 steps + the K rows' mean residual
-  multi-task + offsets  `mtml train` (the default `shared_plus_offset` heads, bench_multilevel's
-                      config) on the training groups, then `mtml predict --adapt-from` the K rows:
-                      the shared head plus offsets solved in closed form with the learned penalty
+  multi-task + offsets  `mtml train` (the defaults: `shared_plus_offset` heads over a passthrough
+                      trunk, `head_penalty: em`; bench_multilevel's config) on the training groups,
+                      then `mtml predict --adapt-from` the K rows: the shared head plus offsets
+                      solved in closed form with the learned variances (a BLUP of its own)
   multi-task, 0-shot  the same model's shared head alone
-  multi-task em + offsets  the same with `model.trunk.passthrough: true` and `model.head_penalty: em`
+  multi-task plain + offsets  the same with the defaults before d7dfbfb (a plain trunk, `auto` penalty)
   pooled ridge        RidgeCV on every training group's train rows (0-shot)
   mixedlm BLUP        statsmodels MixedLM y ~ x + z, random intercept and slope on x1, fitted on
                       the training groups' train rows; a new group's prediction = fixed part +
@@ -130,7 +131,7 @@ def _meta_model(suite: str, algorithm: str, shots: int, seed: int, overrides: li
     return outcome.checkpoint_path
 
 
-MULTITASK = {"multi-task": {}, "multi-task em": {"trunk": {"passthrough": True}, "head_penalty": "em"}}
+MULTITASK = {"multi-task": {}, "multi-task plain": {"trunk": {"passthrough": False}, "head_penalty": "auto"}}
 
 
 def _multitask_model(suite: str, seed: int, model: dict) -> str:

@@ -1,15 +1,16 @@
 """Many small related tasks: does `mtml train` share across groups as well as a statistician?
 
     pip install -e '.[bench]'   # scikit-learn and statsmodels, the anchors
-    python jobs/bench_multilevel.py [--seeds 2] [--settings few-large,many-tiny,strong,weak] [--set KEY=VALUE]
+    python jobs/bench_multilevel.py [--seeds 2] [--settings few-large,many-tiny,strong,weak] [--ours default,...]
+                                    [--set KEY=VALUE]
 
 Each setting is a `multilevel` suite (one regression task per group: random intercepts and slopes
 on x1, group-level covariates z constant within a group; `mtml data make multilevel`). On the same
 train/val/test rows of every group, side by side, pooled over every test row (MSE in the target's
 units, mean +- 95% CI over seeds):
-  mtml <heads>/<standardize>   `mtml train` in local mode with one plain config (trunk [100, 50],
+  mtml <name>                  `mtml train` in local mode with one plain config (trunk [100, 50],
                                lr 0.003, batch 32, up to 300 epochs, early stopping on val loss
-                               with patience 30), only `model.heads` and `data.standardize` varied
+                               with patience 30), the defaults or what `OURS` changes of them
   ridge per group              scikit-learn RidgeCV on each group's train rows (no pooling)
   pooled ridge                 one RidgeCV on every group's train rows (complete pooling)
   pooled ridge + one-hot       the same with a one-hot group column
@@ -42,10 +43,14 @@ SETTINGS = {  # name -> multilevel options
     "strong": {"groups": 40, "rows": 30, "between": 0.6},
     "weak": {"groups": 40, "rows": 30, "between": 0.1},
 }
-OURS = [  # (model.heads, data.standardize)
-    ("separate", "task"), ("separate", "suite"), ("shared_plus_offset", "task"),
-    ("shared_plus_offset", "suite"), ("task_embedding", "suite"),
-]
+OURS = {  # name -> what it changes of the defaults
+    "default": {},
+    "before sharing": {"model": {"heads": "separate", "trunk": {"passthrough": False}}, "data": {"standardize": "task"}},
+    # the default before the last layer was solved as a mixed model (d7dfbfb)
+    "auto penalty, plain trunk": {"model": {"trunk": {"passthrough": False}, "head_penalty": "auto"}},
+    "task_embedding": {"model": {"heads": "task_embedding"}},
+    "default, task statistics": {"data": {"standardize": "task"}},
+}
 TRAINING = {"epochs": 300, "batch_size": 32, "lr": 0.003, "early_stopping_patience": 30}
 
 
@@ -113,12 +118,13 @@ def mixedlm_predictions(rows: dict) -> np.ndarray:
     return np.asarray(fit.predict(test)) + blup[:, 0] + blup[:, 1] * test["x1"].to_numpy()
 
 
-def ours(suite: str, heads: str, standardize: str, seed: int, rows: dict, overrides: list[str]) -> tuple[float, float]:
+def ours(suite: str, name: str, seed: int, rows: dict, overrides: list[str]) -> tuple[float, float]:
     """(pooled val MSE of the kept model, pooled test MSE) of one `mtml train` run."""
-    raw = {"suite": {"path": suite}, "data": {"standardize": standardize}, "model": {"heads": heads},
-           "training": {**TRAINING, "seed": seed}, "scaling": {"num_workers": 0}}
+    raw = {"suite": {"path": suite}, "training": {**TRAINING, "seed": seed}, "scaling": {"num_workers": 0}}
+    for section, values in OURS[name].items():
+        raw[section] = {**raw.get(section, {}), **values}
     cfg = benchlib.config(**apply_overrides(raw, overrides))
-    outcome = benchlib.train(cfg, f"multilevel-{heads}-{standardize}")
+    outcome = benchlib.train(cfg, f"multilevel-{name.replace(' ', '-').replace(',', '')}")
     names = [t.name for t in load_suite_spec(suite).tasks]
     pooled = {}
     for split, metrics in (("val", outcome.kept), ("test", outcome.metrics)):
@@ -133,10 +139,11 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every mtml run (e.g. training.lr=0.001)")
-    parser.add_argument("--ours", default=",".join(f"{h}/{s}" for h, s in OURS),
-                        help="the mtml runs: comma-separated heads/standardize pairs")
+    parser.add_argument("--ours", default=",".join(OURS), help=f"the mtml runs, comma-separated, of: {', '.join(OURS)}")
     args = parser.parse_args()
-    runs = [tuple(pair.split("/")) for pair in args.ours.split(",")]
+    runs = args.ours.split(",")
+    if unknown := set(runs) - set(OURS):
+        parser.error(f"unknown --ours {', '.join(sorted(unknown))} (choose from: {', '.join(OURS)})")
     for setting in args.settings.split(","):
         results: dict[str, list[float]] = {}
         val: dict[str, list[float]] = {}
@@ -146,11 +153,10 @@ def main() -> None:
             rows = _rows(suite)
             for name, value in anchors(rows).items():
                 results.setdefault(name, []).append(value)
-            for heads, standardize in runs:
-                name = f"mtml {heads}/{standardize}"
-                v, t = ours(suite, heads, standardize, seed, rows, args.set)
-                val.setdefault(name, []).append(v)
-                results.setdefault(name, []).append(t)
+            for run in runs:
+                v, t = ours(suite, run, seed, rows, args.set)
+                val.setdefault(f"mtml {run}", []).append(v)
+                results.setdefault(f"mtml {run}", []).append(t)
         mixed = np.mean(results["mixedlm"])
         lines = [[name, fmt(values, 3), f"{np.mean(values) / mixed:.3f}", fmt(val[name], 3) if name in val else ""]
                  for name, values in results.items()]

@@ -247,14 +247,14 @@ def test_overlapped_exchange_in_ddp_hooks_equals_single_process_reference(tmp_pa
             assert (got - (before - reference)).abs().max() <= 1e-5, (method, rank)
 
 
-def _representation_setup(names):
+def _representation_setup(names, passthrough: bool = False):
     """Three regression tasks on one 16-8 trunk (task 'b' opposed to 'a'), their own rows, and
     the heads of `names` only."""
     from distributed_mtml.config import ModelConfig, TrunkConfig
     from distributed_mtml.models import TaskShape, build_task_modules, build_trunk
 
     shapes = {n: TaskShape(n, "regression", 5) for n in ("a", "b", "c")}
-    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8]), heads="separate")  # each task's own head, as drawn
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8], passthrough=passthrough), heads="separate")  # own heads
     torch.manual_seed(0)
     trunk = build_trunk(cfg, list(shapes.values()))
     modules = build_task_modules(cfg, list(shapes.values()), 0, only=names)
@@ -266,20 +266,22 @@ def _representation_setup(names):
     return trunk, modules, shapes, batches
 
 
-@pytest.mark.parametrize("method", GRAM_NAMES)
-def test_representation_step_against_autograd(method):
-    """Each task's representation gradient is dL_t/d(shift of the trunk's output), taken by
-    autograd through an explicit shift; the trunk's update is sum_t w_t dL_t/dtheta with w the
-    method's weights of their Gram, each g_t by autograd on its own; heads get their own task's."""
+@pytest.mark.parametrize("method,passthrough", [(m, False) for m in GRAM_NAMES] + [("mgda", True)])
+def test_representation_step_against_autograd(method, passthrough):
+    """Each task's representation gradient is dL_t/d(shift of the trunk's learned output: with
+    passthrough, not of the input it hands on), taken by autograd through an explicit shift; the
+    trunk's update is sum_t w_t dL_t/dtheta with w the method's weights of their Gram, each g_t by
+    autograd on its own; heads get their own task's."""
     from distributed_mtml.aggregation.representation import representation_step
     from distributed_mtml.models import task_loss
 
     names = ["a", "b", "c"]
-    trunk, modules, shapes, batches = _representation_setup(names)
+    trunk, modules, shapes, batches = _representation_setup(names, passthrough)
     shift = torch.zeros(8, requires_grad=True)
     per_task, shifts = [], []
     for n in names:
-        loss = task_loss(shapes[n], modules[n].head(trunk(batches[n][0]) + shift), batches[n][1])
+        z = trunk(batches[n][0])
+        loss = task_loss(shapes[n], modules[n].head(z + torch.cat([shift, torch.zeros(z.shape[1] - 8)])), batches[n][1])
         grads = torch.autograd.grad(loss, [shift, *trunk.parameters(), *modules[n].head.parameters()])
         shifts.append(grads[0])
         per_task.append(grads[1:])

@@ -54,7 +54,8 @@ def _state_by_parameter(parts) -> dict[str, dict]:
 
 def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp_path):
     """Saved by ranks [[t0, t2], [t1]], restored by one rank with all three tasks: every task's
-    head, loss weight and Adam moments, and the trunk's, come back as they were."""
+    head, loss weight and Adam moments, and the trunk's, come back as they were, and the heads'
+    refit state (rank 0's: every rank holds the same)."""
     cfg = validate_config({"model": {"trunk": {"widths": [8]}}})
     placement = place_tasks(NAMES, 2)
     ranks = [_rank(cfg, owned) for owned in placement]
@@ -63,12 +64,14 @@ def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp
     ranks[1][0].load_state_dict(ranks[0][0].state_dict())  # DDP keeps the trunks equal
     ranks[1][1].load_state_dict(ranks[0][1].state_dict())  # and the shared heads (their gradients are summed)
     for r, (trunk, shared, modules, weighting, optimizer) in enumerate(ranks):
-        save_worker_state(str(tmp_path), r, 4, {"plan": True}, trunk, modules, optimizer, weighting, shared=shared)
+        save_worker_state(str(tmp_path), r, 4, {"plan": True}, trunk, modules, optimizer, weighting, shared=shared,
+                          refit={"var": torch.arange(3.0, dtype=torch.float64), "prior": 0.5})
 
     alone = _rank(cfg, NAMES)
     trunk, shared, modules, weighting, optimizer = alone
-    next_epoch, _ = restore_worker_state(str(tmp_path), trunk, modules, optimizer, weighting, shared)
+    next_epoch, _, refit = restore_worker_state(str(tmp_path), trunk, modules, optimizer, weighting, shared)
     assert next_epoch == 5
+    assert torch.equal(refit["var"], torch.arange(3.0, dtype=torch.float64)) and refit["prior"] == 0.5
     saved = {**_state_by_parameter(ranks[1]), **_state_by_parameter(ranks[0])}  # the trunk's: rank 0's
     restored = _state_by_parameter(alone)
     assert set(restored) == set(saved)

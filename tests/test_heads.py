@@ -104,7 +104,8 @@ def _features(seed: int, rows: int, width: int = 3) -> torch.Tensor:
 
 
 def _offset_heads(penalty, tasks: int = 3, rows: int = 40, width: int = 3, noise: float = 0.1):
-    cfg = ModelConfig(trunk=TrunkConfig(widths=[width]), heads="shared_plus_offset", head_penalty=penalty)
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[width], passthrough=False), heads="shared_plus_offset",
+                      head_penalty=penalty)
     shapes = [TaskShape(f"t{i}", "regression", width) for i in range(tasks)]
     shared = build_shared_heads(cfg, shapes, 0)
     modules = build_task_modules(cfg, shapes, 0, shared=shared, rows={s.name: rows for s in shapes})
@@ -374,7 +375,7 @@ def test_em_shrinks_learned_features_the_target_does_not_depend_on():
 
 def test_a_passthrough_trunk_hands_its_input_to_the_heads_and_keeps_a_plain_trunks_state():
     shapes = [TaskShape("a", "regression", 4), TaskShape("b", "regression", 4)]
-    plain = build_trunk(ModelConfig(trunk=TrunkConfig(widths=[8])), shapes)
+    plain = build_trunk(ModelConfig(trunk=TrunkConfig(widths=[8], passthrough=False)), shapes)
     cfg = ModelConfig(trunk=TrunkConfig(widths=[8], passthrough=True))
     trunk = build_trunk(cfg, shapes)
     assert list(trunk.state_dict()) == list(plain.state_dict())

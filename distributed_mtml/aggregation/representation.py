@@ -25,7 +25,7 @@ from torch import nn
 
 from distributed_mtml.aggregation import Method
 from distributed_mtml.aggregation.exchange import gather_task_grads, write_grad
-from distributed_mtml.models import task_losses
+from distributed_mtml.models import learned_width, task_losses
 
 
 def task_representations(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict,
@@ -68,7 +68,8 @@ def representation_step(
     optimizer.zero_grad(set_to_none=True)
     z, losses, z_grad = task_representations(trunk, modules, shapes, batches, autocast)
     sizes = [len(y) for _, y in batches.values()]
-    local = torch.stack([g.float().sum(0) for g in z_grad.split(sizes)])
+    learned = learned_width(trunk, z.shape[-1])  # a passthrough trunk's input is no trunk parameter's to move
+    local = torch.stack([g.float().sum(0) for g in z_grad[:, :learned].split(sizes)])
     rows = gather_task_grads(local, placement, order) if len(placement) > 1 else local
     w = method.weights((rows @ rows.T).double().cpu(), seed=seed, **options)
     adapters = [p for n in names for p in modules[n].adapter.parameters() if p.requires_grad]

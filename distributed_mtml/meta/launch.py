@@ -59,4 +59,4 @@ def run_meta_training(
         counter="iteration",
         log_artifacts=lambda tracker, run_id, d, step: _log_artifacts(plan, tracker, run_id, d, step, register),
     )
-    return launch(config, run_name, spec, tracker, resume, address)
+    return launch(plan.config, run_name, spec, tracker, resume, address)  # its model as resolved by the plan

@@ -166,7 +166,21 @@ def _suite_statistics(scans: list[TaskScan], config: Config) -> TaskPrep:
     return TaskPrep.of_moments(x, y, scans[0].class_names(), True, config.data.impute == "mean")
 
 
+def _plain_trunk_unless_asked(config: Config) -> Config:
+    """`model.trunk.passthrough` defaults to a plain trunk for meta-learning: the passthrough
+    default was chosen for multi-task sharing (bench_multilevel), and a meta-learned model
+    adapting its head's weights on raw inputs too did worse after adapting than before on the
+    sinusoid family (Meta-SGD, 600 iterations: query MSE 3.90 against 1.86 unadapted). Set it
+    and it is used."""
+    trunk = config.model.trunk
+    if "passthrough" in trunk.model_fields_set:
+        return config
+    model = config.model.model_copy(update={"trunk": trunk.model_copy(update={"passthrough": False})})
+    return config.model_copy(update={"model": model})
+
+
 def make_meta_plan(config: Config) -> MetaPlan:
+    config = _plain_trunk_unless_asked(config)
     meta, workers = config.meta, config.scaling.max_workers
     if meta.algorithm not in ALGORITHMS:
         raise InputError(f"key 'meta.algorithm': unknown '{meta.algorithm}' (choose from: {', '.join(ALGORITHMS)})")

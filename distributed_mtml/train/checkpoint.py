@@ -46,16 +46,18 @@ def _spans(groups: dict[str, list[nn.Parameter]]) -> dict[str, range]:
 
 def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, trunk: nn.Module,
                       modules: nn.ModuleDict, optimizer: torch.optim.Optimizer, weighting: nn.Module,
-                      monitor: dict | None = None, shared: nn.ModuleDict | None = None) -> None:
+                      monitor: dict | None = None, shared: nn.ModuleDict | None = None, refit: dict | None = None) -> None:
     """This rank's share of a checkpoint: rank 0 the run's state, the trunk and the shared head
     parts, every rank its tasks. `monitor`: the best-model and early-stopping state
-    (`runtime/monitor.py`)."""
+    (`runtime/monitor.py`); `refit`: what the heads' refit carries from one epoch to the next
+    (`shared_plus_offset.SharedLast.state`), so that a resumed run refits as an unbroken one."""
     groups = parameter_groups(trunk, modules, weighting, shared)
     state = optimizer.state_dict()
     per_param = [state["state"].get(i, {}) for i in range(sum(len(p) for p in groups.values()))]
     spans = _spans(groups)
     if rank == 0:
-        run_state = {"epoch": epoch, "plan": plan_dict, "version": __version__, "monitor": monitor or {}}
+        run_state = {"epoch": epoch, "plan": plan_dict, "version": __version__, "monitor": monitor or {},
+                     "refit": refit or {}}
         torch.save(run_state, os.path.join(directory, STATE_FILE))
         torch.save(trunk.state_dict(), os.path.join(directory, TRUNK_FILE))
         if shared is not None and len(shared):
@@ -71,9 +73,10 @@ def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, tr
 
 def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDict,
                          optimizer: torch.optim.Optimizer, weighting: nn.Module,
-                         shared: nn.ModuleDict | None = None) -> tuple[int, dict]:
+                         shared: nn.ModuleDict | None = None) -> tuple[int, dict, dict]:
     """Loads the trunk, the shared head parts and this rank's tasks, each from its own files
-    whichever rank wrote them; returns the next epoch to run and the monitor's saved state. A
+    whichever rank wrote them; returns the next epoch to run, the monitor's saved state and the
+    refit's (empty in older checkpoints: the refit starts cold). A
     checkpoint from before task-keyed optimiser files restores the weights, and the optimiser
     starts fresh."""
     load_into(trunk, os.path.join(directory, TRUNK_FILE))
@@ -84,7 +87,7 @@ def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDic
     if os.path.exists(trunk_path):
         _restore_optimizer(directory, modules, optimizer, weighting, load_file(trunk_path))
     state = load_state(directory)
-    return int(state["epoch"]) + 1, state.get("monitor", {})
+    return int(state["epoch"]) + 1, state.get("monitor", {}), state.get("refit", {})
 
 
 def load_shared_heads(shared: nn.ModuleDict | None, directory: str) -> None:

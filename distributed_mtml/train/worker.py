@@ -230,11 +230,11 @@ class Worker:
         groups = parameter_groups(trunk, modules, weighting, shared)  # the checkpoint cuts the optimiser's state by them
         optimizer = make_optimizer(t.optimizer, [p for ps in groups.values() for p in ps], t.lr, t.weight_decay)
         optimizer.register_step_pre_hook(lambda *_: sync_shared_grads(shared, world))
-        start_epoch, monitor = 0, Monitor.of(cfg)
+        start_epoch, monitor, refit = 0, Monitor.of(cfg), {}
         checkpoint = local.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
-                start_epoch, saved = restore_worker_state(d, trunk, modules, optimizer, weighting, shared)
+                start_epoch, saved, refit = restore_worker_state(d, trunk, modules, optimizer, weighting, shared)
                 monitor = Monitor.of(cfg, saved)
         if t.sync_every > 1 and world > 1:
             _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
@@ -242,7 +242,7 @@ class Worker:
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
         return cls(plan, payload, rank, world, device, placement, mine, data, trunk, shared, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
-                   FiniteLossGuard(order, device), ReportCadence(t.report_every_s, world, device))
+                   FiniteLossGuard(order, device), ReportCadence(t.report_every_s, world, device), em_state=refit)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """`steps_per_epoch` steps over this rank's tasks; their training metrics."""
@@ -345,7 +345,7 @@ class Worker:
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
         d = tempfile.TemporaryDirectory()
         save_worker_state(d.name, self.rank, epoch, self.payload, self.trunk, self.modules, self.optimizer,
-                          self.weighting, self.monitor.state(), self.shared)
+                          self.weighting, self.monitor.state(), self.shared, self.em_state)
         return d
 
     def _flush(self, epoch: int, checkpoint: bool) -> None:
