@@ -127,7 +127,8 @@ def _add_model_commands(sub) -> None:
                       "takes inner steps; a multi-task model with a shared head (model.heads: shared_plus_offset) solves "
                       "the new group's offsets and predicts it as column new_group")
     pred.add_argument("--target", help="with --adapt-from: the labelled rows' target column")
-    pred.add_argument("--steps", type=int, default=10, help="with --adapt-from: inner steps (default 10)")
+    pred.add_argument("--steps", type=int, default=None, help="with --adapt-from: a meta-learned model's inner steps "
+                      "(default: the count that did best on its validation tasks, 10 for models saved before it was kept)")
     pred.add_argument("--actors", type=int, default=1, help="actors holding the model (default 1; Ray Data scales up to it)")
     pred.add_argument("--gpu", action="store_true", help="one GPU per actor")
     pred.set_defaults(func=cmd_predict)
@@ -395,9 +396,14 @@ def cmd_predict(args) -> int:
                          args.target, args.steps, args.actors, args.gpu)
         done = run_predict(job, args.address)
     if "adapt_loss_after" in done:
-        how = f"{args.steps} steps" if done["meta"] else "shared head -> its offsets solved, column new_group"
+        how = f"{done['steps']} steps" if done["meta"] else "shared head -> its offsets solved, column new_group"
         print(f"adapted on the rows of {args.adapt_from} ({how}): their loss "
               f"{done['adapt_loss_before']:.4f} -> {done['adapt_loss_after']:.4f}")
+        if anchors := done.get("anchors"):
+            how = "each left out" if anchors["folds"] == anchors["rows"] else f"{anchors['folds']} folds"
+            print(f"  each of those rows predicted from the others ({how}), MSE in {args.target}'s units: adapted "
+                  f"{anchors['adapted']:.4g}, unadapted {anchors['unadapted']:.4g}, the others' mean "
+                  f"{anchors['mean']:.4g}{'' if anchors['adapted'] < anchors['unadapted'] else '  <- adapting did not pay'}")
     print(f"wrote {done['rows']:,} rows of predictions to {args.out} in {done['seconds']:.1f} s")
     return EXIT_OK
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ import pyarrow.fs  # noqa: F401 (pa.fs)
 import torch
 
 from distributed_mtml.artifacts import load_with_learner
+from distributed_mtml.runtime.checkpoint import load_state
 from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.scan import open_parquet
 from distributed_mtml.errors import InputError
@@ -43,6 +44,7 @@ ADAPT_STEPS = 10  # inner steps on the labelled rows unless told: meta evaluatio
 NOT_META = ("--adapt-from: the model is neither meta-learned nor a multi-task model with a shared regression head "
             "(model.heads: shared_plus_offset); carry it to a new task with mtml transfer")
 NEW_GROUP = "new_group"  # the task a multi-task model with a shared head adapts to
+LEAVE_ONE_OUT_ROWS = 20  # up to this many labelled rows the anchors leave each one out; more: 10 folds
 
 
 class Predictor:
@@ -64,6 +66,8 @@ class Predictor:
         self.params = None  # a meta-learned model's adapted parameters, once `adapt` ran
         self.heads = config.get("model", {}).get("heads", "separate")
         self.new_head: tuple[str, torch.nn.Module] | None = None  # (source task, head) once a new group is adapted
+        # a meta-learned model's default inner steps: those that did best on its validation tasks
+        self.adapt_steps = int(load_state(directory).get("adapt_steps", ADAPT_STEPS))
 
     @property
     def tasks(self) -> list[str]:
@@ -161,6 +165,28 @@ class Predictor:
         self.features[NEW_GROUP], self.preps[NEW_GROUP], self.new_head = features, prep, (source, head)
         return loss
 
+    def anchors(self, labelled: pd.DataFrame, target: str, steps: int) -> dict[str, float] | None:
+        """What adapting on the labelled rows is worth, measured on them honestly: each row (or
+        fold, over `LEAVE_ONE_OUT_ROWS` rows) predicted by the model adapted on the others, beside
+        the model unadapted (0 steps: the shared head, or the meta-learned start) and the mean of
+        the others' targets. Mean squared errors in the target's units, the folds and rows; None for a
+        classification model or fewer than 3 rows. The predictor is left adapted on the last
+        fold: adapt on every row after this."""
+        column = NEW_GROUP if self.learner is None else META_TASK
+        if len(labelled) < 3 or (self.learner is not None and self.shapes[META_TASK].type != "regression"):
+            return None
+        folds = len(labelled) if len(labelled) <= LEAVE_ONE_OUT_ROWS else 10
+        fold = np.random.default_rng(0).permutation(len(labelled)) % folds
+        errors = {"adapted": 0.0, "unadapted": 0.0, "mean": 0.0}
+        truth = labelled[target].to_numpy(dtype=np.float64)
+        for k in range(folds):
+            rest, held = labelled[fold != k], labelled[fold == k]
+            for name, count in (("unadapted", 0), ("adapted", steps)):
+                self.adapt(rest, target, count)
+                errors[name] += float(((self.predict(held, [column])[column].to_numpy() - truth[fold == k]) ** 2).sum())
+            errors["mean"] += float(((rest[target].mean() - truth[fold == k]) ** 2).sum())
+        return {**{k: v / len(labelled) for k, v in errors.items()}, "folds": folds, "rows": len(labelled)}
+
     def _class_names(self, task: str) -> list:
         return self.preps[task].classes or list(range(self.shapes[task].num_classes))
 
@@ -253,7 +279,7 @@ class PredictJob:
     keep: list[str] = field(default_factory=list)
     adapt_from: str | None = None
     target: str | None = None
-    steps: int = ADAPT_STEPS
+    steps: int | None = None  # None: the model's own (`Predictor.adapt_steps`)
     actors: int = 1
     use_gpu: bool = False
 
@@ -284,8 +310,8 @@ def check_job(job: PredictJob, predictor: Predictor) -> tuple[list[str], pd.Data
         return tasks, None
     if job.target is None:
         raise InputError("--adapt-from needs --target, the labelled rows' target column")
-    if job.steps < 1:
-        raise InputError("--steps: must be positive")
+    if job.steps is not None and job.steps < 0:
+        raise InputError("--steps: must be 0 or more")
     labelled = _parquet_schema(job.adapt_from, "--adapt-from")
     wanted = [*predictor.adapt_features(), job.target]
     absent = [c for c in wanted if c not in labelled.names]
@@ -311,8 +337,11 @@ def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
     tasks, labelled = check_job(job, predictor)
     facts: dict = {"meta": predictor.learner is not None}
     if labelled is not None:
+        job = replace(job, steps=predictor.adapt_steps if job.steps is None else job.steps)  # the actors adapt alike
+        facts["anchors"] = predictor.anchors(labelled, job.target, job.steps)
         facts["adapt_loss_before"] = predictor.adapt(labelled, job.target, 0)
         facts["adapt_loss_after"] = predictor.adapt(labelled, job.target, job.steps)
+        facts["steps"] = job.steps
     columns = list(dict.fromkeys([*(c for t in tasks for c in predictor.features[t]), *job.keep]))
     begin = time.perf_counter()
     if address is None and job.actors == 1 and not job.use_gpu and open_parquet(job.input).count_rows() <= BATCH_ROWS:

@@ -47,9 +47,9 @@ OURS = {  # name -> what it changes of the defaults
     "default": {},
     "before sharing": {"model": {"heads": "separate", "trunk": {"passthrough": False}}, "data": {"standardize": "task"}},
     # the default before the last layer was solved as a mixed model (d7dfbfb)
-    "auto penalty, plain trunk": {"model": {"trunk": {"passthrough": False}, "head_penalty": "auto"}},
+    "auto penalty on a plain trunk": {"model": {"trunk": {"passthrough": False}, "head_penalty": "auto"}},
     "task_embedding": {"model": {"heads": "task_embedding"}},
-    "default, task statistics": {"data": {"standardize": "task"}},
+    "default with task statistics": {"data": {"standardize": "task"}},
 }
 TRAINING = {"epochs": 300, "batch_size": 32, "lr": 0.003, "early_stopping_patience": 30}
 

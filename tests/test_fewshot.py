@@ -193,8 +193,66 @@ def test_predict_adapt_from_a_few_hundred_rows_starts_no_ray(tmp_path, monkeypat
     monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray was started")))
     assert main(["predict", "--model", directory, "--input", str(tmp_path / "rows.parquet"), "--out",
                  str(tmp_path / "out"), "--adapt-from", str(tmp_path / "labelled.parquet"), "--target", "y"]) == 0
-    assert f"wrote {len(rows)} rows of predictions" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {len(rows)} rows of predictions" in printed
+    assert "each of those rows predicted from the others (each left out), MSE in y's units: adapted" in printed
     got = pd.read_parquet(tmp_path / "out")["meta"].to_numpy()
     want = Predictor(directory)
     want.adapt(rows.head(SHOTS), "y", 10)
+    np.testing.assert_allclose(got, want.predict(rows)["meta"].to_numpy(), rtol=1e-5)
+
+
+def test_adapt_from_anchors_predict_each_labelled_row_from_the_others(tmp_path):
+    """`Predictor.anchors`: each labelled row predicted by the model adapted on the other rows,
+    by it unadapted and by the others' mean, as a loop over the rows computes them."""
+    train, new = _split_suite(tmp_path)
+    plan = _plan(train)
+    learner = build_learner(plan)
+    directory = str(tmp_path / "model")
+    os.makedirs(directory)
+    save_meta_state(directory, 1, plan, learner, torch.optim.Adam(learner.parameters()))
+    rows = pq.read_table(load_suite_spec(new).tasks[0].path).to_pandas().head(6)
+    got = Predictor(directory).anchors(rows, "y", 3)
+    want = {"adapted": [], "unadapted": [], "mean": []}
+    for i in range(len(rows)):
+        others, held = rows.drop(index=rows.index[i]), rows.iloc[[i]]
+        for name, steps in (("unadapted", 0), ("adapted", 3)):
+            predictor = Predictor(directory)
+            predictor.adapt(others, "y", steps)
+            want[name].append(float(predictor.predict(held)["meta"].iloc[0] - held["y"].iloc[0]) ** 2)
+        want["mean"].append(float(others["y"].mean() - held["y"].iloc[0]) ** 2)
+    assert (got["folds"], got["rows"]) == (6, 6)
+    for name, errors in want.items():
+        assert got[name] == pytest.approx(np.mean(errors), rel=1e-4), name
+    assert got["adapted"] != got["unadapted"]
+
+
+def test_the_validated_step_count_is_the_curves_best_and_predict_adapts_with_it(tmp_path, capsys):
+    """Validation scores 0..VALIDATED_STEPS inner steps and names the best; saved with the model,
+    it is what `mtml predict --adapt-from` takes unless told (here 0: no step, the unadapted model)."""
+    from distributed_mtml.cli import main
+    from distributed_mtml.meta.algorithms import adaptation_curve
+    from distributed_mtml.meta.worker import VALIDATED_STEPS, _validation
+
+    train, new = _split_suite(tmp_path)
+    plan = _plan(train)
+    learner = build_learner(plan)
+    episodes = held_out_episodes(plan, new, SHOTS, QUERY, 40)
+    found = _validation(learner, episodes, 1, 40, 1)
+    curve = adaptation_curve(learner, episodes, VALIDATED_STEPS)["loss"].double().mean(0)
+    assert found["val/meta/best_steps"] == int(curve.argmin())
+    assert found["val/meta/loss"] == pytest.approx(float(curve[1])) and found["val/meta/loss_before"] == pytest.approx(float(curve[0]))
+    directory = str(tmp_path / "model")
+    os.makedirs(directory)
+    save_meta_state(directory, 1, plan, learner, torch.optim.Adam(learner.parameters()), adapt_steps=0)
+    assert Predictor(directory).adapt_steps == 0
+    rows = pq.read_table(load_suite_spec(new).tasks[0].path).to_pandas()
+    rows.head(SHOTS).to_parquet(tmp_path / "labelled.parquet")
+    rows.to_parquet(tmp_path / "rows.parquet")
+    assert main(["predict", "--model", directory, "--input", str(tmp_path / "rows.parquet"), "--out",
+                 str(tmp_path / "out"), "--adapt-from", str(tmp_path / "labelled.parquet"), "--target", "y"]) == 0
+    assert "(0 steps)" in capsys.readouterr().out
+    got = pd.read_parquet(tmp_path / "out")["meta"].to_numpy()
+    want = Predictor(directory)
+    want.adapt(rows.head(SHOTS), "y", 0)
     np.testing.assert_allclose(got, want.predict(rows)["meta"].to_numpy(), rtol=1e-5)

@@ -29,9 +29,11 @@ def _load(directory: str, name: str) -> dict:
 
 
 def save_meta_state(directory: str, iteration: int, plan: dict, learner: MetaLearner, optimizer,
-                    monitor: dict | None = None) -> None:
+                    monitor: dict | None = None, adapt_steps: int | None = None) -> None:
+    """The learner, its optimiser and the run's state; `adapt_steps`: the inner steps that did
+    best on the validation tasks (`meta.worker._validation`), a new task's default."""
     state = {"epoch": iteration - 1, "iterations_done": iteration, "kind": "meta", "plan": plan, "version": __version__,
-             "monitor": monitor or {}}
+             "monitor": monitor or {}, **({} if adapt_steps is None else {"adapt_steps": adapt_steps})}
     torch.save(state, os.path.join(directory, STATE_FILE))
     torch.save(learner.model.trunk.state_dict(), os.path.join(directory, TRUNK_FILE))
     torch.save(learner.model.task_modules[META_TASK].state_dict(), os.path.join(directory, task_file(META_TASK)))

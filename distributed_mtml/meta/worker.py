@@ -72,10 +72,20 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
         p.grad = g
 
 
+VALIDATED_STEPS = 10  # the inner steps the validation curve runs to: a new task's default adaptation is its best
+
+
 def _validation(learner, episodes, steps: int, count: int, world: int) -> dict[str, float]:
-    curve = adaptation_curve(learner, episodes, steps)["loss"] if episodes is not None else torch.zeros(0, 2)
-    sums = _all_reduce(torch.stack([curve[:, 0].sum(), curve[:, -1].sum()]).double(), world)
-    return {"val/meta/loss": float(sums[1]) / count, "val/meta/loss_before": float(sums[0]) / count}
+    """Query loss of the validation episodes before adapting and after `steps` inner steps (what
+    the monitor keeps a model by), and the step count 0..VALIDATED_STEPS with the least mean
+    query loss, `val/meta/best_steps`: saved with the model, the adaptation `mtml predict
+    --adapt-from` takes unless told (0 where adapting did not pay on the validation tasks)."""
+    length = max(steps, VALIDATED_STEPS)
+    curve = adaptation_curve(learner, episodes, length)["loss"] if episodes is not None else torch.zeros(0, length + 1)
+    sums = _all_reduce(curve.sum(0).double(), world) / count
+    best = int(sums.argmin())
+    return {"val/meta/loss": float(sums[steps]), "val/meta/loss_before": float(sums[0]),
+            "val/meta/best_steps": best, "val/meta/loss_best_steps": float(sums[best])}
 
 
 @dataclass
@@ -152,7 +162,8 @@ class MetaWorker:
         metrics.update(self.monitor.report_fields(metrics))
         metrics.update({"iteration": finished, "samples": drawn, "train_seconds": seconds,
                         "holds": self.plan.holds(self.rank, self.world)})
-        _report(metrics, finished, self.rank, self.payload, self.learner, self.optimizer, self.monitor.state())
+        _report(metrics, finished, self.rank, self.payload, self.learner, self.optimizer, self.monitor.state(),
+                int(metrics["val/meta/best_steps"]))
 
 
 def meta_train_loop_per_worker(payload: dict) -> None:
@@ -199,9 +210,10 @@ class Progress:
         self.last = now
 
 
-def _report(metrics: dict, finished: int, rank: int, payload: dict, learner, optimizer, monitor: dict) -> None:
+def _report(metrics: dict, finished: int, rank: int, payload: dict, learner, optimizer, monitor: dict,
+            adapt_steps: int) -> None:
     """Every rank reports (a barrier); rank 0 alone writes the checkpoint, the same on all."""
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            save_meta_state(d, finished, payload, learner, optimizer, monitor)
+            save_meta_state(d, finished, payload, learner, optimizer, monitor, adapt_steps)
         local.report(metrics, d if rank == 0 else None, f"checkpoint_iteration={finished:07d}")
