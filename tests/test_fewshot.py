@@ -45,6 +45,14 @@ def _plan(suite: str, standardize: str = "suite", **meta) -> dict:
     return make_meta_plan(config).model_dump(mode="json")
 
 
+def _saved(tmp_path, plan: dict, learner, adapt_steps: int | None = None) -> str:
+    """A model directory of `learner` as meta-training saves it."""
+    directory = str(tmp_path / "model")
+    os.makedirs(directory)
+    save_meta_state(directory, 1, plan, learner, torch.optim.Adam(learner.parameters()), adapt_steps=adapt_steps)
+    return directory
+
+
 def _episodes_with_rows(plan, suite, monkeypatch):
     """The held-out episodes, and each one's rows as positions in its task's concatenated splits."""
     drawn, real = [], torch.randperm
@@ -98,9 +106,7 @@ def test_predict_adapt_from_transforms_a_new_task_as_evaluation_does(tmp_path, s
     train, new = _split_suite(tmp_path)
     plan = _plan(train, standardize)
     learner = build_learner(plan)
-    directory = str(tmp_path / "model")
-    os.makedirs(directory)
-    save_meta_state(directory, 1, plan, learner, torch.optim.Adam(learner.parameters()))
+    directory = _saved(tmp_path, plan, learner)
     task = load_suite_spec(new).tasks[0]
     raw = pq.read_table(task.path).to_pandas()
     raw = pd.concat([raw[raw.split == s] for s in SPLITS])  # the order episodes draw from
@@ -182,10 +188,7 @@ def test_predict_adapt_from_a_few_hundred_rows_starts_no_ray(tmp_path, monkeypat
 
     train, new = _split_suite(tmp_path)
     plan = _plan(train)
-    learner = build_learner(plan)
-    directory = str(tmp_path / "model")
-    os.makedirs(directory)
-    save_meta_state(directory, 1, plan, learner, torch.optim.Adam(learner.parameters()))
+    directory = _saved(tmp_path, plan, build_learner(plan))
     rows = pq.read_table(load_suite_spec(new).tasks[0].path).to_pandas()
     rows.head(SHOTS).to_parquet(tmp_path / "labelled.parquet")
     rows.to_parquet(tmp_path / "rows.parquet")
@@ -207,10 +210,7 @@ def test_adapt_from_anchors_predict_each_labelled_row_from_the_others(tmp_path):
     by it unadapted and by the others' mean, as a loop over the rows computes them."""
     train, new = _split_suite(tmp_path)
     plan = _plan(train)
-    learner = build_learner(plan)
-    directory = str(tmp_path / "model")
-    os.makedirs(directory)
-    save_meta_state(directory, 1, plan, learner, torch.optim.Adam(learner.parameters()))
+    directory = _saved(tmp_path, plan, build_learner(plan))
     rows = pq.read_table(load_suite_spec(new).tasks[0].path).to_pandas().head(6)
     got = Predictor(directory).anchors(rows, "y", 3)
     want = {"adapted": [], "unadapted": [], "mean": []}
@@ -242,9 +242,7 @@ def test_the_validated_step_count_is_the_curves_best_and_predict_adapts_with_it(
     curve = adaptation_curve(learner, episodes, VALIDATED_STEPS)["loss"].double().mean(0)
     assert found["val/meta/best_steps"] == int(curve.argmin())
     assert found["val/meta/loss"] == pytest.approx(float(curve[1])) and found["val/meta/loss_before"] == pytest.approx(float(curve[0]))
-    directory = str(tmp_path / "model")
-    os.makedirs(directory)
-    save_meta_state(directory, 1, plan, learner, torch.optim.Adam(learner.parameters()), adapt_steps=0)
+    directory = _saved(tmp_path, plan, learner, adapt_steps=0)
     assert Predictor(directory).adapt_steps == 0
     rows = pq.read_table(load_suite_spec(new).tasks[0].path).to_pandas()
     rows.head(SHOTS).to_parquet(tmp_path / "labelled.parquet")
