@@ -16,6 +16,8 @@ episodes and seeds, +- the 95% CI over episodes of the first seed, and the ratio
                       on the K rows, exactly as `mtml predict --adapt-from` does (the model's saved
                       transform); ridge_head's one closed-form solve is its every step count
   <algorithm>, 0 steps  the same model unadapted (a 0-shot prediction)
+  <algorithm>, validated steps  with the step count 0..10 that did best on its validation tasks
+                      (saved with the model: `mtml predict --adapt-from`'s default)
   <algorithm> + shift   its 0 steps + the K rows' mean residual
   multi-task + offsets  `mtml train` (the defaults: `shared_plus_offset` heads over a passthrough
                       trunk, `head_penalty: em`; bench_multilevel's config) on the training groups,
@@ -163,6 +165,8 @@ def _errors(models: dict[str, str], multitask: dict[str, str], blup: Blup, ridge
             predictor.adapt(support, "y", STEPS)
             methods.update({f"{name}, {STEPS} steps": predictor.predict(query)["meta"].to_numpy(),
                             f"{name}, 0 steps": zero, f"{name} + shift": zero + shift})
+            predictor.adapt(support, "y", predictor.adapt_steps)  # what `predict --adapt-from` takes by default
+            methods[f"{name}, validated steps"] = predictor.predict(query)["meta"].to_numpy()
         methods.update({"pooled ridge": ridge.predict(query[features].to_numpy()),
                         "mixedlm BLUP": blup.predict(support, query)})
         for name, pred in methods.items():

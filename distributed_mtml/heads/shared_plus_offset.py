@@ -18,13 +18,15 @@ BLUP for fixed variance components). With `head_penalty: auto`, lambda is learne
 at the same time: the grid value whose leave-one-out error, summed over every task's train rows
 (on every worker), is least; closed form per task, no validation rows used.
 
-`head_penalty: em` goes one step further, as a mixed model does: a prior variance per last-layer
-input (and the bias) and the residual variance, learned by EM over every task's train rows
-(Dempster, Laird & Rubin 1977; the E step is each task's ridge solve, the M step averages the
-offsets' second moments). Offsets then go where tasks differ and nowhere else: with
-`model.trunk.passthrough` the last layer reads the inputs themselves, and the learned variances
-are random slopes on the inputs that vary between tasks. The penalty per input is saved with
-each head (`precision`), so a new group is solved with it (`solve_offsets`).
+`head_penalty: em` (the default) solves the last layer as a linear mixed model (`_em`): the
+shared weights are its fixed effects, solved too, each task's offsets its random effects, with
+a prior variance per last-layer input and the bias, and the residual variance, learned over
+every task's train rows (EM: Dempster, Laird & Rubin 1977; the E step is each task's ridge
+solve; variances by MacKay's fixed point). Offsets then go where tasks differ and nowhere else:
+with `model.trunk.passthrough` the last layer reads the inputs themselves, and the learned
+variances are random slopes on the inputs that vary between tasks, as a mixed model's. The
+penalty per input is saved with each head (`precision`), so a new group is solved with it
+(`solve_offsets`).
 """
 
 from __future__ import annotations
