@@ -154,7 +154,7 @@ def test_episode_streams_are_reproducible_and_distinct():
 
 def test_evaluation_protocol_on_a_fixed_model():
     """A model whose output is 0 everywhere: the loss before adaptation is mean(y^2) per task,
-    the interval is 1.96 std / sqrt(n), and one step equals a hand-made adaptation."""
+    the interval is Student's t(n - 1) std / sqrt(n), and one step equals a hand-made adaptation."""
     learner = _learner("maml").float()
     with torch.no_grad():
         for p in learner.model.task_modules[META_TASK].head.parameters():
@@ -163,7 +163,7 @@ def test_evaluation_protocol_on_a_fixed_model():
     curve = few_shot_curve(learner, ep, steps=1, chunk=16)["loss"]
     before = (ep.yq ** 2).mean(1).double()
     assert curve[0][0] == pytest.approx(float(before.mean()), rel=1e-5)
-    assert curve[0][1] == pytest.approx(1.96 * float(before.std()) / math.sqrt(50), rel=1e-4)
+    assert curve[0][1] == pytest.approx(2.0096 * float(before.std()) / math.sqrt(50), rel=1e-4)  # t(49) 97.5%
     after = []
     for b in range(50):
         params = learner.params()
