@@ -32,7 +32,7 @@ from distributed_mtml.data.suite import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
 from distributed_mtml.heads.shared_plus_offset import SharedLast
-from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
+from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
 from distributed_mtml.runtime import local, memory
@@ -337,7 +337,7 @@ class Worker:
         last = None
         if key in self.shared:  # the shared regression head's last layer; with passthrough its inputs end in the model's
             linear = self.shared[key][1]
-            passed = linear.in_features - model.trunk.widths[-1] if model.trunk.passthrough and not model.head_hidden else 0
+            passed = 0 if model.head_hidden else linear.in_features - learned_width(self.trunk, linear.in_features)
             last = SharedLast(linear, passed, self.em_state)
         lam = refit(problems, model.head_penalty, self.world, self.device, last, not left_out)
         return {} if lam is None else {"heads/penalty": float(lam)}
