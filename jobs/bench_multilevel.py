@@ -1,7 +1,7 @@
 """Many small related tasks: does `mtml train` share across groups as well as a statistician?
 
     pip install -e '.[bench]'   # scikit-learn and statsmodels, the anchors
-    python jobs/bench_multilevel.py [--seeds 2] [--settings few-large,many-tiny,strong,weak] [--ours default,...]
+    python jobs/bench_multilevel.py [--seeds 2] [--first-seed 0] [--settings few-large,many-tiny,strong,weak] [--ours default,...]
                                     [--set KEY=VALUE]
 
 Each setting is a `multilevel` suite (one regression task per group: random intercepts and slopes
@@ -136,6 +136,7 @@ def ours(suite: str, name: str, seed: int, rows: dict, overrides: list[str]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every mtml run (e.g. training.lr=0.001)")
@@ -147,7 +148,7 @@ def main() -> None:
     for setting in args.settings.split(","):
         results: dict[str, list[float]] = {}
         val: dict[str, list[float]] = {}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             suite = os.path.join(benchlib.WORKDIR, f"multilevel-{setting}-{seed}")
             make_suite("multilevel", suite, {**SETTINGS[setting], "seed": seed})
             rows = _rows(suite)
@@ -160,7 +161,7 @@ def main() -> None:
         mixed = np.mean(results["mixedlm"])
         lines = [[name, fmt(values, 3), f"{np.mean(values) / mixed:.3f}", fmt(val[name], 3) if name in val else ""]
                  for name, values in results.items()]
-        print(f"\n{setting}: {SETTINGS[setting]}, {args.seeds} seed(s){', mtml with ' + ' '.join(args.set) if args.set else ''}")
+        print(f"\n{setting}: {SETTINGS[setting]}, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}{', mtml with ' + ' '.join(args.set) if args.set else ''}")
         print(table(["model", "test MSE", "/ mixedlm", "val MSE"], lines), flush=True)
 
 
