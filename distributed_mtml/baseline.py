@@ -54,6 +54,6 @@ def baseline_metrics(suite_dir: str, splits: tuple[str, ...] = ("val", "test"),
         constant = trivial_output(shape, targets)
         for split in splits:
             batches = split_batches(suite_dir, task, split, prep, features=False)
-            metrics = split_metrics(shape, prep, batches, lambda x: constant.expand(len(x), -1))
+            metrics = split_metrics(shape, prep, batches, lambda x, c=constant: c.expand(len(x), -1))
             out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
     return out

@@ -25,9 +25,15 @@ class _Section(BaseModel):
 class SuiteConfig(_Section):
     """Where the task suite lives, or which generator makes it on first use."""
 
-    path: str | None = None
-    generator: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = Field(
+        None, description="the suite's directory or URI (s3://, gs://, file://); a relative path is taken from the "
+        "directory the command started in"
+    )
+    generator: str | None = Field(
+        None, description="make the suite with this generator (data.generators.GENERATORS) on first use, into "
+        "suite.path or else ./mtml_data/<generator>-<hash of the options>"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="the generator's options, e.g. {rows: 1000}")
 
     @model_validator(mode="after")
     def _path_or_generator(self) -> "SuiteConfig":
@@ -83,10 +89,10 @@ class DataConfig(_Section):
 
 
 class TrunkConfig(_Section):
-    widths: list[int] = Field(default_factory=lambda: [100, 50], min_length=1)
-    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
-    dropout: float = Field(0.0, ge=0, lt=1)
-    layer_norm: bool = False
+    widths: list[int] = Field(default_factory=lambda: [100, 50], min_length=1, description="the trunk's layer widths")
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field("relu", description="after each trunk layer")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each trunk layer")
+    layer_norm: bool = Field(False, description="LayerNorm after each trunk layer")
     passthrough: bool = Field(
         True, description="the trunk's output is its last layer's features next to its own input (wide and deep), "
         "so a head's last layer is also linear in the inputs: with head_penalty: em, the shared weights there are a "
@@ -148,12 +154,12 @@ class ModelConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="passes of steps_per_epoch steps")
     batch_size: int = Field(64, ge=1, description="rows per task per step")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    seed: int = 0
+    lr: float = Field(1e-3, gt=0, description="the optimiser's step size")
+    weight_decay: float = Field(0.0, ge=0, description="the optimiser's weight decay")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="torch.optim's Adam, AdamW or SGD")
+    seed: int = Field(0, description="weights, batches and dropout: the same seed on CPU gives the same metrics")
     steps_per_epoch: int | None = Field(
         None, ge=1, description="default: enough steps for the largest task to see its train split once"
     )
@@ -177,11 +183,11 @@ class ScalingSection(_Section):
         2, description="Ray Train workers, or [min, max]: elastic, starts with min and grows to max, shrinks on a lost node; "
         "0: in the command's own process (Ray Train's local mode), for small jobs"
     )
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL between them")
     resource_wait_s: float = Field(
         300.0, ge=0, description="on a cluster: how long to wait for the workers' CPUs/GPUs (autoscaling) before failing"
     )
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker, also its torch thread count")
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each worker also takes, e.g. {node_kind: 1}"
     )
@@ -268,7 +274,9 @@ class AggregationConfig(_Section):
 
 
 class RelationsConfig(_Section):
-    enabled: bool = False
+    enabled: bool = Field(
+        False, description="measure task relations during training: TAG's lookahead affinity and the gradient cosine"
+    )
     every_n_steps: int = Field(10, ge=1, description="steps between affinity measurements")
     lr: float | None = Field(None, gt=0, description="lookahead step size; default training.lr")
 
@@ -280,7 +288,7 @@ class CheckpointSection(_Section):
     max_failures: int | None = Field(
         None, ge=-1, description="worker-group restarts before the run fails (-1: no limit); default 0, 3 if elastic"
     )
-    num_to_keep: int = Field(2, ge=1)
+    num_to_keep: int = Field(2, ge=1, description="best checkpoints kept by checkpoint.monitor (the latest is kept too)")
     dir: str | None = Field(None, description="default: ./mtml_runs in the directory the command started in")
     monitor: str = Field("val/mean_loss", description="validation value that picks the kept model: val/mean_loss or val/<task>/<metric>")
     mode: Literal["min", "max"] = Field("min", description="min: lower monitor is better (losses); max: higher (accuracy, r2)")
@@ -291,9 +299,15 @@ class CheckpointSection(_Section):
 
 
 class TrackingConfig(_Section):
-    uri: str | None = None
-    experiment: str = "distributed-mtml"
-    run_name: str | None = None
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default --tracking-uri, else $MLFLOW_TRACKING_URI, else mlflow.db in "
+        "the directory the command started in"
+    )
+    experiment: str = Field("distributed-mtml", description="the MLflow experiment of train and meta-train runs")
+    run_name: str | None = Field(
+        None, description="the config's name (default: the config file's name): runs are named <it>-<6 hex> and "
+        "tagged mtml.config_name; --resume and transfer.source look runs up by it"
+    )
     transfer_experiment: str | None = Field(
         None, description="experiment of transfer and tune runs; default '<experiment>-transfer'"
     )

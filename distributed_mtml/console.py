@@ -63,7 +63,6 @@ def relay(name: str, every_s: float = 0.5) -> Iterator[str]:
     """While open, a console actor called `name` whose lines this process prints every
     `every_s` seconds, and once more, all that is left, on the way out."""
     import ray
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On this node: placed elsewhere, a lost node could take every later line with it (seen when

@@ -14,7 +14,6 @@ from distributed_mtml.errors import InputError
 from distributed_mtml.metrics import StreamedMetrics
 from distributed_mtml.models import MultiTaskModel, TaskShape
 
-
 FORWARD_ROWS = 2048  # rows per forward pass when evaluating: a 1024-wide layer's activations are 8 MB
 
 
@@ -46,6 +45,6 @@ def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test", checked
     for task in known:
         prep = model.preprocessing.get(task.name) or TaskPrep()  # training's statistics, not this suite's
         batches = split_batches(suite_dir, task, split, prep)
-        metrics = split_metrics(model.tasks[task.name], prep, batches, lambda x: model(task.name, x))
+        metrics = split_metrics(model.tasks[task.name], prep, batches, lambda x, name=task.name: model(name, x))
         out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
     return out

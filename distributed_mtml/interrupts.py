@@ -17,7 +17,6 @@ import contextlib
 import signal
 import threading
 
-
 _guarded = {"depth": 0, "pending": None, "raised": None}
 
 

@@ -33,12 +33,12 @@ import pyarrow.fs  # noqa: F401 (pa.fs)
 import torch
 
 from distributed_mtml.artifacts import load_with_learner
-from distributed_mtml.runtime.checkpoint import load_state
 from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.scan import open_parquet
 from distributed_mtml.errors import InputError
 from distributed_mtml.evaluate import forward_in_chunks
 from distributed_mtml.models import META_TASK, TaskShape
+from distributed_mtml.runtime.checkpoint import load_state
 
 ADAPT_STEPS = 10  # inner steps on the labelled rows unless told: meta evaluation's default curve
 NOT_META = ("--adapt-from: the model is neither meta-learned nor a multi-task model with a shared regression head "

@@ -24,8 +24,8 @@ import argparse
 import benchlib
 
 from distributed_mtml.aggregation import METHODS
-from distributed_mtml.models import TaskShape, build_trunk
 from distributed_mtml.config import ModelConfig, TrunkConfig
+from distributed_mtml.models import TaskShape, build_trunk
 from distributed_mtml.report import table
 
 MODELS = {"article 10-100-50": ([100, 50], 1.0), "medium 4x1024": ([1024] * 4, 0.1)}

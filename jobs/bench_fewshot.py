@@ -38,12 +38,11 @@ import argparse
 import os
 import warnings
 
+import benchlib
 import numpy as np
 import pandas as pd
 import torch
 import yaml
-
-import benchlib
 
 from distributed_mtml.config import apply_overrides
 from distributed_mtml.data.generators import make_suite

@@ -27,9 +27,8 @@ import argparse
 import os
 import warnings
 
-import numpy as np
-
 import benchlib
+import numpy as np
 
 from distributed_mtml.config import apply_overrides
 from distributed_mtml.data.generators import make_suite

@@ -50,8 +50,8 @@ def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> 
 
     from distributed_mtml.data.suite import load_suite_spec, load_task
     from distributed_mtml.models import build_task_modules, build_trunk, head_parameters
-    from distributed_mtml.train.plan import make_plan
     from distributed_mtml.runtime.worker import make_optimizer
+    from distributed_mtml.train.plan import make_plan
     from distributed_mtml.train.step import TaskBatches, multitask_step
 
     plan = make_plan(cfg)
@@ -88,9 +88,9 @@ def single_task_suite(suite_dir: str, task: str) -> str:
 
 def subset_suite(suite_dir: str, tasks: list[str]) -> str:
     """A suite holding only `tasks`, pointing at the same Parquet files (held-out splits of tasks)."""
-    from distributed_mtml.data.suite import SuiteSpec, join_path, load_suite_spec, suite_yaml_path, write_text
-
     import yaml
+
+    from distributed_mtml.data.suite import SuiteSpec, join_path, load_suite_spec, suite_yaml_path, write_text
 
     spec = load_suite_spec(suite_dir)
     chosen = [t.model_copy(update={"path": join_path(suite_dir, t.path)}) for t in spec.tasks if t.name in tasks]

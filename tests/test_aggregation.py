@@ -6,12 +6,11 @@ import os
 
 import pytest
 import torch
-from conftest import free_port
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
-from distributed_mtml.aggregation import GRADIENT_METHODS, METHODS
-from distributed_mtml.aggregation import combine
+from distributed_mtml.aggregation import GRADIENT_METHODS, METHODS, combine
 from distributed_mtml.aggregation.exchange import gather_task_grads
 from distributed_mtml.aggregation.loss_weighting import DynamicWeightAverage, UncertaintyWeighting
 

@@ -3,9 +3,9 @@
 import json
 import os
 import re
-import tomllib
 
 import ray
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet

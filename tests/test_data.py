@@ -182,11 +182,11 @@ def test_string_labels_map_to_classes_in_sorted_order(tmp_path):
 
 def test_standardisation_uses_the_train_split_only_and_metrics_keep_the_targets_units(tmp_path):
     import torch
-
     from conftest import write_raw_suite
+
     from distributed_mtml.data.prepare import TaskPrep
-    from distributed_mtml.models import TaskShape
     from distributed_mtml.metrics import task_metrics
+    from distributed_mtml.models import TaskShape
 
     suite = write_raw_suite(str(tmp_path / "s"))
     data = load_task(suite, load_suite_spec(suite).tasks[1])

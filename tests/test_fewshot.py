@@ -164,8 +164,8 @@ def test_adaptation_lowers_the_query_loss_of_new_groups_below_step_0(tmp_path, a
     plan = _plan(train, algorithm=algorithm, val_task_share=0)
     learner = build_learner(plan)
     rows = {}
-    from distributed_mtml.meta.plan import MetaPlan
     from distributed_mtml.data.suite import load_task
+    from distributed_mtml.meta.plan import MetaPlan
 
     meta = MetaPlan.model_validate(plan)
     for task in load_suite_spec(train).tasks:

@@ -165,7 +165,7 @@ def test_auto_penalty_is_the_least_leave_one_out_error_over_every_task():
     totals = []
     for grid in shared_plus_offset.LAMBDAS.tolist():
         total = 0.0
-        for n, m in modules.items():
+        for n in modules:
             f, y = data[n]
             x, r = _design(f), y.double().numpy() - shared["regression:1"](f).squeeze(-1).detach().double().numpy()
             for i in range(len(r)):  # refit without row i, predict it

@@ -9,7 +9,13 @@ from torch.func import functional_call
 
 from distributed_mtml.config import ModelConfig, TrunkConfig
 from distributed_mtml.meta.algorithms import (
-    ALGORITHMS, META_TASK, MetaLearner, adapt, adaptation_curve, meta_gradient, meta_gradient_loop,
+    ALGORITHMS,
+    META_TASK,
+    MetaLearner,
+    adapt,
+    adaptation_curve,
+    meta_gradient,
+    meta_gradient_loop,
 )
 from distributed_mtml.meta.evaluate import few_shot_curve
 from distributed_mtml.meta.tasks import Episodes, SinusoidFamily, SuiteEpisodes, episode_generator
@@ -60,10 +66,10 @@ def _by_hand(learner, ep):
     total_theta, total_rate = torch.zeros_like(theta), torch.zeros_like(theta)
     for b in range(len(ep)):
         x_s, y_s, x_q, y_q = ep.xs[b].double(), ep.ys[b].double(), ep.xq[b].double(), ep.yq[b].double()
-        gs = torch.autograd.functional.jacobian(lambda t: loss(t, x_s, y_s), theta)
-        hs = torch.autograd.functional.hessian(lambda t: loss(t, x_s, y_s), theta)
+        gs = torch.autograd.functional.jacobian(lambda t, x=x_s, y=y_s: loss(t, x, y), theta)
+        hs = torch.autograd.functional.hessian(lambda t, x=x_s, y=y_s: loss(t, x, y), theta)
         phi = theta - rate * gs
-        gq = torch.autograd.functional.jacobian(lambda t: loss(t, x_q, y_q), phi)
+        gq = torch.autograd.functional.jacobian(lambda t, x=x_q, y=y_q: loss(t, x, y), phi)
         if algo.reptile:
             total_theta += rate * gs
         elif algo.first_order:

@@ -1,8 +1,8 @@
 """Integration: distributed meta-training on a local Ray, read back through MlflowClient."""
 
 import pytest
-
 from conftest import logged_model_files
+
 from distributed_mtml.config import validate_config
 from distributed_mtml.meta.launch import run_meta_training
 from distributed_mtml.tracking import Tracker
@@ -30,8 +30,8 @@ def _history(client, run_id, key):
 
 
 def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_session, tmp_path, capsys):
-    from distributed_mtml.cli import main
     from distributed_mtml.artifacts import load_model
+    from distributed_mtml.cli import main
 
     out = run_meta_training(_config(tmp_path), "sine", _tracker(tmp_path))
     client = _tracker(tmp_path).client()

@@ -3,8 +3,8 @@ import torch
 
 from distributed_mtml.config import ModelConfig, TrunkConfig
 from distributed_mtml.errors import InputError
-from distributed_mtml.models import MultiTaskModel, TaskShape, build_task_modules, task_loss
 from distributed_mtml.metrics import binary_auc, classification_metrics, regression_metrics
+from distributed_mtml.models import MultiTaskModel, TaskShape, build_task_modules, task_loss
 from distributed_mtml.runtime.placement import place_tasks
 
 TASKS = [TaskShape("c", "classification", 10, 3), TaskShape("r", "regression", 10)]

@@ -16,10 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 import torch
-
+import yaml
 from conftest import free_port
+
 from distributed_mtml.artifacts import load_model
 from distributed_mtml.config import validate_config
 from distributed_mtml.data.generators import make_suite

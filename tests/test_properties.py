@@ -137,7 +137,7 @@ def test_cagrad_matches_an_independent_solver_on_badly_scaled_gradients(spread):
         j = rng.normal(size=(k, 50))
         j *= np.exp(rng.uniform(0, np.log(spread), size=(k, 1))) / np.linalg.norm(j, axis=1, keepdims=True)
         g0 = j.mean(0)
-        objective = lambda w: w @ (j @ g0) + c * np.linalg.norm(g0) * np.linalg.norm(j.T @ w)  # noqa: E731
+        objective = lambda w, j=j, g0=g0, c=c: w @ (j @ g0) + c * np.linalg.norm(g0) * np.linalg.norm(j.T @ w)  # noqa: E731
         ref = min((minimize(objective, rng.dirichlet(np.ones(k)), method="SLSQP", bounds=[(0, 1)] * k,
                             constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
                             options={"ftol": 1e-16, "maxiter": 1000}) for _ in range(3)), key=lambda r: r.fun)

@@ -11,12 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import logged_model_files
 from mlflow.tracking import MlflowClient
 
-from conftest import logged_model_files
-
-from distributed_mtml.config import load_config, validate_config
 from distributed_mtml.artifacts import model_dir, model_from_run
+from distributed_mtml.config import load_config, validate_config
 from distributed_mtml.evaluate import evaluate
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.launch import run_training
@@ -156,8 +155,8 @@ def test_full_disk_fails_clearly_and_keeps_the_last_whole_checkpoint(ray_session
     """The checkpoint disk fills up during training: the run ends FAILED with one line saying
     so and naming the last complete checkpoint, which still loads; the partial one is never
     taken for it."""
-    from distributed_mtml.errors import TrainingFailed
     from distributed_mtml.artifacts import load_model
+    from distributed_mtml.errors import TrainingFailed
     from distributed_mtml.runtime.checkpoint import latest_checkpoint
 
     cfg = _config(tmp_path, seed_suite, training={"epochs": 6}, checkpoint={"dir": str(tiny_disk), "num_to_keep": 5})
@@ -389,8 +388,8 @@ def test_non_finite_loss_fails_the_run_naming_task_and_step(ray_session, tmp_pat
     """NaN features reach task 'regress' (rank 1) at epoch 2, step 3; DDP spreads the NaN to
     every rank a step later, yet the error names the first task and step, the run is FAILED and
     the epoch-1 checkpoint is the last one, intact."""
-    from distributed_mtml.errors import TrainingFailed
     from distributed_mtml.artifacts import load_model
+    from distributed_mtml.errors import TrainingFailed
     from distributed_mtml.runtime.checkpoint import latest_checkpoint
 
     monkeypatch.setenv("MTML_FAULT", "nan@2:3:1")

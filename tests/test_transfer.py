@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.config import ModelConfig, TrunkConfig, validate_config
+from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.errors import InputError
-from distributed_mtml.models import MultiTaskModel, TaskShape
 from distributed_mtml.meta.algorithms import MetaLearner
+from distributed_mtml.models import MultiTaskModel, TaskShape
 from distributed_mtml.transfer.fit import fit
 from distributed_mtml.transfer.source import TransferInputs
 from distributed_mtml.transfer.strategies import build, check
@@ -15,7 +15,10 @@ from distributed_mtml.transfer.strategies import build, check
 SOURCE_TASKS = [TaskShape("classify", "classification", 10, 2), TaskShape("regress", "regression", 10)]
 
 
-def _inputs(target=TaskShape("new", "regression", 10), meta=None, tasks=SOURCE_TASKS):
+NEW_TARGET = TaskShape("new", "regression", 10)
+
+
+def _inputs(target=NEW_TARGET, meta=None, tasks=SOURCE_TASKS):
     cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8, 4]), heads="separate" if meta else "shared_plus_offset")
     model = MultiTaskModel(cfg, tasks, seed=0)  # a meta-learned model's one head is its own (meta.checkpoint)
     g = torch.Generator().manual_seed(0)

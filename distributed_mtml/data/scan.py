@@ -20,8 +20,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from distributed_mtml.data.suite import (SPLITS, TaskSpec, feature_columns, filesystem, float_values, is_label_column, join_path,
-                                         labelled, seeded_split)
+from distributed_mtml.data.suite import (
+    SPLITS,
+    TaskSpec,
+    feature_columns,
+    filesystem,
+    float_values,
+    is_label_column,
+    join_path,
+    labelled,
+    seeded_split,
+)
 
 SCAN_BATCH_ROWS = 65_536  # ~9 MB of float64 for 16 features: small next to any table worth streaming
 

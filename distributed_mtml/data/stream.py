@@ -21,8 +21,15 @@ import torch
 
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import open_task, read_batches
-from distributed_mtml.data.suite import (TaskSpec, encode_target, feature_columns, filesystem, join_path, labelled,
-                                         seeded_split)
+from distributed_mtml.data.suite import (
+    TaskSpec,
+    encode_target,
+    feature_columns,
+    filesystem,
+    join_path,
+    labelled,
+    seeded_split,
+)
 
 EVAL_BATCH_ROWS = 1 << 14  # rows per evaluation batch: on a 2M-row task, 262,144 grew a worker by 100 MB more
 

@@ -38,6 +38,7 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Algorithm:
+    summary: str
     first_order: bool = False
     heads_only: bool = False
     learned_rates: bool = False
@@ -46,12 +47,15 @@ class Algorithm:
 
 
 ALGORITHMS = {
-    "maml": Algorithm(),
-    "fomaml": Algorithm(first_order=True),
-    "reptile": Algorithm(first_order=True, reptile=True),
-    "anil": Algorithm(heads_only=True),
-    "metasgd": Algorithm(learned_rates=True),
-    "ridge_head": Algorithm(closed_form=True),
+    "maml": Algorithm("MAML: second-order meta-gradient through the inner steps (Finn et al. 2017)"),
+    "fomaml": Algorithm("first-order MAML: the query gradient at the adapted weights (Finn et al. 2017)",
+                        first_order=True),
+    "reptile": Algorithm("Reptile: move toward the adapted weights (Nichol et al. 2018)", first_order=True,
+                         reptile=True),
+    "anil": Algorithm("ANIL: adapt the head only, the trunk is shared as learned (Raghu et al. 2020)", heads_only=True),
+    "metasgd": Algorithm("Meta-SGD: a learned inner rate per parameter entry (Li et al. 2017)", learned_rates=True),
+    "ridge_head": Algorithm("regression: the head's last layer solved in closed form on the K rows, a ridge toward "
+                            "the meta-learned layer with a learned prior precision per input", closed_form=True),
 }
 LAST = f"task_modules.{META_TASK}.head.1."  # the head's last layer (`heads.separate.stack`)
 

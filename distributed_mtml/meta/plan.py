@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from distributed_mtml.config import Config, config_of_older_plans
 from distributed_mtml.console import say
+from distributed_mtml.data.locate import ensure_suite
 from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.scan import Moments, TaskScan
 from distributed_mtml.data.suite import SPLITS, TaskData
@@ -34,7 +35,6 @@ from distributed_mtml.meta.tasks import FAMILIES
 from distributed_mtml.models import TaskShape
 from distributed_mtml.runtime.monitor import check_monitor
 from distributed_mtml.runtime.placement import place_tasks
-from distributed_mtml.data.locate import ensure_suite
 
 
 class MetaPlan(BaseModel):

@@ -20,10 +20,16 @@ from distributed_mtml.config import Config, run_params
 from distributed_mtml.data.suite import join_path, load_suite_spec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.interrupts import interrupt_trainer_on_sigint
-from distributed_mtml.runtime.callback import MetricSpool, MLflowMetricsCallback, fail_fast, spool_path, worker_error_summary
-from distributed_mtml.runtime.local import LocalRun
-from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
 from distributed_mtml.runtime import memory
+from distributed_mtml.runtime.callback import (
+    MetricSpool,
+    MLflowMetricsCallback,
+    fail_fast,
+    spool_path,
+    worker_error_summary,
+)
+from distributed_mtml.runtime.checkpoint import check_resumable, check_writable, latest_checkpoint, load_state
+from distributed_mtml.runtime.local import LocalRun
 from distributed_mtml.runtime.monitor import SCORE
 from distributed_mtml.tracking import Tracker
 

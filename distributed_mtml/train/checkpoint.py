@@ -15,8 +15,15 @@ import torch
 from torch import nn
 
 from distributed_mtml import __version__
-from distributed_mtml.runtime.checkpoint import (SHARED_HEADS_FILE, STATE_FILE, TRUNK_FILE, load_file, load_into,
-                                                 load_state, task_file)
+from distributed_mtml.runtime.checkpoint import (
+    SHARED_HEADS_FILE,
+    STATE_FILE,
+    TRUNK_FILE,
+    load_file,
+    load_into,
+    load_state,
+    task_file,
+)
 
 TRUNK_OPTIM_FILE = "optim_trunk.pt"
 

@@ -26,19 +26,19 @@ from distributed_mtml import relations
 from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
-from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
 from distributed_mtml.data.suite import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
+from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
 from distributed_mtml.heads.shared_plus_offset import SharedLast
-from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
-from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.metrics import task_metrics
+from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
 from distributed_mtml.runtime import local, memory
 from distributed_mtml.runtime.monitor import Monitor
-from distributed_mtml.train.plan import TrainPlan
 from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer, quiet_report_log
+from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
+from distributed_mtml.train.plan import TrainPlan
 from distributed_mtml.train.step import TaskBatches, multitask_step
 
 

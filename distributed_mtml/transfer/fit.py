@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from distributed_mtml.models import task_loss
 from distributed_mtml.metrics import task_metrics
+from distributed_mtml.models import task_loss
 from distributed_mtml.transfer.source import TransferInputs
 from distributed_mtml.transfer.strategies import Built
 

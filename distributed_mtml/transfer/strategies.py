@@ -200,6 +200,7 @@ class Strategy:
     """A registered strategy: its build (source trunk copy and a new head in, `Built` out), the
     settings it reads (logged as its run's params), and what it needs of source and target."""
 
+    summary: str
     build: Callable[[TransferInputs, nn.Module, nn.Module, Options], Built]
     settings: tuple[str, ...] = ("lr",)
     maps_features: bool = False  # works when the target's features differ from the source's
@@ -208,13 +209,19 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "scratch": Strategy(_scratch, maps_features=True),
-    "finetune": Strategy(_finetune),
-    "linear_probe": Strategy(_linear_probe),
-    "partial": Strategy(_partial, settings=("lr", "partial_layers")),
-    "adapter": Strategy(_adapter, settings=("lr", "adapter_width"), maps_features=True),
-    "meta_adapt": Strategy(_meta_adapt, settings=(), needs_meta_source=True),
-    "nearest_head": Strategy(_nearest, needs_source_head=True),
+    "scratch": Strategy("the source's architecture with new weights: the baseline every other must beat",
+                        _scratch, maps_features=True),
+    "finetune": Strategy("every parameter of the source trunk and a new head trains", _finetune),
+    "linear_probe": Strategy("the trunk frozen, a new head trains", _linear_probe),
+    "partial": Strategy("the top transfer.partial_layers trunk layers and a new head train", _partial,
+                        settings=("lr", "partial_layers")),
+    "adapter": Strategy("residual bottleneck adapters on the frozen trunk, starting as the identity (plus a linear "
+                        "input map when the target's features differ)", _adapter, settings=("lr", "adapter_width"),
+                        maps_features=True),
+    "meta_adapt": Strategy("a meta-learned source's own inner rule: its rate, Meta-SGD's rates, ANIL's head-only step",
+                           _meta_adapt, settings=(), needs_meta_source=True),
+    "nearest_head": Strategy("the source head of the target's kind that fits the K rows best, then fine-tuned",
+                             _nearest, needs_source_head=True),
 }
 
 
