@@ -13,9 +13,9 @@ import sys
 import traceback
 import typing
 
-from distributed_mtml.runtime import memory
+from distributed_mtml import compat
 
-memory.system_arrow_pool()  # before any import below can make Arrow allocate: see runtime.memory
+compat.system_arrow_pool()  # before any import below can make Arrow allocate: see compat
 
 from distributed_mtml.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InputError, TrainingFailed  # noqa: E402
 from distributed_mtml.tracking import Tracker, default_tracking_uri  # noqa: E402
@@ -151,7 +151,11 @@ def cmd_data(args) -> int:
     if args.data_cmd == "validate":
         from distributed_mtml.data.validate import validate_suite
 
-        problems = validate_suite(args.suite, args.address)
+        if args.address:
+            from distributed_mtml.runtime.cluster import ensure_ray
+
+            ensure_ray(args.address)
+        problems = validate_suite(args.suite, on_cluster=bool(args.address))
         if problems:
             raise InputError(problems)
         print(f"{args.suite}: ok")
@@ -409,7 +413,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from distributed_mtml.artifacts import register_model
+    from distributed_mtml.model_log import register_model
 
     tracker = _tracker(args)
     tracker.check_store_exists()
@@ -432,12 +436,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
-        os.environ["MTML_VERBOSE"] = "1"  # runtime.driver.VERBOSE_ENV, read where Ray starts
+        compat.set_environment(MTML_VERBOSE="1")  # runtime.cluster.VERBOSE_ENV, read where Ray starts
     # MLflow's INFO lines (database set-up) are not ours to show: the variable for when it is
     # imported later, the level for when it already is.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    compat.default_environment(MLFLOW_LOGGING_LEVEL="WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    memory.hold_mmap_threshold()  # see runtime.memory
+    compat.hold_mmap_threshold()  # see compat
     previous = interrupt_on_signals()
     try:
         code = dispatch(args)

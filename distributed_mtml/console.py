@@ -41,6 +41,12 @@ def _console_actor():
     return Console
 
 
+def progress_line(what: str, done: int, total: int, parts: list[str], prefix: str = "[mtml]") -> str:
+    """The one shape of every progress line: `[mtml] epoch 3/10 | val/mean_loss 0.41 | ...`
+    (training's reports, meta-training's timed lines, a Tune search's ended trials)."""
+    return " | ".join([f"{prefix} {what} {done}/{total}", *parts])
+
+
 def say(line: str, console: str | None = None) -> None:
     """Show `line` in the command's terminal: through the console actor `console` (default: the
     one this process's environment names), or printed here when there is none."""

@@ -11,7 +11,7 @@ from distributed_mtml.data.stream import split_batches
 from distributed_mtml.data.suite import load_suite_spec
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
-from distributed_mtml.metrics import StreamedMetrics
+from distributed_mtml.metrics import EXACT_ROWS, StreamedMetrics
 from distributed_mtml.models import MultiTaskModel, TaskShape
 
 FORWARD_ROWS = 2048  # rows per forward pass when evaluating: a 1024-wide layer's activations are 8 MB
@@ -23,11 +23,14 @@ def forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.
         return torch.cat([forward(chunk) for chunk in x.split(FORWARD_ROWS)]) if len(x) else forward(x)
 
 
-def split_metrics(shape: TaskShape, prep: TaskPrep, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                  forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
-    """A task's metrics over a split that comes in batches (exact up to `metrics.EXACT_ROWS`
-    rows; see `StreamedMetrics` for what more change)."""
-    metrics = StreamedMetrics(shape, prep)
+def split_metrics(shape: TaskShape, prep: TaskPrep | None, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None,
+                  exact_rows: int = EXACT_ROWS) -> dict[str, float]:
+    """A task's metrics over a split: the one scoring path of training, `mtml evaluate`, the
+    trivial baseline and transfer. The split comes in batches, a streamed file's or one batch
+    held in memory; exact up to `exact_rows` rows (a split in memory: pass its length), beyond
+    that see `StreamedMetrics`."""
+    metrics = StreamedMetrics(shape, prep, exact_rows)
     for x, y in batches:
         metrics.add(forward_in_chunks(forward, x.to(device) if device is not None else x), y)
     return metrics.result()

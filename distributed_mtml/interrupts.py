@@ -17,6 +17,8 @@ import contextlib
 import signal
 import threading
 
+from distributed_mtml import compat
+
 _guarded = {"depth": 0, "pending": None, "raised": None}
 
 
@@ -88,8 +90,7 @@ def interrupt_trainer_on_sigint(trainer):
 
         signal.signal(signal.SIGINT, handler)
 
-    if hasattr(trainer, "_register_sigint_handler"):
-        trainer._register_sigint_handler = register
+    compat.take_over_trainer_sigint(trainer, register)
     try:
         yield controllers
     finally:

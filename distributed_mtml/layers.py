@@ -3,16 +3,19 @@ dropout. Its own module so that the trunk (`models`) and the heads (`heads/`) bo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from distributed_mtml.config import TrunkConfig
+if TYPE_CHECKING:
+    from distributed_mtml.config import TrunkConfig
+
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
-def mlp(in_width: int, widths: list[int], cfg: TrunkConfig | None = None) -> nn.Sequential:
+def mlp(in_width: int, widths: list[int], cfg: TrunkConfig) -> nn.Sequential:
     """Linear layers of `widths`, each followed by norm, activation and dropout (from `cfg`)."""
-    cfg = cfg or TrunkConfig()
     layers: list[nn.Module] = []
     for width in widths:
         layers.append(nn.Linear(in_width, width))

@@ -1,4 +1,4 @@
-"""Per-task evaluation metrics, named as in DESIGN.md (`accuracy`, `auc`, `mse`, `mae`, `r2`)."""
+"""Per-task evaluation metrics: `accuracy`, `auc` (classification), `mse`, `mae`, `r2` (regression), and the loss."""
 
 from __future__ import annotations
 
@@ -66,15 +66,15 @@ EXACT_ROWS = 1 << 18  # a split up to this size has its outputs held: every metr
 class StreamedMetrics:
     """A task's metrics over a split seen batch by batch, in memory that does not grow with it.
 
-    Up to `EXACT_ROWS` rows the outputs are held (a few MB) and the result is `task_metrics`,
+    Up to `exact_rows` (`EXACT_ROWS`) rows the outputs are held (a few MB) and the result is `task_metrics`,
     exact, however small the batches. Beyond that everything but AUC is still exact: losses, hits
     and errors are sums, and the target's spread (for r2) is combined batch by batch. AUC is then
     taken from each class's predicted probability counted in `AUC_BINS` equal bins, a positive and
     a negative in one bin counting half: it differs from the exact value by at most the share of
     positive-negative pairs whose probabilities fall in one bin (1/65536 wide)."""
 
-    def __init__(self, task: TaskShape, prep: TaskPrep | None = None):
-        self.task, self.prep, self.n, self.loss = task, prep, 0, 0.0
+    def __init__(self, task: TaskShape, prep: TaskPrep | None = None, exact_rows: int = EXACT_ROWS):
+        self.task, self.prep, self.n, self.loss, self.exact_rows = task, prep, 0, 0.0, exact_rows
         self.hits, self.squared, self.absolute = 0, 0.0, 0.0
         self.target = Moments(1)
         self.held: list[tuple[torch.Tensor, torch.Tensor]] | None = []  # None once past EXACT_ROWS
@@ -85,7 +85,7 @@ class StreamedMetrics:
         output, target = output.detach().cpu(), target.detach().cpu()
         if self.held is not None:
             self.held.append((output, target))
-            if sum(len(t) for _, t in self.held) <= EXACT_ROWS:
+            if sum(len(t) for _, t in self.held) <= self.exact_rows:
                 return
             held, self.held = self.held, None  # too many to hold: sums and bins from here on
             for o, t in held:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distributed_mtml.config import ModelConfig
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import TaskScan
 from distributed_mtml.data.suite import TaskData
 from distributed_mtml.heads import HEADS, build_shared, group_key
 from distributed_mtml.layers import mlp
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import ModelConfig
 
 META_TASK = "meta"  # the one head a meta-learned model carries: every task's starting head
 

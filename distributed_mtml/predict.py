@@ -368,7 +368,7 @@ def _predict_with_ray_data(job: PredictJob, address: str | None, tasks: list[str
     import ray.data
 
     from distributed_mtml.data.suite import filesystem
-    from distributed_mtml.runtime.driver import ensure_ray
+    from distributed_mtml.runtime.cluster import ensure_ray
 
     ensure_ray(address)
     fs, inner = filesystem(job.input)

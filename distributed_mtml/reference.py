@@ -14,7 +14,6 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 
 def _cell(text: Any) -> str:
@@ -36,9 +35,11 @@ def _default(field: Any) -> str:
         value = field.default_factory()
         if isinstance(value, BaseModel):
             return ""
+    elif field.is_required():
+        return "required"
     else:
         value = field.default
-    if value is PydanticUndefined or value is None:
+    if value is None:
         return "—"
     return f"`{json.dumps(value)}`" if not isinstance(value, str) else f"`{value}`"
 

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
+from distributed_mtml import compat
 from distributed_mtml.interrupts import raise_if_swallowed, uninterrupted
 
 if TYPE_CHECKING:
@@ -109,18 +110,15 @@ class Tracker:
         would take: the variables are restored after."""
         import mlflow
 
-        before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         try:
-            if experiment_id is not None:
-                mlflow.set_experiment(experiment_id=experiment_id)
-            yield
+            with compat.environment(MLFLOW_EXPERIMENT_ID=os.environ.get("MLFLOW_EXPERIMENT_ID")):
+                if experiment_id is not None:
+                    mlflow.set_experiment(experiment_id=experiment_id)  # sets MLFLOW_EXPERIMENT_ID
+                yield
         finally:
-            mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: unset again
-            if before["MLFLOW_EXPERIMENT_ID"] is None:
-                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-            else:
-                os.environ["MLFLOW_EXPERIMENT_ID"] = before["MLFLOW_EXPERIMENT_ID"]
+            mlflow.set_tracking_uri(before)  # None: unset again
 
     def check_store_exists(self) -> None:
         """Reading runs from a SQLite file that is not there would create an empty one: say
@@ -236,7 +234,7 @@ class Tracker:
                 warnings.simplefilter("ignore", UserWarning)
                 where = resolve_dataset_source(source)
             dataset = MetaDataset(where, name=name, digest=digest, schema=_mlflow_schema(schema))
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+            inputs.append(DatasetInput(compat.mlflow_dataset_entity(dataset), [InputTag("mlflow.data.context", context)]))
         with uninterrupted():
             self.client().log_inputs(run_id, datasets=inputs)
 

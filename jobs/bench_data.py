@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 
+import psutil
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,8 @@ URI = f"sqlite:///{WORK}/mlflow.db"
 
 def _status(pid: int) -> dict[str, int]:
     """RssAnon (private) and RssShmem (shared object store pages) of a process, in MB (empty once
-    it is gone)."""
+    it is gone). Linux's own split, read from /proc: psutil's `shared` also counts file-backed
+    pages (the libraries), which would blur the object store's share."""
     try:
         with open(f"/proc/{pid}/status") as f:
             fields = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssShmem")))
@@ -55,9 +57,8 @@ def _status(pid: int) -> dict[str, int]:
 
 def _cmdline(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
@@ -67,7 +68,7 @@ def peak(result: dict, kind: str, which: int = 0) -> int:
 
 
 class PeakWatcher:
-    """Polls /proc every 0.1 s: the driver's and every Ray Train worker's peak private and shared
+    """Polls every process every 0.1 s: the driver's and every Ray Train worker's peak private and shared
     resident memory."""
 
     def __init__(self, driver: int):
@@ -77,10 +78,7 @@ class PeakWatcher:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                pid = int(entry)
+            for pid in psutil.pids():
                 kind = "driver" if pid == self.driver else ("worker" if "RayTrainWorker" in _cmdline(pid) else None)
                 status = _status(pid) if kind else {}
                 if status:
@@ -200,7 +198,7 @@ def _load_growth(suite: str) -> int:
     """Peak resident memory, over the imports, of loading the suite's first task whole: what an
     in-memory worker (and, before streaming, the driver's plan) held for one task."""
     code = ("from distributed_mtml.data.suite import load_suite_spec, load_task\n"
-            "from distributed_mtml.runtime.memory import peak_resident_mb as peak\n"
+            "from distributed_mtml.compat import peak_resident_mb as peak\n"
             f"base = peak(); d = load_task({suite!r}, load_suite_spec({suite!r}).tasks[0]); print(int(peak() - base))")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 

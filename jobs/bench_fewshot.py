@@ -52,7 +52,7 @@ from distributed_mtml.meta.launch import run_meta_training
 from distributed_mtml.meta.tasks import episode_generator
 from distributed_mtml.predict import NEW_GROUP, Predictor
 from distributed_mtml.report import table
-from distributed_mtml.runtime.driver import ensure_ray
+from distributed_mtml.runtime.cluster import ensure_ray
 from distributed_mtml.stats import mean_ci
 
 SETTINGS = {"strong": {"groups": 80, "rows": 60, "between": 0.6}, "weak": {"groups": 80, "rows": 60, "between": 0.1}}

@@ -7,7 +7,8 @@ import os
 import tempfile
 
 from distributed_mtml.config import Config, validate_config
-from distributed_mtml.runtime.driver import TrainOutcome, ensure_ray
+from distributed_mtml.runtime.cluster import ensure_ray
+from distributed_mtml.runtime.driver import TrainOutcome
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.launch import run_training
 

@@ -43,6 +43,27 @@ def raw_suite(tmp_path):
     return write_raw_suite(str(tmp_path / "raw"))
 
 
+def pytest_collection_modifyitems(items):
+    """A test that takes the shared Ray is a `ray` test, marked or not."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_tests_are_marked(request):
+    """The tiers hold: a test that leaves Ray running without the `ray` marker fails, so that
+    `-m "not ray"` never starts Ray."""
+    def running() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = running()
+    yield
+    if not before and running() and request.node.get_closest_marker("ray") is None:
+        pytest.fail("this test started Ray: mark it `ray` (pytest.mark.ray)")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session: starting Ray costs seconds, so tests share it."""

@@ -101,7 +101,7 @@ def test_progress_line_names_few_tasks_and_summarises_many():
 
 def test_mtml_reads_with_the_system_allocator_unless_the_user_chose_one():
     """Arrow reads its pool variable once: the CLI module must set it before anything allocates
-    (runtime.memory); a pool the user named wins."""
+    (compat); a pool the user named wins."""
     import os
 
     code = "import distributed_mtml.cli, pyarrow as pa; print(pa.default_memory_pool().backend_name)"

@@ -16,6 +16,8 @@ import yaml
 from conftest import free_port, logged_model_files, wait_for_port
 from mlflow.tracking import MlflowClient
 
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORT_FLAGS = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
               "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",

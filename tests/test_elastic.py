@@ -23,7 +23,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 NODE = {"num_cpus": 1, "resources": {"mtml_worker": 1}, "object_store_memory": 100 * 2**20}
 WORKER = {"cpus_per_worker": 1, "worker_resources": {"mtml_worker": 1}, "resize_check_s": 2,

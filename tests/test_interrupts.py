@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 
 def _interrupt_when(argv: list[str], cwd, started: str, settle_s: float = 0.0) -> tuple[int, str, float]:

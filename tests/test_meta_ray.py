@@ -7,6 +7,8 @@ from distributed_mtml.config import validate_config
 from distributed_mtml.meta.launch import run_meta_training
 from distributed_mtml.tracking import Tracker
 
+pytestmark = pytest.mark.ray
+
 
 def _config(tmp_path, **sections):
     raw = {

@@ -176,6 +176,7 @@ def test_predict_maps_a_large_table_with_ray_data_and_keeps_columns(trained, cap
     assert list(pd.read_parquet(root / "reg_only").columns) == ["reg"]
 
 
+@pytest.mark.e2e
 def test_mlflow_models_serve_answers_with_the_same_predictions(trained):
     root, suite, tracker, outcome = trained
     rows = _test_rows(suite).head(5).drop(columns=["id"])
@@ -207,7 +208,7 @@ def test_mlflow_models_serve_answers_with_the_same_predictions(trained):
 @pytest.mark.parametrize("case", ["missing_feature", "text_feature", "missing_keep", "out_not_empty", "adapt_no_target",
                                   "unknown_task"])
 def test_predict_bad_input_exits_2_naming_the_column_before_ray_is_used(trained, case, capsys, monkeypatch):
-    import distributed_mtml.runtime.driver as driver
+    import distributed_mtml.runtime.cluster as cluster
     from distributed_mtml.cli import main
 
     root, suite, tracker, outcome = trained
@@ -229,7 +230,7 @@ def test_predict_bad_input_exits_2_naming_the_column_before_ray_is_used(trained,
         extra, expect = ["--tasks", "cls,weather"], r"no task \['weather'\]"
     table.to_parquet(root / f"{case}.parquet")
     out = root / ("full" if case == "out_not_empty" else f"out-{case}")
-    monkeypatch.setattr(driver, "ensure_ray", lambda address: pytest.fail("Ray was used before the input was checked"))
+    monkeypatch.setattr(cluster, "ensure_ray", lambda address: pytest.fail("Ray was used before the input was checked"))
     capsys.readouterr()
     assert main(["predict", "--model", outcome.run_id, "--input", str(root / f"{case}.parquet"), "--out", str(out),
                  "--tracking-uri", tracker.uri, *extra]) == 2

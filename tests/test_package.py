@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

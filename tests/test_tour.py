@@ -19,7 +19,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORTER = {  # appended to a step whose command starts so: same commands, less compute

@@ -216,19 +216,17 @@ def _train_worker_pids() -> list[int]:
     """PIDs of this test session's live Ray Train workers: processes titled
     `ray::RayTrainWorker...` whose parent is our Ray's raylet (another Ray on the machine
     has workers of its own)."""
+    import psutil
     import ray
 
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if b"RayTrainWorker" in cmdline and parent == raylet:
-                pids.append(int(entry))
+    for child in psutil.Process(raylet).children():
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
     return pids
 
 

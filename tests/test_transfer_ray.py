@@ -10,6 +10,8 @@ from distributed_mtml.config import validate_config
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.launch import run_training
 
+pytestmark = pytest.mark.ray
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, ray_session):
@@ -65,7 +67,7 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     assert main(["tune", "--config", config, "--tracking-uri", mlflow_server]) == 0
     out = capsys.readouterr().out
     assert "best by validation: linear_probe" in out
-    assert "[tune] search: 4/4 trials done" in out and "[tune] repeat: 6/6 trials done" in out  # progress
+    assert "[tune] search trials 4/4 |" in out and "[tune] repeat trials 6/6 |" in out  # progress
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("distributed-mtml-transfer")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune' and tags.`mtml.best_strategy` != ''")

@@ -133,7 +133,7 @@ def test_with_an_address_each_task_is_scanned_as_a_ray_task_with_the_same_proble
     _edit_yaml(seed_suite, lambda r: r["tasks"][1].update(target="nothing"))
     alone = validate_suite(seed_suite)
     assert len(alone) == 2 and not capsys.readouterr().out
-    assert validate_suite(seed_suite, address="auto") == alone
+    assert validate_suite(seed_suite, on_cluster=True) == alone
     assert "[mtml] scanned 2 task file(s) as Ray tasks on 1 node(s)" in capsys.readouterr().out
 
 
@@ -167,7 +167,7 @@ def test_validating_a_suite_many_times_a_task_limit_stays_bounded(tmp_path):
     def growth(suite: str) -> float:
         """Peak resident memory of validating, over that after the imports, in a fresh process."""
         code = ("import distributed_mtml.cli as cli, distributed_mtml.data.validate\n"
-                "from distributed_mtml.runtime.memory import peak_resident_mb as peak\n"
+                "from distributed_mtml.compat import peak_resident_mb as peak\n"
                 f"base = peak(); assert cli.main(['data', 'validate', {suite!r}]) == 0; print(peak() - base)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr

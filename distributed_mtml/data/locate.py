@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from distributed_mtml.config import Config, SuiteConfig
 from distributed_mtml.data.generators import make_suite
 from distributed_mtml.data.suite import SUITE_FILE
 from distributed_mtml.errors import InputError
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import Config, SuiteConfig
 
 
 def ensure_suite(config: Config) -> str:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import yaml
 from pydantic import ValidationError
 
+from distributed_mtml import compat
 from distributed_mtml.data.scan import TaskScan, is_numeric, scan_task
 from distributed_mtml.data.suite import SPLITS, SuiteSpec, TaskSpec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, validation_lines
-from distributed_mtml.runtime import memory
 
 
 def read_spec(suite_dir: str) -> tuple[SuiteSpec | None, list[str]]:
@@ -141,15 +141,15 @@ def _shared_target_problems(scans: dict[str, TaskScan]) -> list[str]:
             for (where, target), tasks in kinds.items() if len(set(tasks.values())) > 1]
 
 
-def scan_suite(suite_dir: str, address: str | None = None,
+def scan_suite(suite_dir: str, on_cluster: bool = False,
                impute: bool = False) -> tuple[SuiteSpec | None, dict[str, TaskScan], list[str]]:
     """The suite's spec, each task's facts, and every problem (one streamed pass per task). With
-    `address`, each task's pass is a Ray task on that cluster, all at once. `impute`: missing
-    feature values will be filled (`data.impute: mean`)."""
+    `on_cluster`, each task's pass is a Ray task on the Ray this process has joined, all at
+    once. `impute`: missing feature values will be filled (`data.impute: mean`)."""
     spec, problems = read_spec(suite_dir)
     if spec is None:
         return None, {}, problems
-    scanned = _scan_on_cluster(suite_dir, spec, address) if address else [scan_task(suite_dir, t) for t in spec.tasks]
+    scanned = _scan_on_cluster(suite_dir, spec) if on_cluster else [scan_task(suite_dir, t) for t in spec.tasks]
     scans = {}
     for i, (task, scan) in enumerate(zip(spec.tasks, scanned)):
         scans[task.name] = scan
@@ -157,16 +157,16 @@ def scan_suite(suite_dir: str, address: str | None = None,
     return spec, scans, problems + _shared_target_problems(scans)
 
 
-def _scan_on_cluster(suite_dir: str, spec: SuiteSpec, address: str) -> list[TaskScan]:
+def _scan_on_cluster(suite_dir: str, spec: SuiteSpec) -> list[TaskScan]:
     """Each task's scan as a Ray task (one CPU each), in the suite's order: a suite of many
     files in a bucket is read by the cluster's cores at once, not by this process one by one.
-    Every node must reach `suite_dir` (a bucket URI or a shared path)."""
+    Every node must reach `suite_dir` (a bucket URI or a shared path). The caller has joined
+    the cluster (`runtime.cluster.ensure_ray`)."""
     import ray
 
-    from distributed_mtml.runtime.driver import ensure_ray
-
-    ensure_ray(address)
-    remote = ray.remote(num_cpus=1)(_scan_where).options(runtime_env={"env_vars": memory.system_arrow_pool()})
+    if not ray.is_initialized():
+        raise RuntimeError("scanning on a cluster needs a joined Ray (runtime.cluster.ensure_ray)")
+    remote = ray.remote(num_cpus=1)(_scan_where).options(runtime_env={"env_vars": compat.system_arrow_pool()})
     done = ray.get([remote.remote(suite_dir, task) for task in spec.tasks])
     nodes = {node for _, node in done}
     print(f"[mtml] scanned {len(done)} task file(s) as Ray tasks on {len(nodes)} node(s)", flush=True)
@@ -180,15 +180,15 @@ def _scan_where(suite_dir: str, task: TaskSpec) -> tuple[TaskScan, str]:
     return scan_task(suite_dir, task), ray.get_runtime_context().get_node_id()
 
 
-def validate_suite(suite_dir: str, address: str | None = None, impute: bool = False) -> list[str]:
+def validate_suite(suite_dir: str, on_cluster: bool = False, impute: bool = False) -> list[str]:
     """All problems of a suite; an empty list means it is ready to train on."""
-    return scan_suite(suite_dir, address, impute)[2]
+    return scan_suite(suite_dir, on_cluster, impute)[2]
 
 
 def checked_scans(suite_dir: str, impute: bool = False) -> tuple[SuiteSpec, dict[str, TaskScan]]:
     """The suite's spec and each task's facts, or an InputError listing every problem."""
     spec, scans, problems = scan_suite(suite_dir, impute=impute)
-    memory.give_back()  # the scan read every row: its freed buffers are not this process's to keep
+    compat.give_back()  # the scan read every row: its freed buffers are not this process's to keep
     if problems:
         raise InputError(problems)
     assert spec is not None

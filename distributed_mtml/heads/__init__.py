@@ -22,14 +22,16 @@ state dict stay its own, and the shared parts are saved once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_mtml.config import ModelConfig
 from distributed_mtml.heads import separate, shared_plus_offset, task_embedding
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import ModelConfig
 
 
 class TaskHead(Protocol):

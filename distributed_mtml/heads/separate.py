@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from distributed_mtml.config import ModelConfig
 from distributed_mtml.layers import mlp
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import ModelConfig
 
 
 def stack(in_width: int, out_width: int, cfg: ModelConfig) -> nn.Sequential:

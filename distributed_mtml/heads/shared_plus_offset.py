@@ -34,14 +34,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from distributed_mtml.config import ModelConfig
 from distributed_mtml.heads.separate import stack
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import ModelConfig
 
 LAMBDAS = torch.logspace(-2, 4, 31, dtype=torch.float64)  # what `auto` chooses among
 START = 10.0  # `auto`'s lambda before the first refit

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from distributed_mtml.config import ModelConfig
 from distributed_mtml.layers import mlp
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import ModelConfig
 
 AUTO = 10.0  # `head_penalty: auto` here (only shared_plus_offset learns it)
 

@@ -128,6 +128,13 @@ def solve_last_layer(learner: MetaLearner, params: Params, xs: torch.Tensor, ys:
             f"{LAST}bias": w[-1:].view_as(params[f"{LAST}bias"])}
 
 
+def inner_step(params: Params, grads: Params, rate: Params) -> Params:
+    """The inner rule's one step, the same in meta-training, evaluation, `predict --adapt-from` and
+    transfer's `meta_adapt`: each adapted parameter moves against its gradient at its own rate
+    (a scalar, or Meta-SGD's learned entry-wise rates)."""
+    return {n: params[n] - rate[n] * grads[n] for n in grads}
+
+
 def adapt(learner: MetaLearner, params: Params, xs: torch.Tensor, ys: torch.Tensor, steps: int,
           first_order: bool) -> Params:
     """One task's fast parameters after `steps` inner steps (unbatched; vmapped by callers)."""
@@ -137,7 +144,7 @@ def adapt(learner: MetaLearner, params: Params, xs: torch.Tensor, ys: torch.Tens
     for _ in range(steps):
         sub = {n: fast[n] for n in learner.adapted}
         g = grad(lambda p: learner.loss({**fast, **p}, xs, ys))(sub)
-        fast.update({n: sub[n] - rate[n] * (g[n].detach() if first_order else g[n]) for n in sub})
+        fast.update(inner_step(sub, {n: g[n].detach() if first_order else g[n] for n in sub}, rate))
     return fast
 
 
@@ -220,7 +227,7 @@ def query_losses_loop(learner: MetaLearner, episodes: Episodes, steps: int) -> t
         for _ in range(inner):
             loss = learner.loss(fast, episodes.xs[b], episodes.ys[b])
             g = torch.autograd.grad(loss, [fast[n] for n in learner.adapted], create_graph=second_order)
-            fast = {**fast, **{n: fast[n] - rate[n] * gi for n, gi in zip(learner.adapted, g)}}
+            fast = {**fast, **inner_step(fast, dict(zip(learner.adapted, g)), rate)}
         out.append(learner.loss(fast, episodes.xq[b], episodes.yq[b]))
     return torch.stack(out)
 

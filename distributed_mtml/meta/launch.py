@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 
 from distributed_mtml import report
-from distributed_mtml.artifacts import input_example, log_mlflow_model
 from distributed_mtml.config import Config
 from distributed_mtml.meta.plan import MetaPlan, make_meta_plan
-from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch, log_run_files
+from distributed_mtml.model_log import input_example, log_mlflow_model
+from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch
+from distributed_mtml.runtime.mlflow_run import log_run_files
 from distributed_mtml.tracking import Tracker
 
 

@@ -21,16 +21,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from distributed_mtml.console import say
+from distributed_mtml import compat
+from distributed_mtml.console import progress_line, say
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_gradient
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state
 from distributed_mtml.meta.plan import MetaPlan
 from distributed_mtml.meta.tasks import FAMILIES, Episodes, SuiteEpisodes, draw
-from distributed_mtml.runtime import local, memory
+from distributed_mtml.runtime import local
 from distributed_mtml.runtime.monitor import Monitor
-from distributed_mtml.runtime.worker import make_optimizer, quiet_report_log
+from distributed_mtml.runtime.worker import make_optimizer
 
 VAL_STREAM = 2**31 - 1  # the validation episodes' stream, apart from every iteration's
 
@@ -112,7 +113,7 @@ class MetaWorker:
         """Builds the learner and optimiser, restores them when Ray Train restarts the run, and
         draws this rank's validation episodes."""
         plan = MetaPlan.model_validate(payload)
-        quiet_report_log()
+        compat.quiet_ray_train_report_log()
         cfg, meta, seed = plan.config, plan.config.meta, plan.config.training.seed
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -168,9 +169,9 @@ class MetaWorker:
 
 def meta_train_loop_per_worker(payload: dict) -> None:
     """What Ray Train runs on every rank: outer updates, a report every `meta.report_every`. The
-    updates take their memory from the heap, as training epochs do (see `runtime.memory`)."""
+    updates take their memory from the heap, as training epochs do (see `compat`)."""
     worker = MetaWorker.start(payload)
-    with memory.heap_for_training():
+    with compat.heap_for_training():
         _meta_train(worker)
 
 
@@ -205,8 +206,8 @@ class Progress:
         if now - self.last < self.every_s or finished == self.total:
             return
         rate = (finished - self.mark_done) / max(now - self.mark, 1e-9)
-        say(f"[mtml] iteration {finished}/{self.total} | train/meta/loss {train_loss:.4f} | {rate:.1f} it/s | "
-            f"~{(self.total - finished) / max(rate, 1e-9):.0f} s left")
+        say(progress_line("iteration", finished, self.total, [f"train/meta/loss {train_loss:.4f}", f"{rate:.1f} it/s",
+                                                               f"~{(self.total - finished) / max(rate, 1e-9):.0f} s left"]))
         self.last = now
 
 

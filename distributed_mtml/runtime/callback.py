@@ -17,6 +17,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from distributed_mtml import compat, console
 from distributed_mtml.console import say
 from distributed_mtml.runtime.monitor import mean_val_loss
 from distributed_mtml.tracking import Tracker
@@ -45,13 +46,13 @@ def merge_worker_metrics(
 
 def progress_line(epoch: int, epochs: int, metrics: dict[str, float], counter: str = "epoch") -> str:
     done = epoch + 1 if counter == "epoch" else epoch  # epochs count from 0, iterations done from 1
-    parts = [f"{counter} {done}/{epochs}", f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
+    parts = [f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
     per_task = [(k.split("/")[1], k.split("/")[2], v) for k, v in sorted(metrics.items())
                 if k.startswith("val/") and k.count("/") == 2 and k.split("/")[-1] in ("accuracy", "r2")]
     parts += _task_parts(per_task)
     unit = "samples" if counter == "epoch" else "tasks"
     parts.append(f"{metrics['throughput/samples_per_s']:.0f} {unit}/s")
-    return "[mtml] " + " | ".join(parts)
+    return console.progress_line(counter, done, epochs, parts)
 
 
 SHOWN_TASKS = 8  # beyond this many task metrics, one line per task would not be a line
@@ -82,16 +83,8 @@ def worker_error_summary(worker_exceptions: dict[int, BaseException]) -> str:
 def fail_fast():
     """MLflow's HTTP client without its retries (seven, with exponential backoff): for callers
     that keep what failed and try again themselves."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
-    try:
+    with compat.environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class MetricSpool:

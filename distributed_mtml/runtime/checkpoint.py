@@ -16,6 +16,7 @@ import pickle
 import torch
 from torch import nn
 
+from distributed_mtml import compat
 from distributed_mtml.errors import InputError
 
 STATE_FILE = "state.pt"
@@ -60,16 +61,13 @@ def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
     killed worker) is never taken for one. Ray rewrites that snapshot in place, so a full disk
     can leave it truncated: then the newest local checkpoint whose files are all whole.
     Any pyarrow filesystem URI, or a local path."""
-    import json
-
     import pyarrow.fs
 
     scheme = storage_path.split("://")[0] + "://" if "://" in storage_path else ""
     fs, root = pyarrow.fs.FileSystem.from_uri(storage_path) if scheme else (pyarrow.fs.LocalFileSystem(), storage_path)
     try:
-        with fs.open_input_stream(f"{root}/{run_name}/checkpoint_manager_snapshot.json") as f:
-            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
-        name = latest.get("checkpoint_dir_name")
+        with fs.open_input_stream(f"{root}/{run_name}/{compat.RAY_CHECKPOINT_SNAPSHOT}") as f:
+            name = compat.latest_checkpoint_dir_name(f.read().decode())
         return f"{scheme}{root}/{run_name}/{name}" if name else None
     except (FileNotFoundError, OSError, ValueError):
         if scheme:

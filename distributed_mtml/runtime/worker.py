@@ -3,7 +3,6 @@ build the optimiser."""
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -39,15 +38,6 @@ class ReportCadence:
 
     def reported(self) -> None:
         self.last = time.monotonic()
-
-
-def quiet_report_log() -> None:
-    """Ray Train logs every report's full metrics at INFO under a logger outside the
-    `ray.train` tree, which `LoggingConfig` does not reach; the controller prints a
-    one-line summary per epoch instead."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def make_optimizer(kind: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -8,9 +8,11 @@ import tempfile
 from typing import Callable
 
 from distributed_mtml import report
-from distributed_mtml.artifacts import input_example, load_model, log_mlflow_model
+from distributed_mtml.artifacts import load_model
 from distributed_mtml.config import Config
-from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch, log_run_files
+from distributed_mtml.model_log import input_example, log_mlflow_model
+from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch
+from distributed_mtml.runtime.mlflow_run import log_run_files
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.plan import TrainPlan, make_plan
 

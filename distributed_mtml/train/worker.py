@@ -22,7 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from distributed_mtml import relations
+from distributed_mtml import compat, relations
 from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
@@ -32,11 +32,10 @@ from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
 from distributed_mtml.heads.shared_plus_offset import SharedLast
-from distributed_mtml.metrics import task_metrics
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
-from distributed_mtml.runtime import local, memory
+from distributed_mtml.runtime import local
 from distributed_mtml.runtime.monitor import Monitor
-from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer, quiet_report_log
+from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.train.plan import TrainPlan
 from distributed_mtml.train.step import TaskBatches, multitask_step
@@ -155,7 +154,7 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
             forward = lambda x, m=module: m.head(trunk(m.adapter(x)))  # noqa: E731
             if name in data:
                 x, y = data[name][split]
-                metrics = task_metrics(shapes[name], forward_in_chunks(forward, x), y, plan.prep(name))
+                metrics = split_metrics(shapes[name], plan.prep(name), [(x, y)], forward, exact_rows=len(y))
             else:  # the dataset `val-<task>` the driver handed to the trainer, or what it gave before
                 key = dataset_name(name, split)
                 if key in held:
@@ -210,7 +209,7 @@ class Worker:
         """Loads this rank's tasks, builds its model parts and optimiser, and restores them from
         the latest checkpoint when Ray Train restarts the run."""
         plan = TrainPlan.model_validate(payload)
-        quiet_report_log()
+        compat.quiet_ray_train_report_log()
         cfg, t = plan.config, plan.config.training
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -399,12 +398,12 @@ def _task_batches(plan: TrainPlan, name: str, data: dict, task_index: int, devic
 def train_loop_per_worker(payload: dict) -> None:
     """What Ray Train runs on every rank: set up, then train and evaluate each epoch, reporting
     when a report is due. Training steps take their memory from the heap, and the rest (loading,
-    evaluation) holds glibc's mmap threshold (see `runtime.memory`): a 4 x 1024 trunk's first
+    evaluation) holds glibc's mmap threshold (see `compat`): a 4 x 1024 trunk's first
     validation pass over a 300,000-row split grew a worker by 140 MB (peak 250) without it."""
-    memory.hold_mmap_threshold()
+    compat.hold_mmap_threshold()
     worker = Worker.start(payload)
     for epoch in range(worker.start_epoch, worker.plan.config.training.epochs):
-        with memory.heap_for_training():
+        with compat.heap_for_training():
             metrics = worker.train_epoch(epoch)
         worker.end_epoch(epoch, metrics)
         if worker.monitor.stop:

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from distributed_mtml.metrics import task_metrics
+from distributed_mtml.evaluate import split_metrics
+from distributed_mtml.meta.algorithms import inner_step
 from distributed_mtml.models import task_loss
 from distributed_mtml.transfer.source import TransferInputs
 from distributed_mtml.transfer.strategies import Built
@@ -24,8 +25,7 @@ Curve = list[tuple[int, dict[str, float]]]
 def _evaluate(built: Built, inputs: TransferInputs, split: str) -> dict[str, float]:
     x, y = inputs.scored(split)
     built.model.eval()
-    with torch.no_grad():
-        metrics = task_metrics(inputs.target, built.model(x), y, inputs.prep)
+    metrics = split_metrics(inputs.target, inputs.prep, [(x, y)], built.model, exact_rows=len(y))
     built.model.train()
     return {f"{split}/{k}": v for k, v in metrics.items()}
 
@@ -61,11 +61,12 @@ def fit(built: Built, inputs: TransferInputs, steps: int, lr: float, eval_every:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        else:  # the meta-learned inner rule: p <- p - rate * grad
-            grads = torch.autograd.grad(loss, [p for _, p in params])
+        else:  # the meta-learned inner rule
+            grads = dict(zip([n for n, _ in params], torch.autograd.grad(loss, [p for _, p in params])))
             with torch.no_grad():
-                for (name, p), g in zip(params, grads):
-                    p -= built.rates[name] * g
+                moved = inner_step(dict(params), grads, built.rates)
+                for name, p in params:
+                    p.copy_(moved[name])
         if step % eval_every == 0 or step == steps:
             record(step)
     return curve

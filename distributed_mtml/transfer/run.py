@@ -15,7 +15,7 @@ import time
 from distributed_mtml import report
 from distributed_mtml.baseline import trivial_output
 from distributed_mtml.config import Config, run_params
-from distributed_mtml.metrics import task_metrics
+from distributed_mtml.evaluate import split_metrics
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.transfer.fit import Curve, fit
 from distributed_mtml.transfer.source import TransferInputs, load_inputs
@@ -76,8 +76,9 @@ def anchor_row(inputs: TransferInputs, metric: str) -> list:
     scores = {}
     for split in ("val", "test"):
         x, y = inputs.scored(split)
-        scores.update({f"{split}/{k}": v for k, v in task_metrics(
-            inputs.target, constant.to(x.dtype).expand(len(x), -1), y, inputs.prep).items()})
+        metrics = split_metrics(inputs.target, inputs.prep, [(x, y)], lambda rows: constant.to(rows.dtype).expand(len(rows), -1),
+                                exact_rows=len(y))
+        scores.update({f"{split}/{k}": v for k, v in metrics.items()})
     return [ANCHOR, scores[f"test/{metric}"], scores["test/loss"], scores[f"val/{metric}"], 0.0]
 
 

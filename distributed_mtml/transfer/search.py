@@ -24,8 +24,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from distributed_mtml import report
+from distributed_mtml import compat, report
 from distributed_mtml.config import Config, run_params
+from distributed_mtml.console import progress_line, say
 from distributed_mtml.stats import mean_ci
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.transfer.fit import fit
@@ -131,8 +132,8 @@ def _progress(stage: str, trials, ended) -> None:
     Tune calls back before it marks the ended trial, so that one counts as done here."""
     states = ["TERMINATED" if t is ended else t.status for t in trials]
     done = sum(s in ("TERMINATED", "ERROR") for s in states)
-    print(f"[tune] {stage}: {done}/{len(states)} trials done, {states.count('RUNNING')} running, "
-          f"{states.count('PENDING')} pending", flush=True)
+    say(progress_line(f"{stage} trials", done, len(states),
+                      [f"{states.count('RUNNING')} running", f"{states.count('PENDING')} pending"], prefix="[tune]"))
 
 
 def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, tracker: Tracker, parent: str, asha: bool):
@@ -202,12 +203,12 @@ def run_tune(config: Config, tracker: Tracker, run_name: str, address: str | Non
     """Search, repeat, summarise; returns (parent run id, table header, rows, best strategy)."""
     import ray.tune
 
-    from distributed_mtml.runtime.driver import ensure_ray
+    from distributed_mtml.runtime.cluster import ensure_ray
 
     t, tn = config.transfer, config.tune
     # Tune's own SIGINT handler stops the search and returns partial results, on which the
     # repeats would then run: Ctrl-C must end the whole command instead (KILLED)
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    compat.set_environment(TUNE_DISABLE_SIGINT_HANDLER="1")
     t.strategies = chosen(t.strategies)  # every registered strategy unless the config names some
     inputs = load_inputs(config, tracker)
     for strategy in t.strategies:

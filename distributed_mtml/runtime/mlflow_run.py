@@ -1,0 +1,108 @@
+"""The MLflow run of a training command: created or found again for `--resume`, its files and
+datasets logged, the metrics the tracking server missed sent once training is done, and the kept
+model's step recorded."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import TYPE_CHECKING
+
+import yaml
+
+from distributed_mtml.config import Config, run_params
+from distributed_mtml.data.suite import join_path, load_suite_spec, read_text, suite_yaml_path
+from distributed_mtml.errors import InputError, TrainingFailed
+from distributed_mtml.runtime.callback import MetricSpool, fail_fast
+from distributed_mtml.runtime.checkpoint import check_resumable, load_state
+from distributed_mtml.runtime.monitor import SCORE
+from distributed_mtml.tracking import Tracker
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+def start_or_resume_run(
+    cfg: Config, tracker: Tracker, run_name: str, resume: bool, tags: dict[str, str], plan_params: dict
+) -> tuple[str, str]:
+    """(MLflow run id, Ray Train run name). The Ray name is derived from the MLflow run, so a
+    resumed run finds both its metrics and its checkpoints again."""
+    if resume:
+        run_id = tracker.find_resumable_run(cfg.tracking.experiment, run_name)
+        if run_id is None:
+            raise InputError(f"--resume: no unfinished run of config '{run_name}' in experiment '{cfg.tracking.experiment}'")
+        last = check_resumable(cfg.checkpoint.resolved_dir(), f"{run_name}-{run_id[:12]}", cfg.model.model_dump(mode="json"))
+        name = tracker.client().get_run(run_id).info.run_name
+        print(f"[mtml] resuming run {run_id} ('{name}') {_resume_point(last)}", flush=True)
+        tracker.set_status(run_id, "RUNNING")
+    else:
+        params = {**run_params(cfg, tags["mtml.command"]), **{f"plan.{k}": v for k, v in plan_params.items()}}
+        run_id = tracker.create_run(cfg.tracking.experiment, run_name, tags, params, config_name=run_name)
+    return run_id, f"{run_name}-{run_id[:12]}"
+
+def _resume_point(last: str | None) -> str:
+    """Where a resumed run continues from its newest checkpoint `last`: 'after epoch N
+    (checkpoint ...)', or from the start."""
+    if last is None:
+        return "from the start: it wrote no checkpoint"
+    if "://" in last:
+        return f"from {last}"
+    state = load_state(last)
+    done = state.get("iterations_done")
+    where = f"after iteration {done}" if done is not None else f"after epoch {int(state['epoch']) + 1}"
+    return f"{where} (checkpoint {last})"
+
+def log_run_files(tracker: Tracker, run_id: str, cfg: Config, suite_dir: str | None) -> None:
+    """The config, the suite description, and each task of the suite as a dataset input."""
+    c = tracker.client()
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+        c.log_artifact(run_id, os.path.join(d, "config.yaml"))
+        if suite_dir is not None:
+            with open(os.path.join(d, "suite.yaml"), "w") as f:
+                f.write(read_text(suite_yaml_path(suite_dir)))
+            c.log_artifact(run_id, os.path.join(d, "suite.yaml"))
+    if suite_dir is not None:
+        tracker.log_datasets(run_id, suite_datasets(suite_dir))
+
+def suite_datasets(suite_dir: str) -> list[tuple[str, str, str, pa.Schema]]:
+    """(name, source URI, digest, schema) of each task's files: what trained the run."""
+    from distributed_mtml.data.scan import fingerprint, open_task
+
+    out = []
+    for task in load_suite_spec(suite_dir).tasks:
+        source = join_path(suite_dir, task.path)
+        out.append((task.name, source, fingerprint(suite_dir, task), open_task(suite_dir, task).schema))
+    return out
+
+def send_kept_metrics(tracker: Tracker, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
+    """What the tracking server missed during training, sent now, trying every 2 s for up to
+    `wait_s`. If it still does not answer, the run cannot be closed: say where the model and
+    the unsent metrics are."""
+    import time
+
+    kept = MetricSpool.load(spool)
+    deadline = time.monotonic() + wait_s
+    with fail_fast():
+        while True:
+            try:
+                return kept.send(tracker, run_id)
+            except Exception as e:  # noqa: BLE001 - any client error means the same to the user
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(
+                        f"training finished but the tracking server {tracker} does not answer "
+                        f"({str(e).splitlines()[0][:160]}): the model is in {checkpoint}, "
+                        f"{len(kept.reports)} unsent report(s) in {spool}") from None
+                time.sleep(2)
+
+def log_kept(tracker: Tracker, run_id: str, config: Config, counter: str, latest: dict, kept: dict) -> int:
+    """Says which model the run kept: tag mtml.best_<counter>, metric best/<monitor>, and
+    mtml.stopped_early. Returns the kept step."""
+    step = int(kept.get("best_step", kept.get(counter, -1)))
+    c = tracker.client()
+    c.set_tag(run_id, f"mtml.best_{counter}", str(step))
+    c.set_tag(run_id, "mtml.stopped_early", "true" if latest.get("stopped_early") else "false")
+    if SCORE in kept:
+        tracker.log_metrics(run_id, {f"best/{config.checkpoint.monitor}": kept[SCORE]}, step)
+    return step
