@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_mtml.aggregation import Method
-from distributed_mtml.aggregation.exchange import gather_task_grads, write_grad
+from distributed_mtml.aggregation.exchange import gather_task_grads
+from distributed_mtml.collective import sum_grads
 from distributed_mtml.models import learned_width, task_losses
 
 
@@ -80,7 +81,7 @@ def representation_step(
     params = [p for p in trunk.parameters() if p.requires_grad]
     _accumulate(params, torch.autograd.grad(z, params, z_grad * per_row[:, None], allow_unused=True))
     if len(placement) > 1:
-        _sum_over_ranks(params)
+        sum_grads(params, dist.get_world_size())  # the trunk's sum_t w_t g_t: each rank holds its tasks' part
     optimizer.step()
     return {n: loss.detach() for n, loss in zip(names, losses)}, w
 
@@ -89,10 +90,3 @@ def _accumulate(params: list[nn.Parameter], grads: tuple) -> None:
     for p, g in zip(params, grads):
         g = torch.zeros_like(p) if g is None else g
         p.grad = g if p.grad is None else p.grad + g
-
-
-def _sum_over_ranks(params: list[nn.Parameter]) -> None:
-    """The trunk's sum_t w_t g_t: each rank holds its own tasks' part."""
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    write_grad(params, flat)

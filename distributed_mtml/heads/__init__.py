@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from distributed_mtml.collective import sum_grads
 from distributed_mtml.heads import separate, shared_plus_offset, task_embedding
 
 if TYPE_CHECKING:
@@ -88,12 +88,4 @@ def sync_shared_grads(shared: nn.ModuleDict, world: int) -> None:
     """Each rank's shared-head gradient holds its own tasks' part of the suite's loss: one
     all-reduce sums them (a rank whose tasks do not use a group adds zeros), so every rank
     takes the same step and the shared heads stay equal, as DDP keeps the trunk."""
-    params = list(shared.parameters())
-    if world == 1 or not params:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+    sum_grads(list(shared.parameters()), world)

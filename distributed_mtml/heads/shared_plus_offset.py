@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
+from distributed_mtml.collective import summed
 from distributed_mtml.heads.separate import stack
 
 if TYPE_CHECKING:
@@ -129,12 +129,9 @@ def solve_offsets(head: OffsetHead, features: torch.Tensor, target: torch.Tensor
     head.set_last_offsets(torch.linalg.solve(x.T @ x + torch.diag(p), x.T @ r))
 
 
-def _summed(values: torch.Tensor, world: int, device: torch.device | None) -> torch.Tensor:
+def summed_cpu(values: torch.Tensor, world: int, device: torch.device | None) -> torch.Tensor:
     """`values` summed over ranks (on `device`, the process group's), back on the CPU."""
-    if world > 1:
-        values = values.to(device)
-        dist.all_reduce(values)
-    return values.cpu()
+    return summed(values, world, device).cpu()
 
 
 @dataclass(frozen=True)
@@ -175,8 +172,8 @@ def _em(solvable: dict, lam: float, world: int, device: torch.device | None, las
     rr0 = torch.stack([r @ r for _, _, r in solvable.values()]) if heads else empty[:, 0]
     counts = torch.tensor([sum(len(r) for _, _, r in solvable.values()), len(heads), float(not complete), rr0.sum()],
                           dtype=torch.float64)
-    rows, tasks, incomplete, scatter = _summed(counts, world, device)
-    total_gram = _summed(gram.sum(0), world, device)
+    rows, tasks, incomplete, scatter = summed_cpu(counts, world, device)
+    total_gram = summed_cpu(gram.sum(0), world, device)
     fixed = not incomplete and tasks > 0
     ridge = torch.eye(width, dtype=torch.float64) * (1e-8 * float(torch.diagonal(total_gram).mean()) + 1e-12)
     w0 = torch.cat([last.linear.weight.detach().reshape(-1), last.linear.bias.detach()]).double().cpu()
@@ -211,9 +208,9 @@ def _em(solvable: dict, lam: float, world: int, device: torch.device | None, las
 
     prior = float(scatter / rows)  # the learned block's fixed-effect variance: at first, the residual's
     if fixed:  # start from complete pooling, so that the offsets start from what tasks do not share
-        shift, _ = fixed_effects(_summed(b0.sum(0), world, device), prior, prior)
+        shift, _ = fixed_effects(summed_cpu(b0.sum(0), world, device), prior, prior)
     v = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), b0 - gram @ shift) if heads else b0
-    sigma2 = float(_summed(residuals(v).sum().view(1), world, device)[0]) / float(rows)
+    sigma2 = float(summed_cpu(residuals(v).sum().view(1), world, device)[0]) / float(rows)
     var = last.state.get("var", torch.full((width,), sigma2 / lam, dtype=torch.float64))
     prior = last.state.get("prior", prior)
     for _ in range(WARM_STEPS if last.state else EM_STEPS):
@@ -221,7 +218,7 @@ def _em(solvable: dict, lam: float, world: int, device: torch.device | None, las
         shrunk = spread * sigma2 / var  # per offset, the share of it the prior decides
         determined = (1 - shrunk).clamp(1e-9, 1).sum(0)
         noise = (residuals(v) + sigma2 * (width - shrunk.sum(1))).sum()  # sigma2 trace(A^-1 X^T X), A = X^T X + D
-        total = _summed(torch.cat([(v**2).sum(0), determined, noise.view(1), left.sum(0)]), world, device)
+        total = summed_cpu(torch.cat([(v**2).sum(0), determined, noise.view(1), left.sum(0)]), world, device)
         var = pooled(total[:width]) / pooled(total[width : 2 * width]).clamp_min(1e-9) + 1e-12
         sigma2 = float(total[2 * width]) / float(rows)
         if fixed:
@@ -256,7 +253,7 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
         errors = torch.zeros(len(LAMBDAS), dtype=torch.float64)
         for _, u, s, _, r in svds.values():
             errors += _loo_errors(u, s, r).cpu()
-        errors = _summed(errors, world, device)
+        errors = summed_cpu(errors, world, device)
         if not errors.any():
             return None
         lam = float(LAMBDAS[int(errors.argmin())])

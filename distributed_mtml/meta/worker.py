@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml import compat
+from distributed_mtml.collective import sum_grads, summed
 from distributed_mtml.console import progress_line, say
 from distributed_mtml.data.suite import load_suite_spec, load_task
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
@@ -56,23 +55,6 @@ def _sources(plan: MetaPlan, rank: int, world: int):
     return episodes(train), episodes(val)
 
 
-def _all_reduce(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(values)
-    return values
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """One flat all-reduce SUM: ranks already divided their sums by the meta-batch size."""
-    if world == 1:
-        return
-    flat = _all_reduce(parameters_to_vector([p.grad for p in params]), world)
-    grads = [torch.empty_like(p) for p in params]
-    vector_to_parameters(flat, grads)
-    for p, g in zip(params, grads):
-        p.grad = g
-
-
 VALIDATED_STEPS = 10  # the inner steps the validation curve runs to: a new task's default adaptation is its best
 
 
@@ -83,7 +65,7 @@ def _validation(learner, episodes, steps: int, count: int, world: int) -> dict[s
     --adapt-from` takes unless told (0 where adapting did not pay on the validation tasks)."""
     length = max(steps, VALIDATED_STEPS)
     curve = adaptation_curve(learner, episodes, length)["loss"] if episodes is not None else torch.zeros(0, length + 1)
-    sums = _all_reduce(curve.sum(0).double(), world) / count
+    sums = summed(curve.sum(0).double(), world) / count
     best = int(sums.argmin())
     return {"val/meta/loss": float(sums[steps]), "val/meta/loss_before": float(sums[0]),
             "val/meta/best_steps": best, "val/meta/loss_best_steps": float(sums[best])}
@@ -147,7 +129,7 @@ class MetaWorker:
                 p.grad = torch.zeros_like(p)
         else:
             losses = meta_gradient(self.learner, episodes.to(self.device), meta.inner_steps, meta.meta_batch_size)
-        _all_reduce_grads(list(self.learner.parameters()), self.world)
+        sum_grads(list(self.learner.parameters()), self.world)  # ranks divided by the meta-batch size
         self.guard.observe({META_TASK: losses.sum()}, iteration)
         self.optimizer.step()
         return losses.sum().double().cpu(), len(items)
@@ -157,7 +139,7 @@ class MetaWorker:
         keep/stop decision; the report to Ray Train with a checkpoint."""
         meta = self.plan.config.meta
         self.guard.raise_if_diverged(self.world, lambda step: f"meta-iteration {step + 1}")
-        metrics = {"train/meta/loss": float(_all_reduce(loss_sum, self.world)) / (block * meta.meta_batch_size)}
+        metrics = {"train/meta/loss": float(summed(loss_sum, self.world)) / (block * meta.meta_batch_size)}
         metrics.update(_validation(self.learner, self.val, meta.inner_steps, meta.val_tasks, self.world))
         self.monitor.update(metrics, finished)
         metrics.update(self.monitor.report_fields(metrics))
