@@ -59,6 +59,7 @@ def test_distributed_maml_lowers_the_post_adaptation_loss_and_evaluates(ray_sess
     assert "plots/fewshot_5shot_loss.png" in {a.path for a in client.list_artifacts(out.run_id, "plots")}
 
 
+@pytest.mark.e2e
 def test_meta_training_keeps_the_best_report_and_stops_early(ray_session, tmp_path):
     """Monitored in 'max' mode the first report is the best (meta-training lowers the loss), so
     with patience 1 the run stops at the second report and keeps the first one's model."""
@@ -76,6 +77,7 @@ def test_meta_training_keeps_the_best_report_and_stops_early(ray_session, tmp_pa
     assert load_state(out.checkpoint_path)["iterations_done"] == 100
 
 
+@pytest.mark.e2e
 def test_meta_training_on_a_suite_shards_its_tasks_and_resumes(ray_session, tmp_path):
     from distributed_mtml.data.generators import make_suite
 

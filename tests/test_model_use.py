@@ -90,6 +90,7 @@ def _by_hand(checkpoint: str, suite: str, rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+@pytest.mark.e2e
 def test_the_run_logs_a_pyfunc_model_that_a_fresh_process_loads_and_that_predicts_as_the_run(trained):
     root, suite, tracker, outcome = trained
     rows = _test_rows(suite)
@@ -151,6 +152,7 @@ def test_datasets_and_the_experiment_kind_are_on_the_run(trained):
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+@pytest.mark.e2e
 def test_predict_maps_a_large_table_with_ray_data_and_keeps_columns(trained, capsys):
     from distributed_mtml.cli import main
     from distributed_mtml.predict import BATCH_ROWS

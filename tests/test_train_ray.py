@@ -123,6 +123,7 @@ def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session
     assert out.metrics["val/reg/loss"] < 1 < out.metrics["val/reg/mse"]  # loss standardised, mse in units
 
 
+@pytest.mark.e2e  # resuming in the everyday tier: test_local_mode_trains_as_one_worker_does_and_resumes
 def test_resume_continues_from_the_last_checkpoint(ray_session, tmp_path, seed_suite, capsys):
     tracker = _tracker(tmp_path)
     first = run_training(_config(tmp_path, seed_suite, training={"epochs": 2}), "resumable", tracker)
@@ -151,6 +152,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.e2e
 def test_full_disk_fails_clearly_and_keeps_the_last_whole_checkpoint(ray_session, tmp_path, seed_suite, tiny_disk):
     """The checkpoint disk fills up during training: the run ends FAILED with one line saying
     so and naming the last complete checkpoint, which still loads; the partial one is never
@@ -230,6 +232,7 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.e2e
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed_suite):
     """SIGKILL one worker after the first checkpoint: with max_failures the group restarts
     from that checkpoint, the run finishes with every epoch logged once and the restart
@@ -268,6 +271,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
         assert out.metrics[key] == pytest.approx(calm.metrics[key], rel=1e-5), key
 
 
+@pytest.mark.e2e
 def test_the_kept_model_is_the_best_epoch_and_early_stopping_survives_a_restart(ray_session, tmp_path, seed_suite,
                                                                                  monkeypatch):
     """Monitoring val/mean_loss in 'max' mode makes an early epoch the best (the loss falls),
@@ -313,6 +317,7 @@ def test_a_cluster_without_the_gpus_fails_the_run_after_resource_wait(ray_sessio
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.e2e
 def test_tracking_server_going_away_mid_run_loses_nothing(ray_session, tmp_path, seed_suite, mlflow_server):
     """The tracking server becomes unreachable after two epochs (its port closes, open
     connections drop) and comes back a few epochs later: training goes on meanwhile, the
@@ -365,6 +370,7 @@ def _cli_train(tmp_path, suite, env: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, **env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
 
 
+@pytest.mark.e2e
 def test_worker_exit_without_restarts_names_the_worker_and_the_checkpoint(ray_session, tmp_path, seed_suite):
     """A worker calling os._exit(1) mid-epoch with max_failures 0: one line naming the dead rank
     and the checkpoint to resume from, exit 1, run FAILED; then resuming finishes it (in this
@@ -407,7 +413,7 @@ def test_non_finite_loss_fails_the_run_naming_task_and_step(ray_session, tmp_pat
 # One method of each kind (see `aggregation`): within a kind, a run differs only by the weights
 # function, and every gradient method's exchange across ranks is checked against its
 # single-process reference in test_aggregation. PCGrad runs end to end in the README tour, DWA below.
-@pytest.mark.parametrize("method", ["mgda", "graddrop", "uw"])
+@pytest.mark.parametrize("method", ["mgda", "graddrop", pytest.param("uw", marks=pytest.mark.e2e)])  # uw: a loss weighting, as DWA below
 def test_conflict_aware_methods_end_to_end(ray_session, tmp_path, seed_suite, method):
     cfg = _config(tmp_path, seed_suite, training={"epochs": 2}, aggregation={"method": method})
     out = run_training(cfg, f"agg-{method}", _tracker(tmp_path))
@@ -486,6 +492,7 @@ def _dataset_readers(ray) -> dict[tuple[str, str], set[str]]:
     return found
 
 
+@pytest.mark.e2e
 def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite):
     """`data.max_in_memory_mb: 0` streams every task: each worker reads its own task's Ray
     dataset (the train split filtered at the read), running out and starting a next pass within
@@ -545,6 +552,7 @@ def test_a_small_streamed_split_is_held_after_one_pass_and_a_large_one_is_not(mo
     assert len(list(worker._held_after_one_pass(iter(batches), held, "val-b"))) == 3 and "val-b" not in held
 
 
+@pytest.mark.e2e
 def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_restart(ray_session, seed_suite):
     """A streamed task's batches are one seeded sequence of passes: epochs continue the pass the
     last one left (no row twice within a pass), and a fresh reader of epoch 1 (a worker

@@ -59,6 +59,7 @@ def test_transfer_runs_each_strategy_as_a_child_run(source, tmp_path, monkeypatc
     assert [m.step for m in test] == [40]  # scored once, after training
 
 
+@pytest.mark.e2e
 def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server(source, tmp_path, monkeypatch, capsys, mlflow_server):
     """10 labelled rows of a task the source trunk already knows: starting from the source
     must beat training from scratch, and the table, children and tags land on the server."""
@@ -87,6 +88,7 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
     assert [r.split(",")[0] for r in rows] == ["scratch", "linear_probe"]
 
 
+@pytest.mark.e2e
 def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch, capsys, ray_session):
     """And gives back its workers' CPUs: a trial that Tune stopped on its last report left its
     TorchTrainer's placement group behind, so the next distributed trial waited forever on a
