@@ -29,7 +29,7 @@ episodes and seeds, +- the 95% CI over episodes of the first seed, and the ratio
   mixedlm BLUP        statsmodels MixedLM y ~ x + z, random intercept and slope on x1, fitted on
                       the training groups' train rows; a new group's prediction = fixed part +
                       its BLUP from the K rows: b = G Z' (Z G Z' + s2 I)^-1 (y - X beta)
-Target (issue 30): ours within 2% of the BLUP or better at every K, better than 0 steps at every K.
+Target: ours within 2% of the BLUP or better at every K, better than 0 steps at every K.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def test_tune_searches_repeats_and_picks_the_known_best_against_an_mlflow_server
 def test_a_trial_can_be_a_two_worker_torch_trainer(source, tmp_path, monkeypatch, capsys, ray_session):
     """And gives back its workers' CPUs: a trial that Tune stopped on its last report left its
     TorchTrainer's placement group behind, so the next distributed trial waited forever on a
-    2-CPU Ray (the flaky failure of issue 12)."""
+    2-CPU Ray (a flaky failure once)."""
     import time
 
     monkeypatch.chdir(tmp_path)
