@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-task models: the split to score (val: compare with the run's logged validation numbers)")
     ev.add_argument("--steps", type=int, default=10, help="meta: adaptation steps to score (0..N)")
     ev.add_argument("--tasks", type=int, default=600, help="meta: held-out tasks")
+    ev.add_argument("--table", help="multi-task models: also write every task's metrics to this Parquet file (with more "
+                                    "tasks than tracking.task_metrics_limit, default ./mtml_evaluate_<split>.parquet)")
     ev.set_defaults(func=cmd_evaluate)
     _add_common(ev)
     for name, text, func in [
@@ -235,11 +237,20 @@ def cmd_meta_train(args) -> int:
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is iteration {outcome.best_step}'s: validation "
           f"query loss {m['val/meta/loss_before']:.4f} before and {m['val/meta/loss']:.4f} after "
           f"{config.meta.inner_steps} adaptation step(s)")
-    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracker}")
+    _say_where(outcome.tracker, outcome.run_id)
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --shots {config.meta.shots} --steps 10"
           f"{_uri_flag(outcome.tracker)}")
     _say_model(outcome, args.register)
     return EXIT_OK
+
+
+def _say_where(tracker: Tracker, run_id: str) -> None:
+    """The `mlflow ui` command for a local store, and the run's own page."""
+    if not tracker.uri.startswith(("http://", "https://")):
+        print(f"\nlook at it:  mlflow ui --backend-store-uri {tracker}")
+        print(f"its page:    {tracker.run_page(run_id)}")
+    else:
+        print(f"\nlook at it:  {tracker.run_page(run_id)}")
 
 
 def _say_model(outcome, registered: str | None) -> None:
@@ -248,7 +259,8 @@ def _say_model(outcome, registered: str | None) -> None:
 
 
 def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False, register: str | None = None) -> int:
-    from distributed_mtml.report import metrics_table
+    from distributed_mtml import per_task
+    from distributed_mtml.report import metrics_table, tasks_summary
     from distributed_mtml.train.launch import run_training
 
     config, run_name = _load_run_config(args, config_path, overrides)
@@ -256,10 +268,13 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
     stopped = " (stopped early)" if outcome.stopped_early else ""
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is epoch {outcome.best_step + 1}'s, "
           f"best {config.checkpoint.monitor}; its validation metrics:")
-    trivial = {k[len("baseline/"):]: v for k, v in outcome.metrics.items() if k.startswith("baseline/")}
-    print(metrics_table(outcome.kept, "val", trivial))
+    if per_task.task_count(outcome.kept) > config.tracking.task_metrics_limit:
+        print(tasks_summary(outcome.kept, "val"))
+    else:
+        trivial = {k[len("baseline/"):]: v for k, v in outcome.metrics.items() if k.startswith("baseline/")}
+        print(metrics_table(outcome.kept, "val", trivial))
     print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
-    print(f"\nlook at it:  mlflow ui --backend-store-uri {outcome.tracker}")
+    _say_where(outcome.tracker, outcome.run_id)
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
           f"{_uri_flag(outcome.tracker)}")
     _say_model(outcome, register)
@@ -267,10 +282,12 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
 
 
 def cmd_evaluate(args) -> int:
+    from distributed_mtml import per_task
     from distributed_mtml.artifacts import load_model, model_dir
     from distributed_mtml.evaluate import evaluate
-    from distributed_mtml.report import metrics_table
+    from distributed_mtml.report import metrics_table, tasks_summary
     from distributed_mtml.runtime.checkpoint import load_state
+    from distributed_mtml.train.plan import TrainPlan
 
     tracker = _tracker(args)
     if args.run:
@@ -284,8 +301,17 @@ def cmd_evaluate(args) -> int:
     suite = args.suite or plan["suite_dir"]  # the suite the model was trained on
     if not os.path.isdir(suite) and "://" not in suite:
         raise InputError(f"--suite: the run's suite {suite} is not there any more; name one with --suite")
-    print(f"{args.split} split of {suite} (trivial: the train mean, or the train class frequencies):")
-    print(metrics_table(evaluate(model, suite, args.split), args.split, baseline_metrics(suite, (args.split,), model.preprocessing)))
+    scores = evaluate(model, suite, args.split)
+    many = per_task.task_count(scores) > TrainPlan.model_validate(plan).config.tracking.task_metrics_limit
+    if many:
+        print(f"{args.split} split of {suite}:\n{tasks_summary(scores, args.split)}")
+    else:
+        print(f"{args.split} split of {suite} (trivial: the train mean, or the train class frequencies):")
+        print(metrics_table(scores, args.split, baseline_metrics(suite, (args.split,), model.preprocessing)))
+    table = args.table or (f"mtml_evaluate_{args.split}.parquet" if many else None)
+    if table:
+        per_task.write_table(per_task.summarize(scores)[1], table)
+        print(f"every task's metrics: {os.path.abspath(table)}")
     return EXIT_OK
 
 

@@ -39,6 +39,24 @@ def metrics_table(metrics: dict[str, float], split: str, baseline: dict[str, flo
     return table(["task", *columns, "trivial loss", "beats trivial"], rows)
 
 
+SHOWN = 5  # worst and best tasks named beside the summary of many
+
+
+def tasks_summary(metrics: dict[str, float], split: str) -> str:
+    """Many tasks' `<split>/<task>/<metric>` as a table of their spread across tasks (one row per
+    metric), then the worst and best tasks by loss: a line per task would not be read."""
+    from distributed_mtml import per_task
+
+    summary, rows = per_task.summarize({k: v for k, v in metrics.items() if k.startswith(f"{split}/")})
+    names = [n for n in ("loss", "accuracy", "auc", "mse", "mae", "r2") if per_task.summary_key(split, n, "mean") in summary]
+    rows_out = [[n, *(summary[per_task.summary_key(split, n, s)] for s in per_task.STATS)] for n in names]
+    lines = [f"{len(rows)} tasks", table(["metric", *per_task.STATS], rows_out)]
+    worst, best = per_task.ranked(rows, f"{split}/loss", "loss", SHOWN)
+    lines.append(f"worst by loss: {', '.join(f'{t} {v:.4f}' for t, v in worst)}")
+    lines.append(f"best by loss:  {', '.join(f'{t} {v:.4f}' for t, v in best)}")
+    return "\n".join(lines)
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (workers and servers have no display)."""
     import matplotlib

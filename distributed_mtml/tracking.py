@@ -96,6 +96,16 @@ class Tracker:
     def __str__(self) -> str:
         return self.uri
 
+    LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+
+    def run_page(self, run_id: str) -> str:
+        """The address of the run's own page in the MLflow UI: the server's for a tracking server,
+        `mlflow ui`'s default otherwise. (MLflow 3.17's UI opens an experiment on its GenAI
+        overview, where training runs are a tab away: this goes straight to the run.)"""
+        experiment = self.client().get_run(run_id).info.experiment_id
+        ui = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else self.LOCAL_UI
+        return f"{ui}/#/experiments/{experiment}/runs/{run_id}"
+
     def client(self):
         from mlflow.tracking import MlflowClient
 

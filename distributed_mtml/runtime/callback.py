@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from distributed_mtml import compat, console
+from distributed_mtml import compat, console, per_task
 from distributed_mtml.console import say
 from distributed_mtml.runtime.monitor import mean_val_loss
 from distributed_mtml.tracking import Tracker
@@ -145,8 +145,9 @@ class MLflowMetricsCallback(UserCallback):
     `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
 
     def __init__(self, tracker: Tracker, run_id: str, epochs: int, counter: str, max_failures: int, spool: str,
-                 terminal: str | None = None):
+                 terminal: str | None = None, task_limit: int | None = None):
         self.tracker, self.run_id, self.epochs, self.counter, self.terminal = tracker, run_id, epochs, counter, terminal
+        self.task_limit = task_limit
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
         self.spool = MetricSpool(spool)
         self.phases: list[dict] = []
@@ -158,9 +159,22 @@ class MLflowMetricsCallback(UserCallback):
         self._record_placement(int(per_rank[0][0][self.counter]), [m.get("holds", []) for m in metrics])
         for covered in zip(*per_rank):
             epoch, merged = merge_worker_metrics(list(covered), self.counter)
-            self._log(merged, epoch)
+            self._log(self._folded(merged, epoch), epoch)
         self.next_step = epoch + 1
         say(progress_line(epoch, self.epochs, merged, self.counter), self.terminal)
+
+    def _folded(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        """Above `task_limit` tasks: the per-task keys' summaries, their values in the table
+        `per_task/<counter>_<step>.parquet` (see `per_task`)."""
+        if self.task_limit is None or per_task.task_count(metrics) <= self.task_limit:
+            return metrics
+        summary, rows = per_task.summarize(metrics)
+        try:
+            with fail_fast():
+                per_task.log_table(self.tracker.client(), self.run_id, rows, f"{self.counter}_{step:06d}")
+        except Exception as e:  # noqa: BLE001 - a table, not worth stopping training for
+            log.warning("per-task table of %s %d not logged: %s", self.counter, step, str(e).splitlines()[0][:160])
+        return summary
 
     def _record_placement(self, step: int, holds: list[list[str]]) -> None:
         """A new phase when the ranks hold other tasks than in the last report (a resumed run

@@ -60,7 +60,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
     spool = spool_path(config.checkpoint.resolved_dir(), ray_name)
     terminal = None if config.scaling.local else f"mtml-console-{ray_name}"  # local: this process prints
     callback = MLflowMetricsCallback(tracker, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
-                                              spool, terminal)
+                                     spool, terminal, config.tracking.task_metrics_limit)
     with tracker.final_status(run_id):
         if config.scaling.local:
             result = fit_local(spec.loop, spec.payload, spec.datasets, config, ray_name, callback, address)

@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Callable
 
-from distributed_mtml import report
+from distributed_mtml import per_task, report
 from distributed_mtml.artifacts import load_model
 from distributed_mtml.config import Config
 from distributed_mtml.model_log import input_example, log_mlflow_model
@@ -23,27 +23,44 @@ def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_di
     from distributed_mtml.evaluate import evaluate
 
     c = tracker.client()
+    many = len(plan.train_rows) > plan.config.tracking.task_metrics_limit  # tables and summaries: see per_task
     log_run_files(tracker, run_id, plan.config, plan.suite_dir)
     trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing,
                                shapes={s.name: s for s in plan.task_shapes()})
-    tracker.log_metrics(run_id, {f"baseline/{k}": v for k, v in trivial.items()}, step=0)
+    tracker.log_metrics(run_id, _folded(c, run_id, {f"baseline/{k}": v for k, v in trivial.items()}, "baseline", many),
+                        step=0)
     # the kept model scored once on the test split: the numbers to report (selection used val only)
     test = evaluate(load_model(checkpoint_dir)[0], plan.suite_dir, "test", checked=True)
     example = input_example(plan.suite_dir, plan.features)
     model = log_mlflow_model(tracker, run_id, checkpoint_dir, example, best_epoch, register)
-    tracker.log_metrics(run_id, test, step=0, model_id=model.model_id)
+    tracker.log_metrics(run_id, _folded(c, run_id, test, "test", many), step=0, model_id=model.model_id)
     with tempfile.TemporaryDirectory() as d:
-        histories = {
-            task: {
-                split: [(m.step, m.value) for m in c.get_metric_history(run_id, f"{split}/{task}/loss")]
-                for split in ("train", "val")
-            }
-            for task in plan.train_rows
-        }
-        plots = report.learning_curves(histories, os.path.join(d, "plots"))
+        plots = report.learning_curves(_loss_histories(c, run_id, list(plan.train_rows), many), os.path.join(d, "plots"))
         c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
         if plan.config.relations.enabled:
             _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
+
+
+def _folded(c, run_id: str, metrics: dict[str, float], name: str, many: bool) -> dict[str, float]:
+    """With many tasks, the summaries of `metrics`, their values in the table `per_task/<name>`."""
+    if not many:
+        return metrics
+    summary, rows = per_task.summarize(metrics)
+    per_task.log_table(c, run_id, rows, name)
+    return summary
+
+
+def _loss_histories(c, run_id: str, tasks: list[str], many: bool) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What the learning-curve figures show: each task's train and val loss, or with many tasks
+    one figure of their summaries across tasks (mean, median, the 90th percentile and the worst)."""
+    def history(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in c.get_metric_history(run_id, key)]
+
+    if many:
+        curves = {f"{split} {stat}": history(per_task.summary_key(split, "loss", stat))
+                  for split in ("train", "val") for stat in ("mean", "median", "p90", "worst")}
+        return {f"all {len(tasks)} tasks": curves}
+    return {task: {split: history(f"{split}/{task}/loss") for split in ("train", "val")} for task in tasks}
 
 
 def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
