@@ -65,6 +65,14 @@ def test_a_run_above_the_limit_logs_summaries_and_tables_not_a_key_per_task(tmp_
     test = pd.read_parquet(client.download_artifacts(run.info.run_id, "per_task/test.parquet", str(tmp_path)))
     assert len(test) == 8 and test["test/mse"].mean() == pytest.approx(run.data.metrics["tasks/test/mse/mean"])
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/all 8 tasks.png"]
+    from distributed_mtml.train.launch import _loss_histories
+
+    last = pd.read_parquet(client.download_artifacts(run.info.run_id, "per_task/epoch_000002.parquet", str(tmp_path)))
+    worst = last.nlargest(3, "val/loss")
+    curves = _loss_histories(client, run.info.run_id, list(test.task), many=True)["all 8 tasks"]
+    assert {f"val {t}" for t in worst.task} <= set(curves) and "val mean" in curves
+    for task, loss in zip(worst.task, worst["val/loss"]):
+        assert [s for s, _ in curves[f"val {task}"]] == [0, 1, 2] and curves[f"val {task}"][-1][1] == pytest.approx(loss)
 
 
 def test_evaluate_with_many_tasks_prints_the_spread_and_writes_every_task(tmp_path, capsys):

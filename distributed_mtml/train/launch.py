@@ -52,15 +52,36 @@ def _folded(c, run_id: str, metrics: dict[str, float], name: str, many: bool) ->
 
 def _loss_histories(c, run_id: str, tasks: list[str], many: bool) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """What the learning-curve figures show: each task's train and val loss, or with many tasks
-    one figure of their summaries across tasks (mean, median, the 90th percentile and the worst)."""
+    one figure of their summaries across tasks (mean, median, the 90th percentile and the worst)
+    and the val loss of the few tasks worst at the end."""
     def history(key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in c.get_metric_history(run_id, key)]
 
     if many:
         curves = {f"{split} {stat}": history(per_task.summary_key(split, "loss", stat))
                   for split in ("train", "val") for stat in ("mean", "median", "p90", "worst")}
-        return {f"all {len(tasks)} tasks": curves}
+        return {f"all {len(tasks)} tasks": {**curves, **_worst_tasks(c, run_id)}}
     return {task: {split: history(f"{split}/{task}/loss") for split in ("train", "val")} for task in tasks}
+
+
+WORST_SHOWN = 3  # tasks whose own val loss the many-task figure draws
+
+
+def _worst_tasks(c, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """The val loss per epoch of the tasks worst at the last epoch, from the run's per-epoch
+    tables (`per_task/epoch_*.parquet`)."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as d:
+        local = c.download_artifacts(run_id, per_task.TABLE_DIR, d)
+        names = sorted(n for n in os.listdir(local) if n.startswith("epoch_"))
+        tables = [(int(n[len("epoch_"):-len(".parquet")]), pd.read_parquet(os.path.join(local, n)).set_index("task"))
+                  for n in names]
+    if not tables or "val/loss" not in tables[-1][1]:
+        return {}
+    worst = tables[-1][1]["val/loss"].nlargest(WORST_SHOWN).index
+    return {f"val {task}": [(step, float(t.at[task, "val/loss"])) for step, t in tables if task in t.index]
+            for task in worst}
 
 
 def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
