@@ -54,7 +54,7 @@ def trained(ray_session, tmp_path_factory):
     suite = _suite(str(root / "suite"))
     config = validate_config({
         "suite": {"path": suite}, "training": {"epochs": 8, "batch_size": 32, "lr": 0.01, "seed": 0},
-        "scaling": {"num_workers": 1}, "checkpoint": {"dir": str(root / "runs")}})
+        "scaling": {"num_workers": 0}, "checkpoint": {"dir": str(root / "runs")}})  # local mode: the model is the point
     tracker = Tracker(f"sqlite:///{root}/mlflow.db")
     outcome = run_training(config, "shops", tracker, register="shops")
     return root, suite, tracker, outcome
@@ -248,7 +248,7 @@ def test_adapting_a_meta_learned_model_to_a_new_task_lowers_its_loss(ray_session
     config = validate_config({
         "suite": {"generator": "sinusoid"}, "model": {"trunk": {"widths": [40, 40]}},
         "meta": {"algorithm": "metasgd", "iterations": 600, "report_every": 200, "meta_batch_size": 8},
-        "scaling": {"num_workers": 1}, "checkpoint": {"dir": str(tmp_path / "runs")}})
+        "scaling": {"num_workers": 0}, "checkpoint": {"dir": str(tmp_path / "runs")}})  # local mode
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     outcome = run_meta_training(config, "sines", tracker)
     rng = np.random.default_rng(7)  # a new sine: amplitude 3, phase 1

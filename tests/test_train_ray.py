@@ -104,7 +104,7 @@ def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session
 
     from distributed_mtml.data.suite import load_suite_spec, load_task
 
-    config = _config(tmp_path, raw_suite, scaling={"num_workers": 1}, training={"epochs": 10})
+    config = _config(tmp_path, raw_suite, scaling={"num_workers": 0}, training={"epochs": 10})  # local mode: no DDP here
     out = run_training(config, "one", _tracker(tmp_path))
     model = model_from_run(out.run_id, _tracker(tmp_path))
     cls, reg = (load_task(raw_suite, t) for t in load_suite_spec(raw_suite).tasks)
