@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Iterator
 from distributed_mtml.errors import InputError
 from distributed_mtml.meta.checkpoint import load_learner
 from distributed_mtml.models import MultiTaskModel
-from distributed_mtml.runtime.checkpoint import STATE_FILE, TRUNK_FILE, load_into, load_state, task_file
+from distributed_mtml.runtime.checkpoint import (
+    STATE_FILE,
+    TRUNK_FILE,
+    load_into,
+    load_state,
+    load_state_dict,
+    task_states,
+)
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.checkpoint import load_shared_heads
 from distributed_mtml.train.plan import TrainPlan
@@ -50,8 +57,9 @@ def load_model(directory: str) -> tuple[MultiTaskModel, dict]:
     model = MultiTaskModel(plan.config.model, plan.task_shapes(), plan.config.training.seed, plan.preprocessing)
     load_into(model.trunk, os.path.join(directory, TRUNK_FILE))
     load_shared_heads(model.shared_heads, directory)
+    states = task_states(directory, list(model.task_modules))
     for name, module in model.task_modules.items():
-        load_into(module, os.path.join(directory, task_file(name)))
+        load_state_dict(module, states[name], f"{directory} (task '{name}')")
     model.eval()
     return model, state["plan"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from distributed_mtml.per_task import split_key
+
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A left-aligned text table; floats printed with 4 decimals."""
@@ -16,8 +18,8 @@ def table(headers: list[str], rows: list[list]) -> str:
 def _per_task(metrics: dict[str, float], split: str) -> dict[str, dict[str, float]]:
     per_task: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == split:
+        parts = split_key(key)
+        if parts is not None and parts[0] == split:
             per_task.setdefault(parts[1], {})[parts[2]] = value
     return per_task
 
@@ -86,7 +88,8 @@ def learning_curves(
         ax.set(title=f"task {task}", xlabel=x_label, ylabel=y_label)
         ax.legend()
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{task}.png")
+        path = os.path.join(out_dir, f"{task}.png")  # a group task's in its entry's folder: plots/<entry>/<value>.png
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)

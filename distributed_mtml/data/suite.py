@@ -1,4 +1,5 @@
-"""The task-suite format: a `suite.yaml` index plus one Parquet file (or directory) per task.
+"""The task-suite format: a `suite.yaml` index plus one Parquet file (or directory) per task,
+or one table whose `group_column` makes a task of every distinct value (`groups.py`).
 
 Paths in `suite.yaml` may be relative to the suite directory, absolute, or any URI that
 pyarrow's filesystem layer understands (`file://`, `s3://`, `gs://`, `hdfs://`, ...), so
@@ -37,7 +38,25 @@ class TaskSpec(BaseModel):
     features: list[str] | None = None
     num_classes: int | None = Field(default=None, ge=2)
     split_column: str = "split"
+    group_column: str | None = Field(
+        default=None, description="a column whose every distinct value is a task of this entry, named <name>/<value>")
+    min_group_rows: int = Field(default=1, ge=1, description="groups with fewer rows are left out (or pooled)")
+    small_groups: Literal["drop", "pool"] = Field(
+        default="drop", description="what becomes of groups under min_group_rows: left out, or one task <name>/_pooled")
     _seeded_split: tuple[tuple[float, ...], int] = PrivateAttr(default=(SPLIT_FRACTIONS, 0))
+    _groups: tuple | None = PrivateAttr(default=None)  # an expanded group task: the values of its rows
+    _entry: str | None = PrivateAttr(default=None)  # ... and the suite entry it came from
+    _rows: int | None = PrivateAttr(default=None)  # ... and its rows in the table
+
+    @property
+    def grouped(self) -> bool:
+        """A task made of some rows of its table: those whose group column holds one of `_groups`."""
+        return self._groups is not None
+
+    @property
+    def entry(self) -> str:
+        """The suite entry the task came from: its own name unless a group column made it."""
+        return self._entry or self.name
 
     def split_is_optional(self) -> bool:
         """A task whose split column is the default may go without one (a seeded split is made);
@@ -56,6 +75,7 @@ class SuiteSpec(BaseModel):
     split_fractions: list[float] = Field(default_factory=lambda: list(SPLIT_FRACTIONS))
     split_seed: int = 0
     tasks: list[TaskSpec]
+    _group_summaries: dict = PrivateAttr(default_factory=dict)  # entry -> `groups.GroupSummary` of what it made
 
     @field_validator("split_fractions")
     @classmethod
@@ -123,22 +143,34 @@ def suite_yaml_path(suite_dir: str) -> str:
 
 
 def load_suite_spec(suite_dir: str) -> SuiteSpec:
-    """Reads `suite.yaml` with `yaml.safe_load`; raises pydantic's ValidationError on bad keys."""
+    """Reads `suite.yaml` with `yaml.safe_load` (pydantic's ValidationError on bad keys), with
+    every entry that has a group column made into its groups' tasks (InputError if it cannot be)."""
+    from distributed_mtml.data.groups import expanded
+
     raw = yaml.safe_load(read_text(suite_yaml_path(suite_dir)))
-    return SuiteSpec.model_validate(raw)
+    return expanded(suite_dir, SuiteSpec.model_validate(raw))
 
 
 def read_table(suite_dir: str, task: TaskSpec) -> pa.Table:
-    """Reads a task's Parquet file or directory of Parquet files."""
+    """Reads a task's Parquet file or directory of Parquet files (Hive partitions are columns);
+    a group task's rows only."""
     fs, inner = filesystem(join_path(suite_dir, task.path))
-    return pq.read_table(inner, filesystem=fs)
+    table = pq.read_table(inner, filesystem=fs)
+    return table.filter(group_mask(task, table.column(task.group_column))) if task.grouped else table
+
+
+def group_mask(task: TaskSpec, column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Which rows of `column` (the group column) belong to the group task `task`."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    return pc.is_in(column, value_set=pa.array(list(task._groups)).cast(column.type))
 
 
 def feature_columns(task: TaskSpec, schema: pa.Schema) -> list[str]:
     """The declared features, or every numeric column except target and split."""
     if task.features is not None:
         return list(task.features)
-    skip = {task.target, task.split_column}
+    skip = {task.target, task.split_column, task.group_column}
     return [
         f.name
         for f in schema
@@ -226,14 +258,17 @@ def load_task(suite_dir: str, task: TaskSpec, classes: list[str] | None = None) 
 def load_tasks(suite_dir: str, tasks: list[TaskSpec], classes: dict[str, list[str] | None]) -> dict[str, TaskData]:
     """Several tasks' data, each file read once: tasks that share a table (several targets of
     one file) take their columns from the same read."""
+    from distributed_mtml.data.groups import partition
+
     by_path: dict[str, list[TaskSpec]] = {}
     for task in tasks:
         by_path.setdefault(join_path(suite_dir, task.path), []).append(task)
     out = {}
     for same_file in by_path.values():
-        table = read_table(suite_dir, same_file[0])
-        for task in same_file:
-            out[task.name] = table_to_task_data(task, table, classes.get(task.name))
+        fs, inner = filesystem(join_path(suite_dir, same_file[0].path))
+        table = pq.read_table(inner, filesystem=fs)
+        for task, rows in partition(same_file, table):
+            out[task.name] = table_to_task_data(task, rows, classes.get(task.name))
     return {t.name: out[t.name] for t in tasks}
 
 

@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from distributed_mtml import compat
-from distributed_mtml.data.scan import TaskScan, is_numeric, scan_task
+from distributed_mtml.data.groups import expanded
+from distributed_mtml.data.scan import TaskScan, is_numeric, scan_tasks
 from distributed_mtml.data.suite import SPLITS, SuiteSpec, TaskSpec, read_text, suite_yaml_path
 from distributed_mtml.errors import InputError, validation_lines
 
@@ -38,7 +39,12 @@ def read_spec(suite_dir: str) -> tuple[SuiteSpec | None, list[str]]:
         seen.add(task.name)
     if not spec.tasks:
         problems.append(f"{where}: key 'tasks': the suite has no tasks")
-    return spec, problems
+    if problems:
+        return spec, problems
+    try:
+        return expanded(suite_dir, spec), []
+    except InputError as e:
+        return None, e.problems
 
 
 def _column_problems(scan: TaskScan, impute: bool) -> list[str]:
@@ -149,16 +155,40 @@ def scan_suite(suite_dir: str, on_cluster: bool = False,
     spec, problems = read_spec(suite_dir)
     if spec is None:
         return None, {}, problems
-    scanned = _scan_on_cluster(suite_dir, spec) if on_cluster else [scan_task(suite_dir, t) for t in spec.tasks]
-    scans = {}
-    for i, (task, scan) in enumerate(zip(spec.tasks, scanned)):
-        scans[task.name] = scan
-        problems += scan_problems(scan, suite_dir, f"tasks.{i}", impute)
+    files = _by_file(suite_dir, spec.tasks)
+    scanned = _scan_on_cluster(suite_dir, files) if on_cluster else [scan_tasks(suite_dir, tasks) for tasks in files]
+    found = {name: scan for scans in scanned for name, scan in scans.items()}
+    scans, entries = {}, {}
+    for task in spec.tasks:
+        scans[task.name] = found[task.name]
+        index = list(entries).index(task.entry) if task.entry in entries else len(entries)  # its place in suite.yaml
+        lines = scan_problems(found[task.name], suite_dir, f"tasks.{index}", impute)
+        entries.setdefault(task.entry, []).extend(lines)
+    problems += [line for lines in entries.values() for line in _fewer(lines)]
     return spec, scans, problems + _shared_target_problems(scans)
 
 
-def _scan_on_cluster(suite_dir: str, spec: SuiteSpec) -> list[TaskScan]:
-    """Each task's scan as a Ray task (one CPU each), in the suite's order: a suite of many
+GROUP_PROBLEM_LINES = 10  # an entry's problems printed before the rest are counted: a thousand groups' are read by nobody
+
+
+def _fewer(lines: list[str]) -> list[str]:
+    if len(lines) <= GROUP_PROBLEM_LINES:
+        return lines
+    return [*lines[:GROUP_PROBLEM_LINES], f"... and {len(lines) - GROUP_PROBLEM_LINES} more problems like these "
+            "(a group column's small groups: set min_group_rows, or small_groups: pool)"]
+
+
+def _by_file(suite_dir: str, tasks: list[TaskSpec]) -> list[list[TaskSpec]]:
+    """The tasks scanned together: the groups of one entry, one pass over their table; every
+    other task alone."""
+    files: dict[str, list[TaskSpec]] = {}
+    for task in tasks:
+        files.setdefault(task.entry if task.grouped else f"task:{task.name}", []).append(task)
+    return list(files.values())
+
+
+def _scan_on_cluster(suite_dir: str, files: list[list[TaskSpec]]) -> list[dict[str, TaskScan]]:
+    """Each file's scan as a Ray task (one CPU each), in the suite's order: a suite of many
     files in a bucket is read by the cluster's cores at once, not by this process one by one.
     Every node must reach `suite_dir` (a bucket URI or a shared path). The caller has joined
     the cluster (`runtime.cluster.ensure_ray`)."""
@@ -167,17 +197,17 @@ def _scan_on_cluster(suite_dir: str, spec: SuiteSpec) -> list[TaskScan]:
     if not ray.is_initialized():
         raise RuntimeError("scanning on a cluster needs a joined Ray (runtime.cluster.ensure_ray)")
     remote = ray.remote(num_cpus=1)(_scan_where).options(runtime_env={"env_vars": compat.system_arrow_pool()})
-    done = ray.get([remote.remote(suite_dir, task) for task in spec.tasks])
+    done = ray.get([remote.remote(suite_dir, tasks) for tasks in files])
     nodes = {node for _, node in done}
     print(f"[mtml] scanned {len(done)} task file(s) as Ray tasks on {len(nodes)} node(s)", flush=True)
-    return [scan for scan, _ in done]
+    return [scans for scans, _ in done]
 
 
-def _scan_where(suite_dir: str, task: TaskSpec) -> tuple[TaskScan, str]:
-    """`scan_task` in a Ray task, with the node that ran it."""
+def _scan_where(suite_dir: str, tasks: list[TaskSpec]) -> tuple[dict[str, TaskScan], str]:
+    """`scan_tasks` in a Ray task, with the node that ran it."""
     import ray
 
-    return scan_task(suite_dir, task), ray.get_runtime_context().get_node_id()
+    return scan_tasks(suite_dir, tasks), ray.get_runtime_context().get_node_id()
 
 
 def validate_suite(suite_dir: str, on_cluster: bool = False, impute: bool = False) -> list[str]:

@@ -47,9 +47,10 @@ def merge_worker_metrics(
 def progress_line(epoch: int, epochs: int, metrics: dict[str, float], counter: str = "epoch") -> str:
     done = epoch + 1 if counter == "epoch" else epoch  # epochs count from 0, iterations done from 1
     parts = [f"val/mean_loss {metrics['val/mean_loss']:.4f}"]
-    per_task = [(k.split("/")[1], k.split("/")[2], v) for k, v in sorted(metrics.items())
-                if k.startswith("val/") and k.count("/") == 2 and k.split("/")[-1] in ("accuracy", "r2")]
-    parts += _task_parts(per_task)
+    keys = {k: per_task.split_key(k) for k in sorted(metrics)}
+    scores = [(key[1], key[2], metrics[k]) for k, key in keys.items()
+              if key is not None and key[0] == "val" and key[2] in ("accuracy", "r2")]
+    parts += _task_parts(scores)
     unit = "samples" if counter == "epoch" else "tasks"
     parts.append(f"{metrics['throughput/samples_per_s']:.0f} {unit}/s")
     return console.progress_line(counter, done, epochs, parts)

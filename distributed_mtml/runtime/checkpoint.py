@@ -4,7 +4,8 @@ Layout of one checkpoint directory (Ray merges what every worker writes into it)
   state.pt          rank 0: epoch (meta: iterations done), plan (config, tasks, placement), version
   trunk.pt          rank 0: trunk state_dict (identical on every rank)
   shared_heads.pt   rank 0: the head parts tasks share (`heads/`; identical on every rank), if any
-  task_<name>.pt    owner rank: the task's adapter + head state_dict
+  tasks_rank<r>.pt  rank r: its tasks' adapter + head state dicts, by task name (one file a rank:
+                    a thousand tasks are not a thousand files; older checkpoints: task_<name>.pt)
   ...               what the recipe adds (optimiser state per rank, Meta-SGD's rates)
 """
 
@@ -24,8 +25,41 @@ TRUNK_FILE = "trunk.pt"
 SHARED_HEADS_FILE = "shared_heads.pt"
 
 
+TASKS_PREFIX = "tasks_rank"
+
+
 def task_file(name: str) -> str:
+    """One task's own file: a meta-learned model's head, and multi-task checkpoints before
+    `tasks_file` (read by `task_states`)."""
     return f"task_{name}.pt"
+
+
+def tasks_file(rank: int) -> str:
+    return f"{TASKS_PREFIX}{rank}.pt"
+
+
+def task_states(directory: str, names: list[str]) -> dict[str, dict]:
+    """The state dicts of the tasks `names`, wherever they were saved: in any rank's `tasks_file`
+    (an elastic run's tasks move between ranks) or their own `task_file`; InputError naming the
+    first task missing."""
+    states: dict[str, dict] = {}
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(TASKS_PREFIX) and name.endswith(".pt"):
+            states.update(load_file(os.path.join(directory, name)))
+    for name in names:
+        if name not in states:
+            states[name] = load_file(os.path.join(directory, task_file(name)))
+    return {name: states[name] for name in names}
+
+
+def load_state_dict(module: nn.Module, state: dict, where: str) -> None:
+    """`state` into a module built from the checkpoint's own description (state.pt); `where`
+    names the file (and task) in the error."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise InputError(f"{where}: does not fit the model described in {STATE_FILE} ({detail})") from None
 
 
 def load_file(path: str) -> dict:
@@ -43,12 +77,8 @@ def load_file(path: str) -> dict:
 
 
 def load_into(module: nn.Module, path: str) -> None:
-    """A state dict into a module built from the checkpoint's own description (state.pt)."""
-    try:
-        module.load_state_dict(load_file(path))
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise InputError(f"{path}: does not fit the model described in {STATE_FILE} ({detail})") from None
+    """A state dict file into a module built from the checkpoint's own description (state.pt)."""
+    load_state_dict(module, load_file(path), path)
 
 
 def load_state(directory: str) -> dict:
@@ -84,8 +114,10 @@ def _whole(directory: str) -> bool:
 
     try:
         plan = load_state(directory)["plan"]
-        files = [STATE_FILE, TRUNK_FILE] + [task_file(t["name"]) for t in plan.get("tasks", [])]
-        files += [SHARED_HEADS_FILE] if os.path.exists(os.path.join(directory, SHARED_HEADS_FILE)) else []
+        present = os.listdir(directory)
+        ranked = [n for n in present if n.startswith(TASKS_PREFIX)]
+        files = [STATE_FILE, TRUNK_FILE] + (ranked or [task_file(t["name"]) for t in plan.get("tasks", [])])
+        files += [SHARED_HEADS_FILE] if SHARED_HEADS_FILE in present else []
         for name in files:
             zipfile.ZipFile(os.path.join(directory, name)).close()
         return True

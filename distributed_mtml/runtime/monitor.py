@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from distributed_mtml.config import Config
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import TaskShape
+from distributed_mtml.per_task import split_key
 
 SCORE = "mtml_monitor"  # the report key Ray Train's CheckpointConfig scores checkpoints by
 
@@ -24,7 +25,7 @@ TASK_METRICS = {"classification": ("loss", "accuracy", "auc"), "regression": ("l
 def mean_val_loss(metrics: dict[str, float]) -> float:
     """`val/mean_loss`: the mean of the tasks' validation losses, summed in name order so that
     every rank and the driver get the same float."""
-    losses = [metrics[k] for k in sorted(metrics) if k.startswith("val/") and k.endswith("/loss") and k.count("/") == 2]
+    losses = [metrics[k] for k in sorted(metrics) if (split_key(k) or ("",))[0] == "val" and k.endswith("/loss")]
     return sum(losses) / len(losses)
 
 

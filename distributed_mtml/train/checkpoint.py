@@ -3,8 +3,8 @@ keyed by task, not by rank, so that an elastic run that restarts with another wo
 finds each task's state wherever the task now lives:
   optim_trunk.pt        rank 0: the optimiser state of the trunk's parameters (the same on every
                         rank), its hyperparameters, and the loss weighting's shared state
-  optim_task_<name>.pt  the task's owner: the optimiser state of its adapter, head and loss
-                        weight, and the loss weight itself
+  optim_tasks_rank<r>.pt  rank r, by task: the optimiser state of its tasks' adapters, heads and
+                        loss weights, and the loss weights themselves (older: optim_task_<name>.pt)
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from distributed_mtml.runtime.checkpoint import (
     load_file,
     load_into,
     load_state,
-    task_file,
+    load_state_dict,
+    task_states,
+    tasks_file,
 )
 
 TRUNK_OPTIM_FILE = "optim_trunk.pt"
@@ -30,6 +32,10 @@ TRUNK_OPTIM_FILE = "optim_trunk.pt"
 
 def task_optim_file(name: str) -> str:
     return f"optim_task_{name}.pt"
+
+
+def tasks_optim_file(rank: int) -> str:
+    return f"optim_{tasks_file(rank)}"
 
 
 def parameter_groups(trunk: nn.Module, modules: nn.ModuleDict, weighting: nn.Module,
@@ -71,11 +77,10 @@ def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, tr
             torch.save(shared.state_dict(), os.path.join(directory, SHARED_HEADS_FILE))
         torch.save({"optimizer": [per_param[i] for i in spans["trunk"]], "param_groups": state["param_groups"],
                     "weighting": weighting.shared_state()}, os.path.join(directory, TRUNK_OPTIM_FILE))
-    for name, module in modules.items():
-        torch.save(module.state_dict(), os.path.join(directory, task_file(name)))
-        torch.save({"optimizer": [per_param[i] for i in spans[name]],
-                    "weighting": [p.detach().clone() for p in weighting.task_parameters(name)]},
-                   os.path.join(directory, task_optim_file(name)))
+    torch.save({name: module.state_dict() for name, module in modules.items()}, os.path.join(directory, tasks_file(rank)))
+    torch.save({name: {"optimizer": [per_param[i] for i in spans[name]],
+                       "weighting": [p.detach().clone() for p in weighting.task_parameters(name)]}
+                for name in modules}, os.path.join(directory, tasks_optim_file(rank)))
 
 
 def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDict,
@@ -88,8 +93,9 @@ def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDic
     starts fresh."""
     load_into(trunk, os.path.join(directory, TRUNK_FILE))
     load_shared_heads(shared, directory)
+    states = task_states(directory, list(modules))
     for name, module in modules.items():
-        load_into(module, os.path.join(directory, task_file(name)))
+        load_state_dict(module, states[name], f"{directory} (task '{name}')")
     trunk_path = os.path.join(directory, TRUNK_OPTIM_FILE)
     if os.path.exists(trunk_path):
         _restore_optimizer(directory, modules, optimizer, weighting, load_file(trunk_path))
@@ -107,8 +113,12 @@ def _restore_optimizer(directory: str, modules: nn.ModuleDict, optimizer: torch.
                        weighting: nn.Module, saved_trunk: dict) -> None:
     per_param = list(saved_trunk["optimizer"])
     weighting.load_state_dict({**weighting.state_dict(), **saved_trunk["weighting"]})
+    by_task: dict[str, dict] = {}
+    for file in sorted(os.listdir(directory)):
+        if file.startswith(tasks_optim_file(0)[: -len("0.pt")]):
+            by_task.update(load_file(os.path.join(directory, file)))
     for name in modules:
-        saved = load_file(os.path.join(directory, task_optim_file(name)))
+        saved = by_task.get(name) or load_file(os.path.join(directory, task_optim_file(name)))
         per_param += saved["optimizer"]
         with torch.no_grad():
             for p, value in zip(weighting.task_parameters(name), saved["weighting"]):
