@@ -151,29 +151,37 @@ def cmd_data(args) -> int:
         print(f"wrote suite '{spec.name}' with {len(spec.tasks)} tasks to {args.out}")
         return EXIT_OK
     if args.data_cmd == "validate":
-        from distributed_mtml.data.validate import validate_suite
+        from distributed_mtml.data.groups import group_summaries
+        from distributed_mtml.data.validate import scan_suite
 
         if args.address:
             from distributed_mtml.runtime.cluster import ensure_ray
 
             ensure_ray(args.address)
-        problems = validate_suite(args.suite, on_cluster=bool(args.address))
+        spec, _, problems = scan_suite(args.suite, on_cluster=bool(args.address))
         if problems:
             raise InputError(problems)
-        print(f"{args.suite}: ok")
+        print(f"{args.suite}: ok ({len(spec.tasks)} tasks)")
+        for summary in group_summaries(spec).values():
+            print(summary.line())
         return EXIT_OK
     return show_suite(args.suite)
 
 
 def show_suite(suite_dir: str) -> int:
+    from distributed_mtml.data.groups import SUMMARY_ABOVE, group_summaries
     from distributed_mtml.data.suite import SPLITS
     from distributed_mtml.data.validate import checked_scans
     from distributed_mtml.models import TaskShape
     from distributed_mtml.report import table
 
     spec, scans = checked_scans(suite_dir, impute=True)  # streamed: no table is held; missing features are listed
+    summaries = group_summaries(spec)
+    many = {e for e, summary in summaries.items() if len(summary.rows) > SUMMARY_ABOVE}  # a line each, not a table
     rows = []
     for task in spec.tasks:
+        if task.entry in many:
+            continue
         scan, shape = scans[task.name], TaskShape.of_scan(scans[task.name])
         kind = f"classification ({shape.num_classes})" if task.type == "classification" else "regression"
         split = "seeded" if scan.seeded else f"column '{task.split_column}'"
@@ -182,7 +190,10 @@ def show_suite(suite_dir: str) -> int:
         rows.append([task.name, kind, *counts, len(scan.features), task.target + labels, split])
     fractions = "/".join(f"{f:g}" for f in spec.split_fractions)
     print(f"suite '{spec.name}': {spec.description}")
-    print(table(["task", "type", *SPLITS, "features", "target", "split"], rows))
+    if rows:
+        print(table(["task", "type", *SPLITS, "features", "target", "split"], rows))
+    for summary in summaries.values():
+        print(summary.line())
     if any(s.labelled != s.rows for s in scans.values()):
         print("'L of N': N rows, L of them labelled; a row whose target is null is left out of that task")
     for task in spec.tasks:
@@ -434,6 +445,10 @@ def cmd_predict(args) -> int:
             print(f"  each of those rows predicted from the others ({how}), MSE in {args.target}'s units: adapted "
                   f"{anchors['adapted']:.4g}, unadapted {anchors['unadapted']:.4g}, the others' mean "
                   f"{anchors['mean']:.4g}{'' if anchors['adapted'] < anchors['unadapted'] else '  <- adapting did not pay'}")
+    for entry, new in done["new_groups"].items():
+        print(f"entry '{entry}': rows routed by their group to its tasks, column '{entry}'"
+              + (f"; {len(new)} group(s) the model was not trained on ({', '.join(new[:5])}"
+                 f"{', ...' if len(new) > 5 else ''}) predicted by the shared head" if new else ""))
     print(f"wrote {done['rows']:,} rows of predictions to {args.out} in {done['seconds']:.1f} s")
     return EXIT_OK
 

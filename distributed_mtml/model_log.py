@@ -53,14 +53,16 @@ def requirements() -> list[str]:
 def input_example(suite_dir: str, features: dict[str, list[str]], rows: int = 3) -> "pd.DataFrame":
     """A few rows of each task's features as in its file: the model's input example, which
     MLflow also checks the model answers. Tasks with different features: the union of columns,
-    each task's rows empty in the others' columns."""
+    each task's rows empty in the others' columns. A grouped entry gives one example, with its
+    group column (rows are routed by it)."""
     import pandas as pd
 
     from distributed_mtml.data.scan import head_rows
     from distributed_mtml.data.suite import load_suite_spec
 
-    tasks = [t for t in load_suite_spec(suite_dir).tasks if t.name in features]
-    return pd.concat([head_rows(suite_dir, t, features[t.name], rows).to_pandas() for t in tasks], ignore_index=True)
+    entries = {t.entry: t for t in load_suite_spec(suite_dir).tasks if t.name in features}
+    return pd.concat([head_rows(suite_dir, t, [*features[t.name], *([t.group_column] if t.grouped else [])],
+                                rows).to_pandas() for t in entries.values()], ignore_index=True)
 
 
 def log_mlflow_model(tracker: Tracker, run_id: str, checkpoint: str, example: "pd.DataFrame", step: int,
@@ -77,7 +79,7 @@ def log_mlflow_model(tracker: Tracker, run_id: str, checkpoint: str, example: "p
         with warnings.catch_warnings():  # "integer columns cannot hold missing values": class indices never do
             warnings.simplefilter("ignore", UserWarning)
             outputs = infer_signature(example, predictor.predict(example)).outputs
-        signature = ModelSignature(_input_schema(predictor), outputs, infer_signature(params={"tasks": ""}).params)
+        signature = ModelSignature(_input_schema(predictor, example), outputs, infer_signature(params={"tasks": ""}).params)
         experiment = tracker.client().get_run(run_id).info.experiment_id
         with tracker.active(experiment):  # Model.log writes through MLflow's current store and experiment
             return Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, step=step,
@@ -86,14 +88,19 @@ def log_mlflow_model(tracker: Tracker, run_id: str, checkpoint: str, example: "p
                              registered_model_name=register)
 
 
-def _input_schema(predictor):
+def _input_schema(predictor, example: "pd.DataFrame"):
     """Every feature column as a double, whatever its type in the suite: the model reads them all as
     float32, and MLflow converts only safely (float64 to float32 it refuses). A column that not
-    every task reads is optional: a table for one task need not carry the others' columns."""
+    every task reads is optional: a table for one task need not carry the others' columns. A
+    group column as its type in the example, optional (without it, a table names its tasks)."""
+    from mlflow.models import infer_signature
     from mlflow.types import ColSpec, Schema
 
     everyone = set.intersection(*(set(predictor.features[t]) for t in predictor.tasks))
-    return Schema([ColSpec("double", c, required=c in everyone) for c in predictor.input_columns()])
+    groups = [route["column"] for route in predictor.groups.values()]
+    kinds = {spec.name: spec.type for spec in infer_signature(example[groups]).inputs.inputs} if groups else {}
+    return Schema([*(ColSpec("double", c, required=c in everyone) for c in predictor.input_columns()),
+                   *(ColSpec(kinds[c], c, required=False) for c in groups)])
 
 
 def register_model(tracker: Tracker, run_id: str, name: str):

@@ -66,6 +66,9 @@ class Predictor:
         self.params = None  # a meta-learned model's adapted parameters, once `adapt` ran
         self.heads = config.get("model", {}).get("heads", "separate")
         self.new_head: tuple[str, torch.nn.Module] | None = None  # (source task, head) once a new group is adapted
+        self.groups: dict[str, dict] = plan.get("groups") or {}  # grouped entries: how rows are routed to tasks
+        self.model_config = config.get("model", {})
+        self.shared_head: dict[str, tuple[str, torch.nn.Module]] = {}  # entry -> (source task, head) for unseen groups
         # a meta-learned model's default inner steps: those that did best on its validation tasks
         self.adapt_steps = int(load_state(directory).get("adapt_steps", ADAPT_STEPS))
 
@@ -90,23 +93,93 @@ class Predictor:
 
     def predict(self, table: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
         """One row of predictions per row of `table`; tasks whose columns it lacks are left out
-        unless named in `tasks` (then a missing column is an InputError naming it)."""
-        tasks = self.check_tasks(tasks) if tasks else [t for t in self.tasks if not self.missing_columns(list(table.columns), [t])]
-        missing = self.missing_columns(list(table.columns), tasks)
+        unless named in `tasks` (then a missing column is an InputError naming it). A grouped
+        entry's tasks are not columns of their own: where the table has the entry's group column,
+        each row is predicted by its group's task, in column `<entry>` (`routed`)."""
+        routed = [] if tasks else [e for e, route in self.groups.items() if route["column"] in table.columns]
+        tasks = self.check_tasks(tasks) if tasks else [
+            t for t in self.ungrouped() if not self.missing_columns(list(table.columns), [t])]
+        missing = self.missing_columns(list(table.columns), [*tasks, *(self.entry_source(e) for e in routed)])
         if missing:
             raise InputError(f"the input has no column {missing[0]!r}, a feature of the model (it reads: "
                              f"{', '.join(self.input_columns())})")
         out = {}
         for task in tasks:
             out.update(self._task_outputs(task, self._inputs(task, table)))
-        return pd.DataFrame(out, index=table.index)
+        frame = pd.DataFrame(out, index=table.index)
+        return pd.concat([frame, *(self.routed(entry, table) for entry in routed)], axis=1)
+
+    def ungrouped(self) -> list[str]:
+        """The tasks that are columns of their own by default: all but a grouped entry's."""
+        in_groups = {t for route in self.groups.values() for t in route["tasks"].values()}
+        return [t for t in self.tasks if t not in in_groups]
+
+    def entry_source(self, entry: str) -> str:
+        """A grouped entry's first task: every task of an entry reads the same columns."""
+        return next(iter(self.groups[entry]["tasks"].values()))
+
+    def unseen(self, entry: str, values: list) -> list[str]:
+        """The group values of `values` the entry was not trained on (they are predicted by the
+        shared head, `shared_forward`); InputError when the model has none to predict them with."""
+        new = sorted({str(v) for v in values} - set(self.groups[entry]["tasks"]))
+        if new:
+            self.shared_forward(entry, new)
+        return new
+
+    def routed(self, entry: str, table: pd.DataFrame) -> pd.DataFrame:
+        """Column `<entry>` (and `<entry>_proba_<class>`): each row predicted by the task of its
+        group value; a value the model was not trained on by the shared head (`unseen`)."""
+        route = self.groups[entry]
+        codes, values = pd.factorize(table[route["column"]].astype(str), sort=False)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(values) + 1))
+        parts = []
+        for k, value in enumerate(values):
+            rows = order[bounds[k] : bounds[k + 1]]
+            task = route["tasks"].get(value)
+            source = task or self.entry_source(entry)
+            forward = None if task else self.shared_forward(entry, [value])
+            outputs = self._task_outputs(source, self._inputs(source, table.iloc[rows]), forward)
+            parts.append(pd.DataFrame({entry + name[len(source):]: v for name, v in outputs.items()}, index=rows))
+        out = pd.concat(parts).sort_index() if parts else pd.DataFrame(index=range(0))
+        out.index = table.index
+        return out
+
+    def shared_forward(self, entry: str, new: list[str]):
+        """How a group the model was not trained on is predicted: the shared head of the entry's
+        tasks (offsets or embedding at zero: what its tasks have in common, a mixed model's
+        prediction for a new group), through the entry's trunk and adapter. InputError where the
+        model shares no head, or where its tasks' preprocessing differs (`data.standardize: task`:
+        a new group's scale is not known)."""
+        from distributed_mtml.config import ModelConfig
+        from distributed_mtml.models import new_task_head, trunk_input_width
+
+        if entry not in self.shared_head:
+            route, source = self.groups[entry], self.entry_source(entry)
+            cfg = ModelConfig.model_validate(self.model_config)
+            preps = {self.preps[t].model_dump_json() for t in route["tasks"].values()}
+            unknown = f"group column '{route['column']}' has value(s) {new[:5]} the model was not trained on (entry '{entry}')"
+            if cfg.heads == "separate":
+                raise InputError(f"{unknown}, and its tasks share no head (model.heads: separate) to predict a new "
+                                 "group with; adapt one with --adapt-from, or train with model.heads: shared_plus_offset")
+            if len(preps) > 1:
+                raise InputError(f"{unknown}, and its tasks were standardised each by its own statistics "
+                                 "(data.standardize: task), so a new group's scale is not known")
+            shapes = list(self.model.tasks.values())
+            head = new_task_head(cfg, self.shapes[source], self.model.shared_heads, trunk_input_width(cfg, shapes))
+            self.shared_head[entry] = (source, head.to(self.device).eval())
+        source, head = self.shared_head[entry]
+        adapter = self.model.task_modules[source].adapter
+        return lambda x: head(self.model.trunk(adapter(x)))
 
     def _inputs(self, task: str, table: pd.DataFrame) -> torch.Tensor:
         x = table[self.features[task]].to_numpy(dtype=np.float32)
         return torch.from_numpy(self.preps[task].inputs(x)).to(self.device)
 
-    def _task_outputs(self, task: str, x: torch.Tensor) -> dict[str, np.ndarray]:
-        output = forward_in_chunks(lambda chunk: self._forward(task, chunk), x).float().cpu()
+    def _task_outputs(self, task: str, x: torch.Tensor, forward=None) -> dict[str, np.ndarray]:
+        """`task`'s columns for inputs `x`: by its own head, or by `forward` with its outputs' form."""
+        forward = forward or (lambda chunk: self._forward(task, chunk))
+        output = forward_in_chunks(forward, x).float().cpu()
         if self.shapes[task].type == "regression":
             return {task: self.preps[task].target_units(output.squeeze(-1).double()).numpy()}
         probs = output.softmax(-1).numpy()
@@ -290,7 +363,7 @@ def check_job(job: PredictJob, predictor: Predictor) -> tuple[list[str], pd.Data
     from distributed_mtml.data.suite import filesystem
 
     new_group = job.adapt_from is not None and predictor.learner is None  # a multi-task model adapts a new group
-    tasks = predictor.check_tasks(job.tasks) if job.tasks or not new_group else []
+    tasks = predictor.check_tasks(job.tasks) if job.tasks else [] if new_group else predictor.ungrouped()
     schema = _parquet_schema(job.input, "--input")
     missing = predictor.missing_columns(schema.names, [*tasks, *([predictor.group_source()] if new_group else [])])
     if missing:
@@ -321,6 +394,21 @@ def check_job(job: PredictJob, predictor: Predictor) -> tuple[list[str], pd.Data
     return ([NEW_GROUP, *tasks] if new_group else tasks), rows
 
 
+def _unseen_groups(job: PredictJob, predictor: Predictor) -> dict[str, list[str]]:
+    """Per grouped entry the input routes (`Predictor.routed`), the group values it holds that the
+    model was not trained on: found before any row is predicted, so that a model that cannot
+    predict them stops here (InputError)."""
+    if job.tasks or job.adapt_from:
+        return {}
+    data = open_parquet(job.input)
+    found = {}
+    for entry, route in predictor.groups.items():
+        if route["column"] in data.schema.names:
+            values = data.to_table(columns=[route["column"]]).column(route["column"]).unique().to_pylist()
+            found[entry] = predictor.unseen(entry, values)
+    return found
+
+
 def _parquet_schema(path: str, flag: str) -> pa.Schema:
     try:
         return open_parquet(path).schema
@@ -335,15 +423,17 @@ def run_predict(job: PredictJob, address: str | None) -> dict[str, float]:
     (rows, seconds, and the labelled rows' loss before and after adaptation)."""
     predictor = Predictor(job.model_dir)
     tasks, labelled = check_job(job, predictor)
-    facts: dict = {"meta": predictor.learner is not None}
+    facts: dict = {"meta": predictor.learner is not None, "new_groups": _unseen_groups(job, predictor)}
     if labelled is not None:
         job = replace(job, steps=predictor.adapt_steps if job.steps is None else job.steps)  # the actors adapt alike
         facts["anchors"] = predictor.anchors(labelled, job.target, job.steps)
         facts["adapt_loss_before"] = predictor.adapt(labelled, job.target, 0)
         facts["adapt_loss_after"] = predictor.adapt(labelled, job.target, job.steps)
         facts["steps"] = job.steps
-    columns = list(dict.fromkeys([*(c for t in tasks for c in predictor.features[t]), *job.keep]))
+    routed = [c for e in facts["new_groups"] for c in [predictor.groups[e]["column"], *predictor.features[predictor.entry_source(e)]]]
+    columns = list(dict.fromkeys([*(c for t in tasks for c in predictor.features[t]), *job.keep, *routed]))
     begin = time.perf_counter()
+    tasks = tasks if job.tasks or labelled is not None else None  # None: the default columns, grouped entries routed
     if address is None and job.actors == 1 and not job.use_gpu and open_parquet(job.input).count_rows() <= BATCH_ROWS:
         _predict_here(job, predictor, tasks, columns)
         return {**facts, "rows": open_parquet(job.out).count_rows(), "seconds": time.perf_counter() - begin}

@@ -26,6 +26,7 @@ from distributed_mtml.data.suite import (
     encode_target,
     feature_columns,
     filesystem,
+    group_mask,
     join_path,
     labelled,
     seeded_split,
@@ -45,10 +46,13 @@ def split_batches(suite_dir: str, task: TaskSpec, split: str, prep: TaskPrep, ba
     rows at a time; `features=False` reads the target column alone (x then has no columns)."""
     data = open_task(suite_dir, task)
     columns = [*(feature_columns(task, data.schema) if features else []), task.target]
-    seeded = seeded_split(task, data.count_rows()) == split if task.split_column not in data.schema.names else None
+    rows = task._rows if task.grouped else data.count_rows()
+    seeded = seeded_split(task, rows) == split if task.split_column not in data.schema.names else None
     only = None if seeded is not None else (task.split_column, split)
     pending, offset = pa.Table.from_batches([], schema=pa.schema([data.schema.field(c) for c in columns])), 0
-    for batch in read_batches(data, columns, batch_rows, only):
+    for batch in read_batches(data, [*columns, *([task.group_column] if task.grouped else [])], batch_rows, only):
+        if task.grouped:  # a group task's rows of its entry's table
+            batch = batch.filter(group_mask(task, batch.column(task.group_column))).select(columns)
         if seeded is not None:
             batch, offset = batch.filter(pa.array(seeded[offset : offset + batch.num_rows])), offset + batch.num_rows
         batch = batch.filter(pa.array(labelled(batch.column(task.target))))
@@ -84,8 +88,8 @@ def task_features(suite_dir: str, task: TaskSpec) -> list[str]:
 
 def dataset_name(task: str, split: str = "train") -> str:
     """The name the trainer knows a streamed task's dataset of `split` by (Ray Data names its log
-    files after it, so no '/')."""
-    return f"{split}-{task}"
+    files after it, so a group task's '/' becomes '~')."""
+    return f"{split}-{task.replace('/', '~')}"
 
 
 def split_dataset(suite_dir: str, task: TaskSpec, features: list[str], split: str = "train"):
@@ -97,7 +101,10 @@ def split_dataset(suite_dir: str, task: TaskSpec, features: list[str], split: st
 
     fs, inner = filesystem(join_path(suite_dir, task.path))
     ds = ray.data.read_parquet(inner, filesystem=fs)
-    ds = ds.filter(expr=col(task.split_column) == lit(split)).select_columns([*features, task.target])
+    ds = ds.filter(expr=col(task.split_column) == lit(split))
+    if task.grouped:  # a group task: its entry's rows that hold its group value(s)
+        ds = ds.filter(expr=col(task.group_column).is_in(list(task._groups)))
+    ds = ds.select_columns([*features, task.target])
     ds = ds.map_batches(_labelled_chunk, fn_kwargs={"target": task.target}, batch_format="pyarrow", batch_size=None,
                         zero_copy_batch=True)
     ds.context.execution_options.preserve_order = True  # the file's order: a seeded shuffle then repeats

@@ -36,6 +36,7 @@ class TrainPlan(BaseModel):
     streamed: list[str] = []  # tasks above data.max_in_memory_mb: read with Ray Data, not loaded
     preprocessing: dict[str, TaskPrep] = {}  # per task; empty in checkpoints older than data.standardize
     features: dict[str, list[str]] = {}  # per task, its feature columns in order; empty in older plans
+    groups: dict[str, dict] = {}  # entry with a group column -> {"column": it, "tasks": {str(value): task}}
 
     @model_validator(mode="before")
     @classmethod
@@ -82,17 +83,36 @@ def make_plan(config: Config) -> TrainPlan:
         preprocessing=preps,
         features={t.name: scans[t.name].features for t in spec.tasks},
         streamed=streamed,
+        groups=group_routes(spec.tasks),
     )
+
+
+def group_routes(tasks: list) -> dict[str, dict]:
+    """Which task each group value is, per grouped entry: how `predict` routes a row by its group
+    column (values as text, as a table's cell prints)."""
+    routes: dict[str, dict] = {}
+    for task in tasks:
+        if task.grouped:
+            route = routes.setdefault(task.entry, {"column": task.group_column, "tasks": {}})
+            route["tasks"].update({str(value): task.name for value in task._groups})
+    return routes
+
+
+UNLABELLED_LINES = 10  # tasks named one line each; a group column's thousand are counted
 
 
 def _say_unlabelled(scans: dict[str, TaskScan]) -> None:
     """One line per task with unlabelled rows: they are left out, and the user should know how many."""
+    said = 0
     for name, scan in scans.items():
         total, labelled = sum(scan.rows.values()), sum(scan.labelled.values())
-        if labelled < total:
+        if labelled < total and said < UNLABELLED_LINES:
             per_split = ", ".join(f"{s} {scan.labelled[s]}" for s in scan.rows)
             say(f"[mtml] task '{name}': {total - labelled} of {total} rows have no label ('{scan.task.target}' is null) "
                 f"and are left out; labelled rows: {per_split}")
+        said += labelled < total
+    if said > UNLABELLED_LINES:
+        say(f"[mtml] ... and {said - UNLABELLED_LINES} more tasks with unlabelled rows (`mtml data show` lists them)")
 
 
 def _warn_if_representation_is_too_narrow(config: Config, tasks: int) -> None:
