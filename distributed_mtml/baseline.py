@@ -15,7 +15,7 @@ import torch
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import Moments
 from distributed_mtml.data.stream import split_batches
-from distributed_mtml.data.suite import load_suite_spec
+from distributed_mtml.data.tasks import load_suite_spec
 from distributed_mtml.data.validate import checked_scans
 from distributed_mtml.evaluate import split_metrics
 from distributed_mtml.models import TaskShape

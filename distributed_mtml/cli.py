@@ -51,8 +51,9 @@ def _add_data_commands(sub) -> None:
         p = make.add_parser(name, help=gen.summary)
         p.add_argument("--out", required=True, help="directory (or URI) to write the suite to")
         for field, info in gen.options.model_fields.items():
-            p.add_argument(f"--{field}", type=_scalar_type(info.annotation), default=info.default,
-                           help=f"{info.description} (default {info.default})")
+            kind = _scalar_type(info.annotation)
+            how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}  # --x / --no-x
+            p.add_argument(f"--{field}", **how, default=info.default, help=f"{info.description} (default {info.default})")
     validate = data.add_parser("validate", help="check a suite, one line per problem")
     validate.add_argument("suite")
     validate.add_argument("--address", help="check each task's file as a Ray task on this cluster, all at once "
@@ -151,7 +152,7 @@ def cmd_data(args) -> int:
         print(f"wrote suite '{spec.name}' with {len(spec.tasks)} tasks to {args.out}")
         return EXIT_OK
     if args.data_cmd == "validate":
-        from distributed_mtml.data.groups import group_summaries
+        from distributed_mtml.data.tasks import group_summaries
         from distributed_mtml.data.validate import scan_suite
 
         if args.address:
@@ -169,8 +170,8 @@ def cmd_data(args) -> int:
 
 
 def show_suite(suite_dir: str) -> int:
-    from distributed_mtml.data.groups import SUMMARY_ABOVE, group_summaries
     from distributed_mtml.data.suite import SPLITS
+    from distributed_mtml.data.tasks import SUMMARY_ABOVE, group_summaries
     from distributed_mtml.data.validate import checked_scans
     from distributed_mtml.models import TaskShape
     from distributed_mtml.report import table

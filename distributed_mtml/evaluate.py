@@ -8,7 +8,7 @@ import torch
 
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.stream import split_batches
-from distributed_mtml.data.suite import load_suite_spec
+from distributed_mtml.data.tasks import load_suite_spec
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.metrics import EXACT_ROWS, StreamedMetrics

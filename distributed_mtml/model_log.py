@@ -58,7 +58,7 @@ def input_example(suite_dir: str, features: dict[str, list[str]], rows: int = 3)
     import pandas as pd
 
     from distributed_mtml.data.scan import head_rows
-    from distributed_mtml.data.suite import load_suite_spec
+    from distributed_mtml.data.tasks import load_suite_spec
 
     entries = {t.entry: t for t in load_suite_spec(suite_dir).tasks if t.name in features}
     return pd.concat([head_rows(suite_dir, t, [*features[t.name], *([t.group_column] if t.grouped else [])],

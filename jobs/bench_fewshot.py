@@ -46,7 +46,8 @@ import yaml
 
 from distributed_mtml.config import apply_overrides
 from distributed_mtml.data.generators import make_suite
-from distributed_mtml.data.suite import SPLITS, load_suite_spec, load_task
+from distributed_mtml.data.suite import SPLITS
+from distributed_mtml.data.tasks import load_suite_spec, load_task
 from distributed_mtml.meta.evaluate import EVAL_SEED
 from distributed_mtml.meta.launch import run_meta_training
 from distributed_mtml.meta.tasks import episode_generator

@@ -32,7 +32,7 @@ import numpy as np
 
 from distributed_mtml.config import apply_overrides
 from distributed_mtml.data.generators import make_suite
-from distributed_mtml.data.suite import load_suite_spec, load_task
+from distributed_mtml.data.tasks import load_suite_spec, load_task
 from distributed_mtml.report import table
 from distributed_mtml.stats import fmt
 

@@ -49,7 +49,7 @@ def loop_throughput(cfg: Config, threads: int, steps: int, repeats: int = 3) -> 
 
     import torch
 
-    from distributed_mtml.data.suite import load_suite_spec, load_task
+    from distributed_mtml.data.tasks import load_suite_spec, load_task
     from distributed_mtml.models import build_task_modules, build_trunk, head_parameters
     from distributed_mtml.runtime.worker import make_optimizer
     from distributed_mtml.train.plan import make_plan
@@ -91,7 +91,8 @@ def subset_suite(suite_dir: str, tasks: list[str]) -> str:
     """A suite holding only `tasks`, pointing at the same Parquet files (held-out splits of tasks)."""
     import yaml
 
-    from distributed_mtml.data.suite import SuiteSpec, join_path, load_suite_spec, suite_yaml_path, write_text
+    from distributed_mtml.data.suite import SuiteSpec, join_path, suite_yaml_path, write_text
+    from distributed_mtml.data.tasks import load_suite_spec
 
     spec = load_suite_spec(suite_dir)
     chosen = [t.model_copy(update={"path": join_path(suite_dir, t.path)}) for t in spec.tasks if t.name in tasks]

@@ -8,7 +8,7 @@ import pytest
 
 from distributed_mtml.baseline import baseline_metrics
 from distributed_mtml.data.generators import make_suite
-from distributed_mtml.data.suite import load_task
+from distributed_mtml.data.tasks import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.report import metrics_table
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from distributed_mtml.data.generators import GENERATORS, make_suite
-from distributed_mtml.data.suite import SPLITS, load_suite_spec, load_task
+from distributed_mtml.data.suite import SPLITS
+from distributed_mtml.data.tasks import load_suite_spec, load_task
 from distributed_mtml.data.validate import validate_suite
 from distributed_mtml.errors import InputError
 

@@ -14,7 +14,8 @@ import yaml
 
 from distributed_mtml.config import validate_config
 from distributed_mtml.data.generators import make_suite
-from distributed_mtml.data.suite import SPLITS, load_suite_spec
+from distributed_mtml.data.suite import SPLITS
+from distributed_mtml.data.tasks import load_suite_spec
 from distributed_mtml.errors import InputError
 from distributed_mtml.meta.algorithms import meta_gradient
 from distributed_mtml.meta.checkpoint import build_learner, save_meta_state
@@ -164,7 +165,7 @@ def test_adaptation_lowers_the_query_loss_of_new_groups_below_step_0(tmp_path, a
     plan = _plan(train, algorithm=algorithm, val_task_share=0)
     learner = build_learner(plan)
     rows = {}
-    from distributed_mtml.data.suite import load_task
+    from distributed_mtml.data.tasks import load_task
     from distributed_mtml.meta.plan import MetaPlan
 
     meta = MetaPlan.model_validate(plan)

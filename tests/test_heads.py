@@ -18,7 +18,7 @@ from distributed_mtml.config import ModelConfig, TrunkConfig, validate_config
 from distributed_mtml.data.generators import make_suite
 from distributed_mtml.data.prepare import plan_preprocessing
 from distributed_mtml.data.scan import Moments, scan_task
-from distributed_mtml.data.suite import load_suite_spec, load_task
+from distributed_mtml.data.tasks import load_suite_spec, load_task
 from distributed_mtml.data.validate import checked_scans
 from distributed_mtml.errors import InputError
 from distributed_mtml.heads import shared_plus_offset

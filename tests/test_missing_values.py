@@ -12,11 +12,12 @@ import torch
 import yaml
 
 from distributed_mtml.baseline import baseline_metrics
-from distributed_mtml.data import suite as suite_module
+from distributed_mtml.data import tasks as tasks_module
 from distributed_mtml.data.prepare import TaskPrep, plan_preprocessing
 from distributed_mtml.data.scan import Moments, scan_task
 from distributed_mtml.data.stream import split_batches
-from distributed_mtml.data.suite import SPLITS, load_suite_spec, load_task, load_tasks
+from distributed_mtml.data.suite import SPLITS
+from distributed_mtml.data.tasks import load_suite_spec, load_task, load_tasks
 from distributed_mtml.data.validate import checked_scans, validate_suite
 
 ROWS = 240
@@ -91,8 +92,8 @@ def test_unlabelled_rows_are_left_out_of_data_statistics_and_baselines_and_count
 def test_tasks_that_share_a_file_read_it_once(suites, monkeypatch):
     shared, _, _ = suites
     reads = []
-    real = suite_module.read_table
-    monkeypatch.setattr(suite_module, "read_table", lambda d, t: reads.append(t.path) or real(d, t))
+    real = tasks_module.read_file
+    monkeypatch.setattr(tasks_module, "read_file", lambda d, t: reads.append(t.path) or real(d, t))
     data = load_tasks(shared, load_suite_spec(shared).tasks, {})
     assert reads == ["t.parquet"] and set(data) == {"price", "churn"}
 

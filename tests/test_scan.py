@@ -7,7 +7,8 @@ import pytest
 
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import Moments, scan_task
-from distributed_mtml.data.suite import SPLITS, load_suite_spec, load_task
+from distributed_mtml.data.suite import SPLITS
+from distributed_mtml.data.tasks import load_suite_spec, load_task
 from distributed_mtml.data.validate import validate_suite
 from distributed_mtml.models import TaskShape
 

@@ -102,7 +102,7 @@ def test_single_worker_on_raw_tables_standardises_by_the_train_split(ray_session
     import numpy as np
     import torch
 
-    from distributed_mtml.data.suite import load_suite_spec, load_task
+    from distributed_mtml.data.tasks import load_suite_spec, load_task
 
     config = _config(tmp_path, raw_suite, scaling={"num_workers": 0}, training={"epochs": 10})  # local mode: no DDP here
     out = run_training(config, "one", _tracker(tmp_path))
@@ -564,7 +564,7 @@ def test_a_streamed_task_continues_its_pass_across_epochs_and_repeats_after_a_re
 
     from distributed_mtml.data.prepare import TaskPrep
     from distributed_mtml.data.stream import StreamedBatches, split_dataset
-    from distributed_mtml.data.suite import load_suite_spec
+    from distributed_mtml.data.tasks import load_suite_spec
 
     task = load_suite_spec(seed_suite).tasks[1]
     path = os.path.join(seed_suite, task.path)

@@ -70,6 +70,8 @@ class MultilevelOptions(_SuiteOptions):
         0.3, ge=0, lt=1, description="share of the non-fixed variance that lies between groups: random intercept and "
         "slope variance over that plus sigma^2"
     )
+    one_table: bool = Field(False, description="one table schools.parquet with a group column 'school' (one suite entry "
+                            "with group_column) instead of a file per group")
 
 
 def _split_column(opts: _SuiteOptions, rng: np.random.Generator, rows: int) -> pa.Array:
@@ -224,6 +226,10 @@ def multilevel(opts: MultilevelOptions, rng: np.random.Generator, rows: int, sta
         table = table.append_column("y", pa.array((50 + 5 * y).astype(np.float32)))
         tables[name] = table.append_column("split", _split_column(opts, rng, rows))
         tasks.append(TaskSpec(name=name, type="regression", path=f"{name}.parquet", target="y"))
+    if opts.one_table:  # the same rows, as a user with one table has them: a group column
+        named = [t.append_column("school", pa.array([n] * t.num_rows)) for n, t in tables.items()]
+        tables = {"schools": pa.concat_tables(named)}
+        tasks = [TaskSpec(name="schools", type="regression", path="schools.parquet", target="y", group_column="school")]
     spec = SuiteSpec(name="multilevel", description=f"{opts.groups} groups x {opts.rows} rows, random intercepts and "
                      f"slopes, between-group share {opts.between}", tasks=tasks)
     return spec, tables

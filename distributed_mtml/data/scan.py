@@ -29,6 +29,7 @@ from distributed_mtml.data.suite import (
     is_label_column,
     join_path,
     labelled,
+    partition,
     seeded_split,
 )
 
@@ -198,8 +199,6 @@ def scan_tasks(suite_dir: str, tasks: list[TaskSpec], batch_rows: int = SCAN_BAT
     """The facts of tasks that read one file (the groups of one entry, or one task), in one
     streamed pass: each batch is cut by group (`groups.partition`) and each piece added to its
     task's facts, so a thousand groups cost one read of the table, not a thousand."""
-    from distributed_mtml.data.groups import partition
-
     where = join_path(suite_dir, tasks[0].path)
     scans = {t.name: TaskScan(t, _where(where, t)) for t in tasks}
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -142,21 +142,10 @@ def suite_yaml_path(suite_dir: str) -> str:
     return join_path(suite_dir, SUITE_FILE)
 
 
-def load_suite_spec(suite_dir: str) -> SuiteSpec:
-    """Reads `suite.yaml` with `yaml.safe_load` (pydantic's ValidationError on bad keys), with
-    every entry that has a group column made into its groups' tasks (InputError if it cannot be)."""
-    from distributed_mtml.data.groups import expanded
-
-    raw = yaml.safe_load(read_text(suite_yaml_path(suite_dir)))
-    return expanded(suite_dir, SuiteSpec.model_validate(raw))
-
-
-def read_table(suite_dir: str, task: TaskSpec) -> pa.Table:
-    """Reads a task's Parquet file or directory of Parquet files (Hive partitions are columns);
-    a group task's rows only."""
+def read_file(suite_dir: str, task: TaskSpec) -> pa.Table:
+    """Reads a task's Parquet file or directory of Parquet files whole (Hive partitions are columns)."""
     fs, inner = filesystem(join_path(suite_dir, task.path))
-    table = pq.read_table(inner, filesystem=fs)
-    return table.filter(group_mask(task, table.column(task.group_column))) if task.grouped else table
+    return pq.read_table(inner, filesystem=fs)
 
 
 def group_mask(task: TaskSpec, column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -251,27 +240,6 @@ def table_to_task_data(task: TaskSpec, table: pa.Table, classes: list[str] | Non
     return TaskData(spec=task, features=features, x=x, y=y, classes=classes)
 
 
-def load_task(suite_dir: str, task: TaskSpec, classes: list[str] | None = None) -> TaskData:
-    return table_to_task_data(task, read_table(suite_dir, task), classes)
-
-
-def load_tasks(suite_dir: str, tasks: list[TaskSpec], classes: dict[str, list[str] | None]) -> dict[str, TaskData]:
-    """Several tasks' data, each file read once: tasks that share a table (several targets of
-    one file) take their columns from the same read."""
-    from distributed_mtml.data.groups import partition
-
-    by_path: dict[str, list[TaskSpec]] = {}
-    for task in tasks:
-        by_path.setdefault(join_path(suite_dir, task.path), []).append(task)
-    out = {}
-    for same_file in by_path.values():
-        fs, inner = filesystem(join_path(suite_dir, same_file[0].path))
-        table = pq.read_table(inner, filesystem=fs)
-        for task, rows in partition(same_file, table):
-            out[task.name] = table_to_task_data(task, rows, classes.get(task.name))
-    return {t.name: out[t.name] for t in tasks}
-
-
 ROW_GROUP_ROWS = 1 << 16
 """Rows per Parquet row group written: a reader decodes a row group whole, so this bounds what
 reading a task costs in memory (measured on 2M rows x 16 features, pyarrow's scanner: 150 MB
@@ -296,6 +264,41 @@ def write_suite(out_dir: str, chunks: Iterable[tuple[SuiteSpec, dict[str, pa.Tab
         for writer in writers.values():
             writer.close()
     assert spec is not None, "a suite has at least one chunk"
-    text = yaml.safe_dump(spec.model_dump(exclude_none=True, exclude_defaults=False), sort_keys=False)
+    raw = spec.model_dump(exclude_none=True, exclude_defaults=False)
+    for task in raw["tasks"]:  # a group column's options only where there is one
+        if "group_column" not in task:
+            task.pop("min_group_rows"), task.pop("small_groups")
+    text = yaml.safe_dump(raw, sort_keys=False)
     write_text(suite_yaml_path(out_dir), text)
     return spec
+
+
+def partition(tasks: list[TaskSpec], table: pa.Table | pa.RecordBatch) -> Iterator[tuple[TaskSpec, pa.Table]]:
+    """Each task's rows of one table its tasks share, the table cut once: every group task gets
+    its group's rows in the table's order (a stable sort by group), an ungrouped task all rows."""
+    grouped = [t for t in tasks if t.grouped]
+    for task in tasks:
+        if not task.grouped:
+            yield task, table
+    by_column: dict[str, list[TaskSpec]] = {}
+    for task in grouped:
+        by_column.setdefault(task.group_column, []).append(task)
+    for column, same in by_column.items():
+        codes, dictionary = _codes(table.column(column))
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(dictionary) + 1))
+        where = {value: code for code, value in enumerate(dictionary)}
+        for task in same:
+            picked = [order[bounds[where[v]] : bounds[where[v] + 1]] for v in task._groups if v in where]
+            rows = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+            yield task, table.take(pa.array(np.sort(rows) if len(picked) > 1 else rows))
+
+
+def _codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """Each row's group as an index into the list of distinct values."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    encoded = pc.dictionary_encode(column)
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()

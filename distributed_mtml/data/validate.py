@@ -10,9 +10,9 @@ import yaml
 from pydantic import ValidationError
 
 from distributed_mtml import compat
-from distributed_mtml.data.groups import expanded
 from distributed_mtml.data.scan import TaskScan, is_numeric, scan_tasks
 from distributed_mtml.data.suite import SPLITS, SuiteSpec, TaskSpec, read_text, suite_yaml_path
+from distributed_mtml.data.tasks import expanded
 from distributed_mtml.errors import InputError, validation_lines
 
 

@@ -15,7 +15,8 @@ import tempfile
 
 import torch
 
-from distributed_mtml.data.suite import SPLITS, load_task
+from distributed_mtml.data.suite import SPLITS
+from distributed_mtml.data.tasks import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.meta.algorithms import MetaLearner, adaptation_curve

@@ -22,7 +22,7 @@ import torch
 from distributed_mtml import compat
 from distributed_mtml.collective import sum_grads, summed
 from distributed_mtml.console import progress_line, say
-from distributed_mtml.data.suite import load_suite_spec, load_task
+from distributed_mtml.data.tasks import load_suite_spec, load_task
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.meta.algorithms import META_TASK, adaptation_curve, meta_gradient
 from distributed_mtml.meta.checkpoint import build_learner, restore_meta_state, save_meta_state

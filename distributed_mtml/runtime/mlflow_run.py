@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from distributed_mtml.config import Config, run_params
-from distributed_mtml.data.suite import join_path, load_suite_spec, read_text, suite_yaml_path
+from distributed_mtml.data.suite import join_path, read_text, suite_yaml_path
+from distributed_mtml.data.tasks import load_suite_spec
 from distributed_mtml.errors import InputError, TrainingFailed
 from distributed_mtml.runtime.callback import MetricSpool, fail_fast
 from distributed_mtml.runtime.checkpoint import check_resumable, load_state

@@ -108,7 +108,7 @@ def _streamed_datasets(plan: TrainPlan) -> dict[str, Callable]:
     """`train-<task>` and `val-<task>` for each streamed task: a function building its Ray dataset
     (Ray Train calls it in the controller, again after a restart)."""
     from distributed_mtml.data.stream import dataset_name, split_dataset, task_features
-    from distributed_mtml.data.suite import load_suite_spec
+    from distributed_mtml.data.tasks import load_suite_spec
 
     out = {}
     for task in load_suite_spec(plan.suite_dir).tasks:

@@ -27,7 +27,7 @@ from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
-from distributed_mtml.data.suite import load_suite_spec, load_tasks
+from distributed_mtml.data.tasks import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import forward_in_chunks, split_metrics
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads

@@ -16,7 +16,7 @@ import torch
 from distributed_mtml.config import Config
 from distributed_mtml.data.locate import ensure_suite_at
 from distributed_mtml.data.prepare import TaskPrep, standardizes
-from distributed_mtml.data.suite import load_task
+from distributed_mtml.data.tasks import load_task
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import InnerRule, MultiTaskModel, TaskShape

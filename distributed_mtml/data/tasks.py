@@ -1,4 +1,5 @@
-"""One table, many tasks: a suite entry with a `group_column` is a task per distinct value.
+"""The tasks a suite holds and their rows: `suite.yaml` read, each entry with a `group_column`
+expanded into a task per distinct value, and tables read once and cut by task.
 
 Users' tasks come as one table with a store, school or hospital column, not as a file per task.
 Such an entry is expanded when the suite is read: every group value becomes a task named
@@ -15,13 +16,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
-from distributed_mtml.data.suite import SuiteSpec, TaskSpec, join_path
+from distributed_mtml.data.suite import (
+    SuiteSpec,
+    TaskData,
+    TaskSpec,
+    group_mask,
+    join_path,
+    partition,
+    read_file,
+    read_text,
+    suite_yaml_path,
+    table_to_task_data,
+)
 from distributed_mtml.errors import InputError
 
 POOLED = "_pooled"
@@ -154,32 +166,34 @@ def group_summaries(spec: SuiteSpec) -> dict[str, GroupSummary]:
     return spec._group_summaries
 
 
-def partition(tasks: list[TaskSpec], table: pa.Table | pa.RecordBatch) -> Iterator[tuple[TaskSpec, pa.Table]]:
-    """Each task's rows of one table its tasks share, the table cut once: every group task gets
-    its group's rows in the table's order (a stable sort by group), an ungrouped task all rows."""
-    grouped = [t for t in tasks if t.grouped]
+def load_suite_spec(suite_dir: str) -> SuiteSpec:
+    """Reads `suite.yaml` with `yaml.safe_load` (pydantic's ValidationError on bad keys), with
+    every entry that has a group column made into its groups' tasks (InputError if it cannot be)."""
+    raw = yaml.safe_load(read_text(suite_yaml_path(suite_dir)))
+    return expanded(suite_dir, SuiteSpec.model_validate(raw))
+
+
+def read_table(suite_dir: str, task: TaskSpec) -> pa.Table:
+    """A task's rows: its file's, or a group task's of its entry's table."""
+    table = read_file(suite_dir, task)
+    return table.filter(group_mask(task, table.column(task.group_column))) if task.grouped else table
+
+
+def load_task(suite_dir: str, task: TaskSpec, classes: list[str] | None = None) -> TaskData:
+    return table_to_task_data(task, read_table(suite_dir, task), classes)
+
+
+def load_tasks(suite_dir: str, tasks: list[TaskSpec], classes: dict[str, list[str] | None]) -> dict[str, TaskData]:
+    """Several tasks' data, each file read once: tasks that share a table (several targets of
+    one file) take their columns from the same read."""
+    by_path: dict[str, list[TaskSpec]] = {}
     for task in tasks:
-        if not task.grouped:
-            yield task, table
-    by_column: dict[str, list[TaskSpec]] = {}
-    for task in grouped:
-        by_column.setdefault(task.group_column, []).append(task)
-    for column, same in by_column.items():
-        codes, dictionary = _codes(table.column(column))
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(dictionary) + 1))
-        where = {value: code for code, value in enumerate(dictionary)}
-        for task in same:
-            picked = [order[bounds[where[v]] : bounds[where[v] + 1]] for v in task._groups if v in where]
-            rows = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
-            yield task, table.take(pa.array(np.sort(rows) if len(picked) > 1 else rows))
+        by_path.setdefault(join_path(suite_dir, task.path), []).append(task)
+    out = {}
+    for same_file in by_path.values():
+        table = read_file(suite_dir, same_file[0])
+        for task, rows in partition(same_file, table):
+            out[task.name] = table_to_task_data(task, rows, classes.get(task.name))
+    return {t.name: out[t.name] for t in tasks}
 
 
-def _codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
-    """Each row's group as an index into the list of distinct values."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    encoded = pc.dictionary_encode(column)
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
