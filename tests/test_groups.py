@@ -1,0 +1,183 @@
+"""One table with a group column: a task per value, read once and cut by group (`data/tasks.py`),
+its bad input, and `predict` routing rows by their group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from distributed_mtml.cli import main
+from distributed_mtml.data.prepare import TaskPrep
+from distributed_mtml.data.scan import scan_tasks
+from distributed_mtml.data.stream import split_batches
+from distributed_mtml.data.suite import SPLITS
+from distributed_mtml.data.tasks import group_summaries, load_suite_spec, load_tasks
+
+SIZES = {"north": 40, "south": 25, "east.1": 12, "west": 3}
+
+
+def _table(rows: dict[str, int], seed: int = 0) -> pa.Table:
+    """Rows of each store, shuffled together as a user's table is."""
+    rng = np.random.default_rng(seed)
+    store = np.concatenate([[name] * n for name, n in rows.items()])
+    store = store[rng.permutation(len(store))]
+    x = rng.normal(size=(len(store), 3))
+    y = x @ [1.0, -2.0, 0.5] + rng.normal(size=len(store))
+    return pa.table({"store": store, "a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "y": y, "row": np.arange(len(store))})
+
+
+def _suite(directory, table: pa.Table | None = None, hive: bool = False, **entry) -> str:
+    """A suite of one entry over `sales` (a file, or a Hive-partitioned directory by store)."""
+    table = _table(SIZES) if table is None else table
+    if hive:
+        pads.write_dataset(table, str(directory / "sales"), format="parquet", partitioning=["store"],
+                           partitioning_flavor="hive")
+    else:
+        pq.write_table(table, directory / "sales")
+    task = {"name": "stores", "type": "regression", "path": "sales", "target": "y", "features": ["a", "b", "c"],
+            "group_column": "store", **entry}
+    (directory / "suite.yaml").write_text(yaml.safe_dump({"name": "shops", "tasks": [task]}))
+    return str(directory)
+
+
+@pytest.mark.parametrize("hive", [False, True], ids=["one file", "hive partitions"])
+def test_a_group_column_makes_a_task_per_value_with_exactly_its_rows(tmp_path, hive):
+    suite = _suite(tmp_path, hive=hive)
+    spec = load_suite_spec(suite)
+    names = {"stores/north": "north", "stores/south": "south", "stores/east_1": "east.1", "stores/west": "west"}
+    assert sorted(t.name for t in spec.tasks) == sorted(names)
+    frame = _table(SIZES).to_pandas()
+    loaded = load_tasks(suite, spec.tasks, {})
+    for name, store in names.items():
+        data = loaded[name]
+        got = np.sort(np.concatenate([data.y[s] for s in SPLITS]))
+        assert np.allclose(got, np.sort(frame.y[frame.store == store].to_numpy()), rtol=1e-6), name
+        assert data.features == ["a", "b", "c"]
+        counts = [len(data.y[s]) for s in SPLITS]
+        n = SIZES[store]
+        assert counts == [n - 2 * round(0.15 * n), round(0.15 * n), round(0.15 * n)]  # seeded within the group
+
+
+def test_scan_in_one_pass_agrees_with_the_loaded_rows_and_streaming_agrees_too(tmp_path):
+    suite = _suite(tmp_path)
+    spec = load_suite_spec(suite)
+    scans = scan_tasks(suite, spec.tasks)
+    loaded = load_tasks(suite, spec.tasks, {})
+    for task in spec.tasks:
+        assert scans[task.name].rows == {s: len(loaded[task.name].y[s]) for s in SPLITS}
+        assert scans[task.name].y.mean[0] == pytest.approx(loaded[task.name].y["train"].mean(), rel=1e-5)
+        streamed = torch_cat(split_batches(suite, task, "val", TaskPrep(), batch_rows=4))
+        assert np.allclose(streamed, loaded[task.name].y["val"])
+
+
+def torch_cat(batches) -> np.ndarray:
+    return np.concatenate([np.zeros(0, np.float32), *(y.numpy() for _, y in batches)])
+
+
+def test_small_groups_are_left_out_and_counted_or_pooled_into_one_task(tmp_path):
+    dropped = load_suite_spec(_suite(tmp_path, min_group_rows=20))
+    assert sorted(t.name for t in dropped.tasks) == ["stores/north", "stores/south"]
+    line = group_summaries(dropped)["stores"].line()
+    assert "2 tasks from group column 'store'" in line and "2 groups under min_group_rows (15 rows) left out" in line
+    (tmp_path / "p").mkdir()
+    pooled = load_suite_spec(_suite(tmp_path / "p", min_group_rows=20, small_groups="pool"))
+    assert [t.name for t in pooled.tasks][-1] == "stores/_pooled"
+    rows = load_tasks(str(tmp_path / "p"), pooled.tasks, {})["stores/_pooled"]
+    assert sum(len(rows.y[s]) for s in SPLITS) == SIZES["east.1"] + SIZES["west"]
+
+
+def _validate(suite: str, capsys) -> tuple[int, list[str]]:
+    code = main(["data", "validate", suite])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("case", ["missing column", "nulls", "no train rows"])
+def test_bad_group_input_is_one_line_and_exit_2(tmp_path, capsys, case):
+    table = _table(SIZES)
+    entry = {}
+    if case == "missing column":
+        entry = {"group_column": "shop"}
+    elif case == "nulls":
+        store = table.column("store").to_pylist()
+        store[5] = None
+        table = table.set_column(0, "store", pa.array(store))
+    else:  # a split column: every store's rows in turn train, val, test, but 'west' has val and test rows only
+        store = table.column("store").to_numpy(zero_copy_only=False)
+        split = np.empty(len(store), dtype=object)
+        for name in SIZES:
+            mine = np.flatnonzero(store == name)
+            turns = ["val", "test", "test"] if name == "west" else ["train", "val", "test"]
+            split[mine] = [turns[i % 3] for i in range(len(mine))]
+        table = table.append_column("split", pa.array(list(split)))
+    suite = _suite(tmp_path, table, **entry)
+    code, lines = _validate(suite, capsys)
+    expected = {"missing column": "group column 'shop' not found (entry 'stores')",
+                "nulls": "group column 'store' has 1 null value(s); every row needs a group (entry 'stores')",
+                "no train rows": "(group 'stores/west'): split column 'split': split 'train' is empty"}[case]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
+def test_validate_and_show_summarise_a_grouped_entry(tmp_path, capsys):
+    suite = _suite(tmp_path, min_group_rows=5)
+    assert main(["data", "validate", suite]) == 0
+    out = capsys.readouterr().out
+    assert "ok (3 tasks)" in out and "rows per task min 12 / median 25 / max 40; 1 groups under min_group_rows (3 rows) left out" in out
+    many = {f"s{i:03d}": 5 for i in range(30)}
+    (tmp_path / "many").mkdir()
+    suite = _suite(tmp_path / "many", _table(many))
+    assert main(["data", "show", suite]) == 0
+    out = capsys.readouterr().out
+    assert "entry 'stores': 30 tasks" in out and "stores/s001" not in out  # one line, not thirty
+
+
+def _train(tmp_path, suite: str, name: str, heads: str) -> str:
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"suite: {{path: {suite}}}\nmodel: {{heads: {heads}}}\ntraining: {{epochs: 2}}\n"
+                      "scaling: {num_workers: 0}\n")
+    assert main(["train", "--config", str(config), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                 "--experiment", name]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    return run.info.run_id
+
+
+def test_predict_routes_each_row_by_its_group_and_a_new_group_by_the_shared_head(ray_session, tmp_path, capsys):
+    """Each row's routed prediction is its own task's (asked by --tasks); rows of a group the model
+    has not seen get the shared head's prediction (the same for the same features, whatever the
+    new group is called), said so; a model without a shared head refuses them in one line."""
+    suite = _suite(tmp_path, min_group_rows=10)  # 'west' (3 rows) is left out: a group the model never saw
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = _train(tmp_path, suite, "shared", "shared_plus_offset")
+    rows = _table(SIZES).to_pandas()
+    rows = pd.concat([rows, rows[rows.store == "west"].assign(store="brand-new")], ignore_index=True)
+    rows.to_parquet(tmp_path / "rows.parquet")
+    capsys.readouterr()
+    assert main(["predict", "--model", f"runs:/{run}/model", "--input", str(tmp_path / "rows.parquet"), "--out",
+                 str(tmp_path / "routed"), "--keep", "store,row", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "2 group(s) the model was not trained on (brand-new, west) predicted by the shared head" in out
+    routed = pd.read_parquet(tmp_path / "routed")
+    assert list(routed.columns) == ["stores", "store", "row"] and len(routed) == len(rows)
+    tasks = "stores/north,stores/south,stores/east_1"
+    assert main(["predict", "--model", f"runs:/{run}/model", "--input", str(tmp_path / "rows.parquet"), "--out",
+                 str(tmp_path / "each"), "--tasks", tasks, "--tracking-uri", uri]) == 0
+    each = pd.read_parquet(tmp_path / "each")
+    for store, task in [("north", "stores/north"), ("south", "stores/south"), ("east.1", "stores/east_1")]:
+        mine = (routed.store == store).to_numpy()
+        assert np.allclose(routed.stores[mine], each[task][mine], atol=1e-5)
+    new = routed.stores[routed.store == "brand-new"].to_numpy()
+    assert np.allclose(new, routed.stores[routed.store == "west"].to_numpy()) and np.isfinite(new).all()
+    assert not np.allclose(new, each["stores/north"][(rows.store == "brand-new").to_numpy()])  # not a task's own head
+    separate = _train(tmp_path, suite, "separate", "separate")
+    capsys.readouterr()
+    assert main(["predict", "--model", f"runs:/{separate}/model", "--input", str(tmp_path / "rows.parquet"),
+                 "--out", str(tmp_path / "refused"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "value(s) ['brand-new', 'west'] the model was not trained on" in err[0], err
