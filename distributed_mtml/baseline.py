@@ -14,10 +14,10 @@ import torch
 
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import Moments
-from distributed_mtml.data.stream import split_batches
+from distributed_mtml.data.stream import tasks_split_batches
 from distributed_mtml.data.tasks import load_suite_spec
 from distributed_mtml.data.validate import checked_scans
-from distributed_mtml.evaluate import split_metrics
+from distributed_mtml.evaluate import tasks_metrics
 from distributed_mtml.models import TaskShape
 
 
@@ -47,13 +47,14 @@ def baseline_metrics(suite_dir: str, splits: tuple[str, ...] = ("val", "test"),
         shapes = {t.name: TaskShape.of_scan(scans[t.name]) for t in spec.tasks}
     else:
         spec = load_suite_spec(suite_dir)
-    for task in spec.tasks:
-        prep = (preprocessing or {}).get(task.name) or TaskPrep()
-        shape = shapes[task.name]
-        targets = (y for _, y in split_batches(suite_dir, task, "train", prep, features=False))
-        constant = trivial_output(shape, targets)
-        for split in splits:
-            batches = split_batches(suite_dir, task, split, prep, features=False)
-            metrics = split_metrics(shape, prep, batches, lambda x, c=constant: c.expand(len(x), -1))
-            out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
+    preps = {t.name: (preprocessing or {}).get(t.name) or TaskPrep() for t in spec.tasks}
+    targets: dict[str, list[torch.Tensor]] = {t.name: [] for t in spec.tasks}
+    for name, (_, y) in tasks_split_batches(suite_dir, spec.tasks, "train", preps, features=False):
+        targets[name].append(y)
+    constant = {name: trivial_output(shapes[name], ys) for name, ys in targets.items()}
+    for split in splits:
+        batches = tasks_split_batches(suite_dir, spec.tasks, split, preps, features=False)
+        found = tasks_metrics({t.name: shapes[t.name] for t in spec.tasks}, preps, batches,
+                              lambda name, x: constant[name].expand(len(x), -1))
+        out.update({f"{split}/{name}/{k}": v for name, metrics in found.items() for k, v in metrics.items()})
     return out

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 
 from distributed_mtml.data.prepare import TaskPrep
-from distributed_mtml.data.stream import split_batches
+from distributed_mtml.data.stream import tasks_split_batches
 from distributed_mtml.data.tasks import load_suite_spec
 from distributed_mtml.data.validate import checked_suite
 from distributed_mtml.errors import InputError
@@ -23,6 +23,21 @@ def forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.
         return torch.cat([forward(chunk) for chunk in x.split(FORWARD_ROWS)]) if len(x) else forward(x)
 
 
+def trunk_features(trunk: torch.nn.Module, adapters: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """Each task's trunk output for its `inputs` (no gradients): the tasks whose adapter is the
+    identity (tasks of one width) through the trunk together, in chunks, not one call a task."""
+    plain = [n for n in inputs if isinstance(adapters[n], torch.nn.Identity)]
+    out = {}
+    if plain:
+        joined = forward_in_chunks(trunk, torch.cat([inputs[n] for n in plain]))
+        out.update(zip(plain, joined.split([len(inputs[n]) for n in plain])))
+    for n in inputs:
+        if n not in out:
+            out[n] = forward_in_chunks(lambda rows, a=adapters[n]: trunk(a(rows)), inputs[n])
+    return out
+
+
 def split_metrics(shape: TaskShape, prep: TaskPrep | None, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                   forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None,
                   exact_rows: int = EXACT_ROWS) -> dict[str, float]:
@@ -36,6 +51,17 @@ def split_metrics(shape: TaskShape, prep: TaskPrep | None, batches: Iterable[tup
     return metrics.result()
 
 
+def tasks_metrics(shapes: dict[str, TaskShape], preps: dict[str, TaskPrep | None],
+                  batches: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]],
+                  forward: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, dict[str, float]]:
+    """`split_metrics` of every task in `shapes` from one stream of (task, batch) in any order
+    (`stream.tasks_split_batches`: a grouped entry's tasks come interleaved from one pass)."""
+    metrics = {name: StreamedMetrics(shape, preps.get(name)) for name, shape in shapes.items()}
+    for name, (x, y) in batches:
+        metrics[name].add(forward_in_chunks(lambda rows, n=name: forward(n, rows), x), y)
+    return {name: m.result() for name, m in metrics.items()}
+
+
 def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test", checked: bool = False) -> dict[str, float]:
     """Metrics `<split>/<task>/<metric>` for every suite task the model has a head for.
     `checked`: the caller validated the suite already (the end of a run): no second pass."""
@@ -44,10 +70,7 @@ def evaluate(model: MultiTaskModel, suite_dir: str, split: str = "test", checked
     known = [t for t in spec.tasks if t.name in model.tasks]
     if not known:
         raise InputError(f"{suite_dir}: none of its tasks {[t.name for t in spec.tasks]} has a head in the model")
-    out: dict[str, float] = {}
-    for task in known:
-        prep = model.preprocessing.get(task.name) or TaskPrep()  # training's statistics, not this suite's
-        batches = split_batches(suite_dir, task, split, prep)
-        metrics = split_metrics(model.tasks[task.name], prep, batches, lambda x, name=task.name: model(name, x))
-        out.update({f"{split}/{task.name}/{k}": v for k, v in metrics.items()})
-    return out
+    preps = {t.name: model.preprocessing.get(t.name) or TaskPrep() for t in known}  # training's statistics, not this suite's
+    batches = tasks_split_batches(suite_dir, known, split, preps)
+    found = tasks_metrics({t.name: model.tasks[t.name] for t in known}, preps, batches, model)
+    return {f"{split}/{name}/{k}": v for name, metrics in found.items() for k, v in metrics.items()}

@@ -181,3 +181,39 @@ def test_predict_routes_each_row_by_its_group_and_a_new_group_by_the_shared_head
                  "--out", str(tmp_path / "refused"), "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "value(s) ['brand-new', 'west'] the model was not trained on" in err[0], err
+
+
+def test_metrics_by_segment_reductions_equal_a_loop_over_tasks():
+    """Many regression tasks' validation in one pass (`regression_metrics_by_task`) gives each
+    task exactly what `task_metrics` gives it alone, in the target's units."""
+    import torch
+
+    from distributed_mtml.metrics import regression_metrics_by_task, task_metrics
+    from distributed_mtml.models import TaskShape
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [1, 2, 7, 40, 3] * 10
+    outputs = [torch.randn(n, 1, generator=g) for n in sizes]
+    targets = [torch.randn(n, generator=g) for n in sizes]
+    preps = [TaskPrep(target_mean=float(k), target_std=0.5 + k / 10) if k % 3 else None for k in range(len(sizes))]
+    together = regression_metrics_by_task(outputs, targets, preps)
+    for k, (o, t, p) in enumerate(zip(outputs, targets, preps)):
+        alone = task_metrics(TaskShape(f"t{k}", "regression", 3), o, t, p)
+        assert together[k].keys() == alone.keys()
+        for key, value in alone.items():
+            assert together[k][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (k, key)
+
+
+def test_trunk_features_of_many_tasks_in_one_pass_equal_each_tasks_own():
+    import torch
+
+    from distributed_mtml.evaluate import trunk_features
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    adapters = {"a": torch.nn.Identity(), "b": torch.nn.Identity(), "c": torch.nn.Linear(2, 4)}
+    inputs = {"a": torch.randn(5, 4), "b": torch.randn(3, 4), "c": torch.randn(6, 2)}
+    got = trunk_features(trunk, adapters, inputs)
+    with torch.no_grad():
+        for name, x in inputs.items():
+            torch.testing.assert_close(got[name], trunk(adapters[name](x)))

@@ -414,3 +414,44 @@ def test_plans_saved_under_older_defaults_load_as_they_were_trained():
     assert TrainPlan.model_validate(plan).config.model.heads == "separate"
     meta = MetaPlan.model_validate({"config": config, "source": "family", "name": "sinusoid", "task": {}})
     assert not meta.config.model.trunk.passthrough
+
+
+def _cholesky_form(x: torch.Tensor, prior: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inverse = torch.linalg.inv(x.transpose(1, 2) @ x + torch.diag(prior))
+    return (inverse @ b.unsqueeze(-1)).squeeze(-1), torch.diagonal(inverse, dim1=1, dim2=2)
+
+
+def _one_em_problem():
+    shared, modules, data = _em_problem(4, 6, noise_features=12)
+    return {n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1, None, shared_plus_offset.SharedLast(
+        shared[1], inputs=3)
+
+
+def _em_twice(monkeypatch, woodbury: bool) -> list[torch.Tensor]:
+    """Two EM refits (cold, warm) of 30 tasks of 5 to 8 rows and 16 offsets each: the shared layer,
+    then each task's offsets and precision."""
+    if not woodbury:  # every bucket solved in the offsets' space
+        monkeypatch.setattr(shared_plus_offset, "_woodbury", _cholesky_form)
+    shared, modules, data = _em_problem(30, 8, noise_features=12)
+    data = {n: (f[: 5 + i % 4], y[: 5 + i % 4]) for i, (n, (f, y)) in enumerate(data.items())}  # unequal rows: padded
+    last = shared_plus_offset.SharedLast(shared[1], inputs=3)
+    for _ in range(2):
+        shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1, last=last)
+    monkeypatch.undo()
+    return [torch.cat([p.detach().reshape(-1) for p in shared.parameters()]),
+            *(torch.cat([m.head.offsets[-2].detach().reshape(-1), m.head.precision]) for m in modules.values())]
+
+
+def test_em_in_the_rows_space_solves_what_the_offsets_space_solves(monkeypatch):
+    """With fewer rows a task than offsets EM solves by the Woodbury identity (`_woodbury`): the
+    same shared layer, offsets and penalties as the Cholesky form."""
+    calls = []
+    real = shared_plus_offset._woodbury
+    monkeypatch.setattr(shared_plus_offset, "_woodbury", lambda *a: calls.append(1) or real(*a))
+    shared_plus_offset.refit(*_one_em_problem())
+    monkeypatch.undo()
+    assert calls, "tasks with fewer rows than offsets were not solved in the rows' space"
+    rows, offsets = _em_twice(monkeypatch, True), _em_twice(monkeypatch, False)
+    assert not torch.allclose(rows[1], torch.zeros_like(rows[1]))
+    for a, b in zip(rows, offsets):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the shared layer is float32

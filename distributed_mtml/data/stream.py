@@ -29,6 +29,7 @@ from distributed_mtml.data.suite import (
     group_mask,
     join_path,
     labelled,
+    partition,
     seeded_split,
 )
 
@@ -62,6 +63,44 @@ def split_batches(suite_dir: str, task: TaskSpec, split: str, prep: TaskPrep, ba
             pending = pending.slice(batch_rows)
     if pending.num_rows:
         yield _prepared(task, pending, prep, features)
+
+
+def tasks_split_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps: dict[str, TaskPrep],
+                        batch_rows: int = EVAL_BATCH_ROWS, features: bool = True
+                        ) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(task, batch) of every task's `split`, as `split_batches` gives them: a task's own file
+    alone, and the groups of one entry from one pass over their table (cut by group batch by
+    batch), so that a thousand groups cost one read, not a thousand."""
+    files: dict[str, list[TaskSpec]] = {}
+    for task in tasks:
+        files.setdefault(f"entry:{task.entry}" if task.grouped else f"task:{task.name}", []).append(task)
+    for same in files.values():
+        if same[0].grouped:
+            yield from _entry_batches(suite_dir, same, split, preps, batch_rows, features)
+        else:
+            yield from ((same[0].name, b) for b in split_batches(suite_dir, same[0], split, preps[same[0].name],
+                                                                 batch_rows, features))
+
+
+def _entry_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps: dict[str, TaskPrep], batch_rows: int,
+                   features: bool) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The groups of one entry (one table, features and target): each read batch cut by group,
+    each group's rows of `split` (its seeded split follows its own rows, in the table's order)."""
+    first = tasks[0]
+    data = open_task(suite_dir, first)
+    columns = [*(feature_columns(first, data.schema) if features else []), first.target]
+    has_split = first.split_column in data.schema.names
+    seeded = {t.name: seeded_split(t, t._rows) == split for t in tasks} if not has_split else {}
+    offsets = dict.fromkeys(seeded, 0)
+    only = (first.split_column, split) if has_split else None
+    for batch in read_batches(data, [*columns, first.group_column], batch_rows, only):
+        for task, rows in partition(tasks, batch):
+            if task.name in seeded:
+                start, offsets[task.name] = offsets[task.name], offsets[task.name] + rows.num_rows
+                rows = rows.filter(pa.array(seeded[task.name][start : offsets[task.name]]))
+            rows = rows.filter(pa.array(labelled(rows.column(task.target)))).select(columns)
+            if rows.num_rows:
+                yield task.name, _prepared(task, pa.Table.from_batches([rows]), preps[task.name], features)
 
 
 def _prepared(task: TaskSpec, table: pa.Table, prep: TaskPrep, features: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,10 +28,11 @@ from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
 from distributed_mtml.data.tasks import load_suite_spec, load_tasks
-from distributed_mtml.evaluate import forward_in_chunks, split_metrics
+from distributed_mtml.evaluate import split_metrics, trunk_features
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
 from distributed_mtml.heads.shared_plus_offset import SharedLast
+from distributed_mtml.metrics import regression_metrics_by_task
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
 from distributed_mtml.runtime import local
 from distributed_mtml.runtime.monitor import Monitor
@@ -144,13 +145,28 @@ def _held_after_one_pass(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], h
 
 def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: dict, split: str,
               device: torch.device, held: dict) -> dict:
-    """The owned tasks' metrics on `split`: from memory, or streamed from the file in batches
-    (`held`: the small streamed splits already read once, see `HOLD_SPLIT_MB`)."""
+    """The owned tasks' metrics on `split`: from memory (tasks up to `REFIT_ROWS` rows of it
+    through the trunk together, regression metrics by segment reductions), or streamed from the
+    file in batches (`held`: the small streamed splits already read once, see `HOLD_SPLIT_MB`)."""
     trunk.eval(), modules.eval()
     shapes, out = {s.name: s for s in plan.task_shapes()}, {}
     specs = {s.name: s for s in load_suite_spec(plan.suite_dir).tasks} if plan.streamed else {}
+    small = [n for n in modules if n in data and len(data[n][split][1]) <= REFIT_ROWS]
     with torch.no_grad():
+        features = trunk_features(trunk, {n: modules[n].adapter for n in small}, {n: data[n][split][0] for n in small})
+        together = [n for n in small if shapes[n].type == "regression"]
+        found = regression_metrics_by_task([modules[n].head(features[n]) for n in together],
+                                           [data[n][split][1] for n in together], [plan.prep(n) for n in together])
+        metrics_of = dict(zip(together, found))
+        for name in small:
+            if name not in metrics_of:
+                y = data[name][split][1]
+                metrics_of[name] = split_metrics(shapes[name], plan.prep(name), [(features[name], y)],
+                                                 modules[name].head, exact_rows=len(y))
         for name, module in modules.items():
+            if name in metrics_of:
+                out.update({f"{split}/{name}/{k}": v for k, v in metrics_of[name].items()})
+                continue
             forward = lambda x, m=module: m.head(trunk(m.adapter(x)))  # noqa: E731
             if name in data:
                 x, y = data[name][split]
@@ -320,17 +336,14 @@ class Worker:
         refit = HEADS[model.heads].refit
         if refit is None:
             return {}
-        shapes, problems, left_out = {s.name: s for s in self.plan.task_shapes()}, {}, False
+        shapes = {s.name: s for s in self.plan.task_shapes()}
+        regression = [n for n in self.mine if shapes[n].type == "regression"]
+        solved = [n for n in regression if n in self.data and len(self.data[n]["train"][1]) <= REFIT_ROWS]
+        left_out = len(solved) < len(regression)
         self.trunk.eval()
-        for n in self.mine:
-            if shapes[n].type != "regression":
-                continue
-            if n in self.data and len(self.data[n]["train"][1]) <= REFIT_ROWS:
-                x, y = self.data[n]["train"]
-                module = self.modules[n]
-                problems[n] = (module.head, forward_in_chunks(lambda rows, m=module: self.trunk(m.adapter(rows)), x), y)
-            else:
-                left_out = True
+        features = trunk_features(self.trunk, {n: self.modules[n].adapter for n in solved},
+                                  {n: self.data[n]["train"][0] for n in solved})
+        problems = {n: (self.modules[n].head, features[n], self.data[n]["train"][1]) for n in solved}
         self.trunk.train()
         key = group_key("regression", 1)
         last = None

@@ -97,8 +97,8 @@ def load_inputs(config: Config, tracker: Tracker) -> TransferInputs:
     spec = checked_suite(suite_dir)
     tasks = {task.name: task for task in spec.tasks}
     if t.target_task not in tasks:
-        raise InputError(f"transfer.target_task: no task '{t.target_task}' in {suite_dir}/suite.yaml "
-                         f"(tasks: {', '.join(tasks)})")
+        shown = ", ".join(list(tasks)[:10]) + (f", ... ({len(tasks)} in all)" if len(tasks) > 10 else "")
+        raise InputError(f"transfer.target_task: no task '{t.target_task}' in {suite_dir}/suite.yaml (tasks: {shown})")
     task = tasks[t.target_task]
     data = load_task(suite_dir, task)
     available = len(data.y["train"])
