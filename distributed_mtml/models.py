@@ -20,6 +20,7 @@ from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import TaskScan
 from distributed_mtml.data.suite import TaskData
 from distributed_mtml.heads import HEADS, build_shared, group_key
+from distributed_mtml.heads.shared_plus_offset import stacked_outputs, stacked_penalties
 from distributed_mtml.layers import mlp
 
 if TYPE_CHECKING:
@@ -176,8 +177,25 @@ def task_losses(
             features = [trunk(inputs[0])]
         else:
             features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+        heads = [modules[n].head for n in names]
+        stacked = stacked_outputs(heads, list(features)) if len(heads) > 1 else None
+        if stacked is not None:  # many tasks of one shared head: losses by segment means, penalties at once
+            return list(_segment_losses(shapes[names[0]], stacked, [batches[n][1] for n in names])
+                        + stacked_penalties(heads).to(stacked[0].dtype))
         return [_with_penalty(task_loss(shapes[n], modules[n].head(f), batches[n][1]), modules[n].head)
                 for n, f in zip(names, features)]
+
+
+def _segment_losses(shape: TaskShape, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """`task_loss` of tasks of one type and width at once: per-row losses, then each task's mean."""
+    sizes = torch.tensor([len(t) for t in targets], device=outputs[0].device)
+    task = torch.repeat_interleave(torch.arange(len(targets), device=sizes.device), sizes)
+    output, target = torch.cat(outputs), torch.cat(targets)
+    if shape.type == "classification":
+        rows = F.cross_entropy(output, target, reduction="none")
+    else:
+        rows = F.mse_loss(output.squeeze(-1), target, reduction="none")
+    return torch.zeros(len(targets), dtype=rows.dtype, device=rows.device).index_add(0, task, rows) / sizes
 
 
 def _with_penalty(loss: torch.Tensor, head: nn.Module) -> torch.Tensor:

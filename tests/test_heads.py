@@ -455,3 +455,44 @@ def test_em_in_the_rows_space_solves_what_the_offsets_space_solves(monkeypatch):
     assert not torch.allclose(rows[1], torch.zeros_like(rows[1]))
     for a, b in zip(rows, offsets):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the shared layer is float32
+
+
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+def test_many_offset_heads_in_one_pass_give_each_tasks_loss_and_gradient(kind):
+    """`task_losses` over many tasks of one shared head stacks their offsets (`stacked_outputs`,
+    segment means, `stacked_penalties`): the same losses and gradients as one head at a time."""
+    from distributed_mtml import models
+
+    width = 3 if kind == "classification" else None
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[8]), heads="shared_plus_offset", head_penalty=2.0)
+    shapes = {f"t{i}": TaskShape(f"t{i}", kind, 4, width) for i in range(6)}
+    torch.manual_seed(0)
+    trunk = build_trunk(cfg, list(shapes.values()))
+    shared = build_shared_heads(cfg, list(shapes.values()), 0)
+    modules = build_task_modules(cfg, list(shapes.values()), 0, shared=shared, rows={n: 5 + i for i, n in enumerate(shapes)})
+    with torch.no_grad():
+        for m in modules.values():
+            for p in m.head.offsets:
+                p.normal_(0, 0.3)
+    batches = {n: (torch.randn(3 + i, 4), torch.randint(0, 3, (3 + i,)) if width else torch.randn(3 + i))
+               for i, n in enumerate(shapes)}
+
+    def run(stacked: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for p in [*trunk.parameters(), *shared.parameters(), *modules.parameters()]:
+            p.grad = None
+        original = models.stacked_outputs
+        models.stacked_outputs = original if stacked else (lambda heads, features: None)
+        try:
+            losses = models.task_losses(trunk, modules, shapes, batches)
+        finally:
+            models.stacked_outputs = original
+        torch.stack(losses).sum().backward()
+        return torch.stack(losses).detach(), [p.grad.clone() for p in [*trunk.parameters(), *shared.parameters(),
+                                                                       *modules.parameters()]]
+
+    features = [trunk(x).detach() for x, _ in batches.values()]
+    assert models.stacked_outputs([m.head for m in modules.values()], features) is not None  # the one pass ran
+    (fast, fast_grads), (slow, slow_grads) = run(True), run(False)
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b)

@@ -112,6 +112,31 @@ class OffsetHead(nn.Module):
             self.offsets[-1].copy_(solution[-1:].view_as(self.offsets[-1]))
 
 
+def stacked_outputs(heads: list[nn.Module], features: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Many tasks' outputs in one pass when their heads are `OffsetHead`s of one shared linear
+    layer (no `model.head_hidden`): each row through W + V_t, b + c_t of its task, the offsets
+    stacked by task and gathered by row (one matrix product, not a call a task). None otherwise."""
+    first = heads[0] if heads else None
+    if not isinstance(first, OffsetHead) or len(first.shared[0]) or not all(
+            isinstance(h, OffsetHead) and h.shared is first.shared and len(h.offsets) == 2 for h in heads):
+        return None
+    sizes = [len(f) for f in features]
+    task = torch.repeat_interleave(torch.arange(len(heads), device=features[0].device),
+                                   torch.tensor(sizes, device=features[0].device))
+    joined = torch.cat(features)
+    weight, bias = torch.stack([h.offsets[0] for h in heads]), torch.stack([h.offsets[1] for h in heads])  # [T, k, d], [T, k]
+    last = first.shared[1]
+    out = nn.functional.linear(joined, last.weight, last.bias) + torch.einsum("nd,nkd->nk", joined, weight[task].to(joined.dtype))
+    return list((out + bias[task]).split(sizes))
+
+
+def stacked_penalties(heads: list[nn.Module]) -> torch.Tensor:
+    """Each `OffsetHead`'s `penalty` (0 where it has none), as one [T] tensor."""
+    scale = torch.tensor([float(h.lam) / h.rows for h in heads], device=heads[0].offsets[0].device)
+    squares = torch.stack([h.offsets[0] for h in heads]).pow(2).flatten(1).sum(1)
+    return scale * (squares + torch.stack([h.offsets[1] for h in heads]).pow(2).sum(1))
+
+
 def _loo_errors(u: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Sum of squared leave-one-out residuals of ridge regression of r on a design with SVD
     (u, s), for every lambda of `LAMBDAS` (the hat matrix's diagonal gives them in closed form);
@@ -293,6 +318,19 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
         head.precision.copy_(sigma2 / var)
 
 
+def _last_layer_problems(problems: dict) -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """task -> (head, *`OffsetHead.last_layer_problem`): of heads that read the shared last layer
+    directly (no `model.head_hidden`), all tasks' rows through it at once."""
+    heads = [head for head, _, _ in problems.values()]
+    if not heads or len(heads[0].shared[0]) or any(h.shared is not heads[0].shared for h in heads):
+        return {n: (head, *head.last_layer_problem(f, y)) for n, (head, f, y) in problems.items()}
+    sizes = [len(y) for _, _, y in problems.values()]
+    joined = torch.cat([f for _, f, _ in problems.values()])
+    residual = (torch.cat([y for _, _, y in problems.values()]) - heads[0].shared[1](joined).squeeze(-1)).double()
+    design = torch.cat([joined, torch.ones(len(joined), 1, dtype=joined.dtype, device=joined.device)], 1).double()
+    return {n: (head, x, r) for n, head, x, r in zip(problems, heads, design.split(sizes), residual.split(sizes))}
+
+
 @torch.no_grad()
 def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], penalty: float | str, world: int,
           device: torch.device | None = None, last: SharedLast | None = None, complete: bool = True) -> float | None:
@@ -302,8 +340,8 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
     the process group's: NCCL reduces GPU tensors only); returns the lambda used (None: `auto`
     and no rank had a task to solve, so there was nothing to learn it from). `em` needs `last`
     and `complete`: whether `problems` holds every regression task of this rank."""
-    solvable = {n: (head, *head.last_layer_problem(f, y)) for n, (head, f, y) in problems.items()
-                if len(head.offsets) and head.shared[1].out_features == 1}
+    solvable = _last_layer_problems({n: p for n, p in problems.items()
+                                     if len(p[0].offsets) and p[0].shared[1].out_features == 1})
     heads = [head for head, _, _ in solvable.values()]
     width = next((x.shape[1] for _, x, _ in solvable.values()), 0)
     stacked = buckets([(x, r) for _, x, r in solvable.values()], width)

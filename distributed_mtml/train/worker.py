@@ -31,7 +31,7 @@ from distributed_mtml.data.tasks import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import split_metrics, trunk_features
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
-from distributed_mtml.heads.shared_plus_offset import SharedLast
+from distributed_mtml.heads.shared_plus_offset import SharedLast, stacked_outputs
 from distributed_mtml.metrics import regression_metrics_by_task
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
 from distributed_mtml.runtime import local
@@ -155,8 +155,9 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
     with torch.no_grad():
         features = trunk_features(trunk, {n: modules[n].adapter for n in small}, {n: data[n][split][0] for n in small})
         together = [n for n in small if shapes[n].type == "regression"]
-        found = regression_metrics_by_task([modules[n].head(features[n]) for n in together],
-                                           [data[n][split][1] for n in together], [plan.prep(n) for n in together])
+        heads, inputs = [modules[n].head for n in together], [features[n] for n in together]
+        outputs = stacked_outputs(heads, inputs) or [head(f) for head, f in zip(heads, inputs)]
+        found = regression_metrics_by_task(outputs, [data[n][split][1] for n in together], [plan.prep(n) for n in together])
         metrics_of = dict(zip(together, found))
         for name in small:
             if name not in metrics_of:
