@@ -110,3 +110,23 @@ def test_a_meta_batch_is_the_same_episodes_whatever_the_worker_count():
             assert sorted(other) == sorted(batches[0])
             for j, (task, xs, yq) in batches[0].items():
                 assert other[j][0] == task and torch.equal(other[j][1], xs) and torch.equal(other[j][2], yq)
+
+
+def test_many_tasks_states_are_stacked_in_a_file_and_come_back_as_they_were(tmp_path):
+    """A rank's tasks' states of one structure are saved as one tensor per leaf ([T, ...]); a
+    file of states that differ keeps each; both load back (weights_only) exactly."""
+    from distributed_mtml.runtime.checkpoint import load_file, packed, unpacked
+
+    same = {f"t{i}": {"head": {"w": torch.randn(2, 3), "b": torch.randn(2)}, "steps": [torch.tensor(float(i)), i]}
+            for i in range(50)}
+    odd = {"a": {"w": torch.randn(2)}, "b": {"w": torch.randn(3)}}
+    for states, stacked in ((same, True), (odd, False)):
+        torch.save(packed(states), tmp_path / "f.pt")
+        saved = load_file(str(tmp_path / "f.pt"))
+        assert ("stacked" in saved) == stacked
+        if stacked:
+            assert saved["stacked"]["/head/w"].shape == (50, 2, 3)
+        back = unpacked(saved)
+        assert list(back) == list(states)
+        for name, state in states.items():
+            torch.testing.assert_close(back[name], state)

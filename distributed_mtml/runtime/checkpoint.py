@@ -38,6 +38,48 @@ def tasks_file(rank: int) -> str:
     return f"{TASKS_PREFIX}{rank}.pt"
 
 
+def packed(per_task: dict[str, object]) -> dict:
+    """Many tasks' states (state dicts, optimiser state: nested dicts and lists of tensors) as one
+    file holds them: when every task's state has the same structure, each tensor leaf stacked over
+    the tasks ([T, ...]), so a file of a thousand tasks holds a few tensors, not thousands (a
+    `weights_only` load unpickles every object: 1,000 tasks' state dicts took 2.9 s to load).
+    Otherwise as given. `unpacked` reverses it."""
+    names = list(per_task)
+    skeletons, leaves = zip(*(_skeleton(per_task[n]) for n in names)) if names else ((), ())
+    shapes = {tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, None, type(v)) for k, v in leaf.items())
+              for leaf in leaves}
+    if len(names) < 2 or len(shapes) > 1 or any(s != skeletons[0] for s in skeletons):
+        return {"tasks": names, "each": per_task}
+    stacked = {k: torch.stack([leaf[k] for leaf in leaves]) if isinstance(v, torch.Tensor) else [leaf[k] for leaf in leaves]
+               for k, v in leaves[0].items()}
+    return {"tasks": names, "skeleton": skeletons[0], "stacked": stacked}
+
+
+def unpacked(saved: dict) -> dict[str, object]:
+    """`packed`'s file back as task -> state (stacked leaves as views of task i's row)."""
+    if "each" in saved:
+        return saved["each"]
+    return {name: _filled(saved["skeleton"], {k: v[i] for k, v in saved["stacked"].items()})
+            for i, name in enumerate(saved["tasks"])}
+
+
+def _skeleton(state: object, path: str = "") -> tuple[object, dict[str, object]]:
+    """(the structure with each leaf replaced by {"leaf": its path}, path -> leaf)."""
+    if isinstance(state, dict):
+        parts = {k: _skeleton(v, f"{path}/{k}") for k, v in state.items()}
+        return {k: p[0] for k, p in parts.items()}, {k: v for p in parts.values() for k, v in p[1].items()}
+    if isinstance(state, (list, tuple)):
+        parts = [_skeleton(v, f"{path}/{i}") for i, v in enumerate(state)]
+        return [p[0] for p in parts], {k: v for p in parts for k, v in p[1].items()}
+    return {"leaf": path}, {path: state}
+
+
+def _filled(skeleton: object, leaves: dict[str, object]) -> object:
+    if isinstance(skeleton, dict):
+        return leaves[skeleton["leaf"]] if set(skeleton) == {"leaf"} else {k: _filled(v, leaves) for k, v in skeleton.items()}
+    return [_filled(v, leaves) for v in skeleton]
+
+
 def task_states(directory: str, names: list[str]) -> dict[str, dict]:
     """The state dicts of the tasks `names`, wherever they were saved: in any rank's `tasks_file`
     (an elastic run's tasks move between ranks) or their own `task_file`; InputError naming the
@@ -45,7 +87,7 @@ def task_states(directory: str, names: list[str]) -> dict[str, dict]:
     states: dict[str, dict] = {}
     for name in sorted(os.listdir(directory)):
         if name.startswith(TASKS_PREFIX) and name.endswith(".pt"):
-            states.update(load_file(os.path.join(directory, name)))
+            states.update(unpacked(load_file(os.path.join(directory, name))))
     for name in names:
         if name not in states:
             states[name] = load_file(os.path.join(directory, task_file(name)))

@@ -23,8 +23,10 @@ from distributed_mtml.runtime.checkpoint import (
     load_into,
     load_state,
     load_state_dict,
+    packed,
     task_states,
     tasks_file,
+    unpacked,
 )
 
 TRUNK_OPTIM_FILE = "optim_trunk.pt"
@@ -77,10 +79,11 @@ def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, tr
             torch.save(shared.state_dict(), os.path.join(directory, SHARED_HEADS_FILE))
         torch.save({"optimizer": [per_param[i] for i in spans["trunk"]], "param_groups": state["param_groups"],
                     "weighting": weighting.shared_state()}, os.path.join(directory, TRUNK_OPTIM_FILE))
-    torch.save({name: module.state_dict() for name, module in modules.items()}, os.path.join(directory, tasks_file(rank)))
-    torch.save({name: {"optimizer": [per_param[i] for i in spans[name]],
-                       "weighting": [p.detach().clone() for p in weighting.task_parameters(name)]}
-                for name in modules}, os.path.join(directory, tasks_optim_file(rank)))
+    torch.save(packed({name: module.state_dict() for name, module in modules.items()}),
+               os.path.join(directory, tasks_file(rank)))
+    torch.save(packed({name: {"optimizer": [per_param[i] for i in spans[name]],
+                              "weighting": [p.detach().clone() for p in weighting.task_parameters(name)]}
+                       for name in modules}), os.path.join(directory, tasks_optim_file(rank)))
 
 
 def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDict,
@@ -116,7 +119,7 @@ def _restore_optimizer(directory: str, modules: nn.ModuleDict, optimizer: torch.
     by_task: dict[str, dict] = {}
     for file in sorted(os.listdir(directory)):
         if file.startswith(tasks_optim_file(0)[: -len("0.pt")]):
-            by_task.update(load_file(os.path.join(directory, file)))
+            by_task.update(unpacked(load_file(os.path.join(directory, file))))
     for name in modules:
         saved = by_task.get(name) or load_file(os.path.join(directory, task_optim_file(name)))
         per_param += saved["optimizer"]
