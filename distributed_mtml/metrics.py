@@ -64,7 +64,7 @@ def regression_metrics_by_task(outputs: list[torch.Tensor], targets: list[torch.
     """`task_metrics` of many regression tasks at once: their rows joined with a task id and every
     sum a segment reduction (`index_add_`), so that a thousand tasks' validation costs a few
     tensor operations, not a thousand calls (equal to the loop: `tests/test_groups.py`)."""
-    sizes = torch.tensor([len(t) for t in targets])
+    sizes = torch.tensor([len(t) for t in targets], dtype=torch.long)
     ids = torch.repeat_interleave(torch.arange(len(targets)), sizes)
     rows = sizes.double()
     out = torch.cat([o.detach().cpu().reshape(-1) for o in outputs]) if outputs else torch.zeros(0)

@@ -188,7 +188,7 @@ def task_losses(
 
 def _segment_losses(shape: TaskShape, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
     """`task_loss` of tasks of one type and width at once: per-row losses, then each task's mean."""
-    sizes = torch.tensor([len(t) for t in targets], device=outputs[0].device)
+    sizes = torch.tensor([len(t) for t in targets], dtype=torch.long, device=outputs[0].device)
     task = torch.repeat_interleave(torch.arange(len(targets), device=sizes.device), sizes)
     output, target = torch.cat(outputs), torch.cat(targets)
     if shape.type == "classification":

@@ -197,6 +197,7 @@ def test_metrics_by_segment_reductions_equal_a_loop_over_tasks():
     targets = [torch.randn(n, generator=g) for n in sizes]
     preps = [TaskPrep(target_mean=float(k), target_std=0.5 + k / 10) if k % 3 else None for k in range(len(sizes))]
     together = regression_metrics_by_task(outputs, targets, preps)
+    assert regression_metrics_by_task([], [], []) == []  # a rank without regression tasks
     for k, (o, t, p) in enumerate(zip(outputs, targets, preps)):
         alone = task_metrics(TaskShape(f"t{k}", "regression", 3), o, t, p)
         assert together[k].keys() == alone.keys()

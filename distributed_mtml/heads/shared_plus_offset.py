@@ -122,7 +122,7 @@ def stacked_outputs(heads: list[nn.Module], features: list[torch.Tensor]) -> lis
         return None
     sizes = [len(f) for f in features]
     task = torch.repeat_interleave(torch.arange(len(heads), device=features[0].device),
-                                   torch.tensor(sizes, device=features[0].device))
+                                   torch.tensor(sizes, dtype=torch.long, device=features[0].device))
     joined = torch.cat(features)
     weight, bias = torch.stack([h.offsets[0] for h in heads]), torch.stack([h.offsets[1] for h in heads])  # [T, k, d], [T, k]
     last = first.shared[1]
