@@ -496,3 +496,25 @@ def test_many_offset_heads_in_one_pass_give_each_tasks_loss_and_gradient(kind):
     torch.testing.assert_close(fast, slow)
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rows", [6, 20])
+def test_leave_one_out_errors_from_the_spectrum_equal_refitting_without_each_row(rows):
+    """`auto`'s closed-form leave-one-out errors, from X X^T's eigenvectors (fewer rows than
+    columns) or the SVD, equal ridge refitted without each row in turn, zero-row padding included."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.zeros(2, rows + 2, 10, dtype=torch.float64)
+    x[:, :rows] = torch.randn(2, rows, 10, generator=g, dtype=torch.float64)
+    r = torch.zeros(2, rows + 2, dtype=torch.float64)
+    r[:, :rows] = torch.randn(2, rows, generator=g, dtype=torch.float64)
+    got = shared_plus_offset._loo_errors(*shared_plus_offset._spectrum(x), r)
+    for b in range(2):
+        for k in (0, 15, 30):
+            lam = float(shared_plus_offset.LAMBDAS[k])
+            total = 0.0
+            for i in range(rows):
+                keep = [j for j in range(rows) if j != i]
+                xs, rs = x[b, keep], r[b, keep]
+                w = torch.linalg.solve(xs.T @ xs + lam * torch.eye(10, dtype=torch.float64), xs.T @ rs)
+                total += float((r[b, i] - x[b, i] @ w) ** 2)
+            assert float(got[b, k]) == pytest.approx(total, rel=1e-6)
