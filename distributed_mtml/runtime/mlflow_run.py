@@ -68,14 +68,13 @@ def log_run_files(tracker: Tracker, run_id: str, cfg: Config, suite_dir: str | N
         tracker.log_datasets(run_id, suite_datasets(suite_dir))
 
 def suite_datasets(suite_dir: str) -> list[tuple[str, str, str, pa.Schema]]:
-    """(name, source URI, digest, schema) of each task's files: what trained the run."""
+    """(name, source URI, digest, schema) of each task's files: what trained the run. A grouped
+    entry's table is one dataset, named for the entry (not one per group: a thousand)."""
     from distributed_mtml.data.scan import fingerprint, open_task
 
-    out = []
-    for task in load_suite_spec(suite_dir).tasks:
-        source = join_path(suite_dir, task.path)
-        out.append((task.name, source, fingerprint(suite_dir, task), open_task(suite_dir, task).schema))
-    return out
+    entries = {task.entry: task for task in load_suite_spec(suite_dir).tasks}
+    return [(name, join_path(suite_dir, task.path), fingerprint(suite_dir, task), open_task(suite_dir, task).schema)
+            for name, task in entries.items()]
 
 def send_kept_metrics(tracker: Tracker, run_id: str, spool: str, checkpoint: str, wait_s: float = 120) -> None:
     """What the tracking server missed during training, sent now, trying every 2 s for up to
