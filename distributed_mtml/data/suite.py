@@ -288,10 +288,14 @@ def partition(tasks: list[TaskSpec], table: pa.Table | pa.RecordBatch) -> Iterat
         order = np.argsort(codes, kind="stable")
         bounds = np.searchsorted(codes[order], np.arange(len(dictionary) + 1))
         where = {value: code for code, value in enumerate(dictionary)}
+        by_group = table.take(pa.array(order))  # one copy, sorted by group: a group's rows are a slice of it
         for task in same:
-            picked = [order[bounds[where[v]] : bounds[where[v] + 1]] for v in task._groups if v in where]
-            rows = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
-            yield task, table.take(pa.array(np.sort(rows) if len(picked) > 1 else rows))
+            codes_of = [where[v] for v in task._groups if v in where]
+            if len(codes_of) == 1:
+                yield task, by_group.slice(bounds[codes_of[0]], bounds[codes_of[0] + 1] - bounds[codes_of[0]])
+                continue
+            picked = [order[bounds[c] : bounds[c + 1]] for c in codes_of]  # a pooled task: its rows in the table's order
+            yield task, table.take(pa.array(np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)))
 
 
 def _codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
