@@ -3,6 +3,8 @@ its bad input, and `predict` routing rows by their group."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -218,3 +220,42 @@ def test_trunk_features_of_many_tasks_in_one_pass_equal_each_tasks_own():
     with torch.no_grad():
         for name, x in inputs.items():
             torch.testing.assert_close(got[name], trunk(adapters[name](x)))
+
+
+@pytest.mark.e2e  # three 1,000-task runs
+def test_a_thousand_groups_checkpoint_in_one_file_and_resume_where_they_stopped(ray_session, tmp_path, capsys):
+    """1,000 groups of one table, local mode: a checkpoint holds the tasks in one stacked file,
+    and a run stopped after epoch 2 resumes to the numbers an unbroken run reaches at epoch 3
+    (every head, its Adam state and the heads' EM state restored)."""
+    import glob
+
+    from mlflow.tracking import MlflowClient
+
+    from distributed_mtml.config import validate_config
+    from distributed_mtml.data.generators import make_suite
+    from distributed_mtml.tracking import Tracker
+    from distributed_mtml.train.launch import run_training
+
+    suite = str(tmp_path / "suite")
+    make_suite("multilevel", suite, {"groups": 1000, "rows": 10, "one_table": True, "seed": 0})
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def config(epochs: int):
+        return validate_config({"suite": {"path": suite}, "scaling": {"num_workers": 0},
+                                "training": {"epochs": epochs, "report_every_s": 0},
+                                "checkpoint": {"every_n_epochs": 1, "dir": str(tmp_path / "runs")}})
+
+    whole = run_training(config(3), "whole", tracker)
+    first = run_training(config(2), "broken", tracker)
+    checkpoint = sorted(glob.glob(str(tmp_path / "runs" / "broken" / "checkpoint_*")))[-1]
+    files = os.listdir(checkpoint)
+    assert "tasks_rank0.pt" in files and len(files) < 10, files  # not a file per task
+    client = MlflowClient(tracker.uri)
+    client.set_terminated(first.run_id, status="KILLED")
+    capsys.readouterr()
+    again = run_training(config(3), "broken", tracker, resume=True)
+    assert again.run_id == first.run_id and "after epoch 2 (checkpoint" in capsys.readouterr().out
+    for key in ("val/mean_loss", "tasks/val/r2/median", "tasks/train/loss/worst"):
+        ref = {m.step: m.value for m in client.get_metric_history(whole.run_id, key)}
+        got = {m.step: m.value for m in client.get_metric_history(first.run_id, key)}
+        assert sorted(got) == [0, 1, 2] and got == pytest.approx(ref, rel=1e-5), key
