@@ -152,18 +152,10 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
     shapes, out = {s.name: s for s in plan.task_shapes()}, {}
     specs = {s.name: s for s in load_suite_spec(plan.suite_dir).tasks} if plan.streamed else {}
     small = [n for n in modules if n in data and len(data[n][split][1]) <= REFIT_ROWS]
+    metrics_of: dict[str, dict[str, float]] = {}
     with torch.no_grad():
-        features = trunk_features(trunk, {n: modules[n].adapter for n in small}, {n: data[n][split][0] for n in small})
-        together = [n for n in small if shapes[n].type == "regression"]
-        heads, inputs = [modules[n].head for n in together], [features[n] for n in together]
-        outputs = stacked_outputs(heads, inputs) or [head(f) for head, f in zip(heads, inputs)]
-        found = regression_metrics_by_task(outputs, [data[n][split][1] for n in together], [plan.prep(n) for n in together])
-        metrics_of = dict(zip(together, found))
-        for name in small:
-            if name not in metrics_of:
-                y = data[name][split][1]
-                metrics_of[name] = split_metrics(shapes[name], plan.prep(name), [(features[name], y)],
-                                                 modules[name].head, exact_rows=len(y))
+        for group in _row_groups(small, {n: len(data[n][split][1]) for n in small}):
+            metrics_of.update(_small_tasks_metrics(trunk, modules, plan, {n: data[n][split] for n in group}, shapes))
         for name, module in modules.items():
             if name in metrics_of:
                 out.update({f"{split}/{name}/{k}": v for k, v in metrics_of[name].items()})
@@ -185,6 +177,40 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
             out.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     trunk.train(), modules.train()
     return out
+
+
+TOGETHER_ROWS = 1 << 16
+"""Rows of small tasks' splits evaluated together (`_evaluate`): their trunk features are held at
+once, so a suite of many mid-sized tasks is taken a group of tasks at a time."""
+
+
+def _row_groups(names: list[str], rows: dict[str, int]) -> list[list[str]]:
+    """`names` in consecutive groups of at most `TOGETHER_ROWS` rows (a larger task alone)."""
+    groups, current, count = [], [], 0
+    for name in names:
+        if current and count + rows[name] > TOGETHER_ROWS:
+            groups.append(current)
+            current, count = [], 0
+        current.append(name)
+        count += rows[name]
+    return groups + ([current] if current else [])
+
+
+def _small_tasks_metrics(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, split: dict,
+                         shapes: dict[str, TaskShape]) -> dict[str, dict[str, float]]:
+    """Metrics of tasks whose split (`split`: task -> (x, y)) is held in memory, all through the
+    trunk together; the regression tasks' heads in one pass and their metrics by segment reductions."""
+    features = trunk_features(trunk, {n: modules[n].adapter for n in split}, {n: x for n, (x, _) in split.items()})
+    together = [n for n in split if shapes[n].type == "regression"]
+    heads, inputs = [modules[n].head for n in together], [features[n] for n in together]
+    outputs = stacked_outputs(heads, inputs) or [head(f) for head, f in zip(heads, inputs)]
+    found = regression_metrics_by_task(outputs, [split[n][1] for n in together], [plan.prep(n) for n in together])
+    metrics_of = dict(zip(together, found))
+    for name, (_, y) in split.items():
+        if name not in metrics_of:
+            metrics_of[name] = split_metrics(shapes[name], plan.prep(name), [(features[name], y)], modules[name].head,
+                                             exact_rows=len(y))
+    return metrics_of
 
 
 @dataclass
