@@ -135,7 +135,8 @@ def build_task_modules(
     modules = {}
     for i, task in enumerate(tasks):
         if only is None or task.name in only:
-            torch.manual_seed(seed * 1000 + i + 1)
+            torch.default_generator.manual_seed(seed * 1000 + i + 1)  # modules are made on the CPU: its generator
+            # alone (`torch.manual_seed` also seeds every accelerator's: 0.7 ms a task, 3% of a 1,000-task run)
             own = alone if groups[group_key(task.type, task.out_width)] == 1 and len(shared) else cfg
             modules[task.name] = TaskModule(task, own, trunk_in, shared, (rows or {}).get(task.name, 1))
     return nn.ModuleDict(modules)
