@@ -259,3 +259,24 @@ def test_a_thousand_groups_checkpoint_in_one_file_and_resume_where_they_stopped(
         ref = {m.step: m.value for m in client.get_metric_history(whole.run_id, key)}
         got = {m.step: m.value for m in client.get_metric_history(first.run_id, key)}
         assert sorted(got) == [0, 1, 2] and got == pytest.approx(ref, rel=1e-5), key
+
+
+def test_one_pass_over_a_grouped_table_gives_each_task_its_labelled_rows_of_a_split(tmp_path):
+    """`tasks_split_batches` (one pass, cut by group) equals each task's own `split_batches`, with
+    unlabelled rows (a null target) left out and the seeded split of every row kept."""
+    from distributed_mtml.data.stream import tasks_split_batches
+
+    table = _table(SIZES)
+    y = table.column("y").to_pylist()
+    table = table.set_column(table.schema.get_field_index("y"), "y", pa.array([None if i % 5 == 0 else v for i, v in enumerate(y)]))
+    suite = _suite(tmp_path, table, min_group_rows=10)
+    tasks = load_suite_spec(suite).tasks
+    preps = {t.name: TaskPrep() for t in tasks}
+    for split in SPLITS:
+        together: dict[str, list] = {t.name: [] for t in tasks}
+        for name, (x, y) in tasks_split_batches(suite, tasks, split, preps, batch_rows=7):
+            together[name].append(y.numpy())
+        for task in tasks:
+            alone = torch_cat(split_batches(suite, task, split, TaskPrep()))
+            got = np.concatenate([np.zeros(0, np.float32), *together[task.name]])
+            assert np.array_equal(got, alone) and not np.isnan(got).any(), (split, task.name)

@@ -82,6 +82,9 @@ def tasks_split_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps
                                                                  batch_rows, features))
 
 
+LABELLED = "__mtml_labelled"  # a batch's rows with a target, as a column that travels through `partition`
+
+
 def _entry_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps: dict[str, TaskPrep], batch_rows: int,
                    features: bool) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The groups of one entry (one table, features and target): each read batch cut by group,
@@ -94,11 +97,12 @@ def _entry_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps: dic
     offsets = dict.fromkeys(seeded, 0)
     only = (first.split_column, split) if has_split else None
     for batch in read_batches(data, [*columns, first.group_column], batch_rows, only):
+        batch = batch.append_column(LABELLED, pa.array(labelled(batch.column(first.target))))  # once a batch
         for task, rows in partition(tasks, batch):
             if task.name in seeded:
                 start, offsets[task.name] = offsets[task.name], offsets[task.name] + rows.num_rows
                 rows = rows.filter(pa.array(seeded[task.name][start : offsets[task.name]]))
-            rows = rows.filter(pa.array(labelled(rows.column(task.target)))).select(columns)
+            rows = rows.filter(rows.column(LABELLED)).select(columns)
             if rows.num_rows:
                 yield task.name, _prepared(task, pa.Table.from_batches([rows]), preps[task.name], features)
 
