@@ -274,7 +274,7 @@ def test_one_pass_over_a_grouped_table_gives_each_task_its_labelled_rows_of_a_sp
     preps = {t.name: TaskPrep() for t in tasks}
     for split in SPLITS:
         together: dict[str, list] = {t.name: [] for t in tasks}
-        for name, (x, y) in tasks_split_batches(suite, tasks, split, preps, batch_rows=7):
+        for name, (_, y) in tasks_split_batches(suite, tasks, split, preps, batch_rows=7):
             together[name].append(y.numpy())
         for task in tasks:
             alone = torch_cat(split_batches(suite, task, split, TaskPrep()))
