@@ -280,3 +280,18 @@ def test_one_pass_over_a_grouped_table_gives_each_task_its_labelled_rows_of_a_sp
             alone = torch_cat(split_batches(suite, task, split, TaskPrep()))
             got = np.concatenate([np.zeros(0, np.float32), *together[task.name]])
             assert np.array_equal(got, alone) and not np.isnan(got).any(), (split, task.name)
+
+
+def test_relations_above_the_task_metrics_limit_are_refused_before_ray(tmp_path, capsys):
+    """A relation matrix is a metric per task pair: above the limit that is refused, exit 2 in one
+    line, before any worker starts (this test is not marked `ray`: starting Ray would fail it)."""
+    from distributed_mtml.data.generators import make_suite
+
+    suite = str(tmp_path / "suite")
+    make_suite("multilevel", suite, {"groups": 8, "rows": 10, "one_table": True})
+    config = tmp_path / "c.yaml"
+    config.write_text(f"suite: {{path: {suite}}}\nrelations: {{enabled: true}}\ntracking: {{task_metrics_limit: 4}}\n"
+                      "scaling: {num_workers: 0}\n")
+    assert main(["train", "--config", str(config), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "relations.enabled: 8 tasks would log 128 relation metrics" in err[0], err

@@ -71,6 +71,7 @@ def make_plan(config: Config) -> TrainPlan:
     _say_unlabelled(scans)
     check_monitor(config, monitor_keys(shapes))
     _warn_if_representation_is_too_narrow(config, len(shapes))
+    _check_relations_fit(config, len(shapes))
     place_tasks([t.name for t in spec.tasks], config.scaling.max_workers)  # every worker must own a task
     steps = config.training.steps_per_epoch or math.ceil(max(train_rows.values()) / config.training.batch_size)
     return TrainPlan(
@@ -113,6 +114,17 @@ def _say_unlabelled(scans: dict[str, TaskScan]) -> None:
         said += labelled < total
     if said > UNLABELLED_LINES:
         say(f"[mtml] ... and {said - UNLABELLED_LINES} more tasks with unlabelled rows (`mtml data show` lists them)")
+
+
+def _check_relations_fit(config: Config, tasks: int) -> None:
+    """The relation matrices are MLflow metrics, one per task pair (`relations/<kind>/<a>/<b>`):
+    above `tracking.task_metrics_limit` tasks that is thousands of keys and a TAG search over
+    groupings that does not finish, so it is refused before any worker starts."""
+    limit = config.tracking.task_metrics_limit
+    if config.relations.enabled and tasks > limit:
+        raise InputError(f"relations.enabled: {tasks} tasks would log {2 * tasks * tasks:,} relation metrics; task "
+                         f"relations are measured for up to tracking.task_metrics_limit ({limit}) tasks (set "
+                         "relations.enabled: false, or raise the limit)")
 
 
 def _warn_if_representation_is_too_narrow(config: Config, tasks: int) -> None:
