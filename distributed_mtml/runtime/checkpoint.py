@@ -80,14 +80,20 @@ def _filled(skeleton: object, leaves: dict[str, object]) -> object:
     return [_filled(v, leaves) for v in skeleton]
 
 
+def ranked_states(directory: str, prefix: str) -> dict[str, object]:
+    """task -> state from every rank's file `<prefix><rank>.pt` (`packed`) in the checkpoint."""
+    states: dict[str, object] = {}
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(prefix) and name.endswith(".pt"):
+            states.update(unpacked(load_file(os.path.join(directory, name))))
+    return states
+
+
 def task_states(directory: str, names: list[str]) -> dict[str, dict]:
     """The state dicts of the tasks `names`, wherever they were saved: in any rank's `tasks_file`
     (an elastic run's tasks move between ranks) or their own `task_file`; InputError naming the
     first task missing."""
-    states: dict[str, dict] = {}
-    for name in sorted(os.listdir(directory)):
-        if name.startswith(TASKS_PREFIX) and name.endswith(".pt"):
-            states.update(unpacked(load_file(os.path.join(directory, name))))
+    states = ranked_states(directory, TASKS_PREFIX)
     for name in names:
         if name not in states:
             states[name] = load_file(os.path.join(directory, task_file(name)))

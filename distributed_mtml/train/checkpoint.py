@@ -18,15 +18,16 @@ from distributed_mtml import __version__
 from distributed_mtml.runtime.checkpoint import (
     SHARED_HEADS_FILE,
     STATE_FILE,
+    TASKS_PREFIX,
     TRUNK_FILE,
     load_file,
     load_into,
     load_state,
     load_state_dict,
     packed,
+    ranked_states,
     task_states,
     tasks_file,
-    unpacked,
 )
 
 TRUNK_OPTIM_FILE = "optim_trunk.pt"
@@ -36,8 +37,11 @@ def task_optim_file(name: str) -> str:
     return f"optim_task_{name}.pt"
 
 
+OPTIM_PREFIX = f"optim_{TASKS_PREFIX}"
+
+
 def tasks_optim_file(rank: int) -> str:
-    return f"optim_{tasks_file(rank)}"
+    return f"{OPTIM_PREFIX}{rank}.pt"
 
 
 def parameter_groups(trunk: nn.Module, modules: nn.ModuleDict, weighting: nn.Module,
@@ -116,10 +120,7 @@ def _restore_optimizer(directory: str, modules: nn.ModuleDict, optimizer: torch.
                        weighting: nn.Module, saved_trunk: dict) -> None:
     per_param = list(saved_trunk["optimizer"])
     weighting.load_state_dict({**weighting.state_dict(), **saved_trunk["weighting"]})
-    by_task: dict[str, dict] = {}
-    for file in sorted(os.listdir(directory)):
-        if file.startswith(tasks_optim_file(0)[: -len("0.pt")]):
-            by_task.update(unpacked(load_file(os.path.join(directory, file))))
+    by_task = ranked_states(directory, OPTIM_PREFIX)
     for name in modules:
         saved = by_task.get(name) or load_file(os.path.join(directory, task_optim_file(name)))
         per_param += saved["optimizer"]
