@@ -22,6 +22,7 @@ from distributed_mtml.data.suite import TaskData
 from distributed_mtml.heads import HEADS, build_shared, group_key
 from distributed_mtml.heads.shared_plus_offset import stacked_outputs, stacked_penalties
 from distributed_mtml.layers import mlp
+from distributed_mtml.segments import row_tasks, segment_means
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -189,14 +190,13 @@ def task_losses(
 
 def _segment_losses(shape: TaskShape, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
     """`task_loss` of tasks of one type and width at once: per-row losses, then each task's mean."""
-    sizes = torch.tensor([len(t) for t in targets], dtype=torch.long, device=outputs[0].device)
-    task = torch.repeat_interleave(torch.arange(len(targets), device=sizes.device), sizes)
+    sizes = [len(t) for t in targets]
     output, target = torch.cat(outputs), torch.cat(targets)
     if shape.type == "classification":
         rows = F.cross_entropy(output, target, reduction="none")
     else:
         rows = F.mse_loss(output.squeeze(-1), target, reduction="none")
-    return torch.zeros(len(targets), dtype=rows.dtype, device=rows.device).index_add(0, task, rows) / sizes
+    return segment_means(rows, row_tasks(sizes, rows.device), sizes)
 
 
 def _with_penalty(loss: torch.Tensor, head: nn.Module) -> torch.Tensor:

@@ -42,6 +42,7 @@ from torch.func import functional_call
 
 from distributed_mtml.collective import summed
 from distributed_mtml.heads.separate import stack
+from distributed_mtml.segments import row_tasks
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
 LAMBDAS = torch.logspace(-2, 4, 31, dtype=torch.float64)  # what `auto` chooses among
 START = 10.0  # `auto`'s lambda before the first refit
 EM_STEPS = 100  # EM iterations of the first refit (each one all-reduce of 3d + 1 floats): from cold, 50 were
-WARM_STEPS = 5  # not enough on the `multilevel` suites; each later epoch starts from the last one's variances
+WARM_STEPS = 5  # not enough on the `multilevel` suites; each later epoch starts from the last one's variances (5
+# warm steps tested no worse than 25 there: the benchmarks page)
 
 
 def shared(out_width: int, cfg: ModelConfig, trunk_out: int) -> nn.Module:
@@ -112,17 +114,23 @@ class OffsetHead(nn.Module):
             self.offsets[-1].copy_(solution[-1:].view_as(self.offsets[-1]))
 
 
+def _one_shared_linear(heads: list[nn.Module]) -> bool:
+    """Whether `heads` are `OffsetHead`s with offsets over one shared head that is a single linear
+    layer (no `model.head_hidden`): what lets many tasks go through it at once."""
+    first = heads[0] if heads else None
+    return isinstance(first, OffsetHead) and not len(first.shared[0]) and all(
+        isinstance(h, OffsetHead) and h.shared is first.shared and len(h.offsets) == 2 for h in heads)
+
+
 def stacked_outputs(heads: list[nn.Module], features: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """Many tasks' outputs in one pass when their heads are `OffsetHead`s of one shared linear
     layer (no `model.head_hidden`): each row through W + V_t, b + c_t of its task, the offsets
     stacked by task and gathered by row (one matrix product, not a call a task). None otherwise."""
-    first = heads[0] if heads else None
-    if not isinstance(first, OffsetHead) or len(first.shared[0]) or not all(
-            isinstance(h, OffsetHead) and h.shared is first.shared and len(h.offsets) == 2 for h in heads):
+    if not _one_shared_linear(heads):
         return None
+    first = heads[0]
     sizes = [len(f) for f in features]
-    task = torch.repeat_interleave(torch.arange(len(heads), device=features[0].device),
-                                   torch.tensor(sizes, dtype=torch.long, device=features[0].device))
+    task = row_tasks(sizes, features[0].device)
     joined = torch.cat(features)
     weight, bias = torch.stack([h.offsets[0] for h in heads]), torch.stack([h.offsets[1] for h in heads])  # [T, k, d], [T, k]
     last = first.shared[1]
@@ -324,7 +332,7 @@ def _last_layer_problems(problems: dict) -> dict[str, tuple[nn.Module, torch.Ten
     """task -> (head, *`OffsetHead.last_layer_problem`): of heads that read the shared last layer
     directly (no `model.head_hidden`), all tasks' rows through it at once."""
     heads = [head for head, _, _ in problems.values()]
-    if not heads or len(heads[0].shared[0]) or any(h.shared is not heads[0].shared for h in heads):
+    if not _one_shared_linear(heads):
         return {n: (head, *head.last_layer_problem(f, y)) for n, (head, f, y) in problems.items()}
     sizes = [len(y) for _, _, y in problems.values()]
     joined = torch.cat([f for _, f, _ in problems.values()])

@@ -1,0 +1,21 @@
+"""Many tasks' rows in one tensor: each row's task id, and per-task sums by segment reduction.
+
+A thousand small tasks cost a thousand Python calls when handled one at a time; joined with a
+task id per row, their losses and metrics are a few tensor operations (the step's losses,
+validation's metrics, the stacked heads' gathers)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_tasks(sizes: list[int], device: torch.device | None = None) -> torch.Tensor:
+    """Each row's task index when tasks of `sizes` rows are joined in order: [sum(sizes)]."""
+    counts = torch.tensor(sizes, dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+
+
+def segment_means(values: torch.Tensor, tasks: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Each task's mean of its rows' `values` (`tasks` from `row_tasks`): [len(sizes)]."""
+    totals = torch.zeros(len(sizes), dtype=values.dtype, device=values.device).index_add(0, tasks, values)
+    return totals / torch.tensor(sizes, dtype=values.dtype, device=values.device)
