@@ -35,6 +35,7 @@ import torch
 from distributed_mtml.artifacts import load_with_learner
 from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.scan import open_parquet
+from distributed_mtml.data.suite import group_order
 from distributed_mtml.errors import InputError
 from distributed_mtml.evaluate import forward_in_chunks
 from distributed_mtml.models import META_TASK, TaskShape
@@ -131,8 +132,7 @@ class Predictor:
         group value; a value the model was not trained on by the shared head (`unseen`)."""
         route = self.groups[entry]
         codes, values = pd.factorize(table[route["column"]].astype(str), sort=False)
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(values) + 1))
+        order, bounds = group_order(codes, len(values))
         parts = []
         for k, value in enumerate(values):
             rows = order[bounds[k] : bounds[k + 1]]

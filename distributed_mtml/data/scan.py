@@ -197,7 +197,7 @@ def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS)
 
 def scan_tasks(suite_dir: str, tasks: list[TaskSpec], batch_rows: int = SCAN_BATCH_ROWS) -> dict[str, TaskScan]:
     """The facts of tasks that read one file (the groups of one entry, or one task), in one
-    streamed pass: each batch is cut by group (`groups.partition`) and each piece added to its
+    streamed pass: each batch is cut by group (`suite.partition`) and each piece added to its
     task's facts, so a thousand groups cost one read of the table, not a thousand."""
     where = join_path(suite_dir, tasks[0].path)
     scans = {t.name: TaskScan(t, _where(where, t)) for t in tasks}

@@ -23,6 +23,7 @@ from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import open_task, read_batches
 from distributed_mtml.data.suite import (
     TaskSpec,
+    by_table,
     encode_target,
     feature_columns,
     filesystem,
@@ -71,10 +72,7 @@ def tasks_split_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps
     """(task, batch) of every task's `split`, as `split_batches` gives them: a task's own file
     alone, and the groups of one entry from one pass over their table (cut by group batch by
     batch), so that a thousand groups cost one read, not a thousand."""
-    files: dict[str, list[TaskSpec]] = {}
-    for task in tasks:
-        files.setdefault(f"entry:{task.entry}" if task.grouped else f"task:{task.name}", []).append(task)
-    for same in files.values():
+    for same in by_table(tasks):
         if same[0].grouped:
             yield from _entry_batches(suite_dir, same, split, preps, batch_rows, features)
         else:

@@ -1,5 +1,5 @@
 """The task-suite format: a `suite.yaml` index plus one Parquet file (or directory) per task,
-or one table whose `group_column` makes a task of every distinct value (`groups.py`).
+or one table whose `group_column` makes a task of every distinct value (`tasks.py`).
 
 Paths in `suite.yaml` may be relative to the suite directory, absolute, or any URI that
 pyarrow's filesystem layer understands (`file://`, `s3://`, `gs://`, `hdfs://`, ...), so
@@ -148,10 +148,14 @@ def read_file(suite_dir: str, task: TaskSpec) -> pa.Table:
     return pq.read_table(inner, filesystem=fs)
 
 
+def decoded(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A dictionary-encoded column as its plain values (a group column may come either way)."""
+    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+
+
 def group_mask(task: TaskSpec, column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Which rows of `column` (the group column) belong to the group task `task`."""
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
+    column = decoded(column)
     return pc.is_in(column, value_set=pa.array(list(task._groups)).cast(column.type))
 
 
@@ -285,8 +289,7 @@ def partition(tasks: list[TaskSpec], table: pa.Table | pa.RecordBatch) -> Iterat
         by_column.setdefault(task.group_column, []).append(task)
     for column, same in by_column.items():
         codes, dictionary = _codes(table.column(column))
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(dictionary) + 1))
+        order, bounds = group_order(codes, len(dictionary))
         where = {value: code for code, value in enumerate(dictionary)}
         by_group = table.take(pa.array(order))  # one copy, sorted by group: a group's rows are a slice of it
         for task in same:
@@ -298,11 +301,26 @@ def partition(tasks: list[TaskSpec], table: pa.Table | pa.RecordBatch) -> Iterat
             yield task, table.take(pa.array(np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)))
 
 
+def group_order(codes: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows sorted by group, stably: each group's rows in the table's order; where each group's
+    rows start in that order, and the end): group k's rows are order[bounds[k]:bounds[k + 1]]."""
+    order = np.argsort(codes, kind="stable")
+    return order, np.searchsorted(codes[order], np.arange(groups + 1))
+
+
+def by_table(tasks: list[TaskSpec]) -> list[list[TaskSpec]]:
+    """The tasks read in one pass together: the groups of one entry (one table), every other task
+    alone."""
+    together: dict[str, list[TaskSpec]] = {}
+    for task in tasks:
+        together.setdefault(f"entry:{task.entry}" if task.grouped else f"task:{task.name}", []).append(task)
+    return list(together.values())
+
+
 def _codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
     """Each row's group as an index into the list of distinct values."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
+    column = decoded(column)
     encoded = pc.dictionary_encode(column)
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()

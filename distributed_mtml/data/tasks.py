@@ -26,6 +26,7 @@ from distributed_mtml.data.suite import (
     SuiteSpec,
     TaskData,
     TaskSpec,
+    decoded,
     group_mask,
     join_path,
     partition,
@@ -103,7 +104,7 @@ def _counts(where: str, column: str, entry: str, version: str) -> tuple:
     if nulls:
         raise InputError(f"{where}: group column '{column}' has {nulls} null value(s); every row needs a group "
                          f"(entry '{entry}')")
-    counts = pc.value_counts(values.cast(values.type.value_type) if pa.types.is_dictionary(values.type) else values)
+    counts = pc.value_counts(decoded(values))
     pairs = zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
     return tuple(sorted(pairs, key=lambda pair: (str(type(pair[0])), pair[0])))
 

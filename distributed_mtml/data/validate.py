@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from distributed_mtml import compat
 from distributed_mtml.data.scan import TaskScan, is_numeric, scan_tasks
-from distributed_mtml.data.suite import SPLITS, SuiteSpec, TaskSpec, read_text, suite_yaml_path
+from distributed_mtml.data.suite import SPLITS, SuiteSpec, TaskSpec, by_table, read_text, suite_yaml_path
 from distributed_mtml.data.tasks import expanded
 from distributed_mtml.errors import InputError, validation_lines
 
@@ -155,7 +155,7 @@ def scan_suite(suite_dir: str, on_cluster: bool = False,
     spec, problems = read_spec(suite_dir)
     if spec is None:
         return None, {}, problems
-    files = _by_file(suite_dir, spec.tasks)
+    files = by_table(spec.tasks)
     scanned = _scan_on_cluster(suite_dir, files) if on_cluster else [scan_tasks(suite_dir, tasks) for tasks in files]
     found = {name: scan for scans in scanned for name, scan in scans.items()}
     scans, entries = {}, {}
@@ -176,15 +176,6 @@ def _fewer(lines: list[str]) -> list[str]:
         return lines
     return [*lines[:GROUP_PROBLEM_LINES], f"... and {len(lines) - GROUP_PROBLEM_LINES} more problems like these "
             "(a group column's small groups: set min_group_rows, or small_groups: pool)"]
-
-
-def _by_file(suite_dir: str, tasks: list[TaskSpec]) -> list[list[TaskSpec]]:
-    """The tasks scanned together: the groups of one entry, one pass over their table; every
-    other task alone."""
-    files: dict[str, list[TaskSpec]] = {}
-    for task in tasks:
-        files.setdefault(task.entry if task.grouped else f"task:{task.name}", []).append(task)
-    return list(files.values())
 
 
 def _scan_on_cluster(suite_dir: str, files: list[list[TaskSpec]]) -> list[dict[str, TaskScan]]:
