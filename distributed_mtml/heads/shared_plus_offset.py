@@ -297,14 +297,17 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
         inverse = torch.linalg.inv(total_gram + ridge + torch.diag(penalty))
         return inverse @ (left + total_gram @ (w0 + shift)) - w0, inverse
 
-    prior = float(scatter / rows)  # the learned block's fixed-effect variance: at first, the residual's
-    if fixed:  # start from complete pooling, so that the offsets start from what tasks do not share
-        shift, _ = fixed_effects(summed_cpu(b0.sum(0), world, device), prior, prior)
-    v = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), b0 - gram @ shift) if heads else b0
-    sigma2 = float(summed_cpu(residuals(v).sum().view(1), world, device)[0]) / float(rows)
-    var = last.state.get("var", torch.full((width,), sigma2 / lam, dtype=torch.float64))
-    prior = last.state.get("prior", prior)
-    for _ in range(WARM_STEPS if last.state else EM_STEPS):
+    warm = "sigma2" in last.state  # (a checkpoint from before the state held sigma2 resumes cold)
+    if warm:  # from where the last epoch's EM ended
+        var, prior, sigma2 = last.state["var"], last.state["prior"], last.state["sigma2"]
+    else:  # cold: complete pooling, so that the offsets start from what tasks do not share, then a ridge
+        prior = float(scatter / rows)  # the learned block's fixed-effect variance: at first, the residual's
+        if fixed:
+            shift, _ = fixed_effects(summed_cpu(b0.sum(0), world, device), prior, prior)
+        v = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), b0 - gram @ shift) if heads else b0
+        sigma2 = float(summed_cpu(residuals(v).sum().view(1), world, device)[0]) / float(rows)
+        var = torch.full((width,), sigma2 / lam, dtype=torch.float64)
+    for _ in range(WARM_STEPS if warm else EM_STEPS):
         v, spread, left = posterior(var, sigma2)
         shrunk = spread * sigma2 / var  # per offset, the share of it the prior decides
         determined = (1 - shrunk).clamp(1e-9, 1).sum(0)
@@ -319,7 +322,7 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
                 share = (1 - torch.diagonal(inverse_fixed)[learned] * sigma2 / max(prior, 1e-12)).clamp(1e-9, 1)
                 prior = float((w**2).sum() / share.sum()) + 1e-12
     v, _, _ = posterior(var, sigma2)
-    last.state.update(var=var, prior=prior)
+    last.state.update(var=var, prior=prior, sigma2=sigma2, lam=lam)
     with torch.no_grad():
         last.linear.weight.add_(shift[:-1].to(last.linear.weight).view_as(last.linear.weight))
         last.linear.bias.add_(shift[-1:].to(last.linear.bias))
@@ -355,7 +358,9 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
     heads = [head for head, _, _ in solvable.values()]
     width = next((x.shape[1] for _, x, _ in solvable.values()), 0)
     stacked = buckets([(x, r) for _, x, r in solvable.values()], width)
-    if penalty in ("auto", "em"):
+    if penalty == "em" and last is not None and "lam" in last.state:  # warm EM needs no ridge to start from
+        lam = last.state["lam"]
+    elif penalty in ("auto", "em"):
         errors = torch.zeros(len(LAMBDAS), dtype=torch.float64)
         for bucket in stacked:
             errors += _loo_errors(*_spectrum(bucket.x), bucket.r).sum(0).cpu()
