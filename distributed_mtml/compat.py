@@ -220,3 +220,17 @@ def take_over_trainer_sigint(trainer: Any, register: Callable[[Any], None]) -> b
 def mlflow_dataset_entity(dataset: Any) -> Any:
     """An MLflow dataset as the entity `log_inputs` takes (MLflow has no public converter)."""
     return dataset._to_mlflow_entity()
+
+
+def mlflow_schema_head() -> str:
+    """The store schema revision this MLflow needs (MLflow checks it privately; no public call)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def mlflow_store_tables() -> set[str]:
+    """The tables of a complete MLflow store: what MLflow's own check of a store compares with."""
+    from mlflow.store.db.utils import Base  # its module imports every table's model
+
+    return set(Base.metadata.tables)

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from distributed_mtml import compat
+from distributed_mtml import compat, store
 from distributed_mtml.interrupts import raise_if_swallowed, uninterrupted
 
 if TYPE_CHECKING:
@@ -107,8 +107,11 @@ class Tracker:
         return f"{ui}/#/experiments/{experiment}/runs/{run_id}"
 
     def client(self):
+        """MLflow's client of this store; a local SQLite file is created (or checked) first,
+        once a process, under its lock (`store.ready`)."""
         from mlflow.tracking import MlflowClient
 
+        store.ready(self.uri)
         return MlflowClient(tracking_uri=self.uri)
 
     @contextlib.contextmanager
@@ -120,6 +123,7 @@ class Tracker:
         would take: the variables are restored after."""
         import mlflow
 
+        store.ready(self.uri)
         before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         try:
@@ -142,10 +146,17 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         """The experiment's id, created if new, and tagged so that the MLflow UI opens it in its
         model-training view (left unset, the UI guesses from the first runs it sees)."""
+        from mlflow.exceptions import MlflowException
+
         c = self.client()
         exp = c.get_experiment_by_name(name)
         if exp is None:
-            exp = c.get_experiment(c.create_experiment(name, artifact_location=_artifact_location(self.uri)))
+            try:
+                exp = c.get_experiment(c.create_experiment(name, artifact_location=_artifact_location(self.uri)))
+            except MlflowException:  # another run created it since: use that one
+                exp = c.get_experiment_by_name(name)
+                if exp is None:
+                    raise
         if EXPERIMENT_KIND not in exp.tags:
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return exp.experiment_id

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from distributed_mtml import store
 from distributed_mtml.cli import main
 from distributed_mtml.data.generators import make_suite
 from distributed_mtml.tracking import Tracker
@@ -332,8 +333,29 @@ def _argument_and_checkpoint_cases():
     def shots_zero(c):
         return ["meta-train", "--config", c.write_config(), "--set", "meta.shots=0"], "key 'meta.shots'"
 
+    def half_migrated_store(c):  # as three runs started together in a fresh directory left it
+        _half_migrated(c.uri)
+        return c.train(), f"{c.root}/mlflow.db: the MLflow store was left half-migrated"
+
     return [unknown_run, evaluate_suite_gone, evaluate_no_database, missing_checkpoint, other_architecture, resume_other_architecture,
-            tampered_checkpoint, truncated_checkpoint, affinity_unknown_run, affinity_without_relations, shots_zero]
+            tampered_checkpoint, truncated_checkpoint, affinity_unknown_run, affinity_without_relations, shots_zero,
+            half_migrated_store]
+
+
+def _half_migrated(uri: str) -> None:
+    """The store at `uri` created, then set back one migration with a batch migration's table left."""
+    import sqlite3
+
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    Tracker(uri).client()
+    store._READY.discard(uri)  # this process would not look again
+    script = ScriptDirectory.from_config(_get_alembic_config(uri))
+    previous = script.get_revision(script.get_current_head()).down_revision
+    with sqlite3.connect(uri[len("sqlite:///"):]) as db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (previous,))
+        db.execute("CREATE TABLE _alembic_tmp_tags (key VARCHAR(250))")
 
 
 def _transfer_cases():

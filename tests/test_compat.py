@@ -56,6 +56,19 @@ def test_mlflow_dataset_entity():
     assert isinstance(entity, Dataset) and entity.name == "task" and entity.digest == "abc"
 
 
+def test_mlflow_store_schema_head_and_tables(tmp_path):
+    """What `store.schema_problem` compares a store with: a new store is at the head, with every table."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path}/m.db").search_experiments()
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == (compat.mlflow_schema_head(),)
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"runs", "metrics", "registered_models"} <= compat.mlflow_store_tables() <= tables
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
 def test_glibc_takes_the_mmap_threshold(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)

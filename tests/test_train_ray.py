@@ -607,3 +607,38 @@ def test_local_mode_trains_as_one_worker_does_and_resumes(ray_session, tmp_path,
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mtml.best_epoch"] == client.get_run(one.run_id).data.tags["mtml.best_epoch"]
     assert {"MLmodel", "artifacts"} <= logged_model_files(tracker.uri, first.run_id)
+
+
+def test_writes_after_training_are_retried_and_one_that_keeps_failing_costs_no_finished_run(
+        ray_session, tmp_path, seed_suite, monkeypatch, capsys):
+    """Two runs inserting one dataset at once made one run FAILED with no model after all its
+    epochs. Here the model is logged first; the datasets' write, failing twice, is tried again
+    and logged; the figures, failing every time, are a warning and the tag mtml.unlogged."""
+    from distributed_mtml import report
+    from distributed_mtml.runtime import mlflow_run
+
+    monkeypatch.setattr(mlflow_run, "RETRY_PAUSE_S", 0.0)
+    failures = {"datasets": 2}
+    real_log_datasets = Tracker.log_datasets
+
+    def flaky_datasets(self, *args, **kwargs):
+        if failures["datasets"]:
+            failures["datasets"] -= 1
+            raise RuntimeError('duplicate key value violates unique constraint "dataset_pk"')
+        return real_log_datasets(self, *args, **kwargs)
+
+    def broken_figures(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Tracker, "log_datasets", flaky_datasets)
+    monkeypatch.setattr(report, "learning_curves", broken_figures)
+    config = _config(tmp_path, seed_suite, scaling={"num_workers": 0}, training={"epochs": 2})  # local: logging is the point
+    out = run_training(config, "writes", _tracker(tmp_path))
+    run = _tracker(tmp_path).client().get_run(out.run_id)
+    printed = capsys.readouterr().out
+    assert run.info.status == "FINISHED" and run.data.tags[mlflow_run.UNLOGGED] == "the figures"
+    assert {"MLmodel", "artifacts"} <= logged_model_files(_tracker(tmp_path).uri, out.run_id)
+    assert failures["datasets"] == 0 and {d.dataset.name for d in run.inputs.dataset_inputs} == {"classify", "regress"}
+    assert printed.count("logging the config, suite and datasets failed (duplicate key value") == 2
+    assert "warning: could not log the figures (No space left on device)" in printed
+    assert "test/regress/mse" in run.data.metrics

@@ -13,25 +13,29 @@ from distributed_mtml.config import Config
 from distributed_mtml.meta.plan import MetaPlan, make_meta_plan
 from distributed_mtml.model_log import input_example, log_mlflow_model
 from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch
-from distributed_mtml.runtime.mlflow_run import log_run_files
+from distributed_mtml.runtime.mlflow_run import log_run_files, optional_writes, retried
 from distributed_mtml.tracking import Tracker
 
 
 def _log_artifacts(plan: MetaPlan, tracker: Tracker, run_id: str, checkpoint_dir: str, best_iteration: int,
                    register: str | None) -> None:
+    """The kept model first, then the run's files and figure (see `optional_writes`)."""
     c = tracker.client()
-    log_run_files(tracker, run_id, plan.config, plan.suite_dir)
-    log_mlflow_model(tracker, run_id, checkpoint_dir, _example(plan), best_iteration, register)
-    histories = {
-        "meta": {
-            split: [(m.step, m.value) for m in c.get_metric_history(run_id, f"{split}/meta/loss")]
-            for split in ("train", "val")
-        }
-    }
-    with tempfile.TemporaryDirectory() as d:
-        plots = report.learning_curves(histories, os.path.join(d, "plots"), x_label="meta-iteration",
-                                       y_label="query loss after adaptation")
-        c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
+    retried("the model", lambda: log_mlflow_model(tracker, run_id, checkpoint_dir, _example(plan), best_iteration,
+                                                  register))
+
+    def figure() -> None:
+        histories = {"meta": {split: [(m.step, m.value) for m in c.get_metric_history(run_id, f"{split}/meta/loss")]
+                              for split in ("train", "val")}}
+        with tempfile.TemporaryDirectory() as d:
+            plots = report.learning_curves(histories, os.path.join(d, "plots"), x_label="meta-iteration",
+                                           y_label="query loss after adaptation")
+            c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
+
+    optional_writes(tracker, run_id, {
+        "the config, suite and datasets": lambda: log_run_files(tracker, run_id, plan.config, plan.suite_dir),
+        "the figures": figure,
+    })
 
 
 def _example(plan: MetaPlan) -> pd.DataFrame:

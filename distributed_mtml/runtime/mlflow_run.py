@@ -1,12 +1,14 @@
 """The MLflow run of a training command: created or found again for `--resume`, its files and
-datasets logged, the metrics the tracking server missed sent once training is done, and the kept
-model's step recorded."""
+datasets logged, the metrics the tracking server missed sent once training is done, the kept
+model's step recorded, and the writes after training retried, the model's first (`retried`,
+`optional_writes`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import yaml
 
@@ -21,6 +23,8 @@ from distributed_mtml.tracking import Tracker
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+T = TypeVar("T")
 
 
 def start_or_resume_run(
@@ -106,3 +110,44 @@ def log_kept(tracker: Tracker, run_id: str, config: Config, counter: str, latest
     if SCORE in kept:
         tracker.log_metrics(run_id, {f"best/{config.checkpoint.monitor}": kept[SCORE]}, step)
     return step
+
+WRITE_TRIES, RETRY_PAUSE_S = 3, 2.0  # a write after training: tries, and the pause between them
+UNLOGGED = "mtml.unlogged"  # the tag listing what a finished run could not log
+
+
+def retried(what: str, write: Callable[[], T], tries: int = WRITE_TRIES) -> T:
+    """`write` tried up to `tries` times, RETRY_PAUSE_S apart: a store busy with other runs, or two runs
+    inserting the same dataset at one moment (a unique-key violation), answer on the next try,
+    where the row is then found. The last failure is raised."""
+    import time
+
+    for attempt in range(1, tries + 1):
+        try:
+            return write()
+        except Exception as e:  # noqa: BLE001 - any store error may be transient here
+            if attempt == tries:
+                raise
+            print(f"[mtml] logging {what} failed ({_first_line(e)}); trying again", flush=True)
+            time.sleep(RETRY_PAUSE_S)
+    raise AssertionError("unreachable")
+
+
+def optional_writes(tracker: Tracker, run_id: str, writes: dict[str, Callable[[], object]]) -> None:
+    """The writes after training that the logged model does not need (files, datasets, metrics,
+    figures), each `retried`; one that still fails is a warning line and a name in the run's tag
+    `mtml.unlogged`, not a failed run: the training is finished and its model already logged."""
+    failed = []
+    for what, write in writes.items():
+        try:
+            retried(what, write)
+        except Exception as e:  # noqa: BLE001
+            failed.append(what)
+            print(f"[mtml] warning: could not log {what} ({_first_line(e)}); the model is logged, the run finishes",
+                  flush=True)
+    if failed:
+        with contextlib.suppress(Exception):
+            tracker.client().set_tag(run_id, UNLOGGED, ",".join(failed))
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

@@ -12,33 +12,47 @@ from distributed_mtml.artifacts import load_model
 from distributed_mtml.config import Config
 from distributed_mtml.model_log import input_example, log_mlflow_model
 from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch
-from distributed_mtml.runtime.mlflow_run import log_run_files
+from distributed_mtml.runtime.mlflow_run import log_run_files, optional_writes, retried
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.plan import TrainPlan, make_plan
 
 
 def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_dir: str, best_epoch: int,
                    register: str | None) -> None:
+    """The kept model first (a finished training must not be lost to a later write), then the
+    run's files, datasets, test and baseline metrics and figures, each retried and, if it still
+    fails, named in a warning (`optional_writes`)."""
     from distributed_mtml.baseline import baseline_metrics
     from distributed_mtml.evaluate import evaluate
 
     c = tracker.client()
     many = len(plan.train_rows) > plan.config.tracking.task_metrics_limit  # tables and summaries: see per_task
-    log_run_files(tracker, run_id, plan.config, plan.suite_dir)
-    trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing,
-                               shapes={s.name: s for s in plan.task_shapes()})
-    tracker.log_metrics(run_id, _folded(c, run_id, {f"baseline/{k}": v for k, v in trivial.items()}, "baseline", many),
-                        step=0)
+    example = input_example(plan.suite_dir, plan.features)
+    model = retried("the model", lambda: log_mlflow_model(tracker, run_id, checkpoint_dir, example, best_epoch, register))
     # the kept model scored once on the test split: the numbers to report (selection used val only)
     test = evaluate(load_model(checkpoint_dir)[0], plan.suite_dir, "test", checked=True)
-    example = input_example(plan.suite_dir, plan.features)
-    model = log_mlflow_model(tracker, run_id, checkpoint_dir, example, best_epoch, register)
-    tracker.log_metrics(run_id, _folded(c, run_id, test, "test", many), step=0, model_id=model.model_id)
-    with tempfile.TemporaryDirectory() as d:
-        plots = report.learning_curves(_loss_histories(c, run_id, list(plan.train_rows), many), os.path.join(d, "plots"))
-        c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
-        if plan.config.relations.enabled:
-            _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
+
+    def baseline() -> None:
+        trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing,
+                                   shapes={s.name: s for s in plan.task_shapes()})
+        tracker.log_metrics(run_id, _folded(c, run_id, {f"baseline/{k}": v for k, v in trivial.items()}, "baseline",
+                                            many), step=0)
+
+    def figures() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            plots = report.learning_curves(_loss_histories(c, run_id, list(plan.train_rows), many),
+                                           os.path.join(d, "plots"))
+            c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
+            if plan.config.relations.enabled:
+                _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
+
+    optional_writes(tracker, run_id, {
+        "the test metrics": lambda: tracker.log_metrics(run_id, _folded(c, run_id, test, "test", many), step=0,
+                                                        model_id=model.model_id),
+        "the config, suite and datasets": lambda: log_run_files(tracker, run_id, plan.config, plan.suite_dir),
+        "the baseline metrics": baseline,
+        "the figures": figures,
+    })
 
 
 def _folded(c, run_id: str, metrics: dict[str, float], name: str, many: bool) -> dict[str, float]:
