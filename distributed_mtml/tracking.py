@@ -38,21 +38,51 @@ def default_tracking_uri(cli_uri: str | None = None, config_uri: str | None = No
     return uri
 
 
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def credentials_env() -> dict[str, str]:
+    """The MLflow login this process was given ($MLFLOW_TRACKING_USERNAME and _PASSWORD, or
+    _TOKEN): Ray's processes that log (the Train controller, Tune's trials) need it too."""
+    return {k: os.environ[k] for k in CREDENTIALS if os.environ.get(k)}
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """A tracking server that does not answer is bad input: say so before anything starts."""
+    """A tracking server that does not answer, or refuses this login, is bad input: say so
+    before anything starts."""
     if not uri.startswith(("http://", "https://")):
         return
+    import base64
     import urllib.error
     import urllib.request
 
     from distributed_mtml.errors import InputError
 
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
-            return
+        with urllib.request.urlopen(base + "/health", timeout=timeout_s):
+            pass
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise InputError(f"--tracking-uri {uri}: the MLflow server does not answer ({reason})") from None
+    login = credentials_env()
+    request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if "MLFLOW_TRACKING_TOKEN" in login:
+        request.add_header("Authorization", f"Bearer {login['MLFLOW_TRACKING_TOKEN']}")
+    elif "MLFLOW_TRACKING_USERNAME" in login:
+        pair = f"{login['MLFLOW_TRACKING_USERNAME']}:{login.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            who = f"user '{login['MLFLOW_TRACKING_USERNAME']}'" if "MLFLOW_TRACKING_USERNAME" in login else \
+                "a token" if login else "no login"
+            raise InputError(f"--tracking-uri {uri}: the MLflow server refused {who} (HTTP {e.code}); set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server") from None
+    except (urllib.error.URLError, OSError):
+        return  # it answered /health: what else fails is said by the first real call
 
 
 def _artifact_location(uri: str) -> str | None:

@@ -10,6 +10,8 @@ import pytest
 
 from distributed_mtml.data.generators import make_suite
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))  # team_server
+
 
 @pytest.fixture
 def seed_suite(tmp_path):

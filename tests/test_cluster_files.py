@@ -60,8 +60,11 @@ def test_kuberay_manifests_have_gpus_token_auth_matching_ray_and_the_mlflow_uri(
             for c in _containers(group):
                 assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", kind
     assert cluster["kind"] == "RayCluster" and job["kind"] == "RayJob"
-    env = {e["name"]: e["value"] for c in _containers(cluster["spec"]["headGroupSpec"]) for e in c["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for c in _containers(cluster["spec"]["headGroupSpec"])
+           for e in c["env"]}
     assert env["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
+    for login in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # from a secret, never written here
+        assert env[login]["secretKeyRef"]["name"] == "mlflow-user"
     runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
     assert job["spec"]["entrypoint"].startswith("mtml ")
@@ -69,13 +72,28 @@ def test_kuberay_manifests_have_gpus_token_auth_matching_ray_and_the_mlflow_uri(
     assert os.path.exists(os.path.join(REPO, config))
 
 
-def test_mlflow_server_manifest_uses_postgres_and_an_object_store():
+def test_team_servers_run_the_one_server_script_on_postgres_with_secrets_only():
+    """The cluster manifest and the compose file both start docker/mlflow-server.sh (the one the
+    tests start for real) on PostgreSQL, with no password written in them and none installed at start."""
     deployment, service = _yaml("cluster", "mlflow-server.yaml")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    command = " ".join(container["args"])
-    assert "--backend-store-uri" in command and "--artifacts-destination s3://" in command
-    assert "postgresql://" in open(os.path.join(REPO, "cluster", "mlflow-server.yaml")).read()
-    assert service["spec"]["ports"][0]["port"] == 5000
+    assert container["command"] == ["docker/mlflow-server.sh"] and service["spec"]["ports"][0]["port"] == 5000
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["MLFLOW_ARTIFACTS"].startswith("s3://")
+    for key in ("MLFLOW_DB_URI", "MLFLOW_AUTH_DB_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert "secretKeyRef" in env[key], key
+    (compose,) = _yaml("docker", "compose.yaml")
+    mlflow, postgres = compose["services"]["mlflow"], compose["services"]["postgres"]
+    assert mlflow["command"].split()[0] == "docker/mlflow-server.sh"
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy" and "healthcheck" in postgres
+    assert mlflow["environment"]["MLFLOW_DB_URI"].startswith("postgresql://")
+    for value in [*mlflow["environment"].values(), *postgres["environment"].values()]:
+        secrets = re.findall(r"\$\{(\w+)(:\?[^}]*)?\}", str(value))
+        assert all(required for _, required in secrets), value  # ${VAR:?...}: no default password
+    for text in (open(os.path.join(REPO, "cluster", "mlflow-server.yaml")).read(),
+                 open(os.path.join(REPO, "docker", "compose.yaml")).read()):
+        assert "pip install" not in text
+    assert "tracking-server" in open(os.path.join(REPO, "docker", "Dockerfile.cpu")).read()
 
 
 def test_docker_images_pin_our_ray_version_and_copy_only_what_exists():
@@ -88,8 +106,10 @@ def test_docker_images_pin_our_ray_version_and_copy_only_what_exists():
             for source in sources:
                 assert os.path.exists(os.path.join(REPO, source)), (name, source)
     (compose,) = _yaml("docker", "compose.yaml")
-    assert {"mlflow", "ray-head", "ray-worker"} <= set(compose["services"])
+    assert {"postgres", "mlflow", "ray-head", "ray-worker"} <= set(compose["services"])
     for service in compose["services"].values():
+        if "build" not in service:  # postgres: its own image
+            continue
         build = service["build"]
         assert os.path.exists(os.path.join(REPO, "docker", build["context"], build["dockerfile"]))
 

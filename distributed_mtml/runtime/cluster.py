@@ -10,6 +10,7 @@ from typing import Callable
 from distributed_mtml import compat
 from distributed_mtml.config import Config
 from distributed_mtml.errors import InputError, TrainingFailed
+from distributed_mtml.tracking import credentials_env
 
 VERBOSE_ENV = "MTML_VERBOSE"  # set by `--verbose`: Ray's own log lines in the terminal too
 
@@ -29,7 +30,9 @@ def ensure_ray(address: str | None) -> None:
     where = address or os.environ.get("RAY_ADDRESS")
     print(f"[mtml] joining the Ray cluster at {where} ..." if where else "[mtml] starting a local Ray ...", flush=True)
     verbose = os.environ.get(VERBOSE_ENV) == "1"  # actors' output too: see `console`
-    ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
+    login = credentials_env()  # the Train controller and Tune's trials log to MLflow from Ray's processes
+    ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
+             runtime_env={"env_vars": login} if login else None)
     interrupt_on_signals()  # ray.init replaced it with Ray's own (log and abort)
 
 def worker_resources(cfg: Config) -> dict[str, float]:

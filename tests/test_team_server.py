@@ -1,0 +1,131 @@
+"""Many runs at once on the team's tracking server: PostgreSQL on loopback and MLflow's login app,
+started by docker/mlflow-server.sh as the compose file and the cluster manifest start it; and
+the same load on a new local SQLite store. Real processes, real databases."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from team_server import Postgres, TeamServer
+
+from distributed_mtml.data.generators import make_suite
+
+pytestmark = pytest.mark.e2e
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    postgres = Postgres()
+    postgres.init()
+    postgres.start()
+    server = TeamServer(tmp_path_factory.mktemp("mlflow"), postgres)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        postgres.stop()
+        postgres.remove()
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("suite") / "seed")
+    make_suite("seed-example", path, {"rows": 200, "seed": 1})
+    return path
+
+
+def _train(root, suite: str, name: str, uri: str, env: dict, workers: int = 0) -> subprocess.Popen:
+    config = {"suite": {"path": suite}, "training": {"epochs": EPOCHS, "lr": 0.01},
+              "scaling": {"num_workers": workers, "cpus_per_worker": 0.5},
+              "checkpoint": {"dir": str(root / "runs"), "every_n_epochs": 1}, "tracking": {"experiment": "together"}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.Popen([sys.executable, "-m", "distributed_mtml", "train", "--config", str(path), "--tracking-uri", uri],
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _finished(procs: dict[str, subprocess.Popen]) -> dict[str, str]:
+    outputs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
+    failed = {name: outputs[name][-2500:] for name, p in procs.items() if p.returncode != 0}
+    assert not failed, failed
+    return outputs
+
+
+def _whole(client: MlflowClient, run_id: str) -> None:
+    """Every per-epoch metric of the run reached the store once per epoch: none lost, none twice."""
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags.get("mtml.unlogged") is None
+    for key in run.data.metrics:
+        if key.startswith(("train/", "val/")):
+            steps = [m.step for m in client.get_metric_history(run_id, key)]
+            assert sorted(steps) == list(range(EPOCHS)), (run_id, key, steps)
+
+
+def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_and_logs_a_login(team, suite, tmp_path, monkeypatch):
+    with pytest.raises(MlflowException, match="401|not authenticated"):
+        MlflowClient(team.uri).search_experiments()
+    wrong = {**team.login(), "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+    refused = _train(tmp_path, suite, "wrong", team.uri, wrong)
+    out = refused.communicate(timeout=300)[0]
+    assert refused.returncode == 2, out[-2000:]
+    assert f"error: --tracking-uri {team.uri}: the MLflow server refused user 'admin' (HTTP 401)" in out
+    assert "starting a local Ray" not in out and "epoch" not in out
+    _finished({"login": _train(tmp_path, suite, "login", team.uri, team.login())})
+    for key, value in team.login().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(team.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("together").experiment_id],
+                                "tags.`mtml.config_name` = 'login'")
+    _whole(client, run.info.run_id)
+
+
+def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_nothing_else(
+        team, suite, tmp_path, monkeypatch):
+    """Three runs together (two in local mode, one on 2 workers) and a fourth killed with SIGKILL
+    once its first epoch is in the store."""
+    for key, value in team.login().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(team.uri)
+    victim = _train(tmp_path, suite, "victim", team.uri, team.login())
+    procs = {name: _train(tmp_path, suite, name, team.uri, team.login(), workers)
+             for name, workers in (("local-a", 0), ("local-b", 0), ("workers", 2))}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("together")
+        runs = [] if experiment is None else client.search_runs([experiment.experiment_id],
+                                                                "tags.`mtml.config_name` = 'victim'")
+        if runs and client.get_metric_history(runs[0].info.run_id, "val/mean_loss"):
+            break
+        time.sleep(0.5)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    _finished(procs)
+    experiment = client.get_experiment_by_name("together").experiment_id
+    for name in procs:
+        (run,) = client.search_runs([experiment], f"tags.`mtml.config_name` = '{name}'")
+        _whole(client, run.info.run_id)
+    (killed,) = client.search_runs([experiment], "tags.`mtml.config_name` = 'victim'")
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no cleanup to run; --resume continues it
+
+
+def test_runs_started_together_on_a_new_local_store_all_finish_and_leave_it_whole(suite, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    procs = {name: _train(tmp_path, suite, name, uri, {}) for name in ("a", "b", "c")}
+    _finished(procs)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert len(runs) == 3
+    for run in runs:
+        _whole(client, run.info.run_id)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
