@@ -43,8 +43,8 @@ def suite(tmp_path_factory):
     return path
 
 
-def _train(root, suite: str, name: str, uri: str, env: dict, workers: int = 0) -> subprocess.Popen:
-    config = {"suite": {"path": suite}, "training": {"epochs": EPOCHS, "lr": 0.01},
+def _train(root, suite: str, name: str, uri: str, env: dict, workers: int = 0, epochs: int = EPOCHS) -> subprocess.Popen:
+    config = {"suite": {"path": suite}, "training": {"epochs": epochs, "lr": 0.01},
               "scaling": {"num_workers": workers, "cpus_per_worker": 0.5},
               "checkpoint": {"dir": str(root / "runs"), "every_n_epochs": 1}, "tracking": {"experiment": "together"}}
     path = root / f"{name}.yaml"
@@ -61,14 +61,14 @@ def _finished(procs: dict[str, subprocess.Popen]) -> dict[str, str]:
     return outputs
 
 
-def _whole(client: MlflowClient, run_id: str) -> None:
+def _whole(client: MlflowClient, run_id: str, epochs: int = EPOCHS) -> None:
     """Every per-epoch metric of the run reached the store once per epoch: none lost, none twice."""
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags.get("mtml.unlogged") is None
     for key in run.data.metrics:
         if key.startswith(("train/", "val/")):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
-            assert sorted(steps) == list(range(EPOCHS)), (run_id, key, steps)
+            assert sorted(steps) == list(range(epochs)), (run_id, key, steps)
 
 
 def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_and_logs_a_login(team, suite, tmp_path, monkeypatch):
@@ -99,14 +99,7 @@ def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_no
     victim = _train(tmp_path, suite, "victim", team.uri, team.login())
     procs = {name: _train(tmp_path, suite, name, team.uri, team.login(), workers)
              for name, workers in (("local-a", 0), ("local-b", 0), ("workers", 2))}
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name("together")
-        runs = [] if experiment is None else client.search_runs([experiment.experiment_id],
-                                                                "tags.`mtml.config_name` = 'victim'")
-        if runs and client.get_metric_history(runs[0].info.run_id, "val/mean_loss"):
-            break
-        time.sleep(0.5)
+    _first_epoch_stored(client, "victim")
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
     _finished(procs)
@@ -116,6 +109,34 @@ def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_no
         _whole(client, run.info.run_id)
     (killed,) = client.search_runs([experiment], "tags.`mtml.config_name` = 'victim'")
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no cleanup to run; --resume continues it
+
+
+def _first_epoch_stored(client: MlflowClient, config_name: str) -> str:
+    """The run of `config_name` once its first epoch's val loss is in the store: its id."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("together")
+        runs = [] if experiment is None else client.search_runs([experiment.experiment_id],
+                                                                f"tags.`mtml.config_name` = '{config_name}'")
+        if runs and client.get_metric_history(runs[0].info.run_id, "val/mean_loss"):
+            return runs[0].info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no epoch of {config_name} reached the store in 300 s")
+
+
+def test_the_database_stopped_and_started_again_mid_run_loses_no_metric(team, suite, tmp_path, monkeypatch):
+    """PostgreSQL goes away behind the server for 5 s: the reports it refuses wait in the run's
+    spool and reach the store once it is back; the run finishes with its model."""
+    for key, value in team.login().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(team.uri)
+    proc = _train(tmp_path, suite, "outage", team.uri, team.login(), epochs=12)
+    run_id = _first_epoch_stored(client, "outage")
+    team.postgres.stop()
+    time.sleep(5)
+    team.postgres.start()
+    _finished({"outage": proc})
+    _whole(client, run_id, epochs=12)
 
 
 def test_runs_started_together_on_a_new_local_store_all_finish_and_leave_it_whole(suite, tmp_path):
