@@ -71,7 +71,8 @@ def _whole(client: MlflowClient, run_id: str, epochs: int = EPOCHS) -> None:
             assert sorted(steps) == list(range(epochs)), (run_id, key, steps)
 
 
-def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_and_logs_a_login(team, suite, tmp_path, monkeypatch):
+def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_before_a_run(team, suite, tmp_path):
+    """(The runs of the next tests log with the right login.)"""
     with pytest.raises(MlflowException, match="401|not authenticated"):
         MlflowClient(team.uri).search_experiments()
     wrong = {**team.login(), "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
@@ -80,19 +81,12 @@ def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_and_logs_
     assert refused.returncode == 2, out[-2000:]
     assert f"error: --tracking-uri {team.uri}: the MLflow server refused user 'admin' (HTTP 401)" in out
     assert "starting a local Ray" not in out and "epoch" not in out
-    _finished({"login": _train(tmp_path, suite, "login", team.uri, team.login())})
-    for key, value in team.login().items():
-        monkeypatch.setenv(key, value)
-    client = MlflowClient(team.uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("together").experiment_id],
-                                "tags.`mtml.config_name` = 'login'")
-    _whole(client, run.info.run_id)
 
 
 def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_nothing_else(
         team, suite, tmp_path, monkeypatch):
-    """Three runs together (two in local mode, one on 2 workers) and a fourth killed with SIGKILL
-    once its first epoch is in the store."""
+    """Three runs together, logging with a login (two in local mode, one on 2 workers), and a
+    fourth killed with SIGKILL once its first epoch is in the store."""
     for key, value in team.login().items():
         monkeypatch.setenv(key, value)
     client = MlflowClient(team.uri)
