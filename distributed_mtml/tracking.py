@@ -79,10 +79,21 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         if e.code in (401, 403):
             who = f"user '{login['MLFLOW_TRACKING_USERNAME']}'" if "MLFLOW_TRACKING_USERNAME" in login else \
                 "a token" if login else "no login"
-            raise InputError(f"--tracking-uri {uri}: the MLflow server refused {who} (HTTP {e.code}); set "
+            raise InputError(f"--tracking-uri {uri}: the MLflow server refused {who} (HTTP {e.code}: {_said(e)}); set "
                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server") from None
     except (urllib.error.URLError, OSError):
         return  # it answered /health: what else fails is said by the first real call
+
+
+def _said(error) -> str:
+    """What a refusing server wrote: MLflow's JSON `message`, else the body's first line."""
+    import json
+
+    body = error.read().decode("utf-8", "replace").strip()
+    try:
+        return str(json.loads(body)["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return (body.splitlines() or [error.reason])[0][:200]
 
 
 def _artifact_location(uri: str) -> str | None:

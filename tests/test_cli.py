@@ -44,7 +44,8 @@ def test_help_and_validate_do_not_import_ray_mlflow_or_torch(seed_suite):
 
 def test_affinity_reports_what_the_tracking_server_actually_said(capsys):
     """A server that refuses the request (here: 401 on every API call, healthy otherwise) is
-    not 'no relations/affinity.csv': the error says what the server answered."""
+    not 'no relations/affinity.csv': the login check before the command says what the server
+    answered, in one line, exit 2."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,11 +66,11 @@ def test_affinity_reports_what_the_tracking_server_actually_said(capsys):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         uri = f"http://127.0.0.1:{server.server_address[1]}"
-        assert main(["affinity", "--run", "0" * 32, "--tracking-uri", uri]) == 1
+        assert main(["affinity", "--run", "0" * 32, "--tracking-uri", uri]) == 2
     finally:
         server.shutdown()
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "token expired" in last and "affinity.csv" not in last
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "refused no login (HTTP 401: token expired)" in line and "affinity.csv" not in line
 
 
 def test_runs_of_one_config_get_distinct_names_and_are_found_by_it(tmp_path):

@@ -43,15 +43,19 @@ def suite(tmp_path_factory):
     return path
 
 
-def _train(root, suite: str, name: str, uri: str, env: dict, workers: int = 0, epochs: int = EPOCHS) -> subprocess.Popen:
+def _mtml(env: dict, *argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distributed_mtml", *argv], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _train(root, suite: str, name: str, uri: str, env: dict, workers: int = 0, epochs: int = EPOCHS,
+           *extra: str) -> subprocess.Popen:
     config = {"suite": {"path": suite}, "training": {"epochs": epochs, "lr": 0.01},
               "scaling": {"num_workers": workers, "cpus_per_worker": 0.5},
               "checkpoint": {"dir": str(root / "runs"), "every_n_epochs": 1}, "tracking": {"experiment": "together"}}
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.Popen([sys.executable, "-m", "distributed_mtml", "train", "--config", str(path), "--tracking-uri", uri],
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return _mtml(env, "train", "--config", str(path), "--tracking-uri", uri, *extra)
 
 
 def _finished(procs: dict[str, subprocess.Popen]) -> dict[str, str]:
@@ -79,20 +83,23 @@ def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_before_a_
     refused = _train(tmp_path, suite, "wrong", team.uri, wrong)
     out = refused.communicate(timeout=300)[0]
     assert refused.returncode == 2, out[-2000:]
-    assert f"error: --tracking-uri {team.uri}: the MLflow server refused user 'admin' (HTTP 401)" in out
+    assert f"error: --tracking-uri {team.uri}: the MLflow server refused user 'admin' (HTTP 401: You are not authenticated" in out
     assert "starting a local Ray" not in out and "epoch" not in out
 
 
 def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_nothing_else(
         team, suite, tmp_path, monkeypatch):
-    """Three runs together, logging with a login (two in local mode, one on 2 workers), and a
-    fourth killed with SIGKILL once its first epoch is in the store."""
+    """Three runs together, logging with a login (two in local mode, one on 2 workers, which
+    registers its model), and a fourth killed with SIGKILL once its first epoch is in the store;
+    then a Tune search of transfer strategies with parallel trials from one of them, beside a
+    `mtml predict` from the registered model."""
     for key, value in team.login().items():
         monkeypatch.setenv(key, value)
     client = MlflowClient(team.uri)
     victim = _train(tmp_path, suite, "victim", team.uri, team.login())
-    procs = {name: _train(tmp_path, suite, name, team.uri, team.login(), workers)
-             for name, workers in (("local-a", 0), ("local-b", 0), ("workers", 2))}
+    procs = {name: _train(tmp_path, suite, name, team.uri, team.login(), workers, EPOCHS, *extra)
+             for name, workers, extra in (("local-a", 0, ()), ("local-b", 0, ()),
+                                          ("workers", 2, ("--register", "team-model")))}
     _first_epoch_stored(client, "victim")
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
@@ -103,6 +110,23 @@ def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_no
         _whole(client, run.info.run_id)
     (killed,) = client.search_runs([experiment], "tags.`mtml.config_name` = 'victim'")
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no cleanup to run; --resume continues it
+
+    tune = tmp_path / "tune.yaml"
+    tune.write_text(yaml.safe_dump({
+        "transfer": {"source": "local-a", "target": {"path": suite}, "target_task": "regress", "shots": 10,
+                     "strategies": ["scratch", "linear_probe"], "steps": 20, "eval_every": 10},
+        "tune": {"num_samples": 1, "repeats": 2, "grace_period": 1, "cpus_per_trial": 0.5},
+        "tracking": {"experiment": "together"}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
+    rows = os.path.join(suite, "regress.parquet")
+    _finished({"tune": _mtml(team.login(), "tune", "--config", str(tune), "--tracking-uri", team.uri),
+               "predict": _mtml(team.login(), "predict", "--model", "models:/team-model/1", "--input", rows,
+                                "--out", str(tmp_path / "predicted"), "--tracking-uri", team.uri)})
+    assert os.listdir(tmp_path / "predicted")
+    transfer = client.get_experiment_by_name("together-transfer").experiment_id
+    (parent,) = client.search_runs([transfer], "tags.`mtml.command` = 'tune' and tags.`mtml.best_strategy` != ''")
+    children = client.search_runs([transfer], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and {child.data.tags["mtml.stage"] for child in children} == {"search", "repeat"}
+    assert all(child.info.status == "FINISHED" for child in children)
 
 
 def _first_epoch_stored(client: MlflowClient, config_name: str) -> str:
