@@ -50,6 +50,7 @@ def _mtml(env: dict, *argv: str) -> subprocess.Popen:
 
 def _train(root, suite: str, name: str, uri: str, env: dict, workers: int = 0, epochs: int = EPOCHS,
            *extra: str) -> subprocess.Popen:
+    """`mtml train` of `suite` as its own process (`extra`: more flags)."""
     config = {"suite": {"path": suite}, "training": {"epochs": epochs, "lr": 0.01},
               "scaling": {"num_workers": workers, "cpus_per_worker": 0.5},
               "checkpoint": {"dir": str(root / "runs"), "every_n_epochs": 1}, "tracking": {"experiment": "together"}}
@@ -89,38 +90,37 @@ def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_before_a_
 
 def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_nothing_else(
         team, suite, tmp_path, monkeypatch):
-    """Three runs together, logging with a login (two in local mode, one on 2 workers, which
-    registers its model), and a fourth killed with SIGKILL once its first epoch is in the store;
-    then a Tune search of transfer strategies with parallel trials from one of them, beside a
-    `mtml predict` from the registered model."""
+    """A first run registers its model. Then at once, all logging with a login: three runs (two
+    in local mode, one on 2 workers), a Tune search of transfer strategies with parallel trials
+    from the first run, `mtml predict` from its registered model, and a fourth run killed with
+    SIGKILL once its first epoch is in the store."""
     for key, value in team.login().items():
         monkeypatch.setenv(key, value)
     client = MlflowClient(team.uri)
+    _finished({"source": _train(tmp_path, suite, "source", team.uri, team.login(), 0, EPOCHS, "--register", "team-model")})
+    tune = tmp_path / "tune.yaml"
+    tune.write_text(yaml.safe_dump({
+        "transfer": {"source": "source", "target": {"path": suite}, "target_task": "regress", "shots": 10,
+                     "strategies": ["scratch", "linear_probe"], "steps": 20, "eval_every": 10},
+        "tune": {"num_samples": 1, "repeats": 2, "grace_period": 1, "cpus_per_trial": 0.5},
+        "tracking": {"experiment": "together"}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
     victim = _train(tmp_path, suite, "victim", team.uri, team.login())
-    procs = {name: _train(tmp_path, suite, name, team.uri, team.login(), workers, EPOCHS, *extra)
-             for name, workers, extra in (("local-a", 0, ()), ("local-b", 0, ()),
-                                          ("workers", 2, ("--register", "team-model")))}
+    procs = {name: _train(tmp_path, suite, name, team.uri, team.login(), workers)
+             for name, workers in (("local-a", 0), ("local-b", 0), ("workers", 2))}
+    procs["tune"] = _mtml(team.login(), "tune", "--config", str(tune), "--tracking-uri", team.uri)
+    procs["predict"] = _mtml(team.login(), "predict", "--model", "models:/team-model/1", "--input",
+                             os.path.join(suite, "regress.parquet"), "--out", str(tmp_path / "predicted"),
+                             "--tracking-uri", team.uri)
     _first_epoch_stored(client, "victim")
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
     _finished(procs)
     experiment = client.get_experiment_by_name("together").experiment_id
-    for name in procs:
+    for name in ("source", "local-a", "local-b", "workers"):
         (run,) = client.search_runs([experiment], f"tags.`mtml.config_name` = '{name}'")
         _whole(client, run.info.run_id)
     (killed,) = client.search_runs([experiment], "tags.`mtml.config_name` = 'victim'")
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no cleanup to run; --resume continues it
-
-    tune = tmp_path / "tune.yaml"
-    tune.write_text(yaml.safe_dump({
-        "transfer": {"source": "local-a", "target": {"path": suite}, "target_task": "regress", "shots": 10,
-                     "strategies": ["scratch", "linear_probe"], "steps": 20, "eval_every": 10},
-        "tune": {"num_samples": 1, "repeats": 2, "grace_period": 1, "cpus_per_trial": 0.5},
-        "tracking": {"experiment": "together"}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
-    rows = os.path.join(suite, "regress.parquet")
-    _finished({"tune": _mtml(team.login(), "tune", "--config", str(tune), "--tracking-uri", team.uri),
-               "predict": _mtml(team.login(), "predict", "--model", "models:/team-model/1", "--input", rows,
-                                "--out", str(tmp_path / "predicted"), "--tracking-uri", team.uri)})
     assert os.listdir(tmp_path / "predicted")
     transfer = client.get_experiment_by_name("together-transfer").experiment_id
     (parent,) = client.search_runs([transfer], "tags.`mtml.command` = 'tune' and tags.`mtml.best_strategy` != ''")
