@@ -36,6 +36,7 @@ def ready(uri: str) -> None:
     from filelock import FileLock, Timeout
 
     check_writable(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # as MLflow would, for the lock file beside it
     lock = path + ".lock"
     try:
         with FileLock(lock, timeout=LOCK_WAIT_S):

@@ -90,8 +90,8 @@ def test_the_server_refuses_strangers_and_a_wrong_password_in_one_line_before_a_
 
 def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_nothing_else(
         team, suite, tmp_path, monkeypatch):
-    """A first run registers its model. Then at once, all logging with a login: three runs (two
-    in local mode, one on 2 workers), a Tune search of transfer strategies with parallel trials
+    """A first run registers its model. Then at once, all logging with a login: two runs (one in
+    local mode, one on 2 workers), a Tune search of transfer strategies with parallel trials
     from the first run, `mtml predict` from its registered model, and a fourth run killed with
     SIGKILL once its first epoch is in the store."""
     for key, value in team.login().items():
@@ -106,7 +106,7 @@ def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_no
         "tracking": {"experiment": "together"}, "checkpoint": {"dir": str(tmp_path / "runs")}}))
     victim = _train(tmp_path, suite, "victim", team.uri, team.login())
     procs = {name: _train(tmp_path, suite, name, team.uri, team.login(), workers)
-             for name, workers in (("local-a", 0), ("local-b", 0), ("workers", 2))}
+             for name, workers in (("local", 0), ("workers", 2))}
     procs["tune"] = _mtml(team.login(), "tune", "--config", str(tune), "--tracking-uri", team.uri)
     procs["predict"] = _mtml(team.login(), "predict", "--model", "models:/team-model/1", "--input",
                              os.path.join(suite, "regress.parquet"), "--out", str(tmp_path / "predicted"),
@@ -116,7 +116,7 @@ def test_runs_at_once_on_the_server_all_finish_whole_and_a_killed_one_changes_no
     victim.wait(timeout=60)
     _finished(procs)
     experiment = client.get_experiment_by_name("together").experiment_id
-    for name in ("source", "local-a", "local-b", "workers"):
+    for name in ("source", "local", "workers"):
         (run,) = client.search_runs([experiment], f"tags.`mtml.config_name` = '{name}'")
         _whole(client, run.info.run_id)
     (killed,) = client.search_runs([experiment], "tags.`mtml.config_name` = 'victim'")
