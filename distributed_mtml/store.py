@@ -28,15 +28,22 @@ def sqlite_path(uri: str) -> str | None:
 
 def ready(uri: str) -> None:
     """Opens the tracking store at `uri` once in this process: a SQLite file is created (tables,
-    migrations, the model registry's tables) under its lock, or checked if it exists. Raises
-    InputError naming the file when it is read-only, half-migrated or from an older MLflow."""
+    migrations, the model registry's tables) under its lock, or checked if it exists (without
+    the lock where its folder is read-only: commands that only read it still work). Raises
+    InputError naming the file when it is half-migrated, from an older MLflow or not a store."""
     path = sqlite_path(uri)
     if path is None or uri in _READY:
         return
     from filelock import FileLock, Timeout
 
-    check_writable(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # as MLflow would, for the lock file beside it
+    folder = os.path.dirname(path) or "."
+    if os.path.exists(path) and not os.access(folder, os.W_OK):  # a read-only place: read it, create nothing
+        problem = schema_problem(path)
+        if problem:
+            raise InputError(problem)
+        _READY.add(uri)
+        return
+    os.makedirs(folder, exist_ok=True)  # as MLflow would, for the lock file beside it
     lock = path + ".lock"
     try:
         with FileLock(lock, timeout=LOCK_WAIT_S):
@@ -50,12 +57,15 @@ def ready(uri: str) -> None:
     _READY.add(uri)
 
 
-def check_writable(path: str) -> None:
-    """A run must write to the store, and SQLite writes a journal beside it."""
-    where = path if os.path.exists(path) else os.path.dirname(path) or "."
-    if os.path.exists(where) and not os.access(where, os.W_OK):
-        raise InputError(f"{path}: the MLflow store is read-only here (no write permission on {where}); "
-                         "pass --tracking-uri to a store you can write")
+def check_writable(uri: str) -> None:
+    """A command that makes a run must write to the store, and SQLite writes a journal beside it."""
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    for where in (path, os.path.dirname(path) or "."):
+        if os.path.exists(where) and not os.access(where, os.W_OK):
+            raise InputError(f"{path}: the MLflow store is read-only here (no write permission on {where}); "
+                             "pass --tracking-uri to a store you can write")
 
 
 def schema_problem(path: str) -> str | None:

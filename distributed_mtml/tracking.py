@@ -221,6 +221,7 @@ class Tracker:
         of it instead and tagged `mtml.config_name`, which `--resume` and `transfer.source` look up."""
         from mlflow.entities import Param
 
+        store.check_writable(self.uri)
         with uninterrupted():  # a Ctrl-C mid-transaction would keep SQLite's write lock
             c = self.client()
             if config_name is not None:
@@ -238,6 +239,7 @@ class Tracker:
 
     def set_status(self, run_id: str, status: str) -> None:
         """FINISHED, FAILED or KILLED; RUNNING again when a run is resumed."""
+        store.check_writable(self.uri)
         with uninterrupted():
             c = self.client()
             if status == "RUNNING":

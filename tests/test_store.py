@@ -9,6 +9,7 @@ import pytest
 
 from distributed_mtml import store
 from distributed_mtml.errors import InputError
+from distributed_mtml.tracking import Tracker
 
 STARTS = 4
 START_RUN = """
@@ -36,13 +37,16 @@ def test_commands_started_together_on_a_new_store_all_start_and_leave_it_whole(t
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (STARTS,)
 
 
-def test_a_store_this_user_cannot_write_is_refused_naming_it(tmp_path, monkeypatch):
-    path = str(tmp_path / "mlflow.db")
-    sqlite3.connect(path).close()
+def test_a_store_this_user_cannot_write_is_refused_for_a_run_and_still_read(tmp_path, monkeypatch):
+    """(As root every file is writable, so the permission is what `os.access` answers here.)"""
+    uri, path = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "mlflow.db")
+    Tracker(uri).create_run("e", "made-before", {}, {})
+    store._READY.discard(uri)  # as a new process
     writable = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if p == path else writable(p, mode))  # root may write all
+    monkeypatch.setattr(os, "access", lambda p, mode: False if p in (path, str(tmp_path)) else writable(p, mode))
+    assert [r.info.run_name for r in Tracker(uri).client().search_runs(["1"])] == ["made-before"]
     with pytest.raises(InputError, match=f"{path}: the MLflow store is read-only here"):
-        store.ready(f"sqlite:///{path}")
+        Tracker(uri).create_run("e", "new", {}, {})
 
 
 def test_a_file_that_is_not_a_store_is_refused_naming_it(tmp_path):
