@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from distributed_mtml import compat
 from distributed_mtml.report import table
 
 WORK = tempfile.mkdtemp(prefix="mtml_bench_tracking_")
@@ -77,9 +78,7 @@ def _lost_and_finished(uri: str, env: dict, results: list[dict], args) -> tuple[
     """Metrics a run logged without an error that the store does not hold, and runs FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with compat.environment(**env):  # the server's login, for this process's client
         client, lost, finished = MlflowClient(uri), 0, 0
         for r in results:
             if r["run_id"] is None:
@@ -89,9 +88,6 @@ def _lost_and_finished(uri: str, env: dict, results: list[dict], args) -> tuple[
             stored = sum(len(client.get_metric_history(r["run_id"], f"val/task{k % 5}/metric{k}")) for k in range(args.keys))
             lost += len(r["latencies"]) * args.keys - stored
         return lost, finished
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import pytest
 from distributed_mtml.data.generators import make_suite
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))  # team_server
+from team_server import free_port  # noqa: E402 - the one home of a free loopback port, for tests and benchmarks
 
 
 @pytest.fixture
@@ -76,12 +77,6 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, seconds: float = 60) -> None:

@@ -211,6 +211,12 @@ class SharedLast:
     inputs: int = 0
     state: dict = field(default_factory=dict)
 
+    @property
+    def warm(self) -> bool:
+        """Whether an earlier epoch's EM left its state to go on from (a checkpoint from before
+        the state held the noise and lambda resumes cold, once)."""
+        return "sigma2" in self.state
+
 
 def _woodbury(x: torch.Tensor, prior: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A^-1 b, diag A^-1) for each task's A = X^T X + diag(prior), by the Woodbury identity
@@ -297,8 +303,7 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
         inverse = torch.linalg.inv(total_gram + ridge + torch.diag(penalty))
         return inverse @ (left + total_gram @ (w0 + shift)) - w0, inverse
 
-    warm = "sigma2" in last.state  # (a checkpoint from before the state held sigma2 resumes cold)
-    if warm:  # from where the last epoch's EM ended
+    if last.warm:  # from where the last epoch's EM ended
         var, prior, sigma2 = last.state["var"], last.state["prior"], last.state["sigma2"]
     else:  # cold: complete pooling, so that the offsets start from what tasks do not share, then a ridge
         prior = float(scatter / rows)  # the learned block's fixed-effect variance: at first, the residual's
@@ -307,7 +312,7 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
         v = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), b0 - gram @ shift) if heads else b0
         sigma2 = float(summed_cpu(residuals(v).sum().view(1), world, device)[0]) / float(rows)
         var = torch.full((width,), sigma2 / lam, dtype=torch.float64)
-    for _ in range(WARM_STEPS if warm else EM_STEPS):
+    for _ in range(WARM_STEPS if last.warm else EM_STEPS):
         v, spread, left = posterior(var, sigma2)
         shrunk = spread * sigma2 / var  # per offset, the share of it the prior decides
         determined = (1 - shrunk).clamp(1e-9, 1).sum(0)
@@ -358,7 +363,7 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
     heads = [head for head, _, _ in solvable.values()]
     width = next((x.shape[1] for _, x, _ in solvable.values()), 0)
     stacked = buckets([(x, r) for _, x, r in solvable.values()], width)
-    if penalty == "em" and last is not None and "lam" in last.state:  # warm EM needs no ridge to start from
+    if penalty == "em" and last is not None and last.warm:  # warm EM needs no ridge to start from
         lam = last.state["lam"]
     elif penalty in ("auto", "em"):
         errors = torch.zeros(len(LAMBDAS), dtype=torch.float64)
