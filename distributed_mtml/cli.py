@@ -280,11 +280,11 @@ def cmd_train(args, config_path: str, overrides: list[str], resume: bool = False
     stopped = " (stopped early)" if outcome.stopped_early else ""
     print(f"\nrun {outcome.run_id} finished{stopped}; the kept model is epoch {outcome.best_step + 1}'s, "
           f"best {config.checkpoint.monitor}; its validation metrics:")
-    if per_task.task_count(outcome.kept) > config.tracking.task_metrics_limit:
+    if not per_task.printed_in_full(per_task.task_count(outcome.kept), config.tracking.task_metrics_limit):
         print(tasks_summary(outcome.kept, "val"))
     else:
         trivial = {k[len("baseline/"):]: v for k, v in outcome.metrics.items() if k.startswith("baseline/")}
-        print(metrics_table(outcome.kept, "val", trivial))
+        print(metrics_table(outcome.kept, "val", trivial or None))  # none: in the run's per_task/baseline table
     print(f"throughput: {outcome.metrics.get('throughput/samples_per_s', float('nan')):.0f} samples/s")
     _say_where(outcome.tracker, outcome.run_id)
     print(f"evaluate it: mtml evaluate --run {outcome.run_id} --suite {config.suite.resolved_path()}"
@@ -314,7 +314,8 @@ def cmd_evaluate(args) -> int:
     if not os.path.isdir(suite) and "://" not in suite:
         raise InputError(f"--suite: the run's suite {suite} is not there any more; name one with --suite")
     scores = evaluate(model, suite, args.split)
-    many = per_task.task_count(scores) > TrainPlan.model_validate(plan).config.tracking.task_metrics_limit
+    many = not per_task.printed_in_full(per_task.task_count(scores),
+                                        TrainPlan.model_validate(plan).config.tracking.task_metrics_limit)
     if many:
         print(f"{args.split} split of {suite}:\n{tasks_summary(scores, args.split)}")
     else:

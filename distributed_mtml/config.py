@@ -311,10 +311,11 @@ class TrackingConfig(_Section):
     transfer_experiment: str | None = Field(
         None, description="experiment of transfer and tune runs; default '<experiment>-transfer'"
     )
-    task_metrics_limit: int = Field(
-        50, ge=1, description="above this many tasks, per-task metrics go to Parquet tables (artifacts per_task/, a row "
-        "per task) and MLflow holds their summaries across tasks, tasks/<prefix>/<metric>/<mean|median|p10|p90|worst>: "
-        "a run page of thousands of tasks' keys stops answering"
+    task_metrics_limit: int | None = Field(
+        None, ge=1, description="above this many tasks, per-task metrics go to Parquet tables (artifacts per_task/, a "
+        "row per task) and MLflow holds their summaries across tasks, tasks/<prefix>/<metric>/<mean|median|p10|p90|"
+        "worst>: a run page of thousands of tasks' keys stops answering. Default: when the per-task keys would pass "
+        "80 (a regression task makes 17), so a run holds at most 100 keys"
     )
 
     def transfer_experiment_name(self) -> str:

@@ -9,6 +9,8 @@ from distributed_mtml.data.scan import Moments
 from distributed_mtml.models import TaskShape, task_loss
 from distributed_mtml.segments import row_tasks, segment_means
 
+METRICS = {"classification": ("accuracy", "auc"), "regression": ("mse", "mae", "r2")}  # a task's, beside its loss
+
 
 def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """ROC AUC as the Mann-Whitney statistic, ties counted half, from ranks: one sort and

@@ -1,8 +1,10 @@
 """Per-task metrics when tasks are many: summaries for MLflow, every value in a Parquet table.
 
 A run of 1,000 tasks logged 17,000 metric keys: the MLflow run page took 89 s to show them and
-then stopped answering, and writing them was a third of the run's time. Above
-`tracking.task_metrics_limit` tasks, each per-task key (`val/<task>/loss`) is folded into the
+then stopped answering, and writing them was a third of the run's time. A regression task adds
+17 keys to a run (`keys_of`), so a run page stays under 100 keys only while its per-task keys
+are at most `TASK_KEYS` (five regression tasks are past it). Beyond that (or above
+`tracking.task_metrics_limit` tasks, where a user sets it), each per-task key (`val/<task>/loss`) is folded into the
 summaries a user reads across tasks, `tasks/val/loss/<stat>` with the stats below, and the
 values themselves go to a Parquet table artifact (`per_task/<name>.parquet`: a row per task, a
 column per `<prefix>/<metric>`), which pandas or the MLflow UI's artifact view reads.
@@ -15,10 +17,31 @@ import tempfile
 
 import numpy as np
 
+from distributed_mtml.metrics import METRICS
+
 PREFIXES = ("baseline/val/", "baseline/test/", "train/", "val/", "test/", "aggregation/")  # longest first
 STATS = ("mean", "median", "p10", "p90", "worst")
 HIGHER_IS_BETTER = ("accuracy", "auc", "r2")
 TABLE_DIR = "per_task"
+TASK_KEYS = 80  # the most per-task keys a run logs one by one; its run-level keys are under 20: a page of <= 100
+PRINTED_TASKS = 50  # up to this many tasks the console prints a row per task (without a limit set)
+
+
+def keys_of(task_type: str, weighted: bool) -> int:
+    """The metric keys one task adds to a training run: its train loss, its val and test loss and
+    metrics, the same two for the baseline, and its aggregation weight (`weighted`)."""
+    return 1 + 4 * (1 + len(METRICS[task_type])) + int(weighted)
+
+
+def folds(tasks: int, keys: int, limit: int | None) -> bool:
+    """Whether a run of `tasks` tasks making `keys` per-task keys logs summaries and tables
+    instead: above `limit` tasks where the user set one, else above `TASK_KEYS` keys."""
+    return tasks > limit if limit is not None else keys > TASK_KEYS
+
+
+def printed_in_full(tasks: int, limit: int | None) -> bool:
+    """Whether the console shows a row per task (a terminal holds more rows than a run page holds keys)."""
+    return tasks <= (limit if limit is not None else PRINTED_TASKS)
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:

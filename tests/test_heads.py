@@ -268,7 +268,8 @@ def test_on_many_small_groups_the_default_heads_beat_separate_heads(ray_session,
     for heads in ("shared_plus_offset", "separate"):
         cfg = validate_config({"suite": {"path": suite}, "model": {"heads": heads}, "scaling": {"num_workers": 0},
                                "training": {"epochs": 60, "batch_size": 32, "lr": 0.003, "early_stopping_patience": 15},
-                               "checkpoint": {"dir": str(tmp_path / "runs")}})
+                               "checkpoint": {"dir": str(tmp_path / "runs")},
+                               "tracking": {"task_metrics_limit": 30}})  # every group's MSE a key, read below
         results[heads] = run_training(cfg, heads, tracker)
     default, separate = (_pooled_test_mse(results[h], suite) for h in ("shared_plus_offset", "separate"))
     assert default < 0.95 * separate, (default, separate)
@@ -416,22 +417,17 @@ def test_plans_saved_under_older_defaults_load_as_they_were_trained():
     assert not meta.config.model.trunk.passthrough
 
 
-def _cholesky_form(x: torch.Tensor, prior: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    inverse = torch.linalg.inv(x.transpose(1, 2) @ x + torch.diag(prior))
-    return (inverse @ b.unsqueeze(-1)).squeeze(-1), torch.diagonal(inverse, dim1=1, dim2=2)
-
-
 def _one_em_problem():
     shared, modules, data = _em_problem(4, 6, noise_features=12)
     return {n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1, None, shared_plus_offset.SharedLast(
         shared[1], inputs=3)
 
 
-def _em_twice(monkeypatch, woodbury: bool) -> list[torch.Tensor]:
+def _em_twice(monkeypatch, rows_space: bool) -> list[torch.Tensor]:
     """Two EM refits (cold, warm) of 30 tasks of 5 to 8 rows and 16 offsets each: the shared layer,
     then each task's offsets and precision."""
-    if not woodbury:  # every bucket solved in the offsets' space
-        monkeypatch.setattr(shared_plus_offset, "_woodbury", _cholesky_form)
+    if not rows_space:  # every bucket solved in the offsets' space
+        monkeypatch.setattr(shared_plus_offset, "_in_rows_space", lambda *a: False)
     shared, modules, data = _em_problem(30, 8, noise_features=12)
     data = {n: (f[: 5 + i % 4], y[: 5 + i % 4]) for i, (n, (f, y)) in enumerate(data.items())}  # unequal rows: padded
     last = shared_plus_offset.SharedLast(shared[1], inputs=3)
@@ -443,11 +439,11 @@ def _em_twice(monkeypatch, woodbury: bool) -> list[torch.Tensor]:
 
 
 def test_em_in_the_rows_space_solves_what_the_offsets_space_solves(monkeypatch):
-    """With fewer rows a task than offsets EM solves by the Woodbury identity (`_woodbury`): the
-    same shared layer, offsets and penalties as the Cholesky form."""
+    """With fewer rows a task than offsets EM solves in the rows' space (`RowSpace`): the same
+    shared layer, offsets and penalties as the Cholesky form in the offsets' space."""
     calls = []
-    real = shared_plus_offset._woodbury
-    monkeypatch.setattr(shared_plus_offset, "_woodbury", lambda *a: calls.append(1) or real(*a))
+    real = shared_plus_offset.RowSpace.solve
+    monkeypatch.setattr(shared_plus_offset.RowSpace, "solve", lambda *a: calls.append(1) or real(*a))
     shared_plus_offset.refit(*_one_em_problem())
     monkeypatch.undo()
     assert calls, "tasks with fewer rows than offsets were not solved in the rows' space"

@@ -34,9 +34,40 @@ def test_summaries_equal_numpys_over_the_tasks_and_the_rows_hold_every_value():
     assert [t for t, _ in best] == [f"t{i}" for i in np.argsort(loss)[:3]]
 
 
-def test_a_run_above_the_limit_logs_summaries_and_tables_not_a_key_per_task(tmp_path, capsys):
-    """Local mode, 8 groups, the limit at 4: MLflow holds no per-task key, every epoch's values
-    and the test and baseline values are in `per_task/*.parquet`, one figure shows the spread."""
+def test_a_task_makes_the_keys_its_metrics_name():
+    """`per_task.keys_of` counts from `metrics.METRICS`, which must be what a task's metrics hold."""
+    import torch
+
+    from distributed_mtml.metrics import METRICS, task_metrics
+    from distributed_mtml.models import TaskShape
+
+    regression = task_metrics(TaskShape("r", "regression", 2), torch.randn(9, 1), torch.randn(9))
+    classes = task_metrics(TaskShape("c", "classification", 2, 3), torch.randn(9, 3), torch.arange(9) % 3)
+    assert set(regression) == {"loss", *METRICS["regression"]} and set(classes) == {"loss", *METRICS["classification"]}
+    assert per_task.keys_of("regression", False) == 17 and per_task.keys_of("classification", True) == 14
+
+
+def test_the_default_folds_when_per_task_keys_would_pass_the_budget_and_a_set_limit_wins(tmp_path):
+    from distributed_mtml.config import validate_config
+    from distributed_mtml.data.generators import make_suite
+    from distributed_mtml.train.plan import make_plan
+
+    folds = {}
+    for groups in (4, 5):
+        suite = str(tmp_path / f"suite{groups}")
+        make_suite("multilevel", suite, {"groups": groups, "rows": 20, "seed": 0})
+        for limit in (None, 4):
+            config = validate_config({"suite": {"path": suite}, "tracking": {"task_metrics_limit": limit}})
+            folds[groups, limit] = make_plan(config).folds_task_metrics()
+    assert folds == {(4, None): False, (5, None): True, (4, 4): False, (5, 4): True}  # 68 keys, 85 keys
+    config = validate_config({"suite": {"path": str(tmp_path / "suite5")}, "tracking": {"task_metrics_limit": 10}})
+    assert not make_plan(config).folds_task_metrics()
+
+
+def test_a_run_past_the_key_budget_logs_summaries_and_tables_not_a_key_per_task(tmp_path, capsys):
+    """Local mode, 8 groups and the default limit (8 x 17 keys would pass the budget): MLflow holds
+    no per-task key, every epoch's values and the test and baseline values are in
+    `per_task/*.parquet`, one figure shows the spread; the console still shows every task."""
     from mlflow.tracking import MlflowClient
 
     from distributed_mtml.cli import main
@@ -46,11 +77,11 @@ def test_a_run_above_the_limit_logs_summaries_and_tables_not_a_key_per_task(tmp_
     make_suite("multilevel", suite, {"groups": 8, "rows": 30, "seed": 0})
     config = tmp_path / "many.yaml"
     config.write_text(f"suite: {{path: {suite}}}\ntraining: {{epochs: 3, report_every_s: 0}}\n"
-                      "scaling: {num_workers: 0}\ntracking: {task_metrics_limit: 4}\n")
+                      "scaling: {num_workers: 0}\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["train", "--config", str(config), "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "8 tasks" in out and "worst by loss:" in out
+    assert "\ng0007 " in out and "worst by loss:" not in out and "beats trivial" not in out  # a row per task
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("distributed-mtml").experiment_id])
     page = f"its page:    http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"

@@ -22,6 +22,24 @@ def test_task_batches_are_reproducible_per_epoch_and_differ_between_epochs():
     assert first != [b[1].tolist() for b in make().epoch(4, 4)]
 
 
+def test_many_tasks_rows_are_drawn_together_as_each_alone_would_be_and_in_whole_passes():
+    """`shuffled_rows` of several tasks at once: each task's rows are what it draws alone (its
+    batches do not depend on the tasks beside it), pass after pass a permutation of its rows."""
+    from distributed_mtml.train.step import epochs, shuffled_rows
+
+    together = shuffled_rows(5, [3, 7, 9], [10, 4, 6], epoch=2, needed=[25, 4, 6])
+    for rows, (task, size, needed) in zip(together, [(3, 10, 25), (7, 4, 4), (9, 6, 6)]):
+        assert (rows == shuffled_rows(5, [task], [size], 2, [needed])[0]).all()
+    first = together[0]
+    assert len(first) == 25 and sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    assert list(first[:10]) != list(first[10:20])  # each pass its own permutation
+    assert (shuffled_rows(5, [3], [10], 3, [10])[0] != first[:10]).any()  # and each epoch
+    x, y = torch.randn(10, 2), torch.arange(10.0)
+    alone = [b[1].tolist() for b in TaskBatches(x, y, 4, seed=5, task_index=3).epoch(2, 3)]
+    beside = epochs([TaskBatches(x, y, 4, 5, 3), TaskBatches(x[:4], y[:4], 4, 5, 7)], 2, 3)[0]
+    assert [b[1].tolist() for b in beside] == alone
+
+
 def test_multitask_step_gradient_is_the_mean_task_gradient():
     """One trunk forward for all tasks, loss scale 1/T: the trunk gradient equals the mean
     of the per-task gradients, which is what DDP's mean across one-task workers gives."""

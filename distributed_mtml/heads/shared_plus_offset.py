@@ -166,25 +166,53 @@ class Bucket:
     r: torch.Tensor
 
 
-def buckets(problems: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> list[Bucket]:
-    """`problems` (design, residual) in buckets whose largest task has at most twice the rows of its
-    smallest: a thousand tiny tasks are one batched solve, not a thousand, and no small task is
-    padded to a large one's rows."""
-    order = sorted(range(len(problems)), key=lambda i: len(problems[i][1]))
+@dataclass(frozen=True)
+class Problems:
+    """Tasks' last-layer problems (`OffsetHead.last_layer_problem`), every task's rows joined on
+    the CPU in float64: designs [N, d] and residuals [N], `sizes[i]` rows for `heads[i]`."""
+
+    heads: list[OffsetHead]
+    design: torch.Tensor
+    residual: torch.Tensor
+    sizes: list[int]
+
+
+def buckets(problems: Problems) -> list[Bucket]:
+    """The problems in buckets whose largest task has at most twice the rows of its smallest: a
+    thousand tiny tasks are one batched solve, not a thousand, and no small task is padded to a
+    large one's rows. Each bucket is filled by one indexed copy, not a copy a task."""
+    sizes = torch.tensor(problems.sizes, dtype=torch.long)
+    starts = torch.cumsum(sizes, 0) - sizes
+    order = sorted(range(len(sizes)), key=problems.sizes.__getitem__)
     out, start = [], 0
     while start < len(order):
-        end, smallest = start, max(len(problems[order[start]][1]), 1)
-        while end < len(order) and len(problems[order[end]][1]) <= 2 * smallest:
+        end, smallest = start, max(problems.sizes[order[start]], 1)
+        while end < len(order) and problems.sizes[order[end]] <= 2 * smallest:
             end += 1
         index = order[start:end]
-        rows = len(problems[index[-1]][1])
-        x = torch.zeros(len(index), rows, width, dtype=torch.float64)
-        r = torch.zeros(len(index), rows, dtype=torch.float64)
-        for j, i in enumerate(index):
-            x[j, : len(problems[i][1])], r[j, : len(problems[i][1])] = problems[i]
+        counts = sizes[index]
+        task = torch.repeat_interleave(torch.arange(len(index)), counts)
+        row = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        source = torch.repeat_interleave(starts[index], counts) + row
+        x = torch.zeros(len(index), int(counts.max()), problems.design.shape[1], dtype=torch.float64)
+        r = torch.zeros(len(index), int(counts.max()), dtype=torch.float64)
+        x[task, row], r[task, row] = problems.design[source], problems.residual[source]
         out.append(Bucket(index, x, r))
         start = end
     return out
+
+
+def _set_solutions(heads: list[OffsetHead], solutions: torch.Tensor, lam: float, precision: torch.Tensor) -> None:
+    """Every head's last-layer offsets, lambda and precision per input, in a few foreach copies
+    rather than four calls a head (a thousand heads an epoch)."""
+    if not heads:
+        return
+    weights = solutions[:, :-1].to(heads[0].offsets[-2]).view(len(heads), *heads[0].offsets[-2].shape)
+    biases = solutions[:, -1:].to(heads[0].offsets[-1])
+    torch._foreach_copy_([h.offsets[-2] for h in heads], list(weights.unbind(0)))
+    torch._foreach_copy_([h.offsets[-1] for h in heads], list(biases.unbind(0)))
+    torch._foreach_copy_([h.precision for h in heads], [precision.to(heads[0].precision)] * len(heads))
+    torch._foreach_copy_([h.lam for h in heads], [torch.tensor(lam, dtype=torch.float64)] * len(heads))
 
 
 def solve_offsets(head: OffsetHead, features: torch.Tensor, target: torch.Tensor) -> None:
@@ -218,21 +246,67 @@ class SharedLast:
         return "sigma2" in self.state
 
 
-def _woodbury(x: torch.Tensor, prior: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A^-1 b, diag A^-1) for each task's A = X^T X + diag(prior), by the Woodbury identity
-    A^-1 = P^-1 - P^-1 X^T (I + X P^-1 X^T)^-1 X P^-1: one n x n Cholesky per task, which pays
-    when n < d (measured: 1,000 tasks of 28 rows and 57 offsets, 21 ms a solve instead of 59). `prior` is
-    floored (`_em`), so P^-1 stays finite, and the subtraction loses no more than float64 keeps
-    (tested against the Cholesky form in `tests/test_heads.py`)."""
-    inverse_prior = 1 / prior
-    scaled = x * inverse_prior  # X P^-1, [T, n, d]
-    inner = torch.eye(x.shape[1], dtype=x.dtype) + scaled @ x.transpose(1, 2)
-    w = torch.linalg.solve_triangular(torch.linalg.cholesky(inner), scaled, upper=False)  # L^-1 X P^-1
-    v = inverse_prior * b - (w.transpose(1, 2) @ (w @ b.unsqueeze(-1))).squeeze(-1)
-    return v, inverse_prior - w.pow(2).sum(1)
+ZERO_EIGEN = 1e-12  # eigenvalues of X_L X_L^T below this share of a task's largest are its rank's zeros
 
 
-def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: torch.device | None, last: SharedLast,
+def _in_rows_space(bucket: Bucket, width: int) -> bool:
+    """Whether a bucket's tasks have fewer rows than offsets, so EM solves them in the rows' space
+    (`RowSpace`) rather than by a width x width Cholesky a task."""
+    return bucket.x.shape[1] < width
+
+
+@dataclass(frozen=True)
+class RowSpace:
+    """A bucket of tasks with fewer rows than offsets, set up once an epoch for many EM steps.
+
+    Each task's design is [X_L, X_I]: the learned features, which EM gives one prior precision p
+    (they are one block), and a handful of columns with their own (the inputs and the bias). With
+    the eigenvectors Q of the n x n matrix X_L X_L^T (eigenvalues e), found once, every step's
+    solve of A = X^T X + diag(prior) is products of n-vectors and n x k matrices: the learned block
+    by (X_L^T X_L + p)^-1 X_L^T = X_L^T Q (e + p)^-1 Q^T, the other columns by their k x k Schur
+    complement D_I + Y^T diag(p / (e + p)) Y (Y = Q^T X_I). No term is subtracted from a larger
+    one, so small precisions lose nothing (the Woodbury form's subtraction did, and it cost 28 ms
+    a step for a thousand tasks)."""
+
+    index: list[int]
+    eigen: torch.Tensor  # [B, n], the rank's zeros exactly 0
+    zt: torch.Tensor  # (Q^T X_L)^T [B, split, n], contiguous: its products are most of a step
+    y: torch.Tensor  # Q^T X_I [B, n, k]
+    r: torch.Tensor  # Q^T r [B, n]
+
+    @classmethod
+    def of(cls, bucket: Bucket, split: int) -> "RowSpace":
+        """`split`: how many leading columns are the learned block."""
+        block = bucket.x[..., :split]
+        eigen, q = torch.linalg.eigh(block @ block.transpose(1, 2))
+        eigen = torch.where(eigen > ZERO_EIGEN * eigen.amax(-1, keepdim=True).clamp_min(1e-300), eigen, 0.0)
+        qt = q.transpose(1, 2)
+        zt = (block.transpose(1, 2) @ q).contiguous()
+        return cls(bucket.index, eigen, zt, qt @ bucket.x[..., split:], (qt @ bucket.r.unsqueeze(-1)).squeeze(-1))
+
+    def solve(self, prior: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each task's (offsets A^-1 X^T (r - X shift), diag A^-1 with the learned block's entries
+        at their mean (EM reads only their sum), X^T of the residual the offsets leave, its sum of
+        squares), for `prior` the diagonal of A - X^T X (one value over the learned block)."""
+        split, p = self.zt.shape[1], prior[0]
+        rho = self.r - shift[:split] @ self.zt - self.y @ shift[split:]  # Q^T (r - X shift)
+        kept = p / (self.eigen + p)  # per direction, the share of it the learned block's prior keeps
+        yt = self.y.transpose(1, 2)
+        factor = torch.linalg.cholesky(torch.diag(prior[split:]) + yt @ (kept.unsqueeze(-1) * self.y))
+        v_rest = torch.cholesky_solve(yt @ (kept * rho).unsqueeze(-1), factor).squeeze(-1)
+        within = rho - (self.y @ v_rest.unsqueeze(-1)).squeeze(-1)  # what the learned block may explain
+        v_block = (self.zt @ (within / (self.eigen + p)).unsqueeze(-1)).squeeze(-1)
+        left = kept * within  # Q^T of the residual
+        rest_inverse = torch.cholesky_inverse(factor)
+        spill = yt @ ((self.eigen / (self.eigen + p) ** 2).unsqueeze(-1) * self.y)
+        block_trace = (split - rho.shape[1] + kept.sum(1)) / p + (rest_inverse * spill).sum((1, 2))
+        spread = torch.cat([(block_trace / split).unsqueeze(-1).expand(-1, split),
+                            torch.diagonal(rest_inverse, dim1=1, dim2=2)], 1)
+        back = torch.cat([self.zt @ left.unsqueeze(-1), yt @ left.unsqueeze(-1)], 1).squeeze(-1)
+        return torch.cat([v_block, v_rest], 1), spread, back, left.pow(2).sum(1)
+
+
+def _em(problems: Problems, stacked: list[Bucket], lam: float, world: int, device: torch.device | None, last: SharedLast,
         complete: bool) -> None:
     """`head_penalty: em` (see the module's docstring): every rank runs the same EM_STEPS on its
     tasks' sufficient statistics, summing 3d + 1 numbers over ranks per step.
@@ -252,14 +326,14 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
     tasks (`complete`): a task left out (streamed, or too large to refit) also reads it."""
     width = last.linear.in_features + 1
     learned = torch.arange(width) < width - 1 - last.inputs  # the block of learned features
-    heads = [h for h, _, _ in solvable.values()]
+    heads = problems.heads
     gram = torch.zeros(len(heads), width, width, dtype=torch.float64)
     b0, rr0 = torch.zeros(len(heads), width, dtype=torch.float64), torch.zeros(len(heads), dtype=torch.float64)
     for bucket in stacked:  # each task's X^T X, X^T r and r^T r, a bucket at a time
         gram[bucket.index] = bucket.x.transpose(1, 2) @ bucket.x
         b0[bucket.index] = (bucket.x.transpose(1, 2) @ bucket.r.unsqueeze(-1)).squeeze(-1)
         rr0[bucket.index] = bucket.r.pow(2).sum(1)
-    counts = torch.tensor([sum(len(r) for _, _, r in solvable.values()), len(heads), float(not complete), rr0.sum()],
+    counts = torch.tensor([sum(problems.sizes), len(heads), float(not complete), rr0.sum()],
                           dtype=torch.float64)
     rows, tasks, incomplete, scatter = summed_cpu(counts, world, device)
     total_gram = summed_cpu(gram.sum(0), world, device)
@@ -268,30 +342,35 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
     w0 = torch.cat([last.linear.weight.detach().reshape(-1), last.linear.bias.detach()]).double().cpu()
     shift = torch.zeros(width, dtype=torch.float64)  # the shared layer's step: w0 + shift are the fixed effects
     eye = torch.eye(width, dtype=torch.float64)
+    spaces = [RowSpace.of(bucket, int(learned.sum())) if _in_rows_space(bucket, width) else None for bucket in stacked]
     floor = 1e-8 * float(torch.diagonal(total_gram).mean()) / max(float(tasks), 1.0) + 1e-12  # keeps Cholesky's PD
 
-    def posterior(var: torch.Tensor, sigma2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(each task's offsets, the diagonal of their posterior covariance / sigma2, X^T of what
-        they leave), bucket by bucket: with fewer rows a task than offsets in the rows' space
-        (`_woodbury`), else by Cholesky and a triangular inverse, which is all the diagonal needs
-        (twice as fast as inverting: the solve is most of an epoch with many tiny tasks)."""
-        b = b0 - gram @ shift
-        prior = (sigma2 / var).clamp_min(floor)
-        v, spread = torch.empty_like(b), torch.empty_like(b)
-        for bucket in stacked:
-            if bucket.x.shape[1] < width:
-                v[bucket.index], spread[bucket.index] = _woodbury(bucket.x, prior, b[bucket.index])
-                continue
-            factor = torch.linalg.cholesky(gram[bucket.index] + torch.diag(prior))
-            lower_inverse = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
-            v[bucket.index] = (lower_inverse.transpose(1, 2) @ (lower_inverse @ b[bucket.index].unsqueeze(-1))).squeeze(-1)
-            spread[bucket.index] = lower_inverse.pow(2).sum(1)
-        return v, spread, b - (gram @ v.unsqueeze(-1)).squeeze(-1)
-
-    def residuals(v: torch.Tensor) -> torch.Tensor:
-        """Each task's residual sum of squares with the shared layer moved by `shift` and offsets v."""
+    def residuals(v: torch.Tensor, index: list[int] | slice = slice(None)) -> torch.Tensor:
+        """Tasks' residual sums of squares with the shared layer moved by `shift` and offsets v."""
         w = v + shift
-        return rr0 - 2 * (w * b0).sum(1) + ((gram @ w.unsqueeze(-1)).squeeze(-1) * w).sum(1)
+        return rr0[index] - 2 * (w * b0[index]).sum(1) + ((gram[index] @ w.unsqueeze(-1)).squeeze(-1) * w).sum(1)
+
+    def posterior(var: torch.Tensor, sigma2: float) -> tuple[torch.Tensor, ...]:
+        """(each task's offsets, the diagonal of their posterior covariance / sigma2, X^T of what
+        they leave, its sum of squares), bucket by bucket: with fewer rows a task than offsets
+        in the rows' space (`RowSpace`), else by Cholesky and a triangular inverse, which is all
+        the diagonal needs (twice as fast as inverting)."""
+        prior = (sigma2 / var).clamp_min(floor)
+        v, spread, left = torch.empty_like(b0), torch.empty_like(b0), torch.empty_like(b0)
+        rss = torch.empty_like(rr0)
+        for bucket, space in zip(stacked, spaces):
+            i = bucket.index
+            if space is not None:
+                v[i], spread[i], left[i], rss[i] = space.solve(prior, shift)
+                continue
+            b = b0[i] - gram[i] @ shift
+            factor = torch.linalg.cholesky(gram[i] + torch.diag(prior))
+            lower_inverse = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
+            v[i] = (lower_inverse.transpose(1, 2) @ (lower_inverse @ b.unsqueeze(-1))).squeeze(-1)
+            spread[i] = lower_inverse.pow(2).sum(1)
+            left[i] = b - (gram[i] @ v[i].unsqueeze(-1)).squeeze(-1)
+            rss[i] = residuals(v[i], i)
+        return v, spread, left, rss
 
     def pooled(values: torch.Tensor) -> torch.Tensor:
         return torch.where(learned, values[learned].sum(), values)
@@ -313,10 +392,10 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
         sigma2 = float(summed_cpu(residuals(v).sum().view(1), world, device)[0]) / float(rows)
         var = torch.full((width,), sigma2 / lam, dtype=torch.float64)
     for _ in range(WARM_STEPS if last.warm else EM_STEPS):
-        v, spread, left = posterior(var, sigma2)
+        v, spread, left, rss = posterior(var, sigma2)
         shrunk = spread * sigma2 / var  # per offset, the share of it the prior decides
         determined = (1 - shrunk).clamp(1e-9, 1).sum(0)
-        noise = (residuals(v) + sigma2 * (width - shrunk.sum(1))).sum()  # sigma2 trace(A^-1 X^T X), A = X^T X + D
+        noise = (rss + sigma2 * (width - shrunk.sum(1))).sum()  # sigma2 trace(A^-1 X^T X), A = X^T X + D
         total = summed_cpu(torch.cat([(v**2).sum(0), determined, noise.view(1), left.sum(0)]), world, device)
         var = pooled(total[:width]) / pooled(total[width : 2 * width]).clamp_min(1e-9) + 1e-12
         sigma2 = float(total[2 * width]) / float(rows)
@@ -326,27 +405,29 @@ def _em(solvable: dict, stacked: list[Bucket], lam: float, world: int, device: t
                 w = (w0 + shift)[learned]
                 share = (1 - torch.diagonal(inverse_fixed)[learned] * sigma2 / max(prior, 1e-12)).clamp(1e-9, 1)
                 prior = float((w**2).sum() / share.sum()) + 1e-12
-    v, _, _ = posterior(var, sigma2)
+    v = posterior(var, sigma2)[0]
     last.state.update(var=var, prior=prior, sigma2=sigma2, lam=lam)
     with torch.no_grad():
         last.linear.weight.add_(shift[:-1].to(last.linear.weight).view_as(last.linear.weight))
         last.linear.bias.add_(shift[-1:].to(last.linear.bias))
-    for head, solution in zip(heads, v):
-        head.set_last_offsets(solution)
-        head.precision.copy_(sigma2 / var)
+    _set_solutions(heads, v, lam, sigma2 / var)
 
 
-def _last_layer_problems(problems: dict) -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-    """task -> (head, *`OffsetHead.last_layer_problem`): of heads that read the shared last layer
-    directly (no `model.head_hidden`), all tasks' rows through it at once."""
+def _last_layer_problems(problems: dict) -> Problems:
+    """`OffsetHead.last_layer_problem` of every task in `problems` (task -> (head, features,
+    target)); heads that read the shared last layer directly (no `model.head_hidden`) take all
+    tasks' rows through it at once."""
     heads = [head for head, _, _ in problems.values()]
-    if not _one_shared_linear(heads):
-        return {n: (head, *head.last_layer_problem(f, y)) for n, (head, f, y) in problems.items()}
     sizes = [len(y) for _, _, y in problems.values()]
+    if not heads:
+        return Problems([], torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), [])
+    if not _one_shared_linear(heads):
+        parts = [head.last_layer_problem(f, y) for head, f, y in problems.values()]
+        return Problems(heads, torch.cat([x for x, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu(), sizes)
     joined = torch.cat([f for _, f, _ in problems.values()])
     residual = (torch.cat([y for _, _, y in problems.values()]) - heads[0].shared[1](joined).squeeze(-1)).double()
     design = torch.cat([joined, torch.ones(len(joined), 1, dtype=joined.dtype, device=joined.device)], 1).double()
-    return {n: (head, x, r) for n, head, x, r in zip(problems, heads, design.split(sizes), residual.split(sizes))}
+    return Problems(heads, design.cpu(), residual.cpu(), sizes)
 
 
 @torch.no_grad()
@@ -360,9 +441,8 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
     and `complete`: whether `problems` holds every regression task of this rank."""
     solvable = _last_layer_problems({n: p for n, p in problems.items()
                                      if len(p[0].offsets) and p[0].shared[1].out_features == 1})
-    heads = [head for head, _, _ in solvable.values()]
-    width = next((x.shape[1] for _, x, _ in solvable.values()), 0)
-    stacked = buckets([(x, r) for _, x, r in solvable.values()], width)
+    width = solvable.design.shape[1]
+    stacked = buckets(solvable)
     if penalty == "em" and last is not None and last.warm:  # warm EM needs no ridge to start from
         lam = last.state["lam"]
     elif penalty in ("auto", "em"):
@@ -377,17 +457,12 @@ def refit(problems: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]], pen
         lam = float(penalty)
     if penalty == "em" and last is not None:
         _em(solvable, stacked, lam, world, device, last, complete)
-        for head in heads:
-            head.lam.fill_(lam)
         return lam
     for bucket in stacked:
         xt = bucket.x.transpose(1, 2)
         solutions = torch.linalg.solve(xt @ bucket.x + lam * torch.eye(width, dtype=torch.float64),
                                        (xt @ bucket.r.unsqueeze(-1)).squeeze(-1))
-        for i, solution in zip(bucket.index, solutions):
-            heads[i].set_last_offsets(solution)
-            heads[i].lam.fill_(lam)
-            heads[i].precision.fill_(lam)
+        _set_solutions([solvable.heads[i] for i in bucket.index], solutions, lam, torch.full((width,), lam))
     return lam
 
 

@@ -146,9 +146,9 @@ class MLflowMetricsCallback(UserCallback):
     `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
 
     def __init__(self, tracker: Tracker, run_id: str, epochs: int, counter: str, max_failures: int, spool: str,
-                 terminal: str | None = None, task_limit: int | None = None):
+                 terminal: str | None = None, fold: bool = False):
         self.tracker, self.run_id, self.epochs, self.counter, self.terminal = tracker, run_id, epochs, counter, terminal
-        self.task_limit = task_limit
+        self.fold = fold
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
         self.spool = MetricSpool(spool)
         self.phases: list[dict] = []
@@ -165,9 +165,9 @@ class MLflowMetricsCallback(UserCallback):
         say(progress_line(epoch, self.epochs, merged, self.counter), self.terminal)
 
     def _folded(self, metrics: dict[str, float], step: int) -> dict[str, float]:
-        """Above `task_limit` tasks: the per-task keys' summaries, their values in the table
+        """With `fold` (many tasks): the per-task keys' summaries, their values in the table
         `per_task/<counter>_<step>.parquet` (see `per_task`)."""
-        if self.task_limit is None or per_task.task_count(metrics) <= self.task_limit:
+        if not self.fold:
             return metrics
         summary, rows = per_task.summarize(metrics)
         try:

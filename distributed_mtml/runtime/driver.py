@@ -45,6 +45,7 @@ class RunSpec:
     counter: str  # "epoch" or "iteration": the MLflow step of every metric
     log_artifacts: Callable[[Tracker, str, str, int], None]  # (tracker, run id, kept checkpoint dir, its step)
     datasets: dict[str, Callable] = field(default_factory=dict)  # name -> a function making a Ray dataset
+    fold_task_metrics: bool = False  # per-task metrics as summaries and tables (`per_task`)
 
 def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resume: bool,
            address: str | None) -> TrainOutcome:
@@ -60,7 +61,7 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
     spool = spool_path(config.checkpoint.resolved_dir(), ray_name)
     terminal = None if config.scaling.local else f"mtml-console-{ray_name}"  # local: this process prints
     callback = MLflowMetricsCallback(tracker, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
-                                     spool, terminal, config.tracking.task_metrics_limit)
+                                     spool, terminal, spec.fold_task_metrics)
     with tracker.final_status(run_id):
         if config.scaling.local:
             result = fit_local(spec.loop, spec.payload, spec.datasets, config, ray_name, callback, address)

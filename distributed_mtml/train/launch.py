@@ -26,7 +26,7 @@ def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_di
     from distributed_mtml.evaluate import evaluate
 
     c = tracker.client()
-    many = len(plan.train_rows) > plan.config.tracking.task_metrics_limit  # tables and summaries: see per_task
+    many = plan.folds_task_metrics()  # tables and summaries: see per_task
     example = input_example(plan.suite_dir, plan.features)
     model = retried("the model", lambda: log_mlflow_model(tracker, run_id, checkpoint_dir, example, best_epoch, register))
     # the kept model scored once on the test split: the numbers to report (selection used val only)
@@ -153,5 +153,6 @@ def run_training(
         counter="epoch",
         log_artifacts=lambda tracker, run_id, d, step: _log_artifacts(plan, tracker, run_id, d, step, register),
         datasets=_streamed_datasets(plan),
+        fold_task_metrics=plan.folds_task_metrics(),
     )
     return launch(config, run_name, spec, tracker, resume, address)

@@ -10,6 +10,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from distributed_mtml import per_task
 from distributed_mtml.config import Config, config_of_older_plans
 from distributed_mtml.console import say
 from distributed_mtml.data.locate import ensure_suite
@@ -49,6 +50,12 @@ class TrainPlan(BaseModel):
 
     def task_shapes(self) -> list[TaskShape]:
         return [TaskShape(**t) for t in self.tasks]
+
+    def folds_task_metrics(self) -> bool:
+        """Whether the run logs its per-task metrics as summaries and tables (`per_task.folds`)."""
+        weighted = self.config.aggregation.resolved().needs_exchange
+        keys = sum(per_task.keys_of(t.type, weighted) for t in self.task_shapes())
+        return per_task.folds(len(self.tasks), keys, self.config.tracking.task_metrics_limit)
 
     def placement(self, world: int) -> list[list[str]]:
         """Which rank owns which tasks in a group of `world` workers: derived again at every
@@ -120,7 +127,7 @@ def _check_relations_fit(config: Config, tasks: int) -> None:
     """The relation matrices are MLflow metrics, one per task pair (`relations/<kind>/<a>/<b>`):
     above `tracking.task_metrics_limit` tasks that is thousands of keys and a TAG search over
     groupings that does not finish, so it is refused before any worker starts."""
-    limit = config.tracking.task_metrics_limit
+    limit = config.tracking.task_metrics_limit or per_task.PRINTED_TASKS
     if config.relations.enabled and tasks > limit:
         raise InputError(f"relations.enabled: {tasks} tasks would log {2 * tasks * tasks:,} relation metrics; task "
                          f"relations are measured for up to tracking.task_metrics_limit ({limit}) tasks (set "

@@ -39,7 +39,7 @@ from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.train.plan import TrainPlan
-from distributed_mtml.train.step import TaskBatches, multitask_step
+from distributed_mtml.train.step import TaskBatches, epochs, multitask_step
 
 
 def _wrap_trunk(trunk: nn.Module, plan: TrainPlan, device: torch.device) -> nn.Module:
@@ -297,7 +297,7 @@ class Worker:
         weight_sums = torch.zeros(len(order), dtype=torch.float64)
         relation_sums: dict[str, float] = {}
         samples, measured, begin = 0, 0, time.perf_counter()
-        streams = [self.batches[n].epoch(epoch, steps) for n in self.mine]
+        streams = epochs([self.batches[n] for n in self.mine], epoch, steps)
         for step, group in enumerate(zip(*streams)):
             batch = self.fault.strike(epoch, step, dict(zip(self.mine, group)))
             if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
