@@ -423,22 +423,27 @@ def _one_em_problem():
         shared[1], inputs=3)
 
 
-def _em_twice(monkeypatch, rows_space: bool) -> list[torch.Tensor]:
-    """Two EM refits (cold, warm) of 30 tasks of 5 to 8 rows and 16 offsets each: the shared layer,
-    then each task's offsets and precision."""
+def _em_twice(monkeypatch, rows_space: bool, learned: int = 12) -> list[torch.Tensor]:
+    """Two EM refits (cold, warm) of 30 tasks of 5 to 7 rows and `learned` + 4 offsets each (12:
+    more learned features than rows; 4: fewer, so their row Gram matrix is singular): the shared
+    layer, then each task's offsets and precision."""
+    calls, real = [], shared_plus_offset.RowSpace.solve
+    monkeypatch.setattr(shared_plus_offset.RowSpace, "solve", lambda *a: calls.append(1) or real(*a))
     if not rows_space:  # every bucket solved in the offsets' space
         monkeypatch.setattr(shared_plus_offset, "_in_rows_space", lambda *a: False)
-    shared, modules, data = _em_problem(30, 8, noise_features=12)
-    data = {n: (f[: 5 + i % 4], y[: 5 + i % 4]) for i, (n, (f, y)) in enumerate(data.items())}  # unequal rows: padded
+    shared, modules, data = _em_problem(30, 8, noise_features=learned)
+    data = {n: (f[: 5 + i % 3], y[: 5 + i % 3]) for i, (n, (f, y)) in enumerate(data.items())}  # unequal rows: padded
     last = shared_plus_offset.SharedLast(shared[1], inputs=3)
     for _ in range(2):
         shared_plus_offset.refit({n: (m.head, *data[n]) for n, m in modules.items()}, "em", 1, last=last)
     monkeypatch.undo()
+    assert bool(calls) == rows_space
     return [torch.cat([p.detach().reshape(-1) for p in shared.parameters()]),
             *(torch.cat([m.head.offsets[-2].detach().reshape(-1), m.head.precision]) for m in modules.values())]
 
 
-def test_em_in_the_rows_space_solves_what_the_offsets_space_solves(monkeypatch):
+@pytest.mark.parametrize("learned", [12, 4])
+def test_em_in_the_rows_space_solves_what_the_offsets_space_solves(monkeypatch, learned):
     """With fewer rows a task than offsets EM solves in the rows' space (`RowSpace`): the same
     shared layer, offsets and penalties as the Cholesky form in the offsets' space."""
     calls = []
@@ -447,7 +452,7 @@ def test_em_in_the_rows_space_solves_what_the_offsets_space_solves(monkeypatch):
     shared_plus_offset.refit(*_one_em_problem())
     monkeypatch.undo()
     assert calls, "tasks with fewer rows than offsets were not solved in the rows' space"
-    rows, offsets = _em_twice(monkeypatch, True), _em_twice(monkeypatch, False)
+    rows, offsets = _em_twice(monkeypatch, True, learned), _em_twice(monkeypatch, False, learned)
     assert not torch.allclose(rows[1], torch.zeros_like(rows[1]))
     for a, b in zip(rows, offsets):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the shared layer is float32
