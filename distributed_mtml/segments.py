@@ -15,6 +15,12 @@ def row_tasks(sizes: list[int], device: torch.device | None = None) -> torch.Ten
     return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
 
 
+def row_places(sizes: list[int] | torch.Tensor) -> torch.Tensor:
+    """Each row's position within its task when tasks of `sizes` rows are joined in order: [sum(sizes)]."""
+    counts = torch.as_tensor(sizes, dtype=torch.long)
+    return torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+
+
 def segment_means(values: torch.Tensor, tasks: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Each task's mean of its rows' `values` (`tasks` from `row_tasks`): [len(sizes)]."""
     totals = torch.zeros(len(sizes), dtype=values.dtype, device=values.device).index_add(0, tasks, values)

@@ -42,7 +42,7 @@ from torch.func import functional_call
 
 from distributed_mtml.collective import summed
 from distributed_mtml.heads.separate import stack
-from distributed_mtml.segments import row_tasks
+from distributed_mtml.segments import row_places, row_tasks
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -191,8 +191,7 @@ def buckets(problems: Problems) -> list[Bucket]:
             end += 1
         index = order[start:end]
         counts = sizes[index]
-        task = torch.repeat_interleave(torch.arange(len(index)), counts)
-        row = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        task, row = row_tasks(counts.tolist()), row_places(counts)
         source = torch.repeat_interleave(starts[index], counts) + row
         x = torch.zeros(len(index), int(counts.max()), problems.design.shape[1], dtype=torch.float64)
         r = torch.zeros(len(index), int(counts.max()), dtype=torch.float64)

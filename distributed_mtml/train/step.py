@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distributed_mtml.models import TaskShape, task_losses
+from distributed_mtml.segments import row_places, row_tasks
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -31,8 +32,7 @@ def shuffled_rows(seed: int, task_indices: Sequence[int], sizes: Sequence[int], 
     rather than a generator each (which was 5% of a 1,000-task run)."""
     sizes, needed = np.asarray(sizes, np.int64), np.asarray(needed, np.int64)
     counts = -(-needed // np.maximum(sizes, 1)) * sizes  # whole passes a task
-    task = np.repeat(np.arange(len(sizes)), counts)
-    place = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)  # within its task
+    task, place = row_tasks(counts.tolist()).numpy(), row_places(counts.tolist()).numpy()  # place: within its task
     passes, row = place // sizes[task], place % sizes[task]
     with np.errstate(over="ignore"):
         key = _mix(np.full(len(task), seed % 2**64, np.uint64) ^ np.uint64(0x9E3779B97F4A7C15))
