@@ -75,6 +75,7 @@ class Case:
         from distributed_mtml.aggregation import METHODS, loss_weighting
         from distributed_mtml.config import validate_config
         from distributed_mtml.models import build_shared_heads, build_task_modules, build_trunk
+        from distributed_mtml.runtime.checkpoint import plan_text
         from distributed_mtml.runtime.worker import make_optimizer
         from distributed_mtml.train.checkpoint import save_worker_state
         from distributed_mtml.train.plan import make_plan
@@ -87,7 +88,7 @@ class Case:
         directory = self.root / name
         directory.mkdir(parents=True)
         names = [s.name for s in shapes]
-        save_worker_state(str(directory), 0, 0, plan.model_dump(mode="json"), trunk, modules, optimizer,
+        save_worker_state(str(directory), 0, 0, plan_text(plan.model_dump(mode="json")), trunk, modules, optimizer,
                           loss_weighting(METHODS["mean"], names, names, {}), shared=shared)
         return str(directory)
 

@@ -64,7 +64,7 @@ def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp
     ranks[1][0].load_state_dict(ranks[0][0].state_dict())  # DDP keeps the trunks equal
     ranks[1][1].load_state_dict(ranks[0][1].state_dict())  # and the shared heads (their gradients are summed)
     for r, (trunk, shared, modules, weighting, optimizer) in enumerate(ranks):
-        save_worker_state(str(tmp_path), r, 4, {"plan": True}, trunk, modules, optimizer, weighting, shared=shared,
+        save_worker_state(str(tmp_path), r, 4, "{}", trunk, modules, optimizer, weighting, shared=shared,
                           refit={"var": torch.arange(3.0, dtype=torch.float64), "prior": 0.5})
 
     alone = _rank(cfg, NAMES)
@@ -119,8 +119,12 @@ def test_many_tasks_states_are_stacked_in_a_file_and_come_back_as_they_were(tmp_
 
     same = {f"t{i}": {"head": {"w": torch.randn(2, 3), "b": torch.randn(2)}, "steps": [torch.tensor(float(i)), i]}
             for i in range(50)}
-    odd = {"a": {"w": torch.randn(2)}, "b": {"w": torch.randn(3)}}
-    for states, stacked in ((same, True), (odd, False)):
+    odd = [{"a": {"w": torch.randn(2)}, "b": {"w": torch.randn(3)}},  # shapes, keys, dtypes, nesting, types differ
+           {"a": {"w": torch.randn(2)}, "b": {"v": torch.randn(2)}},
+           {"a": {"w": torch.randn(2)}, "b": {"w": torch.randn(2, dtype=torch.float64)}},
+           {"a": {"w": [torch.randn(2)]}, "b": {"w": {"0": torch.randn(2)}}},
+           {"a": {"w": torch.randn(2), "n": 1}, "b": {"w": torch.randn(2), "n": 1.0}}]
+    for states, stacked in ((same, True), *((o, False) for o in odd)):
         torch.save(packed(states), tmp_path / "f.pt")
         saved = load_file(str(tmp_path / "f.pt"))
         assert ("stacked" in saved) == stacked

@@ -11,6 +11,7 @@ Layout of one checkpoint directory (Ray merges what every worker writes into it)
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -45,14 +46,51 @@ def packed(per_task: dict[str, object]) -> dict:
     `weights_only` load unpickles every object: 1,000 tasks' state dicts took 2.9 s to load).
     Otherwise as given. `unpacked` reverses it."""
     names = list(per_task)
-    skeletons, leaves = zip(*(_skeleton(per_task[n]) for n in names)) if names else ((), ())
-    shapes = {tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, None, type(v)) for k, v in leaf.items())
-              for leaf in leaves}
-    if len(names) < 2 or len(shapes) > 1 or any(s != skeletons[0] for s in skeletons):
+    if len(names) < 2:
         return {"tasks": names, "each": per_task}
-    stacked = {k: torch.stack([leaf[k] for leaf in leaves]) if isinstance(v, torch.Tensor) else [leaf[k] for leaf in leaves]
-               for k, v in leaves[0].items()}
-    return {"tasks": names, "skeleton": skeletons[0], "stacked": stacked}
+    skeleton, first = _skeleton(per_task[names[0]])
+    shape, columns = _structure(per_task[names[0]], []), [[] for _ in first]
+    for name in names:
+        leaves: list[object] = []
+        if _structure(per_task[name], leaves) != shape:
+            return {"tasks": names, "each": per_task}
+        for column, leaf in zip(columns, leaves):
+            column.append(leaf)
+    stacked = {}
+    for key, column in zip(first, columns):
+        if not _stackable(column):
+            return {"tasks": names, "each": per_task}
+        stacked[key] = torch.stack(column) if isinstance(column[0], torch.Tensor) else column
+    return {"tasks": names, "skeleton": skeleton, "stacked": stacked}
+
+
+def _structure(state: object, leaves: list[object]) -> list[object]:
+    """`state`'s shape as a flat list (each container's keys or length, in the order `_skeleton`
+    walks it), appending its leaves to `leaves`: one cheap walk a task, where comparing the
+    tasks' skeletons built a dict and a path string per leaf (0.5 s a save of 5,000 tasks)."""
+    shape: list[object] = []
+    stack = [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            shape.append(tuple(node))
+            stack.extend(reversed(node.values()))
+        elif isinstance(node, (list, tuple)):
+            shape.append(len(node))
+            stack.extend(reversed(node))
+        else:
+            shape.append(None)
+            leaves.append(node)
+    return shape
+
+
+def _stackable(column: list[object]) -> bool:
+    """Whether one leaf of every task stacks into one tensor (same shape and dtype), or is a
+    plain value of one type kept as a list."""
+    head = column[0]
+    if isinstance(head, torch.Tensor):
+        return all(isinstance(v, torch.Tensor) and v.shape == head.shape and v.dtype == head.dtype for v in column)
+    return all(type(v) is type(head) for v in column)
 
 
 def unpacked(saved: dict) -> dict[str, object]:
@@ -129,8 +167,19 @@ def load_into(module: nn.Module, path: str) -> None:
     load_state_dict(module, load_file(path), path)
 
 
+def plan_text(plan: dict) -> str:
+    """The run's plan as state.pt holds it: JSON text, made once a run. The plan carries every
+    task's preprocessing, and `torch.save` walks a nested dict object by object (36 ms a save
+    for 3,000 tasks' plan, at every checkpoint); one string it writes at once."""
+    return json.dumps(plan)
+
+
 def load_state(directory: str) -> dict:
-    return load_file(os.path.join(directory, STATE_FILE))
+    """state.pt, its plan as a dict (saved as `plan_text`, or as the dict itself before)."""
+    state = load_file(os.path.join(directory, STATE_FILE))
+    if isinstance(state.get("plan"), str):
+        state["plan"] = json.loads(state["plan"])
+    return state
 
 
 def latest_checkpoint(storage_path: str, run_name: str) -> str | None:

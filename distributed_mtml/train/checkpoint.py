@@ -63,19 +63,22 @@ def _spans(groups: dict[str, list[nn.Parameter]]) -> dict[str, range]:
     return spans
 
 
-def save_worker_state(directory: str, rank: int, epoch: int, plan_dict: dict, trunk: nn.Module,
+def save_worker_state(directory: str, rank: int, epoch: int, plan: str, trunk: nn.Module,
                       modules: nn.ModuleDict, optimizer: torch.optim.Optimizer, weighting: nn.Module,
-                      monitor: dict | None = None, shared: nn.ModuleDict | None = None, refit: dict | None = None) -> None:
+                      monitor: dict | None = None, shared: nn.ModuleDict | None = None, refit: dict | None = None,
+                      groups: dict[str, list[nn.Parameter]] | None = None) -> None:
     """This rank's share of a checkpoint: rank 0 the run's state, the trunk and the shared head
-    parts, every rank its tasks. `monitor`: the best-model and early-stopping state
-    (`runtime/monitor.py`); `refit`: what the heads' refit carries from one epoch to the next
-    (`shared_plus_offset.SharedLast.state`), so that a resumed run refits as an unbroken one."""
-    groups = parameter_groups(trunk, modules, weighting, shared)
+    parts, every rank its tasks. `plan`: the run's plan as `plan_text`; `monitor`: the
+    best-model and early-stopping state (`runtime/monitor.py`); `refit`: what the heads' refit
+    carries from one epoch to the next (`shared_plus_offset.SharedLast.state`), so that a
+    resumed run refits as an unbroken one; `groups`: `parameter_groups` of these parts, where
+    the caller keeps them (a walk over every task's parameters otherwise)."""
+    groups = groups or parameter_groups(trunk, modules, weighting, shared)
     state = optimizer.state_dict()
     per_param = [state["state"].get(i, {}) for i in range(sum(len(p) for p in groups.values()))]
     spans = _spans(groups)
     if rank == 0:
-        run_state = {"epoch": epoch, "plan": plan_dict, "version": __version__, "monitor": monitor or {},
+        run_state = {"epoch": epoch, "plan": plan, "version": __version__, "monitor": monitor or {},
                      "refit": refit or {}}
         torch.save(run_state, os.path.join(directory, STATE_FILE))
         torch.save(trunk.state_dict(), os.path.join(directory, TRUNK_FILE))

@@ -35,6 +35,7 @@ from distributed_mtml.heads.shared_plus_offset import SharedLast, stacked_output
 from distributed_mtml.metrics import regression_metrics_by_task
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
 from distributed_mtml.runtime import local
+from distributed_mtml.runtime.checkpoint import plan_text
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
@@ -104,13 +105,13 @@ def _average_parameters(module: nn.Module, world: int) -> None:
     vector_to_parameters(flat / world, module.parameters())
 
 
-def _suite_losses(sums: dict[str, torch.Tensor], order: list[str], steps: int, world: int) -> torch.Tensor:
+def _suite_losses(sums: torch.Tensor, mine: list[str], order: list[str], steps: int, world: int) -> torch.Tensor:
     """Every task's mean training loss this epoch, [K] in suite order, the same on every rank:
-    each rank fills the tasks it owns and one all-reduce sums the disjoint entries."""
-    device = next(iter(sums.values())).device
-    out = torch.zeros(len(order), dtype=torch.float64, device=device)
-    for n, total in sums.items():
-        out[order.index(n)] = total.double() / steps
+    each rank fills the tasks it owns (`sums`, in the order of `mine`) and one all-reduce sums
+    the disjoint entries."""
+    out = torch.zeros(len(order), dtype=torch.float64, device=sums.device)
+    places = {n: i for i, n in enumerate(order)}
+    out[torch.tensor([places[n] for n in mine], device=sums.device)] = sums.double() / steps
     if world > 1:
         dist.all_reduce(out)
     return out.cpu()
@@ -219,7 +220,7 @@ class Worker:
     and the state that must survive a restart (epoch, monitor)."""
 
     plan: TrainPlan
-    payload: dict
+    plan_text: str  # the plan as checkpoints hold it (`plan_text`), made once
     rank: int
     world: int
     device: torch.device
@@ -238,6 +239,7 @@ class Worker:
     fault: FaultInjector
     guard: FiniteLossGuard
     cadence: ReportCadence
+    groups: dict[str, list[nn.Parameter]]  # `parameter_groups`: how a checkpoint cuts the optimiser's state
     pending: list[dict] = field(default_factory=list)  # epochs not yet reported
     best: tuple[int, tempfile.TemporaryDirectory] | None = None  # an unreported best epoch's saved state
     held: dict = field(default_factory=dict)  # streamed tasks' small val splits, after their first pass
@@ -282,9 +284,9 @@ class Worker:
             _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
         step_fn = _make_step(plan, placement, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
-        return cls(plan, payload, rank, world, device, placement, mine, data, trunk, shared, modules, weighting, optimizer, monitor,
+        return cls(plan, plan_text(payload), rank, world, device, placement, mine, data, trunk, shared, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
-                   FiniteLossGuard(order, device), ReportCadence(t.report_every_s, world, device), em_state=refit)
+                   FiniteLossGuard(order, device), ReportCadence(t.report_every_s, world, device), groups, em_state=refit)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """`steps_per_epoch` steps over this rank's tasks; their training metrics."""
@@ -293,7 +295,7 @@ class Worker:
         shapes = {s.name: s for s in plan.task_shapes()}
         local_sgd = t.sync_every > 1 and self.world > 1
         torch.manual_seed(t.seed * 100_003 + epoch * 101 + self.rank)  # dropout, reproducible on resume
-        sums = {n: torch.zeros((), device=self.device) for n in self.mine}
+        sums = torch.zeros(len(self.mine), device=self.device)  # each owned task's summed loss
         weight_sums = torch.zeros(len(order), dtype=torch.float64)
         relation_sums: dict[str, float] = {}
         samples, measured, begin = 0, 0, time.perf_counter()
@@ -311,18 +313,17 @@ class Worker:
                 weight_sums += w
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == steps):
                 _average_parameters(self.trunk, self.world)
-            for n, loss in losses.items():
-                sums[n] += loss
+            sums += torch.stack([losses[n] for n in self.mine]).detach()
             self.guard.observe(losses, step)
             samples += sum(len(y) for _, y in group)
         train_seconds = time.perf_counter() - begin
         self.guard.raise_if_diverged(self.world, lambda step: f"epoch {epoch}, step {step}")
-        metrics = {f"train/{n}/loss": sums[n].item() / steps for n in self.mine}
+        metrics = {f"train/{n}/loss": total / steps for n, total in zip(self.mine, sums.tolist())}
         metrics.update(self._weights(sums, weight_sums))
         metrics.update({k: v / measured for k, v in relation_sums.items()})
         return {**metrics, "epoch": epoch, "samples": samples, "train_seconds": train_seconds, "holds": self.mine}
 
-    def _weights(self, sums: dict[str, torch.Tensor], weight_sums: torch.Tensor) -> dict[str, float]:
+    def _weights(self, sums: torch.Tensor, weight_sums: torch.Tensor) -> dict[str, float]:
         """Each owned task's mean aggregation weight this epoch (none for `mean`); a loss
         weighting also ends its epoch here."""
         method, order, steps = self.plan.config.aggregation.resolved(), self.order, self.plan.steps_per_epoch
@@ -331,7 +332,7 @@ class Worker:
         if method.kind != "loss":
             return {}
         weights = {f"aggregation/{n}/weight": w for n, w in self.weighting.weights().items()}
-        self.weighting.end_epoch(_suite_losses(sums, order, steps, self.world))
+        self.weighting.end_epoch(_suite_losses(sums, self.mine, order, steps, self.world))
         return weights
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -383,8 +384,8 @@ class Worker:
 
     def _save(self, epoch: int) -> tempfile.TemporaryDirectory:
         d = tempfile.TemporaryDirectory()
-        save_worker_state(d.name, self.rank, epoch, self.payload, self.trunk, self.modules, self.optimizer,
-                          self.weighting, self.monitor.state(), self.shared, self.em_state)
+        save_worker_state(d.name, self.rank, epoch, self.plan_text, self.trunk, self.modules, self.optimizer,
+                          self.weighting, self.monitor.state(), self.shared, self.em_state, self.groups)
         return d
 
     def _flush(self, epoch: int, checkpoint: bool) -> None:
