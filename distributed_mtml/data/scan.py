@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from distributed_mtml.data.suite import (
     SPLITS,
+    Partition,
     TaskSpec,
     feature_columns,
     filesystem,
@@ -29,7 +30,6 @@ from distributed_mtml.data.suite import (
     is_label_column,
     join_path,
     labelled,
-    partition,
     seeded_split,
 )
 
@@ -197,7 +197,7 @@ def scan_task(suite_dir: str, task: TaskSpec, batch_rows: int = SCAN_BATCH_ROWS)
 
 def scan_tasks(suite_dir: str, tasks: list[TaskSpec], batch_rows: int = SCAN_BATCH_ROWS) -> dict[str, TaskScan]:
     """The facts of tasks that read one file (the groups of one entry, or one task), in one
-    streamed pass: each batch is cut by group (`suite.partition`) and each piece added to its
+    streamed pass: each batch is cut by group (`suite.Partition`) and each piece added to its
     task's facts, so a thousand groups cost one read of the table, not a thousand."""
     where = join_path(suite_dir, tasks[0].path)
     scans = {t.name: TaskScan(t, _where(where, t)) for t in tasks}
@@ -212,8 +212,9 @@ def scan_tasks(suite_dir: str, tasks: list[TaskSpec], batch_rows: int = SCAN_BAT
                 for t in tasks}
     passes = {t.name: _Pass(scans[t.name], data.schema, total if t._rows is None else t._rows) for t in tasks}
     wanted = list(dict.fromkeys(c for p in passes.values() for c in p.columns))
+    cut = Partition(tasks)
     for batch in read_batches(data, wanted, batch_rows):
-        for task, rows in partition(tasks, batch):
+        for task, rows in cut(batch):
             passes[task.name].add(rows)
     return scans
 

@@ -22,6 +22,7 @@ import torch
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import open_task, read_batches
 from distributed_mtml.data.suite import (
+    Partition,
     TaskSpec,
     by_table,
     encode_target,
@@ -30,7 +31,6 @@ from distributed_mtml.data.suite import (
     group_mask,
     join_path,
     labelled,
-    partition,
     seeded_split,
 )
 
@@ -80,7 +80,7 @@ def tasks_split_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps
                                                                  batch_rows, features))
 
 
-LABELLED = "__mtml_labelled"  # a batch's rows with a target, as a column that travels through `partition`
+LABELLED = "__mtml_labelled"  # a batch's rows with a target, as a column that travels through `Partition`
 
 
 def _entry_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps: dict[str, TaskPrep], batch_rows: int,
@@ -94,9 +94,10 @@ def _entry_batches(suite_dir: str, tasks: list[TaskSpec], split: str, preps: dic
     seeded = {t.name: seeded_split(t, t._rows) == split for t in tasks} if not has_split else {}
     offsets = dict.fromkeys(seeded, 0)
     only = (first.split_column, split) if has_split else None
+    cut = Partition(tasks)
     for batch in read_batches(data, [*columns, first.group_column], batch_rows, only):
         batch = batch.append_column(LABELLED, pa.array(labelled(batch.column(first.target))))  # once a batch
-        for task, rows in partition(tasks, batch):
+        for task, rows in cut(batch):
             if task.name in seeded:
                 start, offsets[task.name] = offsets[task.name], offsets[task.name] + rows.num_rows
                 rows = rows.filter(pa.array(seeded[task.name][start : offsets[task.name]]))

@@ -277,28 +277,42 @@ def write_suite(out_dir: str, chunks: Iterable[tuple[SuiteSpec, dict[str, pa.Tab
     return spec
 
 
-def partition(tasks: list[TaskSpec], table: pa.Table | pa.RecordBatch) -> Iterator[tuple[TaskSpec, pa.Table]]:
-    """Each task's rows of one table its tasks share, the table cut once: every group task gets
-    its group's rows in the table's order (a stable sort by group), an ungrouped task all rows."""
-    grouped = [t for t in tasks if t.grouped]
-    for task in tasks:
-        if not task.grouped:
+class Partition:
+    """Cuts tables that `tasks` share into each task's rows: every group task gets its group's
+    rows in the table's order (a stable sort by group), an ungrouped task all rows. Made once for
+    a pass over a table's batches: a batch holds a few of 10,000 groups, and each batch is cut by
+    the groups it holds, not by every task (250,000 empty tables a pass before)."""
+
+    def __init__(self, tasks: list[TaskSpec]):
+        self.plain: list[TaskSpec] = []
+        self.owners: dict[str, dict[object, list[TaskSpec]]] = {}  # group column -> value -> its one-group tasks
+        self.pooled: dict[str, list[tuple[TaskSpec, tuple]]] = {}  # group column -> tasks of several groups
+        for task in tasks:
+            groups = task._groups
+            if groups is None:
+                self.plain.append(task)
+            elif len(groups) == 1:
+                self.owners.setdefault(task.group_column, {}).setdefault(groups[0], []).append(task)
+            else:
+                self.pooled.setdefault(task.group_column, []).append((task, groups))
+
+    def __call__(self, table: pa.Table | pa.RecordBatch) -> Iterator[tuple[TaskSpec, pa.Table]]:
+        """(task, its rows) of every task with rows in `table`."""
+        for task in self.plain:
             yield task, table
-    by_column: dict[str, list[TaskSpec]] = {}
-    for task in grouped:
-        by_column.setdefault(task.group_column, []).append(task)
-    for column, same in by_column.items():
-        codes, dictionary = _codes(table.column(column))
-        order, bounds = group_order(codes, len(dictionary))
-        where = {value: code for code, value in enumerate(dictionary)}
-        by_group = table.take(pa.array(order))  # one copy, sorted by group: a group's rows are a slice of it
-        for task in same:
-            codes_of = [where[v] for v in task._groups if v in where]
-            if len(codes_of) == 1:
-                yield task, by_group.slice(bounds[codes_of[0]], bounds[codes_of[0] + 1] - bounds[codes_of[0]])
-                continue
-            picked = [order[bounds[c] : bounds[c + 1]] for c in codes_of]  # a pooled task: its rows in the table's order
-            yield task, table.take(pa.array(np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)))
+        for column in dict.fromkeys([*self.owners, *self.pooled]):
+            codes, dictionary = _codes(table.column(column))
+            order, bounds = group_order(codes, len(dictionary))
+            by_group = table.take(pa.array(order))  # one copy, sorted by group: a group's rows are a slice of it
+            owners = self.owners.get(column, {})
+            for code, value in enumerate(dictionary):
+                for task in owners.get(value, ()):
+                    yield task, by_group.slice(bounds[code], bounds[code + 1] - bounds[code])
+            where = {value: code for code, value in enumerate(dictionary)}
+            for task, groups in self.pooled.get(column, ()):
+                picked = [order[bounds[where[v]] : bounds[where[v] + 1]] for v in groups if v in where]
+                if picked:  # its rows in the table's order
+                    yield task, table.take(pa.array(np.sort(np.concatenate(picked))))
 
 
 def group_order(codes: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ entry's features, target and type, reading the rows that hold its value. Groups 
 than `min_group_rows` are counted and left out, or pooled into one task `<entry>/_pooled`
 (`small_groups: pool`). Only the group column is read to expand an entry (and that once per
 process and file version); loading and scanning read the table once and cut it by group
-(`partition`), never once per task.
+(`Partition`), never once per task.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import pyarrow.compute as pc
 import yaml
 
 from distributed_mtml.data.suite import (
+    Partition,
     SuiteSpec,
     TaskData,
     TaskSpec,
     decoded,
     group_mask,
     join_path,
-    partition,
     read_file,
     read_text,
     suite_yaml_path,
@@ -193,8 +193,11 @@ def load_tasks(suite_dir: str, tasks: list[TaskSpec], classes: dict[str, list[st
     out = {}
     for same_file in by_path.values():
         table = read_file(suite_dir, same_file[0])
-        for task, rows in partition(same_file, table):
+        for task, rows in Partition(same_file)(table):
             out[task.name] = table_to_task_data(task, rows, classes.get(task.name))
+        for task in same_file:  # a group the table does not hold: no rows
+            if task.name not in out:
+                out[task.name] = table_to_task_data(task, table.slice(0, 0), classes.get(task.name))
     return {t.name: out[t.name] for t in tasks}
 
 
