@@ -41,15 +41,16 @@ def test_slow_fault_delays_every_step_from_its_own_while_the_group_is_degraded(m
 
 
 def test_guard_names_the_first_diverged_task_and_step():
-    guard = FiniteLossGuard(["a", "b", "c"], torch.device("cpu"))
-    guard.observe({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, 0)
+    guard = FiniteLossGuard(["a", "b", "c"], ["c", "b"], torch.device("cpu"))  # it owns c and b, in that order
+    guard.observe(torch.tensor([1.0, 2.0]), 0)
     guard.raise_if_diverged(1, str)  # all finite: no error
-    guard.observe({"a": torch.tensor(1.0), "c": torch.tensor(float("inf"))}, 4)
-    guard.observe({"b": torch.tensor(float("nan")), "c": torch.tensor(float("nan"))}, 2)
+    guard.observe(torch.tensor([float("inf"), 1.0]), 4)
+    guard.observe(torch.tensor([float("nan"), float("nan")]), 2)
+    guard.observe(torch.tensor([float("nan"), float("nan")]), 5)
     with pytest.raises(NonFiniteLoss, match="task 'b' at epoch 7, step 2"):
         guard.raise_if_diverged(1, lambda step: f"epoch 7, step {step}")
-    guard = FiniteLossGuard(["a"], torch.device("cpu"))
-    guard.observe({"a": torch.tensor(float("nan"))}, 0)
+    guard = FiniteLossGuard(["a"], ["a"], torch.device("cpu"))
+    guard.observe(torch.tensor([float("nan")]), 0)
     with pytest.raises(NonFiniteLoss):
         guard.raise_if_diverged(1, str)
     with pytest.raises(NonFiniteLoss):  # a caught error does not clear it: the run must not go on

@@ -114,7 +114,7 @@ class MetaWorker:
         val = draw(val_source, seed, VAL_STREAM, plan.episodes_of(rank, world, meta.val_tasks, validation=True))
         return cls(plan, payload, rank, world, device, train_source, val.to(device) if val is not None else None,
                    learner, optimizer, monitor, done, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
-                   FiniteLossGuard([META_TASK], device))
+                   FiniteLossGuard([META_TASK], [META_TASK], device))
 
     def step(self, iteration: int) -> tuple[torch.Tensor, int]:
         """One outer update on this rank's share of the meta-batch: the sum of its query losses,
@@ -130,7 +130,7 @@ class MetaWorker:
         else:
             losses = meta_gradient(self.learner, episodes.to(self.device), meta.inner_steps, meta.meta_batch_size)
         sum_grads(list(self.learner.parameters()), self.world)  # ranks divided by the meta-batch size
-        self.guard.observe({META_TASK: losses.sum()}, iteration)
+        self.guard.observe(losses.sum().reshape(1), iteration)
         self.optimizer.step()
         return losses.sum().double().cpu(), len(items)
 

@@ -286,7 +286,7 @@ class Worker:
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
         return cls(plan, plan_text(payload), rank, world, device, placement, mine, data, trunk, shared, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
-                   FiniteLossGuard(order, device), ReportCadence(t.report_every_s, world, device), groups, em_state=refit)
+                   FiniteLossGuard(order, mine, device), ReportCadence(t.report_every_s, world, device), groups, em_state=refit)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """`steps_per_epoch` steps over this rank's tasks; their training metrics."""
@@ -313,8 +313,9 @@ class Worker:
                 weight_sums += w
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == steps):
                 _average_parameters(self.trunk, self.world)
-            sums += torch.stack([losses[n] for n in self.mine]).detach()
-            self.guard.observe(losses, step)
+            values = torch.stack([losses[n] for n in self.mine]).detach()
+            sums += values
+            self.guard.observe(values, step)
             samples += sum(len(y) for _, y in group)
         train_seconds = time.perf_counter() - begin
         self.guard.raise_if_diverged(self.world, lambda step: f"epoch {epoch}, step {step}")
