@@ -120,6 +120,13 @@ class ModelConfig(_Section):
         "variance per input for the offsets (variance components) and one for the trunk's learned features, by EM"
     )
     embedding_dim: int = Field(8, ge=1, description="task_embedding: width of each task's embedding")
+    architecture: str = Field(
+        "hard", description="what tasks share under their heads (architectures.ARCHITECTURES): hard (one trunk), mmoe "
+        "(shared experts of the trunk's shape and a softmax gate per task over them), cgc (mmoe's shared experts plus "
+        "each task's own, a gate per task over both)"
+    )
+    experts: int = Field(4, ge=1, description="mmoe, cgc: shared experts, each a network of model.trunk's shape")
+    task_experts: int = Field(1, ge=1, description="cgc: experts of each task's own beside the shared ones")
 
     @field_validator("head_penalty", mode="before")
     @classmethod
@@ -134,22 +141,28 @@ class ModelConfig(_Section):
             raise ValueError(f"expected a number >= 0 (.inf: one shared head) or 'auto' or 'em', got {value!r}")
         return number
 
-    @field_validator("head_penalty", "embedding_dim")
-    @classmethod
-    def _option_of_the_heads(cls, value: Any, info: ValidationInfo) -> Any:
-        """An option set for a head kind that does not take it is a mistake: named by its key
-        (defaults pass, so dumped configs validate again)."""
+    @staticmethod
+    def _registry(choice: str) -> dict:
+        """The registry a `model` choice key names an entry of: `heads` or `architecture`."""
+        from distributed_mtml.architectures import ARCHITECTURES
         from distributed_mtml.heads import HEADS
 
-        return _option_of(HEADS, "heads", value, info, cls.model_fields[info.field_name].default)
+        return {"heads": HEADS, "architecture": ARCHITECTURES}[choice]
 
-    @field_validator("heads")
+    @field_validator("head_penalty", "embedding_dim", "experts", "task_experts")
     @classmethod
-    def _known_heads(cls, value: str) -> str:
-        from distributed_mtml.heads import HEADS
+    def _option_of_its_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        """An option set for a head kind or an architecture that does not take it is a mistake:
+        named by its key (defaults pass, so dumped configs validate again)."""
+        choice = "architecture" if info.field_name in ("experts", "task_experts") else "heads"
+        return _option_of(cls._registry(choice), choice, value, info, cls.model_fields[info.field_name].default)
 
-        if value not in HEADS:
-            raise ValueError(f"unknown heads '{value}' (choose from: {', '.join(HEADS)})")
+    @field_validator("heads", "architecture")
+    @classmethod
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
+        registry = cls._registry(info.field_name)
+        if value not in registry:
+            raise ValueError(f"unknown {info.field_name} '{value}' (choose from: {', '.join(registry)})")
         return value
 
 

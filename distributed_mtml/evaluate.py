@@ -23,19 +23,24 @@ def forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.
         return torch.cat([forward(chunk) for chunk in x.split(FORWARD_ROWS)]) if len(x) else forward(x)
 
 
-def trunk_features(trunk: torch.nn.Module, adapters: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor]
-                   ) -> dict[str, torch.Tensor]:
-    """Each task's trunk output for its `inputs` (no gradients): the tasks whose adapter is the
-    identity (tasks of one width) through the trunk together, in chunks, not one call a task."""
-    plain = [n for n in inputs if isinstance(adapters[n], torch.nn.Identity)]
+def head_inputs(trunk: torch.nn.Module, modules: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """What each task's head reads for its `inputs` (no gradients): the trunk's output, through
+    the task's part of the architecture (`models.TaskModule.features`). The tasks whose adapter
+    is the identity (tasks of one width) go through the trunk together, in chunks, not one call
+    a task."""
+    plain = [n for n in inputs if isinstance(modules[n].adapter, torch.nn.Identity)]
     out = {}
     if plain:
         joined = forward_in_chunks(trunk, torch.cat([inputs[n] for n in plain]))
         out.update(zip(plain, joined.split([len(inputs[n]) for n in plain])))
     for n in inputs:
         if n not in out:
-            out[n] = forward_in_chunks(lambda rows, a=adapters[n]: trunk(a(rows)), inputs[n])
-    return out
+            out[n] = forward_in_chunks(lambda rows, a=modules[n].adapter: trunk(a(rows)), inputs[n])
+    if all(modules[n].mix is None for n in out):
+        return out
+    with torch.no_grad():
+        return {n: modules[n].features(modules[n].adapter(inputs[n]), f) for n, f in out.items()}
 
 
 def split_metrics(shape: TaskShape, prep: TaskPrep | None, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

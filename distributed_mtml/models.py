@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distributed_mtml.architectures import ARCHITECTURES
 from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import TaskScan
 from distributed_mtml.data.suite import TaskData
 from distributed_mtml.heads import HEADS, build_shared, group_key
 from distributed_mtml.heads.shared_plus_offset import stacked_outputs, stacked_penalties
-from distributed_mtml.layers import mlp
 from distributed_mtml.segments import row_tasks, segment_means
 
 if TYPE_CHECKING:
@@ -65,25 +65,17 @@ def trunk_input_width(cfg: ModelConfig, tasks: list[TaskShape]) -> int:
     return widths.pop() if len(widths) == 1 else max(widths)
 
 
-class PassthroughTrunk(nn.Sequential):
-    """The trunk's layers, with its input next to their output (`model.trunk.passthrough`). A
-    Sequential of the same layers, so its state dict and layer list are a plain trunk's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = super().forward(x)
-        return torch.cat([features, x.to(features.dtype)], -1)
-
-
 def learned_width(trunk: nn.Module, output_width: int) -> int:
-    """How many of the trunk's `output_width` columns its parameters make: all of a plain trunk's;
-    a passthrough trunk's less its input, which no trunk parameter moves (DDP-wrapped or not)."""
+    """How many of the trunk's `output_width` columns its parameters make: all of a plain trunk's
+    or of experts'; a passthrough trunk's less its input, which no trunk parameter moves
+    (DDP-wrapped or not)."""
     inner = getattr(trunk, "module", trunk)
-    return output_width - inner[0].in_features if isinstance(inner, PassthroughTrunk) else output_width
+    return output_width - getattr(inner, "passes_input", 0)
 
 
-def build_trunk(cfg: ModelConfig, tasks: list[TaskShape]) -> nn.Sequential:
-    layers = mlp(trunk_input_width(cfg, tasks), cfg.trunk.widths, cfg.trunk)
-    return PassthroughTrunk(*layers) if cfg.trunk.passthrough else layers
+def build_trunk(cfg: ModelConfig, tasks: list[TaskShape]) -> nn.Module:
+    """The part of the network every task shares (`model.architecture`'s shared part)."""
+    return ARCHITECTURES[cfg.architecture].shared(cfg, trunk_input_width(cfg, tasks))
 
 
 def trunk_output_width(cfg: ModelConfig, trunk_in: int) -> int:
@@ -92,8 +84,9 @@ def trunk_output_width(cfg: ModelConfig, trunk_in: int) -> int:
 
 
 class TaskModule(nn.Module):
-    """A task's private parameters: an optional input adapter and its head (`heads.HEADS`: its
-    own, or its part of a head shared with the tasks of its type; see `heads/`)."""
+    """A task's private parameters: an optional input adapter, its part of the architecture
+    (`architectures/`: a gate, its own experts; none under `hard`) and its head (`heads.HEADS`:
+    its own, or its part of a head shared with the tasks of its type; see `heads/`)."""
 
     def __init__(self, task: TaskShape, cfg: ModelConfig, trunk_in: int, shared: nn.ModuleDict | None = None,
                  rows: int = 1):
@@ -101,6 +94,25 @@ class TaskModule(nn.Module):
         self.adapter = nn.Identity() if task.num_features == trunk_in else nn.Linear(task.num_features, trunk_in)
         part = shared[group_key(task.type, task.out_width)] if shared is not None and len(shared) else None
         self.head = HEADS[cfg.heads].task_head(task.out_width, cfg, trunk_output_width(cfg, trunk_in), part, rows)
+        own = ARCHITECTURES[cfg.architecture].task_part  # made after the head: a head starts as under `hard`
+        self.mix = own(cfg, trunk_in) if own is not None else None
+
+    @classmethod
+    def of_parts(cls, adapter: nn.Module, mix: nn.Module | None, head: nn.Module) -> "TaskModule":
+        """A task module from parts already made: a new group's, from its known tasks' (`new_task`)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.adapter, module.mix, module.head = adapter, mix, head
+        return module
+
+    def features(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
+        """What the head reads, from the task's (adapted) inputs and the trunk's output of them."""
+        return shared_output if self.mix is None else self.mix(inputs, shared_output)
+
+    def forward(self, trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The task's output for its rows `x`, through `trunk` (the model's, or a copy of it)."""
+        inputs = self.adapter(x)
+        return self.head(self.features(inputs, trunk(inputs)))
 
 
 def build_shared_heads(cfg: ModelConfig, tasks: list[TaskShape], seed: int) -> nn.ModuleDict:
@@ -117,6 +129,15 @@ def new_task_head(cfg: ModelConfig, task: TaskShape, shared: nn.ModuleDict, trun
     part = shared[key] if key in shared else None
     cfg = cfg if part is not None else cfg.model_copy(update={"heads": "separate"})
     return HEADS[cfg.heads].task_head(task.out_width, cfg, trunk_output_width(cfg, trunk_in), part, 1).standalone()
+
+
+def new_task(cfg: ModelConfig, known: list[TaskModule], adapter: nn.Module, head: nn.Module) -> TaskModule:
+    """A task the model was not trained on, like the `known` tasks (a new group of their table):
+    `head` (the shared head of its type, `new_task_head`, or one fitted to its rows), `adapter` (a
+    known task's: the group reads the same columns), and the architecture's part for a new task
+    from what the known tasks' parts share (their gates averaged; none under `hard`)."""
+    make = ARCHITECTURES[cfg.architecture].new_task_part
+    return TaskModule.of_parts(adapter, make([k.mix for k in known]) if make is not None else None, head)
 
 
 def build_task_modules(
@@ -179,6 +200,8 @@ def task_losses(
             features = [trunk(inputs[0])]
         else:
             features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+        if modules[names[0]].mix is not None:
+            features = [modules[n].features(x, f) for n, x, f in zip(names, inputs, features)]
         heads = [modules[n].head for n in names]
         stacked = stacked_outputs(heads, list(features)) if len(heads) > 1 else None
         if stacked is not None:  # many tasks of one shared head: losses by segment means, penalties at once
@@ -220,8 +243,7 @@ class MultiTaskModel(nn.Module):
         self.task_modules = build_task_modules(cfg, tasks, seed, shared=self.shared_heads)
 
     def forward(self, task: str, x: torch.Tensor) -> torch.Tensor:
-        module = self.task_modules[task]
-        return module.head(self.trunk(module.adapter(x)))
+        return self.task_modules[task](self.trunk, x)
 
 
 class InnerRule(Protocol):

@@ -33,12 +33,13 @@ import pyarrow.fs  # noqa: F401 (pa.fs)
 import torch
 
 from distributed_mtml.artifacts import load_with_learner
+from distributed_mtml.config import ModelConfig
 from distributed_mtml.data.prepare import TaskPrep, standardizes
 from distributed_mtml.data.scan import open_parquet
 from distributed_mtml.data.suite import group_order
 from distributed_mtml.errors import InputError
 from distributed_mtml.evaluate import forward_in_chunks
-from distributed_mtml.models import META_TASK, TaskShape
+from distributed_mtml.models import META_TASK, TaskShape, new_task
 from distributed_mtml.runtime.checkpoint import load_state
 
 ADAPT_STEPS = 10  # inner steps on the labelled rows unless told: meta evaluation's default curve
@@ -66,10 +67,10 @@ class Predictor:
         self.preps: dict[str, TaskPrep] = {n: model.preprocessing.get(n) or TaskPrep() for n in self.shapes}
         self.params = None  # a meta-learned model's adapted parameters, once `adapt` ran
         self.heads = config.get("model", {}).get("heads", "separate")
-        self.new_head: tuple[str, torch.nn.Module] | None = None  # (source task, head) once a new group is adapted
+        self.new_head: torch.nn.Module | None = None  # a new group's task module (`models.new_task`) once adapted
         self.groups: dict[str, dict] = plan.get("groups") or {}  # grouped entries: how rows are routed to tasks
         self.model_config = config.get("model", {})
-        self.shared_head: dict[str, tuple[str, torch.nn.Module]] = {}  # entry -> (source task, head) for unseen groups
+        self.shared_head: dict[str, torch.nn.Module] = {}  # entry -> the task module (`models.new_task`) for unseen groups
         # a meta-learned model's default inner steps: those that did best on its validation tasks
         self.adapt_steps = int(load_state(directory).get("adapt_steps", ADAPT_STEPS))
 
@@ -151,7 +152,6 @@ class Predictor:
         prediction for a new group), through the entry's trunk and adapter. InputError where the
         model shares no head, or where its tasks' preprocessing differs (`data.standardize: task`:
         a new group's scale is not known)."""
-        from distributed_mtml.config import ModelConfig
         from distributed_mtml.models import new_task_head, trunk_input_width
 
         if entry not in self.shared_head:
@@ -167,10 +167,11 @@ class Predictor:
                                  "(data.standardize: task), so a new group's scale is not known")
             shapes = list(self.model.tasks.values())
             head = new_task_head(cfg, self.shapes[source], self.model.shared_heads, trunk_input_width(cfg, shapes))
-            self.shared_head[entry] = (source, head.to(self.device).eval())
-        source, head = self.shared_head[entry]
-        adapter = self.model.task_modules[source].adapter
-        return lambda x: head(self.model.trunk(adapter(x)))
+            known = [self.model.task_modules[t] for t in route["tasks"].values()]
+            module = new_task(cfg, known, self.model.task_modules[source].adapter, head)
+            self.shared_head[entry] = module.to(self.device).eval()
+        module = self.shared_head[entry]
+        return lambda x: module(self.model.trunk, x)
 
     def _inputs(self, task: str, table: pd.DataFrame) -> torch.Tensor:
         x = table[self.features[task]].to_numpy(dtype=np.float32)
@@ -193,8 +194,7 @@ class Predictor:
         if self.params is not None:
             return self.learner.outputs(self.params, x)
         if task == NEW_GROUP and self.new_head is not None:
-            source, head = self.new_head
-            return head(self.model.trunk(self.model.task_modules[source].adapter(x)))
+            return self.new_head(self.model.trunk, x)
         return self.model(task, x)
 
     def adapt_features(self) -> list[str]:
@@ -207,13 +207,17 @@ class Predictor:
         """The trained task a new group starts from: a regression task of the shared head (its
         saved statistics are the suite's pooled ones under `data.standardize: suite`). Every task
         of that head must read the same columns, which the new group's rows then have."""
-        group = [n for n, s in self.shapes.items() if n != NEW_GROUP and s.type == "regression" and s.out_width == 1]
+        group = self._group()
         if self.heads != "shared_plus_offset" or not group:
             raise InputError(NOT_META)
         if len({tuple(self.features[n]) for n in group}) > 1:
             raise InputError("--adapt-from: the model's regression tasks read different feature columns, so a new "
                              "group's columns are not known")
         return group[0]
+
+    def _group(self) -> list[str]:
+        """The trained tasks of the shared regression head (`group_source`'s)."""
+        return [n for n, s in self.shapes.items() if n != NEW_GROUP and s.type == "regression" and s.out_width == 1]
 
     def _adapt_group(self, labelled: pd.DataFrame, target: str, steps: int) -> float:
         """A new group's head from its labelled rows (see the module's docstring); `steps` 0: the
@@ -229,13 +233,16 @@ class Predictor:
         lam = float(own.head.lam)
         head = shared_plus_offset.OffsetHead(self.model.shared_heads[group_key("regression", 1)], lam, len(y))
         head.precision.copy_(own.head.precision)  # the penalty per input the model learned
+        cfg = ModelConfig.model_validate(self.model_config)
+        module = new_task(cfg, [self.model.task_modules[n] for n in self._group()], own.adapter, head).to(self.device)
         with torch.no_grad():
-            f = self.model.trunk(own.adapter(xs))
+            inputs = own.adapter(xs)
+            f = module.features(inputs, self.model.trunk(inputs))
             if steps > 0:
                 shared_plus_offset.solve_offsets(head, f, ys)
             loss = float(((head(f).squeeze(-1) - ys) ** 2).mean())
         self.shapes[NEW_GROUP] = TaskShape(NEW_GROUP, "regression", len(features))
-        self.features[NEW_GROUP], self.preps[NEW_GROUP], self.new_head = features, prep, (source, head)
+        self.features[NEW_GROUP], self.preps[NEW_GROUP], self.new_head = features, prep, module
         return loss
 
     def anchors(self, labelled: pd.DataFrame, target: str, steps: int) -> dict[str, float] | None:

@@ -81,6 +81,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def registries_reference() -> str:
     """Every registry's entries: what each is, which options it takes."""
     from distributed_mtml.aggregation import METHODS
+    from distributed_mtml.architectures import ARCHITECTURES
     from distributed_mtml.data.generators import GENERATORS
     from distributed_mtml.heads import HEADS
     from distributed_mtml.meta.algorithms import ALGORITHMS
@@ -96,6 +97,10 @@ def registries_reference() -> str:
         "### Heads (`model.heads`)\n",
         _table(["name", "options", "what it does"],
                [[f"`{n}`", opts(h.params, "model"), h.summary] for n, h in HEADS.items()]),
+        "### Architectures (`model.architecture`)\n",
+        _table(["name", "options", "meta-learning", "what it does"],
+               [[f"`{n}`", opts(a.params, "model"), "yes" if a.meta else "no", a.summary]
+                for n, a in ARCHITECTURES.items()]),
         "### Meta-learning algorithms (`meta.algorithm`)\n",
         _table(["name", "what it does"], [[f"`{n}`", a.summary] for n, a in ALGORITHMS.items()]),
         "### Transfer strategies (`transfer.strategies`)\n",

@@ -48,7 +48,7 @@ def measure(
             shifted = torch.split(flat - lr * grads[i], [p.numel() for _, p in named])
             params = {n: t.view_as(p) for (n, p), t in zip(named, shifted)}
             for dst, (x, y) in batches.items():
-                after = task_loss(shapes[dst], modules[dst].head(functional_call(trunk, params, (modules[dst].adapter(x),))), y)
+                after = task_loss(shapes[dst], modules[dst](lambda z, moved=params: functional_call(trunk, moved, (z,)), x), y)
                 out[f"relations/affinity/{src}/{dst}"] = (1 - float(after) / max(before[dst], 1e-12)) / lr
     return out
 

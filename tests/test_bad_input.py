@@ -218,6 +218,23 @@ def _config_cases():
         c.config["model"] = {"heads": "separate", "head_penalty": 5}
         return c.train(), "config.yaml: key 'model.head_penalty': Value error, not an option of heads 'separate'"
 
+    def unknown_architecture(c):  # the valid ones are listed
+        return c.train("--set", "model.architecture=moe"), \
+            "key 'model.architecture': Value error, unknown architecture 'moe' (choose from: hard, mmoe, cgc)"
+
+    def option_of_other_architecture(c):
+        c.config["model"] = {"architecture": "mmoe", "task_experts": 2}
+        return c.train(), "config.yaml: key 'model.task_experts': Value error, not an option of architecture 'mmoe'"
+
+    def no_experts(c):
+        return c.train("--set", "model.architecture=mmoe", "--set", "model.experts=0"), \
+            "key 'model.experts': Input should be greater than or equal to 1"
+
+    def meta_of_gated_architecture(c):
+        c.config["model"] = {"architecture": "mmoe"}
+        return ["meta-train", "--config", c.write_config(), "--tracking-uri", c.uri], \
+            "key 'model.architecture': meta-learning trains hard, not 'mmoe'"
+
     def unknown_standardize(c):
         return c.train("--set", "data.standardize=group"), "key 'data.standardize': Input should be 'suite', 'task' or 'off'"
 
@@ -274,7 +291,8 @@ def _config_cases():
 
     return [unknown_key, wrong_type, negative_batch, negative_workers, elastic_range_backwards, zero_lr, unknown_method, set_without_value,
             set_unknown_key, config_yaml_syntax, set_bad_value_blames_the_flag, mistyped_suite_path, too_many_cpus, gpus_not_there, unwritable_checkpoint_dir, config_not_found, config_not_a_mapping,
-            unknown_monitor, unknown_algorithm, option_of_another_method, unknown_heads, option_of_other_heads, unknown_standardize]
+            unknown_monitor, unknown_algorithm, option_of_another_method, unknown_heads, option_of_other_heads, unknown_standardize,
+            unknown_architecture, option_of_other_architecture, no_experts, meta_of_gated_architecture]
 
 
 def _argument_and_checkpoint_cases():

@@ -207,21 +207,6 @@ def test_metrics_by_segment_reductions_equal_a_loop_over_tasks():
             assert together[k][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (k, key)
 
 
-def test_trunk_features_of_many_tasks_in_one_pass_equal_each_tasks_own():
-    import torch
-
-    from distributed_mtml.evaluate import trunk_features
-
-    torch.manual_seed(0)
-    trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
-    adapters = {"a": torch.nn.Identity(), "b": torch.nn.Identity(), "c": torch.nn.Linear(2, 4)}
-    inputs = {"a": torch.randn(5, 4), "b": torch.randn(3, 4), "c": torch.randn(6, 2)}
-    got = trunk_features(trunk, adapters, inputs)
-    with torch.no_grad():
-        for name, x in inputs.items():
-            torch.testing.assert_close(got[name], trunk(adapters[name](x)))
-
-
 @pytest.mark.e2e  # three 1,000-task runs
 def test_a_thousand_groups_checkpoint_in_one_file_and_resume_where_they_stopped(ray_session, tmp_path, capsys):
     """1,000 groups of one table, local mode: a checkpoint holds the tasks in one stacked file,

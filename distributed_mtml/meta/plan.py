@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from distributed_mtml.architectures import ARCHITECTURES
 from distributed_mtml.config import Config, config_of_older_plans
 from distributed_mtml.console import say
 from distributed_mtml.data.locate import ensure_suite
@@ -184,6 +185,10 @@ def make_meta_plan(config: Config) -> MetaPlan:
     meta, workers = config.meta, config.scaling.max_workers
     if meta.algorithm not in ALGORITHMS:
         raise InputError(f"key 'meta.algorithm': unknown '{meta.algorithm}' (choose from: {', '.join(ALGORITHMS)})")
+    if not ARCHITECTURES[config.model.architecture].meta:
+        able = ", ".join(n for n, a in ARCHITECTURES.items() if a.meta)
+        raise InputError(f"key 'model.architecture': meta-learning trains {able}, not '{config.model.architecture}' "
+                         "(its loops adapt one trunk and one head)")
     check_monitor(config, ["val/mean_loss", f"val/{META_TASK}/loss"])  # the query loss after adaptation
     if meta.meta_batch_size < workers:
         raise InputError(f"meta.meta_batch_size ({meta.meta_batch_size}) must be at least scaling.num_workers ({workers})")

@@ -28,12 +28,12 @@ from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
 from distributed_mtml.data.tasks import load_suite_spec, load_tasks
-from distributed_mtml.evaluate import split_metrics, trunk_features
+from distributed_mtml.evaluate import head_inputs, split_metrics
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
 from distributed_mtml.heads.shared_plus_offset import SharedLast, stacked_outputs
 from distributed_mtml.metrics import regression_metrics_by_task
-from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk, learned_width
+from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
 from distributed_mtml.runtime import local
 from distributed_mtml.runtime.checkpoint import plan_text
 from distributed_mtml.runtime.monitor import Monitor
@@ -161,7 +161,7 @@ def _evaluate(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPlan, data: d
             if name in metrics_of:
                 out.update({f"{split}/{name}/{k}": v for k, v in metrics_of[name].items()})
                 continue
-            forward = lambda x, m=module: m.head(trunk(m.adapter(x)))  # noqa: E731
+            forward = lambda x, m=module: m(trunk, x)  # noqa: E731
             if name in data:
                 x, y = data[name][split]
                 metrics = split_metrics(shapes[name], plan.prep(name), [(x, y)], forward, exact_rows=len(y))
@@ -201,7 +201,7 @@ def _small_tasks_metrics(trunk: nn.Module, modules: nn.ModuleDict, plan: TrainPl
                          shapes: dict[str, TaskShape]) -> dict[str, dict[str, float]]:
     """Metrics of tasks whose split (`split`: task -> (x, y)) is held in memory, all through the
     trunk together; the regression tasks' heads in one pass and their metrics by segment reductions."""
-    features = trunk_features(trunk, {n: modules[n].adapter for n in split}, {n: x for n, (x, _) in split.items()})
+    features = head_inputs(trunk, modules, {n: x for n, (x, _) in split.items()})
     together = [n for n in split if shapes[n].type == "regression"]
     heads, inputs = [modules[n].head for n in together], [features[n] for n in together]
     outputs = stacked_outputs(heads, inputs) or [head(f) for head, f in zip(heads, inputs)]
@@ -370,15 +370,14 @@ class Worker:
         solved = [n for n in regression if n in self.data and len(self.data[n]["train"][1]) <= REFIT_ROWS]
         left_out = len(solved) < len(regression)
         self.trunk.eval()
-        features = trunk_features(self.trunk, {n: self.modules[n].adapter for n in solved},
-                                  {n: self.data[n]["train"][0] for n in solved})
+        features = head_inputs(self.trunk, self.modules, {n: self.data[n]["train"][0] for n in solved})
         problems = {n: (self.modules[n].head, features[n], self.data[n]["train"][1]) for n in solved}
         self.trunk.train()
         key = group_key("regression", 1)
         last = None
         if key in self.shared:  # the shared regression head's last layer; with passthrough its inputs end in the model's
             linear = self.shared[key][1]
-            passed = 0 if model.head_hidden else linear.in_features - learned_width(self.trunk, linear.in_features)
+            passed = 0 if model.head_hidden or not model.trunk.passthrough else linear.in_features - model.trunk.widths[-1]
             last = SharedLast(linear, passed, self.em_state)
         lam = refit(problems, model.head_penalty, self.world, self.device, last, not left_out)
         return {} if lam is None else {"heads/penalty": float(lam)}

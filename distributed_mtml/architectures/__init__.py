@@ -1,0 +1,52 @@
+"""How tasks share the network under their heads (`model.architecture`), one file per kind.
+
+  hard   one trunk whose output every task's head reads (hard parameter sharing)
+  mmoe   several experts, each a network of the trunk's shape, and a softmax gate per task that
+         weighs their outputs for each row (Ma et al., KDD 2018)
+  cgc    mmoe's shared experts plus experts of each task's own, its gate over both (Tang et al.,
+         RecSys 2020)
+
+Every kind has two parts. The shared part (what `models.build_trunk` returns, "the trunk") is on
+every worker and synchronised as the trunk always was: DDP averages its gradients, and the
+conflict-aware methods see each task's gradient of it. Its output is one tensor [rows, width]
+(for gated kinds every expert's output side by side), so DDP's wrapper, the `representation`
+gradients (taken at the experts' outputs) and the chunked forwards take it as they take a
+trunk's. The task part (a gate, a task's own experts) is in the task's module, on the worker
+that owns the task, and turns (the task's input, the shared output) into what its head reads.
+A head reads the same width under every kind: the trunk's last width, then the input where
+`model.trunk.passthrough` is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from torch import nn
+
+from distributed_mtml.architectures import cgc, hard, mmoe
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Architecture:
+    summary: str
+    shared: Callable[[ModelConfig, int], nn.Module]  # (config, input width) -> the part every worker holds
+    # (config, input width) -> a task's own part, called as part(inputs, shared output); None: the head reads the
+    # shared output as it is
+    task_part: Callable[[ModelConfig, int], nn.Module] | None = None
+    # the known tasks' parts -> a part for a task the model was not trained on (a new group), from what they share
+    new_task_part: Callable[[list[nn.Module]], nn.Module] | None = None
+    params: tuple[str, ...] = ()  # keys of the `model` config section it takes
+    meta: bool = False  # whether meta-learning can train it (its loops adapt a trunk and one head)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "hard": Architecture("one trunk shared by every task (hard parameter sharing)", hard.shared, meta=True),
+    "mmoe": Architecture("shared experts and a softmax gate per task over them (Ma et al., KDD 2018)", mmoe.shared,
+                         mmoe.task_part, mmoe.new_task_part, params=("experts",)),
+    "cgc": Architecture("shared experts plus each task's own, a gate per task over both (Tang et al., RecSys 2020)",
+                        mmoe.shared, cgc.task_part, cgc.new_task_part, params=("experts", "task_experts")),
+}

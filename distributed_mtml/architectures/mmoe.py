@@ -1,0 +1,79 @@
+"""`mmoe`: Multi-gate Mixture-of-Experts (Ma et al., "Modeling Task Relationships in Multi-task
+Learning with Multi-gate Mixture-of-Experts", KDD 2018).
+
+`model.experts` networks of the trunk's shape (`model.trunk`: by default the article's
+10 -> 100 -> 50) read every row; each task has a gate, a linear map of its input to one logit
+per expert, and its head reads the softmax-weighted sum of the experts' outputs. Tasks that
+weigh the same experts share what those learn; tasks that conflict can draw on different ones.
+Gates start at zero: every task begins with the experts' plain mean. With one expert, a task
+reads that expert's output: hard sharing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from distributed_mtml.layers import mlp
+
+if TYPE_CHECKING:
+    from distributed_mtml.config import ModelConfig
+
+
+class Experts(nn.Module):
+    """Networks of the trunk's shape side by side on the same rows: [rows, count x width]."""
+
+    passes_input = 0  # its output holds no column of its input
+
+    def __init__(self, cfg: ModelConfig, in_width: int, count: int):
+        super().__init__()
+        self.experts = nn.ModuleList([mlp(in_width, cfg.trunk.widths, cfg.trunk) for _ in range(count)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([expert(x) for expert in self.experts], -1)
+
+
+def shared(cfg: ModelConfig, in_width: int) -> Experts:
+    return Experts(cfg, in_width, cfg.experts)
+
+
+class Gate(nn.Module):
+    """A task's softmax weights over experts, from its input, and the weighted sum of their
+    outputs (then the input itself, with `model.trunk.passthrough`)."""
+
+    def __init__(self, in_width: int, count: int, width: int, passthrough: bool):
+        super().__init__()
+        self.gate = nn.Linear(in_width, count)
+        nn.init.zeros_(self.gate.weight), nn.init.zeros_(self.gate.bias)  # the experts' mean at first
+        self.count, self.width, self.passthrough = count, width, passthrough
+
+    def weights(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[rows, experts], each row summing to 1."""
+        return torch.softmax(self.gate(inputs), -1)
+
+    def mixed(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """`outputs` [rows, count x width], weighted by the gate: [rows, width] (and the input)."""
+        w = self.weights(inputs).to(outputs.dtype)
+        mixed = torch.bmm(w.unsqueeze(1), outputs.view(len(outputs), self.count, self.width)).squeeze(1)
+        return torch.cat([mixed, inputs.to(mixed.dtype)], -1) if self.passthrough else mixed
+
+    def forward(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
+        return self.mixed(inputs, shared_output)
+
+
+def task_part(cfg: ModelConfig, in_width: int) -> Gate:
+    return Gate(in_width, cfg.experts, cfg.trunk.widths[-1], cfg.trunk.passthrough)
+
+
+def new_task_part(known: list[Gate]) -> Gate:
+    """A task the model was not trained on: the known tasks' gates averaged (logits linear in
+    the input, so this is the mean of their logits), what they have in common, as a shared head
+    with zero offsets is for the heads."""
+    first = known[0]
+    gate = Gate(first.gate.in_features, first.count, first.width, first.passthrough)
+    with torch.no_grad():
+        gate.gate.weight.copy_(torch.stack([g.gate.weight for g in known]).mean(0))
+        gate.gate.bias.copy_(torch.stack([g.gate.bias for g in known]).mean(0))
+    return gate

@@ -1,0 +1,140 @@
+"""`model.architecture`: the shared part and each task's part, their forward and what they share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed_mtml.config import ModelConfig
+from distributed_mtml.models import MultiTaskModel, TaskShape, new_task, task_losses
+
+SHAPES = [TaskShape("a", "regression", 4), TaskShape("b", "classification", 4, 3), TaskShape("c", "regression", 2)]
+
+
+def _model(architecture: str, passthrough: bool = True, seed: int = 0, **options) -> MultiTaskModel:
+    cfg = ModelConfig(architecture=architecture, trunk={"widths": [8, 6], "passthrough": passthrough}, **options)
+    return MultiTaskModel(cfg, SHAPES, seed)
+
+
+def _batches(seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a": (torch.randn(5, 4, generator=g), torch.randn(5, generator=g)),
+            "b": (torch.randn(7, 4, generator=g), torch.randint(0, 3, (7,), generator=g)),
+            "c": (torch.randn(3, 2, generator=g), torch.randn(3, generator=g))}
+
+
+def _scramble_gates(model: MultiTaskModel) -> None:
+    """Gates away from their zero start, so that each task weighs the experts its own way."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in model.task_modules.values():
+            gate = module.mix.gate if hasattr(module.mix, "own") else module.mix
+            gate.gate.weight.copy_(torch.randn(gate.gate.weight.shape, generator=g))
+
+
+@pytest.mark.parametrize("architecture", ["hard", "mmoe", "cgc"])
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_each_architecture_gives_every_task_its_outputs_and_trains_its_shared_and_own_parts(architecture, passthrough):
+    model = _model(architecture, passthrough)
+    batches = _batches()
+    for name, (x, _) in batches.items():
+        assert model(name, x).shape == (len(x), model.tasks[name].out_width)
+    losses = task_losses(model.trunk, model.task_modules, model.tasks, batches)
+    assert len(losses) == 3 and all(torch.isfinite(loss) for loss in losses)
+    torch.stack(losses).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trunk.parameters() if p.dim() == 2)
+    for module in model.task_modules.values():
+        assert (module.mix is None) == (architecture == "hard")
+        if module.mix is not None:
+            assert all(p.grad is not None for p in module.mix.parameters())
+
+
+def test_mmoe_with_one_expert_is_hard_sharing():
+    hard, mmoe = _model("hard"), _model("mmoe", experts=1)
+    mmoe.trunk.experts[0].load_state_dict(hard.trunk.state_dict())  # the trunk's layers, without the passthrough
+    mmoe.shared_heads.load_state_dict(hard.shared_heads.state_dict())
+    for name in hard.task_modules:
+        mmoe.task_modules[name].head.load_state_dict(hard.task_modules[name].head.state_dict())
+        mmoe.task_modules[name].adapter.load_state_dict(hard.task_modules[name].adapter.state_dict())
+    _scramble_gates(mmoe)  # one expert: any gate gives it weight 1
+    with torch.no_grad():
+        for name, (x, _) in _batches().items():
+            torch.testing.assert_close(mmoe(name, x), hard(name, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["mmoe", "cgc"])
+def test_gates_sum_to_one_start_as_the_experts_mean_and_mix_what_they_weigh(architecture):
+    model = _model(architecture, passthrough=False, experts=3)
+    gate = model.task_modules["a"].mix
+    gate = gate.gate if architecture == "cgc" else gate
+    x = torch.randn(6, 4)
+    count = 3 + (1 if architecture == "cgc" else 0)
+    torch.testing.assert_close(gate.weights(x), torch.full((6, count), 1 / count))
+    _scramble_gates(model)
+    w = gate.weights(x)
+    torch.testing.assert_close(w.sum(-1), torch.ones(6))
+    outputs = torch.randn(6, count * 6)
+    by_hand = sum(w[:, [e]] * outputs[:, e * 6:(e + 1) * 6] for e in range(count))
+    torch.testing.assert_close(gate.mixed(x, outputs), by_hand)
+
+
+@pytest.mark.parametrize("architecture", ["hard", "mmoe", "cgc"])
+def test_a_new_task_reads_what_the_known_tasks_gates_share(architecture):
+    """A group the model was not trained on: under mmoe the known gates averaged; under cgc the
+    same over the shared experts only (it has no experts of its own)."""
+    options = {"experts": 3} if architecture != "hard" else {}
+    model = _model(architecture, **options)
+    if architecture != "hard":
+        _scramble_gates(model)
+    known = [model.task_modules[n] for n in ("a", "b")]
+    cfg = ModelConfig(architecture=architecture, **options)
+    module = new_task(cfg, known, torch.nn.Identity(), torch.nn.Linear(6 + 4, 1))
+    if architecture == "hard":
+        assert module.mix is None
+        return
+    gates = [k.mix.gate if architecture == "cgc" else k.mix for k in known]
+    torch.testing.assert_close(module.mix.gate.weight, torch.stack([g.gate.weight[:3] for g in gates]).mean(0))
+    torch.testing.assert_close(module.mix.gate.bias, torch.stack([g.gate.bias[:3] for g in gates]).mean(0))
+    x = torch.randn(4, 4)
+    assert module(model.trunk, x).shape == (4, 1)
+
+
+@pytest.mark.parametrize("architecture", ["hard", "mmoe"])
+def test_head_inputs_of_many_tasks_in_one_pass_equal_each_tasks_own(architecture):
+    from distributed_mtml.evaluate import head_inputs
+
+    model = _model(architecture)
+    if architecture != "hard":
+        _scramble_gates(model)
+    inputs = {n: x for n, (x, _) in _batches().items()}  # c's adapter is a Linear: through the trunk alone
+    got = head_inputs(model.trunk, model.task_modules, inputs)
+    with torch.no_grad():
+        for name, x in inputs.items():
+            module = model.task_modules[name]
+            z = module.adapter(x)
+            torch.testing.assert_close(got[name], module.features(z, model.trunk(z)))
+
+
+def test_a_gated_run_keeps_a_model_that_scores_as_it_did_in_training(ray_session, tmp_path):
+    """Local mode, 8 groups of one table, cgc (mmoe's shared experts and gates, and each task's
+    own experts): the kept checkpoint, loaded again, scores the val
+    split as the worker scored it at that epoch (heads through the gates in one pass there, one
+    task at a time here)."""
+    from distributed_mtml.artifacts import load_model
+    from distributed_mtml.config import validate_config
+    from distributed_mtml.data.generators import make_suite
+    from distributed_mtml.evaluate import evaluate
+    from distributed_mtml.tracking import Tracker
+    from distributed_mtml.train.launch import run_training
+
+    suite = str(tmp_path / "suite")
+    make_suite("multilevel", suite, {"groups": 8, "rows": 30, "features": 4, "seed": 0, "one_table": True})
+    cfg = validate_config({"suite": {"path": suite}, "model": {"architecture": "cgc", "experts": 2},
+                           "training": {"epochs": 4}, "scaling": {"num_workers": 0},
+                           "checkpoint": {"dir": str(tmp_path / "runs")}})
+    outcome = run_training(cfg, "cgc", Tracker(f"sqlite:///{tmp_path}/mlflow.db"))
+    model, _ = load_model(outcome.checkpoint_path)
+    assert all(m.mix is not None for m in model.task_modules.values())
+    again = evaluate(model, suite, "val")
+    for key, value in again.items():
+        assert outcome.kept[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
