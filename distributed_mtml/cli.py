@@ -411,6 +411,9 @@ def cmd_affinity(args) -> int:
     with tempfile.TemporaryDirectory() as d:
         path = c.download_artifacts(args.run, "relations/affinity.csv", d)
         values, order = relations.from_csv(open(path).read())
+        logged = {a.path for a in c.list_artifacts(args.run, "relations")}
+        kind = next((k for k in LEARNED if f"relations/{k}.csv" in logged), None)
+        learned = relations.from_csv(open(c.download_artifacts(args.run, f"relations/{kind}.csv", d)).read()) if kind else None
     print("TAG affinity, source (row) -> recipient (column); positive: a step on the source helps the recipient")
     print(table(["source", *order], [[a, *map(float, row)] for a, row in zip(order, values)]))
     most = min(args.max_groups or 4, len(order))
@@ -422,7 +425,26 @@ def cmd_affinity(args) -> int:
     print("\nbest groupings (TAG rule" + (", exhaustive" if len(order) <= relations.EXHAUSTIVE_UP_TO else ", greedy") + "):")
     print("\n".join(lines))
     c.log_text(args.run, "\n".join(lines) + "\n", "relations/groupings.txt")
+    if learned is not None:
+        _print_learned(kind, values, order, *learned)
     return EXIT_OK
+
+
+LEARNED = {  # what an architecture's run logs of how its tasks relate (`gates.py`): file stem -> what it is
+    "gate_similarity": "learned by the gates: similarity of the tasks' mean gate weights (1: the same experts, equally)",
+    "cross_stitch": "learned by cross-stitch: how much each task's column (column) takes from each other's (row)",
+}
+
+
+def _print_learned(kind: str, affinity, order: list[str], alike, names: list[str]) -> None:
+    """The architecture's learned relation beside TAG's measured one, and their rank correlation."""
+    from distributed_mtml import gates
+    from distributed_mtml.report import table
+
+    rho, pairs = gates.agreement(affinity, order, alike, names)
+    print(f"\n{LEARNED[kind]}")
+    print(table(["task", *names], [[a, *map(float, row)] for a, row in zip(names, alike)]))
+    print(f"rank correlation with TAG affinity (both directions averaged), over {pairs} pairs of tasks: {rho:.3f}")
 
 
 def cmd_predict(args) -> int:

@@ -123,10 +123,13 @@ class ModelConfig(_Section):
     architecture: str = Field(
         "hard", description="what tasks share under their heads (architectures.ARCHITECTURES): hard (one trunk), mmoe "
         "(shared experts of the trunk's shape and a softmax gate per task over them), cgc (mmoe's shared experts plus "
-        "each task's own, a gate per task over both)"
+        "each task's own, a gate per task over both), ple (cgc levels stacked, one per model.trunk.widths entry, each "
+        "expert one layer), cross_stitch (a column of the trunk's layers per task, mixed after every layer by a "
+        "learned tasks x tasks matrix; up to 16 tasks)"
     )
-    experts: int = Field(4, ge=1, description="mmoe, cgc: shared experts, each a network of model.trunk's shape")
-    task_experts: int = Field(1, ge=1, description="cgc: experts of each task's own beside the shared ones")
+    experts: int = Field(4, ge=1, description="mmoe, cgc, ple: shared experts, each a network of model.trunk's shape (ple: "
+                         "of one level's width)")
+    task_experts: int = Field(1, ge=1, description="cgc, ple: experts of each task's own beside the shared ones (ple: at every level)")
 
     @field_validator("head_penalty", mode="before")
     @classmethod

@@ -75,7 +75,7 @@ def learned_width(trunk: nn.Module, output_width: int) -> int:
 
 def build_trunk(cfg: ModelConfig, tasks: list[TaskShape]) -> nn.Module:
     """The part of the network every task shares (`model.architecture`'s shared part)."""
-    return ARCHITECTURES[cfg.architecture].shared(cfg, trunk_input_width(cfg, tasks))
+    return ARCHITECTURES[cfg.architecture].shared(cfg, trunk_input_width(cfg, tasks), len(tasks))
 
 
 def trunk_output_width(cfg: ModelConfig, trunk_in: int) -> int:
@@ -89,13 +89,13 @@ class TaskModule(nn.Module):
     its own, or its part of a head shared with the tasks of its type; see `heads/`)."""
 
     def __init__(self, task: TaskShape, cfg: ModelConfig, trunk_in: int, shared: nn.ModuleDict | None = None,
-                 rows: int = 1):
+                 rows: int = 1, index: int = 0, tasks: int = 1):
         super().__init__()
         self.adapter = nn.Identity() if task.num_features == trunk_in else nn.Linear(task.num_features, trunk_in)
         part = shared[group_key(task.type, task.out_width)] if shared is not None and len(shared) else None
         self.head = HEADS[cfg.heads].task_head(task.out_width, cfg, trunk_output_width(cfg, trunk_in), part, rows)
         own = ARCHITECTURES[cfg.architecture].task_part  # made after the head: a head starts as under `hard`
-        self.mix = own(cfg, trunk_in) if own is not None else None
+        self.mix = own(cfg, trunk_in, index, tasks) if own is not None else None
 
     @classmethod
     def of_parts(cls, adapter: nn.Module, mix: nn.Module | None, head: nn.Module) -> "TaskModule":
@@ -160,7 +160,7 @@ def build_task_modules(
             torch.default_generator.manual_seed(seed * 1000 + i + 1)  # modules are made on the CPU: its generator
             # alone (`torch.manual_seed` also seeds every accelerator's: 0.7 ms a task, 3% of a 1,000-task run)
             own = alone if groups[group_key(task.type, task.out_width)] == 1 and len(shared) else cfg
-            modules[task.name] = TaskModule(task, own, trunk_in, shared, (rows or {}).get(task.name, 1))
+            modules[task.name] = TaskModule(task, own, trunk_in, shared, (rows or {}).get(task.name, 1), i, len(tasks))
     return nn.ModuleDict(modules)
 
 

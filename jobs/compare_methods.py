@@ -13,8 +13,13 @@ before reading a ranking.
 `--representation` adds each Gram method with `aggregation.gradients: representation`
 (labelled "(repr.)"), to compare it with the same method on parameter gradients.
 
+`--architectures hard mmoe cgc ple cross_stitch` trains every method under each architecture
+(`model.architecture`, default options: 4 shared experts, 1 own); the paired differences are
+then to `hard` with `mean`, and the test loss (of the model kept by val) stands beside the val
+loss. MMoE's article expects its advantage over a shared bottom to grow as correlation falls.
+
 Usage: python jobs/compare_methods.py [--seeds 3] [--epochs 4] [--correlations 0.9 0.5 0 -0.5]
-       [--methods mean pcgrad mgda] [--representation] [--workers 0]
+       [--methods mean pcgrad mgda] [--representation] [--workers 0] [--architectures hard mmoe]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import benchlib
 
 from distributed_mtml.aggregation import METHODS
+from distributed_mtml.architectures import ARCHITECTURES
 from distributed_mtml.data.generators import make_suite
 from distributed_mtml.report import table
 from distributed_mtml.stats import fmt
@@ -32,17 +38,21 @@ from distributed_mtml.stats import fmt
 REPRESENTATION = " (repr.)"  # a Gram method with aggregation.gradients: representation
 
 
-def _val_loss(suite_dir: str, method: str, seed: int, epochs: int, steps: int, workers: int) -> float:
+def _losses(suite_dir: str, method: str, seed: int, epochs: int, steps: int, workers: int,
+            architecture: str = "hard") -> tuple[float, float]:
+    """(val loss of the kept model, averaged over tasks, as training logged it; its test loss)."""
     name, gradients = (method[: -len(REPRESENTATION)], "representation") if method.endswith(REPRESENTATION) \
         else (method, "parameters")
     cfg = benchlib.config(
         suite={"path": suite_dir},
-        model={"trunk": {"widths": [64, 32]}},
+        model={"trunk": {"widths": [64, 32]}, "architecture": architecture},
         training={"epochs": epochs, "batch_size": 32, "steps_per_epoch": steps, "lr": 0.003, "seed": seed},
         scaling={"num_workers": workers},
         aggregation={"method": name, "gradients": gradients},
     )
-    return benchlib.train(cfg, f"compare-{name}-{gradients}").metrics["val/mean_loss"]
+    metrics = benchlib.train(cfg, f"compare-{architecture}-{name}-{gradients}").metrics
+    test = [v for k, v in metrics.items() if k.startswith("test/") and k.endswith("/loss")]
+    return metrics["val/mean_loss"], sum(test) / len(test)
 
 
 def main() -> None:
@@ -54,29 +64,38 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--workers", type=int, default=2,
                         help="0: local mode, the same updates (the exchange reproduces one process) in a fraction of the time")
+    parser.add_argument("--architectures", nargs="*", default=["hard"], choices=list(ARCHITECTURES))
     parser.add_argument("--representation", action="store_true",
                         help="each Gram method also with aggregation.gradients: representation, beside parameters")
     args = parser.parse_args()
     methods = ["mean", *[m for m in args.methods if m != "mean"]]
     if args.representation:
         methods += [m + REPRESENTATION for m in methods if METHODS[m].kind == "gram" and METHODS[m].needs_exchange]
+    several = len(args.architectures) > 1
+    runs = [(a, m) for a in args.architectures for m in methods]
+    label = {run: f"{run[0]} {run[1]}" if several else run[1] for run in runs}
+    anchor = ("hard" if "hard" in args.architectures else args.architectures[0], "mean")
     rows = []
     for p in args.correlations:
-        losses: dict[str, list[float]] = {m: [] for m in methods}
+        losses: dict[tuple, list[tuple[float, float]]] = {run: [] for run in runs}
         for seed in range(args.seeds):
             suite = os.path.join(benchlib.WORKDIR, f"mmoe-{p}-{seed}")
             make_suite("mmoe", suite, {"tasks": 2, "correlation": p, "features": 16, "sines": 2,
                                        "rows": 1256, "train_rows": 256, "seed": seed})
-            for method in methods:
-                losses[method].append(_val_loss(suite, method, seed, args.epochs, args.steps, args.workers))
-                print(f"[compare] p={p} seed {seed} {method}: val loss {losses[method][-1]:.4f}", flush=True)
-        for method in methods:
-            diff = [a - b for a, b in zip(losses[method], losses["mean"])]
-            wins = sum(d < 0 for d in diff)
-            rows.append([p, method, fmt(losses[method]), "" if method == "mean" else fmt(diff),
-                         "" if method == "mean" else f"{wins}/{len(diff)}"])
+            for run in runs:
+                losses[run].append(_losses(suite, run[1], seed, args.epochs, args.steps, args.workers, run[0]))
+                print(f"[compare] p={p} seed {seed} {label[run]}: val loss {losses[run][-1][0]:.4f}, "
+                      f"test {losses[run][-1][1]:.4f}", flush=True)
+        for run in runs:
+            val, test = ([v[k] for v in losses[run]] for k in (0, 1))
+            diff = [a[0] - b[0] for a, b in zip(losses[run], losses[anchor])]
+            test_diff = [a[1] - b[1] for a, b in zip(losses[run], losses[anchor])]
+            same = run == anchor
+            rows.append([p, label[run], fmt(val), "" if same else fmt(diff), "" if same else f"{sum(d < 0 for d in diff)}/{len(diff)}",
+                         fmt(test), "" if same else fmt(test_diff)])
     print()
-    print(table(["correlation", "method", "val loss (mean +- 95% CI)", "minus mean's (paired)", "seeds better"], rows))
+    print(table(["correlation", "method", "val loss (mean +- 95% CI)", f"minus {label[anchor]}'s (paired)", "seeds better",
+                 "test loss", "test minus (paired)"], rows))
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def _config_cases():
 
     def unknown_architecture(c):  # the valid ones are listed
         return c.train("--set", "model.architecture=moe"), \
-            "key 'model.architecture': Value error, unknown architecture 'moe' (choose from: hard, mmoe, cgc)"
+            "key 'model.architecture': Value error, unknown architecture 'moe' (choose from: hard, mmoe, cgc, ple, cross_stitch)"
 
     def option_of_other_architecture(c):
         c.config["model"] = {"architecture": "mmoe", "task_experts": 2}

@@ -5,6 +5,11 @@
          weighs their outputs for each row (Ma et al., KDD 2018)
   cgc    mmoe's shared experts plus experts of each task's own, its gate over both (Tang et al.,
          RecSys 2020)
+  ple    cgc levels stacked, one per width of `model.trunk.widths`, each expert one layer: a shared
+         path through the shared experts and a path per task through its own and the shared ones
+         (the same article)
+  cross_stitch  a column of the trunk's layers per task, mixed after every layer by a learned
+         tasks x tasks matrix (Misra et al., CVPR 2016)
 
 Every kind has two parts. The shared part (what `models.build_trunk` returns, "the trunk") is on
 every worker and synchronised as the trunk always was: DDP averages its gradients, and the
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
-from distributed_mtml.architectures import cgc, hard, mmoe
+from distributed_mtml.architectures import cgc, cross_stitch, hard, mmoe, ple
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -33,14 +38,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Architecture:
     summary: str
-    shared: Callable[[ModelConfig, int], nn.Module]  # (config, input width) -> the part every worker holds
-    # (config, input width) -> a task's own part, called as part(inputs, shared output); None: the head reads the
-    # shared output as it is
-    task_part: Callable[[ModelConfig, int], nn.Module] | None = None
+    shared: Callable[[ModelConfig, int, int], nn.Module]  # (config, input width, tasks) -> the part every worker holds
+    # (config, input width, the task's index in the suite, tasks) -> a task's own part, called as part(inputs, shared
+    # output); None: the head reads the shared output as it is
+    task_part: Callable[[ModelConfig, int, int, int], nn.Module] | None = None
     # the known tasks' parts -> a part for a task the model was not trained on (a new group), from what they share
     new_task_part: Callable[[list[nn.Module]], nn.Module] | None = None
     params: tuple[str, ...] = ()  # keys of the `model` config section it takes
     meta: bool = False  # whether meta-learning can train it (its loops adapt a trunk and one head)
+    max_tasks: int | None = None  # the most tasks it can take (cross_stitch: a column each)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -49,4 +55,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                          mmoe.task_part, mmoe.new_task_part, params=("experts",)),
     "cgc": Architecture("shared experts plus each task's own, a gate per task over both (Tang et al., RecSys 2020)",
                         mmoe.shared, cgc.task_part, cgc.new_task_part, params=("experts", "task_experts")),
+    "ple": Architecture("cgc levels stacked, one a model.trunk width, shared and task paths (Tang et al., RecSys 2020)",
+                        ple.shared, ple.task_part, ple.new_task_part, params=("experts", "task_experts")),
+    "cross_stitch": Architecture("a column of the trunk's layers per task, mixed after every layer by a learned "
+                                 "tasks x tasks matrix (Misra et al., CVPR 2016)", cross_stitch.shared,
+                                 cross_stitch.task_part, cross_stitch.new_task_part, max_tasks=cross_stitch.MAX_TASKS),
 }

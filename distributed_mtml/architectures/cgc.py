@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distributed_mtml.architectures.mmoe import Experts, Gate
+from distributed_mtml.architectures.mmoe import Gate, experts
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -26,14 +26,21 @@ class OwnAndShared(nn.Module):
 
     def __init__(self, cfg: ModelConfig, in_width: int):
         super().__init__()
-        self.own = Experts(cfg, in_width, cfg.task_experts)
+        self.own = experts(cfg, in_width, cfg.task_experts)
         self.gate = Gate(in_width, cfg.experts + cfg.task_experts, cfg.trunk.widths[-1], cfg.trunk.passthrough)
 
     def forward(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
         return self.gate.mixed(inputs, torch.cat([shared_output, self.own(inputs)], -1))
 
+    def shared_weights(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
+        """What the task draws from each shared expert, then from its own experts together,
+        [rows, shared experts + 1]: the own experts are no other task's, so they are one column."""
+        w = self.gate.weights(inputs)
+        shared = w.shape[-1] - len(self.own.experts)
+        return torch.cat([w[:, :shared], w[:, shared:].sum(-1, keepdim=True)], -1)
 
-def task_part(cfg: ModelConfig, in_width: int) -> OwnAndShared:
+
+def task_part(cfg: ModelConfig, in_width: int, index: int, tasks: int) -> OwnAndShared:
     return OwnAndShared(cfg, in_width)
 
 

@@ -27,6 +27,6 @@ class PassthroughTrunk(nn.Sequential):
         return self[0].in_features
 
 
-def shared(cfg: ModelConfig, in_width: int) -> nn.Sequential:
+def shared(cfg: ModelConfig, in_width: int, tasks: int) -> nn.Sequential:
     layers = mlp(in_width, cfg.trunk.widths, cfg.trunk)
     return PassthroughTrunk(*layers) if cfg.trunk.passthrough else layers

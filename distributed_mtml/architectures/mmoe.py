@@ -23,20 +23,26 @@ if TYPE_CHECKING:
 
 
 class Experts(nn.Module):
-    """Networks of the trunk's shape side by side on the same rows: [rows, count x width]."""
+    """Networks of one output width side by side on the same rows: [rows, count x width]."""
 
     passes_input = 0  # its output holds no column of its input
 
-    def __init__(self, cfg: ModelConfig, in_width: int, count: int):
+    def __init__(self, networks: list[nn.Module]):
         super().__init__()
-        self.experts = nn.ModuleList([mlp(in_width, cfg.trunk.widths, cfg.trunk) for _ in range(count)])
+        self.experts = nn.ModuleList(networks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([expert(x) for expert in self.experts], -1)
 
 
-def shared(cfg: ModelConfig, in_width: int) -> Experts:
-    return Experts(cfg, in_width, cfg.experts)
+def experts(cfg: ModelConfig, in_width: int, count: int, widths: list[int] | None = None) -> Experts:
+    """`count` networks of `widths` (default: the trunk's), each with the trunk's norm,
+    activation and dropout."""
+    return Experts([mlp(in_width, widths or cfg.trunk.widths, cfg.trunk) for _ in range(count)])
+
+
+def shared(cfg: ModelConfig, in_width: int, tasks: int) -> Experts:
+    return experts(cfg, in_width, cfg.experts)
 
 
 class Gate(nn.Module):
@@ -62,8 +68,13 @@ class Gate(nn.Module):
     def forward(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
         return self.mixed(inputs, shared_output)
 
+    def shared_weights(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
+        """What the task draws from each shared expert, [rows, experts]: how tasks relate
+        (`gates.py` compares tasks by it)."""
+        return self.weights(inputs)
 
-def task_part(cfg: ModelConfig, in_width: int) -> Gate:
+
+def task_part(cfg: ModelConfig, in_width: int, index: int, tasks: int) -> Gate:
     return Gate(in_width, cfg.experts, cfg.trunk.widths[-1], cfg.trunk.passthrough)
 
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Callable
 
-from distributed_mtml import per_task, report
+from distributed_mtml import gates, per_task, report
 from distributed_mtml.artifacts import load_model
 from distributed_mtml.config import Config
 from distributed_mtml.model_log import input_example, log_mlflow_model
@@ -30,7 +30,8 @@ def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_di
     example = input_example(plan.suite_dir, plan.features)
     model = retried("the model", lambda: log_mlflow_model(tracker, run_id, checkpoint_dir, example, best_epoch, register))
     # the kept model scored once on the test split: the numbers to report (selection used val only)
-    test = evaluate(load_model(checkpoint_dir)[0], plan.suite_dir, "test", checked=True)
+    kept = load_model(checkpoint_dir)[0]
+    test = evaluate(kept, plan.suite_dir, "test", checked=True)
 
     def baseline() -> None:
         trivial = baseline_metrics(plan.suite_dir, preprocessing=plan.preprocessing,
@@ -45,6 +46,7 @@ def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_di
             c.log_artifacts(run_id, os.path.dirname(plots[0]), "plots")
             if plan.config.relations.enabled:
                 _log_relations(c, run_id, list(plan.train_rows), os.path.join(d, "relations"))
+            _log_learned(c, run_id, kept, plan.suite_dir, [s.name for s in plan.task_shapes()], os.path.join(d, "gates"))
 
     optional_writes(tracker, run_id, {
         "the test metrics": lambda: tracker.log_metrics(run_id, _folded(c, run_id, test, "test", many), step=0,
@@ -115,6 +117,21 @@ def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
         with open(os.path.join(out_dir, f"{kind}.csv"), "w") as f:
             f.write(relations.to_csv(values, order))
         relations.heatmap(values, order, title, os.path.join(out_dir, f"{kind}.png"))
+    c.log_artifacts(run_id, out_dir, "relations")
+
+
+def _log_learned(c, run_id: str, model, suite_dir: str, order: list[str], out_dir: str) -> None:
+    """What the architecture learned of how tasks relate (`gates.py`), under `relations/`: a
+    gated model's weights on its val rows (`gates.csv`, `gate_similarity.csv`, `gates.png`), or
+    cross-stitch's last mixing matrix (`cross_stitch.csv`, `.png`); nothing under `hard`."""
+    matrix = gates.stitch(model)
+    if matrix is not None:
+        gates.write_stitch(matrix, order, out_dir)
+    elif gates.gated(model):
+        weights, names, columns = gates.mean_weights(model, suite_dir, "val")
+        gates.write(weights, names, columns, out_dir)
+    else:
+        return
     c.log_artifacts(run_id, out_dir, "relations")
 
 

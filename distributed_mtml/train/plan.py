@@ -11,6 +11,7 @@ import math
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from distributed_mtml import per_task
+from distributed_mtml.architectures import ARCHITECTURES
 from distributed_mtml.config import Config, config_of_older_plans
 from distributed_mtml.console import say
 from distributed_mtml.data.locate import ensure_suite
@@ -79,6 +80,7 @@ def make_plan(config: Config) -> TrainPlan:
     check_monitor(config, monitor_keys(shapes))
     _warn_if_representation_is_too_narrow(config, len(shapes))
     _check_relations_fit(config, len(shapes))
+    _check_architecture_fits(config, len(shapes))
     place_tasks([t.name for t in spec.tasks], config.scaling.max_workers)  # every worker must own a task
     steps = config.training.steps_per_epoch or math.ceil(max(train_rows.values()) / config.training.batch_size)
     return TrainPlan(
@@ -121,6 +123,14 @@ def _say_unlabelled(scans: dict[str, TaskScan]) -> None:
         said += labelled < total
     if said > UNLABELLED_LINES:
         say(f"[mtml] ... and {said - UNLABELLED_LINES} more tasks with unlabelled rows (`mtml data show` lists them)")
+
+
+def _check_architecture_fits(config: Config, tasks: int) -> None:
+    """An architecture with a part per task (cross_stitch: a column each) takes so many tasks."""
+    most = ARCHITECTURES[config.model.architecture].max_tasks
+    if most is not None and tasks > most:
+        raise InputError(f"model.architecture: {config.model.architecture} takes at most {most} tasks (a column of the "
+                         f"trunk each, every row through all of them); the suite has {tasks}")
 
 
 def _check_relations_fit(config: Config, tasks: int) -> None:
