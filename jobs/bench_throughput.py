@@ -10,7 +10,9 @@ from this one run, as samples/s over all tasks:
   DDP ...           `mtml train` with 2 workers, one thread each, under each setting listed
 
 Ratios: against the all-cores loop (the target) and against the one-core loop (scaling
-efficiency; ideal 2x). Settings that change the optimisation (sync_every: local steps between
+efficiency; ideal 2x). The `mmoe` row has the trunk's parameter count (4 experts of 10-24-50
+and their gates: 6,144 parameters, the trunk 6,150); its loops are the plain trunk's, so set it
+beside the plain DDP row of the same batch. Settings that change the optimisation (sync_every: local steps between
 trunk averages) also print their final validation loss beside plain DDP's.
 Every number is the best of several timed passes/epochs after a warm-up: this machine is noisy.
 
@@ -33,6 +35,8 @@ MODELS = {
         "variants": [
             ("DDP", {}),
             ("DDP sync_every=16", {"training": {"sync_every": 16}}),
+            # 4 experts of 10-24-50 and their gates hold 6,144 parameters, the 10-100-50 trunk 6,150
+            ("DDP mmoe, 4 experts 24-50", {"model": {"architecture": "mmoe", "experts": 4, "trunk": {"widths": [24, 50]}}}),
             ("DDP", {"training": {"batch_size": 512}}),
             ("DDP sync_every=4", {"training": {"batch_size": 512, "sync_every": 4}}),
             ("DDP sync_every=16", {"training": {"batch_size": 512, "sync_every": 16}}),
