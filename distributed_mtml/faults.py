@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from distributed_mtml.segments import in_suite_order
+
 FAULT_ENV = "MTML_FAULT"
 KINDS = ("sigkill", "exit", "nan", "slow")
 SLOW_STEP_S = 0.05
@@ -107,9 +109,7 @@ class FiniteLossGuard:
     def raise_if_diverged(self, world: int, place: Callable[[int], str]) -> None:
         """Raises on every rank if any task of the suite diverged since the last call (`place`
         turns the step into words: 'epoch 3, step 17'); resets otherwise."""
-        first = torch.full((len(self.order),), self.never, dtype=torch.int64, device=self.first.device)
-        places = {name: i for i, name in enumerate(self.order)}
-        first[torch.tensor([places[n] for n in self.owned], device=first.device)] = self.first
+        first = in_suite_order(self.first, self.owned, self.order, self.never)
         if world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         step = int(first.min())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -26,3 +27,8 @@ def mlp(in_width: int, widths: list[int], cfg: TrunkConfig) -> nn.Sequential:
             layers.append(nn.Dropout(cfg.dropout))
         in_width = width
     return nn.Sequential(*layers)
+
+
+def with_input(features: torch.Tensor, inputs: torch.Tensor, passthrough: bool) -> torch.Tensor:
+    """What a head reads: `features`, then the input itself where `model.trunk.passthrough` is on."""
+    return torch.cat([features, inputs.to(features.dtype)], -1) if passthrough else features

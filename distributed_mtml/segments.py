@@ -25,3 +25,12 @@ def segment_means(values: torch.Tensor, tasks: torch.Tensor, sizes: list[int]) -
     """Each task's mean of its rows' `values` (`tasks` from `row_tasks`): [len(sizes)]."""
     totals = torch.zeros(len(sizes), dtype=values.dtype, device=values.device).index_add(0, tasks, values)
     return totals / torch.tensor(sizes, dtype=values.dtype, device=values.device)
+
+
+def in_suite_order(values: torch.Tensor, owned: list[str], order: list[str], fill: float) -> torch.Tensor:
+    """`values` of the `owned` tasks (in that order) at their places in the suite's `order`,
+    `fill` elsewhere: a rank's share of a suite-wide vector that one all-reduce completes."""
+    out = torch.full((len(order),), fill, dtype=values.dtype, device=values.device)
+    places = {name: i for i, name in enumerate(order)}
+    out[torch.tensor([places[name] for name in owned], device=values.device)] = values
+    return out

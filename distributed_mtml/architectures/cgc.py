@@ -35,9 +35,7 @@ class OwnAndShared(nn.Module):
     def shared_weights(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
         """What the task draws from each shared expert, then from its own experts together,
         [rows, shared experts + 1]: the own experts are no other task's, so they are one column."""
-        w = self.gate.weights(inputs)
-        shared = w.shape[-1] - len(self.own.experts)
-        return torch.cat([w[:, :shared], w[:, shared:].sum(-1, keepdim=True)], -1)
+        return self.gate.with_own_column(inputs, len(self.own.experts))
 
 
 def task_part(cfg: ModelConfig, in_width: int, index: int, tasks: int) -> OwnAndShared:
@@ -48,9 +46,4 @@ def new_task_part(known: list[OwnAndShared]) -> Gate:
     """A task the model was not trained on has no experts of its own: it reads the shared ones,
     weighed by the known tasks' gates' rows for them, averaged."""
     first = known[0].gate
-    shared = first.count - len(known[0].own.experts)
-    gate = Gate(first.gate.in_features, shared, first.width, first.passthrough)
-    with torch.no_grad():
-        gate.gate.weight.copy_(torch.stack([k.gate.gate.weight[:shared] for k in known]).mean(0))
-        gate.gate.bias.copy_(torch.stack([k.gate.gate.bias[:shared] for k in known]).mean(0))
-    return gate
+    return Gate.averaged([k.gate for k in known], first.count - len(known[0].own.experts), first.passthrough)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distributed_mtml.layers import mlp
+from distributed_mtml.layers import mlp, with_input
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -69,7 +69,7 @@ class Column(nn.Module):
     def forward(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
         columns = shared_output.view(len(shared_output), self.tasks, self.width)
         own = columns.mean(1) if self.index is None else columns[:, self.index]  # a new task: their mean
-        return torch.cat([own, inputs.to(own.dtype)], -1) if self.passthrough else own
+        return with_input(own, inputs, self.passthrough)
 
 
 def task_part(cfg: ModelConfig, in_width: int, index: int, tasks: int) -> Column:

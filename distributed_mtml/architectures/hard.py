@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distributed_mtml.layers import mlp
+from distributed_mtml.layers import mlp, with_input
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -18,8 +18,7 @@ class PassthroughTrunk(nn.Sequential):
     Sequential of the same layers, so its state dict and layer list are a plain trunk's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = super().forward(x)
-        return torch.cat([features, x.to(features.dtype)], -1)
+        return with_input(super().forward(x), x, True)
 
     @property
     def passes_input(self) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distributed_mtml.layers import mlp
+from distributed_mtml.layers import mlp, with_input
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -63,7 +63,7 @@ class Gate(nn.Module):
         """`outputs` [rows, count x width], weighted by the gate: [rows, width] (and the input)."""
         w = self.weights(inputs).to(outputs.dtype)
         mixed = torch.bmm(w.unsqueeze(1), outputs.view(len(outputs), self.count, self.width)).squeeze(1)
-        return torch.cat([mixed, inputs.to(mixed.dtype)], -1) if self.passthrough else mixed
+        return with_input(mixed, inputs, self.passthrough)
 
     def forward(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
         return self.mixed(inputs, shared_output)
@@ -73,18 +73,29 @@ class Gate(nn.Module):
         (`gates.py` compares tasks by it)."""
         return self.weights(inputs)
 
+    def with_own_column(self, inputs: torch.Tensor, own: int) -> torch.Tensor:
+        """The weights with the last `own` experts (a task's own, no other task's) as one column:
+        [rows, shared experts + 1], what `gates.py` compares tasks by under cgc and ple."""
+        w = self.weights(inputs)
+        return torch.cat([w[:, : self.count - own], w[:, self.count - own :].sum(-1, keepdim=True)], -1)
+
+    @classmethod
+    def averaged(cls, gates: list["Gate"], count: int, passthrough: bool) -> "Gate":
+        """A gate over the first `count` experts whose logits are the mean of `gates`' for them
+        (logits linear in the input: the mean of the weights and biases): a new task's, from
+        what the known tasks' gates have in common, as a shared head with zero offsets is."""
+        first = gates[0]
+        gate = cls(first.gate.in_features, count, first.width, passthrough)
+        with torch.no_grad():
+            gate.gate.weight.copy_(torch.stack([g.gate.weight[:count] for g in gates]).mean(0))
+            gate.gate.bias.copy_(torch.stack([g.gate.bias[:count] for g in gates]).mean(0))
+        return gate
+
 
 def task_part(cfg: ModelConfig, in_width: int, index: int, tasks: int) -> Gate:
     return Gate(in_width, cfg.experts, cfg.trunk.widths[-1], cfg.trunk.passthrough)
 
 
 def new_task_part(known: list[Gate]) -> Gate:
-    """A task the model was not trained on: the known tasks' gates averaged (logits linear in
-    the input, so this is the mean of their logits), what they have in common, as a shared head
-    with zero offsets is for the heads."""
-    first = known[0]
-    gate = Gate(first.gate.in_features, first.count, first.width, first.passthrough)
-    with torch.no_grad():
-        gate.gate.weight.copy_(torch.stack([g.gate.weight for g in known]).mean(0))
-        gate.gate.bias.copy_(torch.stack([g.gate.bias for g in known]).mean(0))
-    return gate
+    """A task the model was not trained on: the known tasks' gates averaged."""
+    return Gate.averaged(known, known[0].count, known[0].passthrough)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from distributed_mtml.architectures.mmoe import Gate, experts
+from distributed_mtml.layers import with_input
 
 if TYPE_CHECKING:
     from distributed_mtml.config import ModelConfig
@@ -64,22 +65,21 @@ class TaskLevels(nn.Module):
         self.sizes = [shared * w for w in widths]  # each level's columns of the shared output
         self.passthrough = cfg.trunk.passthrough
 
-    def forward(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
+    def _path(self, inputs: torch.Tensor, shared_output: torch.Tensor, levels: int) -> torch.Tensor:
+        """The task's path through its first `levels` levels."""
         path = inputs
-        for own, gate, theirs in zip(self.own, self.gates, shared_output.split(self.sizes, -1)):
+        for own, gate, theirs in list(zip(self.own, self.gates, shared_output.split(self.sizes, -1)))[:levels]:
             path = gate.mixed(path, torch.cat([theirs, own(path)], -1))
-        return torch.cat([path, inputs.to(path.dtype)], -1) if self.passthrough else path
+        return path
+
+    def forward(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
+        return with_input(self._path(inputs, shared_output, len(self.gates)), inputs, self.passthrough)
 
     def shared_weights(self, inputs: torch.Tensor, shared_output: torch.Tensor) -> torch.Tensor:
         """What the task draws from each shared expert of the last level, then from its own
         there together (as `cgc`'s): [rows, shared experts + 1]."""
-        levels = list(zip(self.own, self.gates, shared_output.split(self.sizes, -1)))
-        path = inputs
-        for own, gate, theirs in levels[:-1]:
-            path = gate.mixed(path, torch.cat([theirs, own(path)], -1))
-        w = self.gates[-1].weights(path)
-        shared = w.shape[-1] - len(self.own[-1].experts)
-        return torch.cat([w[:, :shared], w[:, shared:].sum(-1, keepdim=True)], -1)
+        path = self._path(inputs, shared_output, len(self.gates) - 1)
+        return self.gates[-1].with_own_column(path, len(self.own[-1].experts))
 
 
 def task_part(cfg: ModelConfig, in_width: int, index: int, tasks: int) -> TaskLevels:
@@ -99,17 +99,11 @@ class SharedPath(nn.Module):
         path = inputs
         for gate, theirs in zip(self.gates, shared_output.split(self.sizes, -1)):
             path = gate.mixed(path, theirs)
-        return torch.cat([path, inputs.to(path.dtype)], -1) if self.passthrough else path
+        return with_input(path, inputs, self.passthrough)
 
 
 def new_task_part(known: list[TaskLevels]) -> SharedPath:
     first = known[0]
-    gates = []
-    for level, gate in enumerate(first.gates):
-        shared = gate.count - len(first.own[level].experts)
-        average = Gate(gate.gate.in_features, shared, gate.width, False)
-        with torch.no_grad():
-            average.gate.weight.copy_(torch.stack([k.gates[level].gate.weight[:shared] for k in known]).mean(0))
-            average.gate.bias.copy_(torch.stack([k.gates[level].gate.bias[:shared] for k in known]).mean(0))
-        gates.append(average)
+    gates = [Gate.averaged([k.gates[level] for k in known], gate.count - len(first.own[level].experts), False)
+             for level, gate in enumerate(first.gates)]
     return SharedPath(gates, first.sizes, first.passthrough)

@@ -38,6 +38,7 @@ from distributed_mtml.runtime import local
 from distributed_mtml.runtime.checkpoint import plan_text
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer
+from distributed_mtml.segments import in_suite_order
 from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
 from distributed_mtml.train.plan import TrainPlan
 from distributed_mtml.train.step import TaskBatches, epochs, multitask_step
@@ -109,9 +110,7 @@ def _suite_losses(sums: torch.Tensor, mine: list[str], order: list[str], steps: 
     """Every task's mean training loss this epoch, [K] in suite order, the same on every rank:
     each rank fills the tasks it owns (`sums`, in the order of `mine`) and one all-reduce sums
     the disjoint entries."""
-    out = torch.zeros(len(order), dtype=torch.float64, device=sums.device)
-    places = {n: i for i, n in enumerate(order)}
-    out[torch.tensor([places[n] for n in mine], device=sums.device)] = sums.double() / steps
+    out = in_suite_order(sums.double() / steps, mine, order, 0.0)
     if world > 1:
         dist.all_reduce(out)
     return out.cpu()
