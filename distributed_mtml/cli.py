@@ -102,11 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev)
     for name, text, func in [
             ("transfer", "carry a trained model to a target task with every configured strategy", cmd_transfer),
-            ("tune", "Ray Tune search over transfer strategies, then repeats with confidence intervals", cmd_tune)]:
+            ("tune", "Ray Tune search over the training (a config with search:) or over transfer strategies, then "
+                     "repeats of the best with confidence intervals", cmd_tune)]:
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
         p.add_argument("--config", required=True)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+        if name == "tune":
+            p.add_argument("--resume", action="store_true", help="a training search: continue the newest unfinished one "
+                                                                 "of this config")
+            p.add_argument("--register", metavar="NAME", help="a training search: make the best repeat's model a "
+                                                              "version of this registered model")
         _add_common(p)
     _add_model_commands(sub)
     aff = sub.add_parser("affinity", help="task-affinity matrix of a run and the best groupings")
@@ -377,11 +383,34 @@ def cmd_tune(args) -> int:
 
     config, run_name = _load_run_config(args, args.config, args.set)
     tracker = _tracker(args, config)
+    if config.search is not None:
+        return _tune_training(args, config, run_name, tracker)
+    if args.resume or args.register:
+        raise InputError(f"{args.config}: --resume and --register are for a training search (a config with search:)")
     parent, header, rows, best = run_tune(config, tracker, run_name, args.address)
     print(table(header, rows))
     print(f"\nbest by validation: {best} (tagged mtml.best_strategy on parent run {parent} in experiment "
           f"'{config.tracking.transfer_experiment_name()}'); mlflow ui --backend-store-uri {tracker}")
     return EXIT_OK
+
+
+def _tune_training(args, config: Config, run_name: str, tracker: Tracker) -> int:
+    from distributed_mtml.report import table
+    from distributed_mtml.search import summary
+    from distributed_mtml.search.run import run_search
+
+    parent, rows, best = run_search(config, args.config, tracker, run_name, args.address, args.register, args.resume)
+    print(table(summary.HEADER, [[_cell(v) for v in row] for row in rows]))
+    print(f"\nbest by validation: {best}; its repeats' test numbers are the ones to report. Parent run {parent} in "
+          f"experiment '{config.tracking.experiment}' (search/results.csv, the best repeat's model): "
+          f"mlflow ui --backend-store-uri {tracker}")
+    return EXIT_OK
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return str(value)
 
 
 def _check_relations_logged(c, run_id: str, tracker: Tracker) -> None:

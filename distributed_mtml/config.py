@@ -399,14 +399,26 @@ class TransferConfig(_Section):
 
 
 class TuneSection(_Section):
-    num_samples: int = Field(4, ge=1, description="sampled settings per strategy in the search")
-    repeats: int = Field(3, ge=1, description="seeds x K-shot resamples of each strategy's best setting")
+    num_samples: int = Field(4, ge=1, description="sampled settings per strategy (a training search: in all, or per grid point)")
+    repeats: int = Field(3, ge=1, description="seeds (transfer: and K-shot resamples) of the best setting, the reported runs")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: fitted to the cluster's CPUs")
     cpus_per_trial: float = Field(0.5, gt=0, description="a trial trains in its own process with this CPU share")
     workers_per_trial: int = Field(
         1, ge=1, description="> 1: each trial is a TorchTrainer of this many workers (DDP over the K rows), for large targets"
     )
-    grace_period: int = Field(2, ge=1, description="ASHA: evaluations before a trial may be stopped")
+    grace_period: int = Field(2, ge=1, description="ASHA: evaluations (a training search: epochs) before a trial may be stopped")
+
+
+class SearchSection(_Section):
+    """`mtml tune` over the training itself (`search/`): which config keys vary and how."""
+
+    algorithm: Literal["random", "optuna"] = Field(
+        "random", description="random: Tune's sampling of the space; optuna: Optuna's TPE through Tune (pip extra 'search')"
+    )
+    space: dict[str, Any] = Field(
+        min_length=1, description="config key -> a Tune domain, e.g. training.lr: {loguniform: [1e-4, 1e-2]}; kinds: "
+                                  "choice, grid, uniform, loguniform, randint"
+    )
 
 
 class Config(_Section):
@@ -437,6 +449,7 @@ class Config(_Section):
     meta: MetaConfig = Field(default_factory=MetaConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
+    search: SearchSection | None = None
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -70,10 +70,56 @@ def mean_weights(model: MultiTaskModel, suite_dir: str, split: str = "val") -> t
     return weights, names, [f"expert {e + 1}" for e in range(experts)] + ([OWN] if own else [])
 
 
+def key_name(column: str) -> str:
+    """A column as the last part of a metric key: `expert 1` -> `expert_1`, a source task's
+    name without '/' (the per-task tables read a key's last part as its metric)."""
+    return column.replace(" ", "_").replace("/", "_")
+
+
+def epoch_metrics(trunk: torch.nn.Module, modules: torch.nn.ModuleDict, inputs: dict[str, torch.Tensor],
+                  order: list[str]) -> dict[str, float]:
+    """What the architecture learned so far, each epoch, for the tasks in `inputs` (their val
+    features, on the worker that owns them): `gates/<task>/<column>`, its mean gate weights
+    over those rows (gated kinds; columns as `mean_weights` names them), or
+    `cross_stitch/<task>/from_<source>`, its row of the last mixing matrix (`order`: the
+    suite's tasks, the matrix's columns). Per-task keys: with
+    many tasks they go to the per-epoch tables (`per_task`)."""
+    out: dict[str, float] = {}
+    stitches = getattr(trunk, "stitches", None)
+    with torch.no_grad():
+        for name, x in inputs.items():
+            mix = modules[name].mix
+            if not len(x):
+                continue
+            if stitches is not None and getattr(mix, "index", None) is not None:
+                row = stitches[-1][mix.index].double().cpu().tolist()
+                out.update({f"cross_stitch/{name}/from_{key_name(source)}": v for source, v in zip(order, row)})
+            elif hasattr(mix, "shared_weights"):
+                adapted = modules[name].adapter(x)
+                w = mix.shared_weights(adapted, trunk(adapted)).double().mean(0).cpu().tolist()
+                own = hasattr(mix, "own")
+                names = [f"expert {e + 1}" for e in range(len(w) - int(own))] + ([OWN] if own else [])
+                out.update({f"gates/{name}/{key_name(c)}": v for c, v in zip(names, w)})
+    return out
+
+
 def similarity(weights: np.ndarray) -> np.ndarray:
     """[tasks, tasks]: the Bhattacharyya coefficient of every pair of tasks' mean weights."""
     root = np.sqrt(np.clip(weights, 0, None))
     return root @ root.T
+
+
+def similarity_by_epoch(history: dict[str, dict[int, float]], names: list[str], columns: list[str]) -> list[str]:
+    """The lines of `gate_similarity_by_epoch.csv` (epoch, task, other task, similarity; each
+    pair once) from the logged `gates/<task>/<column>` histories (`history`: key -> step ->
+    value); the epochs where a task's weights are missing are left out."""
+    steps = sorted(set.intersection(*(set(h) for h in history.values()))) if history else []
+    lines = ["epoch,task,other,similarity\n"]
+    for step in steps:
+        weights = np.array([[history[f"gates/{n}/{key_name(c)}"][step] for c in columns] for n in names])
+        alike = similarity(weights)
+        lines += [f"{step},{a},{b},{alike[i, j]:.6g}\n" for i, a in enumerate(names) for j, b in enumerate(names) if i < j]
+    return lines
 
 
 SIMILAR_UP_TO = 200  # tasks up to which the task x task similarity is written and drawn (10,000 tasks: 10^8 cells)

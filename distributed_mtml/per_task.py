@@ -19,7 +19,7 @@ import numpy as np
 
 from distributed_mtml.metrics import METRICS
 
-PREFIXES = ("baseline/val/", "baseline/test/", "train/", "val/", "test/", "aggregation/")  # longest first
+PREFIXES = ("baseline/val/", "baseline/test/", "cross_stitch/", "aggregation/", "train/", "gates/", "val/", "test/")
 STATS = ("mean", "median", "p10", "p90", "worst")
 HIGHER_IS_BETTER = ("accuracy", "auc", "r2")
 TABLE_DIR = "per_task"

@@ -163,6 +163,10 @@ def test_a_gated_run_keeps_a_model_that_scores_as_it_did_in_training_and_logs_it
         weights = pd.read_csv(tracker.client().download_artifacts(outcome.run_id, "relations/gates.csv", d))
     assert len(weights) == 8 and list(weights.columns)[-1] == "own experts"
     assert weights.drop(columns="task").sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
+    for _, row in weights.iterrows():  # each epoch's weights are logged; the kept epoch's are the model's
+        for column in ("expert 1", "expert 2", "own experts"):
+            key = f"gates/{row['task']}/{column.replace(' ', '_')}"
+            assert outcome.kept[key] == pytest.approx(row[column], abs=1e-5), key
     capsys.readouterr()
     assert main(["affinity", "--run", outcome.run_id, "--tracking-uri", tracker.uri]) == 0
     assert "rank correlation with TAG affinity (both directions averaged), over 28 pairs" in capsys.readouterr().out
@@ -229,3 +233,41 @@ def test_gate_similarity_is_one_for_the_same_weights_and_its_tables_and_figure_a
     same = np.array([[0, 1, 2, 3], [1, 0, 4, 5], [2, 4, 0, 6], [3, 5, 6, 0]], dtype=float)  # TAG affinity, symmetric
     assert gates.agreement(same, list("abcd"), same / 10, list("abcd")) == (1.0, 6)
     assert gates.agreement(same, list("abcd"), -same, list("dcba")[::-1]) == (-1.0, 6)
+
+
+@pytest.mark.parametrize("architecture", ["mmoe", "cgc", "ple", "cross_stitch", "hard"])
+def test_each_epoch_logs_what_a_task_draws_on_as_its_own_keys(architecture):
+    """Gated kinds: a task's mean gate weights over its rows, summing to 1, as `mean_weights`
+    gives them; cross-stitch: the task's row of the last mixing matrix; hard: nothing."""
+    from distributed_mtml import gates
+
+    model = _model(architecture, **({"experts": 3} if architecture in ("mmoe", "cgc", "ple") else {}))
+    _scramble_gates(model)
+    inputs = {n: x for n, (x, _) in _batches().items() if n != "c"}
+    got = gates.epoch_metrics(model.trunk, model.task_modules, inputs, ["a", "b", "c"])
+    if architecture == "hard":
+        assert got == {}
+    elif architecture == "cross_stitch":
+        with torch.no_grad():
+            model.trunk.stitches[-1].copy_(torch.arange(9.0).view(3, 3))
+        got = gates.epoch_metrics(model.trunk, model.task_modules, inputs, ["a", "b", "c"])
+        assert got == {f"cross_stitch/{t}/from_{s}": float(3 * i + j) for i, t in enumerate("ab")
+                       for j, s in enumerate("abc")}
+    else:
+        columns = ["expert_1", "expert_2", "expert_3"] + ([] if architecture == "mmoe" else ["own_experts"])
+        assert sorted(got) == sorted(f"gates/{t}/{c}" for t in "ab" for c in columns)
+        for task, (x, _) in _batches().items():
+            if task in inputs:
+                z = model.task_modules[task].adapter(x)
+                by_hand = model.task_modules[task].mix.shared_weights(z, model.trunk(z)).mean(0)
+                assert [got[f"gates/{task}/{c}"] for c in columns] == pytest.approx(by_hand.tolist(), abs=1e-6)
+                assert sum(got[f"gates/{task}/{c}"] for c in columns) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_similarity_of_every_epoch_comes_from_the_logged_weights():
+    from distributed_mtml import gates
+
+    history = {"gates/a/expert_1": {0: 1.0, 1: 0.5, 2: 0.2}, "gates/a/expert_2": {0: 0.0, 1: 0.5, 2: 0.8},
+               "gates/b/expert_1": {0: 0.0, 1: 0.5}, "gates/b/expert_2": {0: 1.0, 1: 0.5}}
+    lines = gates.similarity_by_epoch(history, ["a", "b"], ["expert 1", "expert 2"])
+    assert lines == ["epoch,task,other,similarity\n", "0,a,b,0\n", "1,a,b,1\n"]  # epoch 2: b's weights are missing

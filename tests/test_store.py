@@ -53,3 +53,24 @@ def test_a_file_that_is_not_a_store_is_refused_naming_it(tmp_path):
     path = tmp_path / "mlflow.db"
     path.write_text("not a database, but notes someone kept here\n" * 100)
     assert store.schema_problem(str(path)).startswith(f"{path}: not an MLflow store SQLite can read")
+
+
+def test_a_new_store_is_a_copy_of_the_cached_template_with_its_own_default_experiment(tmp_path, monkeypatch):
+    """The template holds no experiment: MLflow adds its default one on first open, with the
+    artifact place it would have given a store migrated here. A broken template is made again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    made = store.template()
+    assert made.startswith(str(tmp_path / "cache" / "distributed_mtml"))
+    assert store.schema_problem(made) is None
+    with sqlite3.connect(made) as db:
+        assert db.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    uri = f"sqlite:///{tmp_path}/work/mlflow.db"
+    default = Tracker(uri).client().get_experiment("0")
+    assert (default.name, default.artifact_location) == ("Default", str(tmp_path / "work" / "mlruns" / "0"))
+    Tracker(uri).create_run("e", "first", {}, {})
+    assert store.schema_problem(str(tmp_path / "work" / "mlflow.db")) is None
+    with open(made, "w") as f:
+        f.write("a template cut short by a full disk")
+    assert store.template() == made and store.schema_problem(made) is None

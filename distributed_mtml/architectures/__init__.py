@@ -47,17 +47,23 @@ class Architecture:
     params: tuple[str, ...] = ()  # keys of the `model` config section it takes
     meta: bool = False  # whether meta-learning can train it (its loops adapt a trunk and one head)
     max_tasks: int | None = None  # the most tasks it can take (cross_stitch: a column each)
+    # (config, tasks) -> the metric keys a task adds each epoch for what it learned of the others (`gates.epoch_metrics`)
+    relation_keys: Callable[[ModelConfig, int], int] = lambda cfg, tasks: 0
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "hard": Architecture("one trunk shared by every task (hard parameter sharing)", hard.shared, meta=True),
     "mmoe": Architecture("shared experts and a softmax gate per task over them (Ma et al., KDD 2018)", mmoe.shared,
-                         mmoe.task_part, mmoe.new_task_part, params=("experts",)),
+                         mmoe.task_part, mmoe.new_task_part, params=("experts",),
+                         relation_keys=lambda cfg, tasks: cfg.experts),
     "cgc": Architecture("shared experts plus each task's own, a gate per task over both (Tang et al., RecSys 2020)",
-                        mmoe.shared, cgc.task_part, cgc.new_task_part, params=("experts", "task_experts")),
+                        mmoe.shared, cgc.task_part, cgc.new_task_part, params=("experts", "task_experts"),
+                        relation_keys=lambda cfg, tasks: cfg.experts + 1),
     "ple": Architecture("cgc levels stacked, one a model.trunk width, shared and task paths (Tang et al., RecSys 2020)",
-                        ple.shared, ple.task_part, ple.new_task_part, params=("experts", "task_experts")),
+                        ple.shared, ple.task_part, ple.new_task_part, params=("experts", "task_experts"),
+                        relation_keys=lambda cfg, tasks: cfg.experts + 1),
     "cross_stitch": Architecture("a column of the trunk's layers per task, mixed after every layer by a learned "
                                  "tasks x tasks matrix (Misra et al., CVPR 2016)", cross_stitch.shared,
-                                 cross_stitch.task_part, cross_stitch.new_task_part, max_tasks=cross_stitch.MAX_TASKS),
+                                 cross_stitch.task_part, cross_stitch.new_task_part, max_tasks=cross_stitch.MAX_TASKS,
+                                 relation_keys=lambda cfg, tasks: tasks),
 }

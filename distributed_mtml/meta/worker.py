@@ -15,8 +15,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import ray.train
-import ray.train.torch
 import torch
 
 from distributed_mtml import compat
@@ -97,11 +95,10 @@ class MetaWorker:
         plan = MetaPlan.model_validate(payload)
         compat.quiet_ray_train_report_log()
         cfg, meta, seed = plan.config, plan.config.meta, plan.config.training.seed
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        rank, world = local.rank_and_world()
         if not cfg.scaling.local:  # local mode: the command's process keeps its threads
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-        device = ray.train.torch.get_device()
+        device = local.device()
         train_source, val_source = _sources(plan, rank, world)
         learner = build_learner(payload).to(device)
         optimizer = make_optimizer(meta.outer_optimizer, list(learner.parameters()), meta.outer_lr, weight_decay=0.0)

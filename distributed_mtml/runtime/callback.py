@@ -13,7 +13,7 @@ import logging
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray.train import UserCallback
 
@@ -146,9 +146,9 @@ class MLflowMetricsCallback(UserCallback):
     `MetricSpool` and sent before the next one; the driver sends what is left at the end."""
 
     def __init__(self, tracker: Tracker, run_id: str, epochs: int, counter: str, max_failures: int, spool: str,
-                 terminal: str | None = None, fold: bool = False):
+                 terminal: str | None = None, fold: bool = False, on_epoch: Callable[[dict], None] | None = None):
         self.tracker, self.run_id, self.epochs, self.counter, self.terminal = tracker, run_id, epochs, counter, terminal
-        self.fold = fold
+        self.fold, self.on_epoch = fold, on_epoch  # on_epoch: rank 0's metrics of each epoch (a search trial's report)
         self.max_failures, self.failures, self.next_step = max_failures, 0, 0
         self.spool = MetricSpool(spool)
         self.phases: list[dict] = []
@@ -161,6 +161,8 @@ class MLflowMetricsCallback(UserCallback):
         for covered in zip(*per_rank):
             epoch, merged = merge_worker_metrics(list(covered), self.counter)
             self._log(self._folded(merged, epoch), epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(covered[0])
         self.next_step = epoch + 1
         say(progress_line(epoch, self.epochs, merged, self.counter), self.terminal)
 

@@ -9,6 +9,7 @@ calls `launch`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,6 +47,10 @@ class RunSpec:
     log_artifacts: Callable[[Tracker, str, str, int], None]  # (tracker, run id, kept checkpoint dir, its step)
     datasets: dict[str, Callable] = field(default_factory=dict)  # name -> a function making a Ray dataset
     fold_task_metrics: bool = False  # per-task metrics as summaries and tables (`per_task`)
+    # a run inside a search (`search/`): (run id, rank 0's metrics of an epoch) in local mode, where the
+    # callback runs in this process; and (run id) -> more Ray Train callbacks for the workers' reports
+    on_epoch: Callable[[str, dict], None] | None = None
+    train_callbacks: Callable[[str], list] | None = None
 
 def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resume: bool,
            address: str | None) -> TrainOutcome:
@@ -60,8 +65,10 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
     run_id, ray_name = start_or_resume_run(config, tracker, run_name, resume, spec.tags, spec.plan_params)
     spool = spool_path(config.checkpoint.resolved_dir(), ray_name)
     terminal = None if config.scaling.local else f"mtml-console-{ray_name}"  # local: this process prints
+    on_epoch = functools.partial(spec.on_epoch, run_id) if spec.on_epoch and config.scaling.local else None
     callback = MLflowMetricsCallback(tracker, run_id, spec.total, spec.counter, config.checkpoint.max_failures,
-                                     spool, terminal, spec.fold_task_metrics)
+                                     spool, terminal, spec.fold_task_metrics, on_epoch)
+    more = spec.train_callbacks(run_id) if spec.train_callbacks else []
     with tracker.final_status(run_id):
         if config.scaling.local:
             result = fit_local(spec.loop, spec.payload, spec.datasets, config, ray_name, callback, address)
@@ -69,8 +76,8 @@ def launch(config: Config, run_name: str, spec: RunSpec, tracker: Tracker, resum
             ensure_ray(address)
             wait_for_resources(config, bool(spec.datasets))
             with console.relay(terminal):
-                result = fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal, spec.datasets),
-                              config, ray_name, bool(spec.datasets))
+                result = fit(make_trainer(spec.loop, spec.payload, config, ray_name, callback, terminal, spec.datasets,
+                                          more), config, ray_name, bool(spec.datasets))
         send_kept_metrics(tracker, run_id, spool, result.checkpoint.path)
         kept, kept_metrics = best_checkpoint(result, config.checkpoint.mode)
         best_step = log_kept(tracker, run_id, config, spec.counter, result.metrics, kept_metrics)

@@ -94,6 +94,29 @@ class LocalRun:
         return SimpleNamespace(metrics=self.last_metrics, checkpoint=self.latest(), best_checkpoints=best)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this worker's rank, the group's size) from Ray Train's context, or (0, 1) in a local
+    run: inside a Tune trial (a training search), Ray Train's context is Tune's to give."""
+    if _active is not None:
+        return 0, 1
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def device():
+    """`ray.train.torch.get_device()`, or in a local run what it gives a process Ray assigned no
+    GPU: the first GPU where there is one, else the CPU."""
+    import torch
+
+    if _active is not None:
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
 def report(metrics: dict, checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
     """`ray.train.report`, or the active local run's."""
     if _active is not None:

@@ -18,11 +18,11 @@ from distributed_mtml.runtime.monitor import SCORE
 
 
 def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, terminal: str,
-                 datasets: dict[str, Callable] | None = None):
+                 datasets: dict[str, Callable] | None = None, more_callbacks: list | None = None):
     """A TorchTrainer with the config's scaling, storage, failure and checkpoint settings; its
     workers say their lines through the console actor `terminal`. `datasets` (streamed tasks'
     Ray datasets, built in the controller) go to every worker unsplit: each is read only by the
-    rank that owns its task, whole."""
+    rank that owns its task, whole. `more_callbacks`: a search trial's report to Tune."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -43,7 +43,7 @@ def make_trainer(loop, payload: dict, cfg: Config, ray_name: str, callback, term
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.num_to_keep, checkpoint_score_attribute=SCORE,
                 checkpoint_score_order=cfg.checkpoint.mode),
-            callbacks=[callback] if callback is not None else [],
+            callbacks=([callback] if callback is not None else []) + (more_callbacks or []),
             worker_runtime_env={"env_vars": {**faults.fault_env(), console.ENV: terminal,
                                              **(compat.system_arrow_pool() if datasets else {})}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),

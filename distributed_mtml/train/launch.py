@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from distributed_mtml import gates, per_task, report
 from distributed_mtml.artifacts import load_model
@@ -15,6 +15,9 @@ from distributed_mtml.runtime.driver import RunSpec, TrainOutcome, launch
 from distributed_mtml.runtime.mlflow_run import log_run_files, optional_writes, retried
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.train.plan import TrainPlan, make_plan
+
+if TYPE_CHECKING:
+    from distributed_mtml.search.trial import TrialRole
 
 
 def _log_artifacts(plan: TrainPlan, tracker: Tracker, run_id: str, checkpoint_dir: str, best_epoch: int,
@@ -122,14 +125,21 @@ def _log_relations(c, run_id: str, order: list[str], out_dir: str) -> None:
 
 def _log_learned(c, run_id: str, model, suite_dir: str, order: list[str], out_dir: str) -> None:
     """What the architecture learned of how tasks relate (`gates.py`), under `relations/`: a
-    gated model's weights on its val rows (`gates.csv`, `gate_similarity.csv`, `gates.png`), or
-    cross-stitch's last mixing matrix (`cross_stitch.csv`, `.png`); nothing under `hard`."""
+    gated model's weights on its val rows (`gates.csv`, `gate_similarity.csv`, `gates.png`) and
+    the similarity at every epoch from the weights logged each epoch, or cross-stitch's last
+    mixing matrix (`cross_stitch.csv`, `.png`; its rows each epoch are metrics); nothing under `hard`."""
     matrix = gates.stitch(model)
     if matrix is not None:
         gates.write_stitch(matrix, order, out_dir)
     elif gates.gated(model):
         weights, names, columns = gates.mean_weights(model, suite_dir, "val")
         gates.write(weights, names, columns, out_dir)
+        if len(names) <= gates.SIMILAR_UP_TO:  # each epoch's, from the logged weights (none when tables hold them)
+            keys = [f"gates/{n}/{gates.key_name(col)}" for n in names for col in columns]
+            history = {k: {m.step: m.value for m in c.get_metric_history(run_id, k)} for k in keys}
+            if all(history.values()):
+                with open(os.path.join(out_dir, "gate_similarity_by_epoch.csv"), "w") as f:
+                    f.writelines(gates.similarity_by_epoch(history, names, columns))
     else:
         return
     c.log_artifacts(run_id, out_dir, "relations")
@@ -153,23 +163,31 @@ def _streamed_datasets(plan: TrainPlan) -> dict[str, Callable]:
 
 def run_training(
     config: Config, run_name: str, tracker: Tracker, resume: bool = False, address: str | None = None,
-    register: str | None = None,
+    register: str | None = None, trial: TrialRole | None = None,
 ) -> TrainOutcome:
     """Trains the suite; the kept model becomes the run's MLflow model (and, with `register`, a
-    version of that registered model)."""
+    version of that registered model). `trial`: the run is a trial of a search (`search/`): a
+    child run reporting its epochs to Tune, and in the search stage logging nothing after
+    training (no model, nothing of the test split)."""
     from distributed_mtml.train.worker import train_loop_per_worker
 
     plan = make_plan(config)  # bad input stops here, before Ray starts
+    log_artifacts = lambda tracker, run_id, d, step: _log_artifacts(plan, tracker, run_id, d, step, register)  # noqa: E731
+    if trial is not None and not trial.whole:
+        log_artifacts = lambda *_: None  # noqa: E731
     spec = RunSpec(
         tags={"mtml.command": "train", "mtml.suite": plan.suite_name, "mtml.aggregation": config.aggregation.method,
-              **({"mtml.streamed": ",".join(plan.streamed)} if plan.streamed else {})},
+              **({"mtml.streamed": ",".join(plan.streamed)} if plan.streamed else {}),
+              **(trial.tags() if trial else {})},
         plan_params={"steps_per_epoch": plan.steps_per_epoch, "placement": plan.placement(config.scaling.max_workers)},
         loop=train_loop_per_worker,
         payload=plan.model_dump(mode="json"),
         total=config.training.epochs,
         counter="epoch",
-        log_artifacts=lambda tracker, run_id, d, step: _log_artifacts(plan, tracker, run_id, d, step, register),
+        log_artifacts=log_artifacts,
         datasets=_streamed_datasets(plan),
         fold_task_metrics=plan.folds_task_metrics(),
+        on_epoch=trial.on_epoch if trial else None,
+        train_callbacks=trial.train_callbacks if trial else None,
     )
     return launch(config, run_name, spec, tracker, resume, address)

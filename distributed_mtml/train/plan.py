@@ -55,7 +55,8 @@ class TrainPlan(BaseModel):
     def folds_task_metrics(self) -> bool:
         """Whether the run logs its per-task metrics as summaries and tables (`per_task.folds`)."""
         weighted = self.config.aggregation.resolved().needs_exchange
-        keys = sum(per_task.keys_of(t.type, weighted) for t in self.task_shapes())
+        learned = ARCHITECTURES[self.config.model.architecture].relation_keys(self.config.model, len(self.tasks))
+        keys = sum(per_task.keys_of(t.type, weighted) + learned for t in self.task_shapes())
         return per_task.folds(len(self.tasks), keys, self.config.tracking.task_metrics_limit)
 
     def placement(self, world: int) -> list[list[str]]:

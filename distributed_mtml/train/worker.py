@@ -22,7 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from distributed_mtml import compat, relations
+from distributed_mtml import compat, gates, relations
 from distributed_mtml.aggregation import loss_weighting, overlap
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
@@ -255,11 +255,10 @@ class Worker:
         plan = TrainPlan.model_validate(payload)
         compat.quiet_ray_train_report_log()
         cfg, t = plan.config, plan.config.training
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        rank, world = local.rank_and_world()
         if not cfg.scaling.local:  # local mode: the command's process keeps its threads
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-        device = ray.train.torch.get_device()
+        device = local.device()
         shapes, placement = plan.task_shapes(), plan.placement(world)
         mine = placement[rank]
         order = [s.name for s in shapes]
@@ -343,8 +342,9 @@ class Worker:
         its own epoch, so the kept model is still the best epoch's."""
         cfg = self.plan.config
         metrics = {**metrics, **self._refit_heads()}
-        val = everyones(_evaluate(self.trunk, self.modules, self.plan, self.data, "val", self.device, self.held),
-                         self.world)
+        held = {n: self.data[n]["val"][0] for n in self.mine if n in self.data}
+        val = everyones({**_evaluate(self.trunk, self.modules, self.plan, self.data, "val", self.device, self.held),
+                         **gates.epoch_metrics(self.trunk, self.modules, held, self.order)}, self.world)
         improved = self.monitor.update(val, epoch)
         self.pending.append({**metrics, **val, **self.monitor.report_fields(val)})
         if improved:
