@@ -532,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "verbose", False):
         compat.set_environment(MTML_VERBOSE="1")  # runtime.cluster.VERBOSE_ENV, read where Ray starts
     # MLflow's INFO lines (database set-up) are not ours to show: the variable for when it is
-    # imported later, the level for when it already is.
-    compat.default_environment(MLFLOW_LOGGING_LEVEL="WARNING")
+    # imported later, the level for when it already is. Nor its progress bars of the artifacts
+    # a command reads (a model's 100 files: a bar each step), drawn wherever tqdm is installed.
+    compat.default_environment(MLFLOW_LOGGING_LEVEL="WARNING", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     compat.hold_mmap_threshold()  # see compat
     previous = interrupt_on_signals()

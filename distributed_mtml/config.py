@@ -194,10 +194,15 @@ class TrainingConfig(_Section):
     )
 
 
+AUTO_LOCAL_ROWS = 200_000  # `num_workers: auto`: up to this many train rows in all, local mode (see resolve_auto)
+AUTO_WORKERS = 2  # and above it, this many workers
+
+
 class ScalingSection(_Section):
-    num_workers: int | list[int] = Field(
+    num_workers: int | list[int] | Literal["auto"] = Field(
         2, description="Ray Train workers, or [min, max]: elastic, starts with min and grows to max, shrinks on a lost node; "
-        "0: in the command's own process (Ray Train's local mode), for small jobs"
+        "0: in the command's own process (Ray Train's local mode), for small jobs; auto (mtml train): 0 up to "
+        f"{AUTO_LOCAL_ROWS:,} train rows in all, else {AUTO_WORKERS} workers, said when chosen"
     )
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL between them")
     resource_wait_s: float = Field(
@@ -214,9 +219,18 @@ class ScalingSection(_Section):
         "none", description="DDP communication hook that compresses trunk gradients for the all-reduce"
     )
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _one_of_its_forms(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"'{value}': a number of workers (0: in the command's own process), [min, max] or auto")
+        return value
+
     @field_validator("num_workers")
     @classmethod
-    def _count_or_range(cls, value: int | list[int]) -> int | list[int]:
+    def _count_or_range(cls, value: int | list[int] | str) -> int | list[int] | str:
+        if value == "auto":
+            return value
         if isinstance(value, int):
             if value < 0:
                 raise ValueError("must be at least 0 (0: in the command's own process)")
@@ -224,6 +238,19 @@ class ScalingSection(_Section):
         if len(value) != 2 or not 1 <= value[0] <= value[1]:
             raise ValueError(f"an elastic range is [min, max] with 1 <= min <= max, got {value}")
         return value
+
+    def resolve_auto(self, train_rows: int) -> str | None:
+        """`auto`: local mode for a suite of at most `AUTO_LOCAL_ROWS` train rows in all (tasks'
+        rows summed), where starting workers costs more than they give back, else
+        `AUTO_WORKERS` workers (always with GPUs: one each). Returns the line saying which."""
+        if self.num_workers != "auto":
+            return None
+        small = train_rows <= AUTO_LOCAL_ROWS and not self.use_gpu
+        self.num_workers = 0 if small else AUTO_WORKERS
+        why = "GPUs asked for" if self.use_gpu else \
+            f"{train_rows:,} train rows in all, {'at most' if small else 'more than'} {AUTO_LOCAL_ROWS:,}"
+        return (f"[mtml] scaling.num_workers: auto -> {self.num_workers} "
+                f"({'local mode, in this process' if small else 'Ray Train workers'}; {why})")
 
     @property
     def elastic(self) -> bool:

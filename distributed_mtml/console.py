@@ -47,6 +47,15 @@ def progress_line(what: str, done: int, total: int, parts: list[str], prefix: st
     return " | ".join([f"{prefix} {what} {done}/{total}", *parts])
 
 
+def trials_progress(stage: str, trials, ended) -> None:
+    """One line per ended Tune trial: how far a search's stage is (Tune's own table is off).
+    Tune calls back before it marks the ended trial, so that one counts as done here."""
+    states = ["TERMINATED" if t is ended else t.status for t in trials]
+    done = sum(s in ("TERMINATED", "ERROR") for s in states)
+    say(progress_line(f"{stage} trials", done, len(states),
+                      [f"{states.count('RUNNING')} running", f"{states.count('PENDING')} pending"], prefix="[tune]"))
+
+
 def say(line: str, console: str | None = None) -> None:
     """Show `line` in the command's terminal: through the console actor `console` (default: the
     one this process's environment names), or printed here when there is none."""

@@ -96,3 +96,25 @@ def test_representation_narrower_than_the_task_count_is_warned(seed_suite, capsy
                                    "aggregation": {"method": "mgda", "gradients": "representation"}}))
         out = capsys.readouterr().out
         assert ("warning: aggregation.gradients: representation with 2 tasks and a trunk output of 1" in out) == warned
+
+
+def test_num_workers_auto_is_local_mode_for_a_small_suite_and_workers_for_a_large_one_and_says_which(
+        seed_suite, capsys, monkeypatch):
+    from distributed_mtml import config as config_module
+    from distributed_mtml.config import validate_config
+    from distributed_mtml.train.plan import make_plan
+
+    def planned(**scaling):
+        return make_plan(validate_config({"suite": {"path": seed_suite}, "scaling": {"num_workers": "auto", **scaling}}))
+
+    rows = sum(planned().train_rows.values())
+    assert planned().config.scaling.num_workers == 0
+    assert (f"[mtml] scaling.num_workers: auto -> 0 (local mode, in this process; {rows:,} train rows in all, "
+            "at most 200,000)") in capsys.readouterr().out
+    monkeypatch.setattr(config_module, "AUTO_LOCAL_ROWS", rows - 1)
+    assert planned().config.scaling.num_workers == 2
+    assert f"auto -> 2 (Ray Train workers; {rows:,} train rows in all, more than {rows - 1:,})" in capsys.readouterr().out
+    monkeypatch.setattr(config_module, "AUTO_LOCAL_ROWS", rows)
+    assert planned(use_gpu=True).config.scaling.num_workers == 2  # a GPU each
+    with pytest.raises(InputError, match=r"key 'scaling.num_workers': Value error, 'many': a number of workers"):
+        validate_config({"scaling": {"num_workers": "many"}})

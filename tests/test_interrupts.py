@@ -73,29 +73,39 @@ def test_ctrl_c_ends_a_meta_training_run_killed_and_resumable(tmp_path):
     assert list((tmp_path / "runs").glob("config-*/checkpoint_*")), "no checkpoint left to resume from"
 
 
-def test_ctrl_c_ends_a_tune_search_killed(ray_session, tmp_path, seed_suite):
-    from distributed_mtml.config import validate_config
-    from distributed_mtml.tracking import Tracker
-    from distributed_mtml.train.launch import run_training
-
+def test_ctrl_c_ends_a_training_search_killed_and_resume_finishes_it_without_the_trials_done(tmp_path, seed_suite):
+    """Three settings one after another (`mtml tune` with a `search:` section); Ctrl-C once the
+    first has finished: the parent and the running trial's run end KILLED. `--resume` continues
+    the same parent through Tune's restore: the finished trial is not trained again, the others
+    are, and the repeat follows. (Transfer's `mtml tune` ends on Ctrl-C by the same code.)"""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    source = run_training(validate_config({"suite": {"path": seed_suite}, "training": {"epochs": 1},
-                                           "scaling": {"num_workers": 1}, "checkpoint": {"dir": str(tmp_path / "src")}}),
-                          "source", Tracker(uri))
-    raw = {"transfer": {"source": source.checkpoint_path, "target": {"path": seed_suite}, "target_task": "regress",
-                        "shots": 10, "steps": 100000, "eval_every": 10, "strategies": ["scratch", "finetune"]},
-           "tune": {"num_samples": 2, "repeats": 2}, "checkpoint": {"dir": str(tmp_path / "runs")}}
-    code, out, took = _interrupt_when(["tune", "--config", _write(tmp_path, raw), "--tracking-uri", uri],
-                                      tmp_path, "[tune] search", settle_s=15)  # trials up: 8 s was short in a full run
+    raw = {"suite": {"path": seed_suite}, "training": {"epochs": 4}, "scaling": {"num_workers": 0},
+           "search": {"space": {"training.lr": {"grid": [0.001, 0.002, 0.003]}}},
+           "tune": {"num_samples": 1, "repeats": 1, "max_concurrent_trials": 1}, "checkpoint": {"dir": str(tmp_path / "runs")}}
+    argv = ["tune", "--config", _write(tmp_path, raw), "--tracking-uri", uri]
+    code, out, took = _interrupt_when(argv, tmp_path, "[tune] search trials 1/3", settle_s=3)
     assert code == 130, out[-3000:]
     assert took < 20, f"{took:.1f} s from Ctrl-C to exit"
+    parent = _only_run(uri, "tags.`mtml.search` = 'training'")
+    assert parent.info.status == "KILLED"
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("distributed-mtml-transfer")
-    runs = client.search_runs([exp.experiment_id], "tags.`mtml.command` = 'tune'")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert [p.info.status for p in parents] == ["KILLED"] and children, out[-3000:]
-    assert all(c.info.status in ("KILLED", "FINISHED") for c in children)
+
+    def children():
+        return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+    before = {r.info.run_name.split("-search-")[1].rsplit("-", 1)[0]: r.info.status for r in children()}
+    done = [trial for trial, status in before.items() if status == "FINISHED"]
+    assert len(done) == 1 and "KILLED" in before.values(), before
+    resumed = subprocess.run([sys.executable, "-m", "distributed_mtml", *argv, "--resume"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert f"[tune] resuming search {parent.info.run_id}" in resumed.stdout
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    finished = [r for r in children() if r.info.status == "FINISHED"]
+    trials = [r.info.run_name.split("-search-")[1].rsplit("-", 1)[0] for r in finished if r.data.tags["mtml.stage"] == "search"]
+    assert sorted(set(trials)) == sorted(trials) and len(trials) == 3 and trials.count(done[0]) == 1
+    assert [r.data.tags["mtml.stage"] for r in finished].count("repeat") == 1
+
 
 
 def test_an_interrupt_waits_for_the_tracking_write_in_progress():

@@ -182,6 +182,8 @@ def _plain_trunk_unless_asked(config: Config) -> Config:
 
 def make_meta_plan(config: Config) -> MetaPlan:
     config = _plain_trunk_unless_asked(config)
+    if config.scaling.num_workers == "auto":
+        raise InputError("key 'scaling.num_workers': auto is for mtml train; meta-training takes a number (0: in this process)")
     meta, workers = config.meta, config.scaling.max_workers
     if meta.algorithm not in ALGORITHMS:
         raise InputError(f"key 'meta.algorithm': unknown '{meta.algorithm}' (choose from: {', '.join(ALGORITHMS)})")

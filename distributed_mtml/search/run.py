@@ -23,7 +23,7 @@ from typing import Any
 
 from distributed_mtml import compat
 from distributed_mtml.config import Config, flatten, run_params
-from distributed_mtml.console import progress_line, say
+from distributed_mtml.console import say, trials_progress
 from distributed_mtml.errors import InputError
 from distributed_mtml.search import summary
 from distributed_mtml.search.space import base_of, parse, setting, trial_config, tune_space
@@ -80,7 +80,7 @@ def _tuner(config: Config, space: dict[str, Any], stage: str, tracker: Tracker, 
         param_space=space,
         tune_config=ray.tune.TuneConfig(metric="monitor", mode=config.checkpoint.mode, scheduler=scheduler,
                                         search_alg=algorithm, num_samples=tn.num_samples if searching else 1,
-                                        max_concurrent_trials=concurrent),
+                                        max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=ray.tune.RunConfig(name=_experiment(stage, parent), storage_path=config.checkpoint.resolved_dir(),
                                       verbose=0, callbacks=[_child_runs(tracker, stage)]),
     )
@@ -98,11 +98,11 @@ def _child_runs(tracker: Tracker, stage: str):
     class ChildRuns(ray.tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, "FINISHED")
-            _progress(stage, trials, trial)
+            trials_progress(stage, trials, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._end(trial, "FAILED")
-            _progress(stage, trials, trial)
+            trials_progress(stage, trials, trial)
 
         @staticmethod
         def _end(trial, status: str) -> None:
@@ -114,14 +114,6 @@ def _child_runs(tracker: Tracker, stage: str):
             tracker.set_status(run_id, status)
 
     return ChildRuns()
-
-
-def _progress(stage: str, trials, ended) -> None:
-    """One line per ended trial (Tune calls back before it marks the ended one)."""
-    states = ["TERMINATED" if t is ended else t.status for t in trials]
-    done = sum(s in ("TERMINATED", "ERROR") for s in states)
-    say(progress_line(f"{stage} trials", done, len(states),
-                      [f"{states.count('RUNNING')} running", f"{states.count('PENDING')} pending"], prefix="[tune]"))
 
 
 def _searched(results, keys: list[str], epochs: int) -> list[dict]:
@@ -142,6 +134,8 @@ def _searched(results, keys: list[str], epochs: int) -> list[dict]:
 
 
 def _best(trials: list[dict], mode: str) -> dict:
+    """The best kept validation value among the trials that ran to the end (ASHA's stopped ones
+    only if none did: their values are from fewer epochs)."""
     scored = [t for t in trials if not math.isnan(t["kept"]) and not t["stopped"]] or \
         [t for t in trials if not math.isnan(t["kept"])]
     if not scored:
@@ -157,7 +151,8 @@ def run_search(config: Config, where: str, tracker: Tracker, run_name: str, addr
     from distributed_mtml.runtime.cluster import ensure_ray
 
     space = check(config, where)
-    compat.set_environment(TUNE_DISABLE_SIGINT_HANDLER="1")  # Ctrl-C ends the whole command (KILLED)
+    # Ctrl-C ends the whole command (KILLED); Tune's own tables and banners stay out of the terminal
+    compat.set_environment(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0")
     parent = _parent_run(config, tracker, run_name, space, resume)
     storage = config.checkpoint.resolved_dir()
     with tracker.final_status(parent):

@@ -24,14 +24,15 @@ def test_value(metrics: dict[str, float], monitor: str) -> float:
 
 
 def search_rows(trials: list[dict], mode: str) -> list[list]:
-    """One row per search trial, best validation value first (`mode`: min or max; `trials`:
-    setting, kept, epochs, seconds, stopped); a trial that failed is last, with no value."""
+    """One row per search trial (`trials`: setting, kept, epochs, seconds, stopped): those that
+    ran to the end by their kept validation value, best first (`mode`: min or max), then those
+    ASHA stopped (their value is from fewer epochs, and they are not chosen), then the failed."""
     def row(t: dict) -> list:
         stopped = " (stopped by ASHA)" if t["stopped"] else ""
         return ["search", t["setting"] + stopped, 1, t["kept"], math.nan, math.nan, math.nan, t["epochs"], t["seconds"]]
 
     sign = 1 if mode == "min" else -1
-    return [row(t) for t in sorted(trials, key=lambda t: (math.isnan(t["kept"]), sign * t["kept"]))]
+    return [row(t) for t in sorted(trials, key=lambda t: (math.isnan(t["kept"]), t["stopped"], sign * t["kept"]))]
 
 
 def repeat_row(setting: str, val: list[float], test: list[float], seconds: list[float]) -> list:

@@ -75,6 +75,9 @@ def make_plan(config: Config) -> TrainPlan:
     spec, scans = checked_scans(suite_dir, impute)  # one streamed pass per task: no table is held
     shapes = [TaskShape.of_scan(scans[t.name]) for t in spec.tasks]
     train_rows = {t.name: scans[t.name].labelled["train"] for t in spec.tasks}
+    chosen = config.scaling.resolve_auto(sum(train_rows.values()))
+    if chosen:
+        say(chosen)
     preps = plan_preprocessing({t.name: scans[t.name] for t in spec.tasks}, config.data.standardize, impute)
     streamed = _streamed_tasks(config, spec, scans)
     _say_unlabelled(scans)

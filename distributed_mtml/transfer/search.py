@@ -26,7 +26,7 @@ from typing import Any
 
 from distributed_mtml import compat, report
 from distributed_mtml.config import Config, run_params
-from distributed_mtml.console import progress_line, say
+from distributed_mtml.console import trials_progress
 from distributed_mtml.stats import mean_ci
 from distributed_mtml.tracking import Tracker
 from distributed_mtml.transfer.fit import fit
@@ -118,22 +118,13 @@ def _callback(tracker: Tracker, experiment: str, parent: str, stage: str, shots:
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             tracker.set_status(self.runs[trial.trial_id], "FINISHED")
-            _progress(stage, trials, trial)
+            trials_progress(stage, trials, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             tracker.set_status(self.runs[trial.trial_id], "FAILED")
-            _progress(stage, trials, trial)
+            trials_progress(stage, trials, trial)
 
     return MLflowChildRuns()
-
-
-def _progress(stage: str, trials, ended) -> None:
-    """One line per ended trial: how far the stage is (Tune's own table is off, verbose=0).
-    Tune calls back before it marks the ended trial, so that one counts as done here."""
-    states = ["TERMINATED" if t is ended else t.status for t in trials]
-    done = sum(s in ("TERMINATED", "ERROR") for s in states)
-    say(progress_line(f"{stage} trials", done, len(states),
-                      [f"{states.count('RUNNING')} running", f"{states.count('PENDING')} pending"], prefix="[tune]"))
 
 
 def _tuner(config: Config, inputs: TransferInputs, space: dict, stage: str, tracker: Tracker, parent: str, asha: bool):
