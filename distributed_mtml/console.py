@@ -47,12 +47,13 @@ def progress_line(what: str, done: int, total: int, parts: list[str], prefix: st
     return " | ".join([f"{prefix} {what} {done}/{total}", *parts])
 
 
-def trials_progress(stage: str, trials, ended) -> None:
+def trials_progress(stage: str, trials, ended, total: int | None = None) -> None:
     """One line per ended Tune trial: how far a search's stage is (Tune's own table is off).
-    Tune calls back before it marks the ended trial, so that one counts as done here."""
+    Tune calls back before it marks the ended trial, so that one counts as done here. `total`:
+    the trials the stage will have, where Tune makes them as it goes (trials at a time)."""
     states = ["TERMINATED" if t is ended else t.status for t in trials]
     done = sum(s in ("TERMINATED", "ERROR") for s in states)
-    say(progress_line(f"{stage} trials", done, len(states),
+    say(progress_line(f"{stage} trials", done, max(len(states), total or 0),
                       [f"{states.count('RUNNING')} running", f"{states.count('PENDING')} pending"], prefix="[tune]"))
 
 

@@ -257,13 +257,18 @@ class Tracker:
 
     @contextlib.contextmanager
     def final_status(self, run_id: str):
-        """The run's status once the block ends: FINISHED when it completes, KILLED on Ctrl-C or
+        """The run's status once the block ends: FINISHED when it completes (or exits cleanly:
+        Tune ends a trial it stops, a search's run, by `sys.exit(0)`), KILLED on Ctrl-C or
         SIGTERM (its child runs still RUNNING too), FAILED on anything else."""
         status = "FAILED"
         try:
             yield
             raise_if_swallowed()
             status = "FINISHED"
+        except SystemExit as stop:
+            if stop.code in (0, None):
+                status = "FINISHED"
+            raise
         except KeyboardInterrupt as interrupt:
             status = "KILLED"
             self.end_children(run_id, status)

@@ -79,9 +79,10 @@ def test_ctrl_c_ends_a_training_search_killed_and_resume_finishes_it_without_the
     the same parent through Tune's restore: the finished trial is not trained again, the others
     are, and the repeat follows. (Transfer's `mtml tune` ends on Ctrl-C by the same code.)"""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    raw = {"suite": {"path": seed_suite}, "training": {"epochs": 4}, "scaling": {"num_workers": 0},
+    raw = {"suite": {"path": seed_suite}, "training": {"epochs": 40}, "scaling": {"num_workers": 0},
            "search": {"space": {"training.lr": {"grid": [0.001, 0.002, 0.003]}}},
-           "tune": {"num_samples": 1, "repeats": 1, "max_concurrent_trials": 1}, "checkpoint": {"dir": str(tmp_path / "runs")}}
+           "tune": {"num_samples": 1, "repeats": 1, "cpus_per_trial": 2},  # one at a time on 2 CPUs
+           "checkpoint": {"dir": str(tmp_path / "runs")}}
     argv = ["tune", "--config", _write(tmp_path, raw), "--tracking-uri", uri]
     code, out, took = _interrupt_when(argv, tmp_path, "[tune] search trials 1/3", settle_s=3)
     assert code == 130, out[-3000:]
@@ -103,7 +104,7 @@ def test_ctrl_c_ends_a_training_search_killed_and_resume_finishes_it_without_the
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     finished = [r for r in children() if r.info.status == "FINISHED"]
     trials = [r.info.run_name.split("-search-")[1].rsplit("-", 1)[0] for r in finished if r.data.tags["mtml.stage"] == "search"]
-    assert sorted(set(trials)) == sorted(trials) and len(trials) == 3 and trials.count(done[0]) == 1
+    assert sorted(set(trials)) == sorted(trials) and len(trials) == 3 and trials.count(done[0]) == 1, (before, trials)
     assert [r.data.tags["mtml.stage"] for r in finished].count("repeat") == 1
 
 

@@ -60,7 +60,11 @@ def _tuner(config: Config, space: dict[str, Any], stage: str, tracker: Tracker, 
     base = base_of(config)
     driver_cpus = tn.cpus_per_trial if local else 0.01  # with workers, a trial's driver only waits on them
     per_trial = driver_cpus + (0 if local else config.scaling.cpus_per_worker * config.scaling.max_workers)
-    concurrent = tn.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    # local-mode trials: as many at once as their CPUs allow, all made at the start (a trial Tune has
+    # not yet made when the search is interrupted would be lost to --resume); a trial on workers
+    # holds almost no CPU itself, so those are limited to what the workers' CPUs allow
+    concurrent = tn.max_concurrent_trials or \
+        (None if local else max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial)))
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(training_trial, base=base, parent=parent, stage=stage, uri=tracker.uri,
                                  name=run_name), {"cpu": driver_cpus})
@@ -72,8 +76,10 @@ def _tuner(config: Config, space: dict[str, Any], stage: str, tracker: Tracker, 
                               grace_period=tn.grace_period) if searching else None
     algorithm = None
     if searching and config.search.algorithm == "optuna":
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines are not the search's progress
         algorithm = OptunaSearch(seed=config.training.seed)
     return ray.tune.Tuner(
         trainable,
@@ -82,36 +88,45 @@ def _tuner(config: Config, space: dict[str, Any], stage: str, tracker: Tracker, 
                                         search_alg=algorithm, num_samples=tn.num_samples if searching else 1,
                                         max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=ray.tune.RunConfig(name=_experiment(stage, parent), storage_path=config.checkpoint.resolved_dir(),
-                                      verbose=0, callbacks=[_child_runs(tracker, stage)]),
+                                      verbose=0, callbacks=[_child_runs(tracker, stage, _trials(config, space, stage))]),
     )
+
+
+def _trials(config: Config, space: dict[str, Any], stage: str) -> int:
+    """How many trials the stage has: the samples times every grid's values (a repeat: one each)."""
+    grids = [len(d["grid_search"]) for d in space.values() if isinstance(d, dict) and "grid_search" in d]
+    return (config.tune.num_samples if stage == "search" else 1) * math.prod(grids)
 
 
 def _experiment(stage: str, parent: str) -> str:
     return f"{stage}-{parent[:12]}"
 
 
-def _child_runs(tracker: Tracker, stage: str):
-    """The Tune driver's view of each trial's MLflow run: a trial ASHA stopped was ended from
-    outside, so its run is FINISHED here and tagged `mtml.stopped_by`; a failed trial's run FAILED."""
+def _child_runs(tracker: Tracker, stage: str, total: int):
+    """The Tune driver's view of each trial's MLflow run: a trial ASHA stopped (it ended without
+    its last result) is tagged `mtml.stopped_by` and FINISHED (where its own process did not
+    get to end it); a failed trial's run FAILED."""
     import ray.tune
 
     class ChildRuns(ray.tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, "FINISHED")
-            trials_progress(stage, trials, trial)
+            trials_progress(stage, trials, trial, total)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._end(trial, "FAILED")
-            trials_progress(stage, trials, trial)
+            trials_progress(stage, trials, trial, total)
 
         @staticmethod
         def _end(trial, status: str) -> None:
-            run_id = (trial.last_result or {}).get(RUN_ID)
-            if run_id is None or tracker.client().get_run(run_id).info.status != "RUNNING":
+            result = trial.last_result or {}
+            run_id = result.get(RUN_ID)
+            if run_id is None:
                 return
-            if status == "FINISHED":
+            if status == "FINISHED" and "kept" not in result:
                 tracker.client().set_tag(run_id, "mtml.stopped_by", "ASHA")
-            tracker.set_status(run_id, status)
+            if tracker.client().get_run(run_id).info.status == "RUNNING":
+                tracker.set_status(run_id, status)
 
     return ChildRuns()
 
@@ -151,8 +166,10 @@ def run_search(config: Config, where: str, tracker: Tracker, run_name: str, addr
     from distributed_mtml.runtime.cluster import ensure_ray
 
     space = check(config, where)
-    # Ctrl-C ends the whole command (KILLED); Tune's own tables and banners stay out of the terminal
-    compat.set_environment(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0")
+    # Ctrl-C ends the whole command (KILLED); Tune's own tables and banners stay out of the terminal;
+    # Tune saves the search's state every second (not every 10 s), so that --resume finds each
+    # trial that ended before an interrupt as ended, and does not train it again
+    compat.set_environment(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0", TUNE_GLOBAL_CHECKPOINT_S="1")
     parent = _parent_run(config, tracker, run_name, space, resume)
     storage = config.checkpoint.resolved_dir()
     with tracker.final_status(parent):
