@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import uuid
 
 import torch
 from torch import nn
@@ -227,7 +228,7 @@ def check_writable(storage_path: str) -> None:
     an object store's permissions are the workers' to find out)."""
     if "://" in storage_path:
         return
-    probe = os.path.join(storage_path, ".mtml_write_probe")
+    probe = os.path.join(storage_path, f".mtml_write_probe-{uuid.uuid4().hex}")  # runs at once: one probe each
     try:
         os.makedirs(storage_path, exist_ok=True)
         with open(probe, "w") as f:
