@@ -18,8 +18,13 @@ before reading a ranking.
 then to `hard` with `mean`, and the test loss (of the model kept by val) stands beside the val
 loss. MMoE's article expects its advantage over a shared bottom to grow as correlation falls.
 
+`--generator multilevel` trains on multilevel suites instead (12 groups of 40 rows, one
+regression task a group: a random intercept and slopes per group, as a mixed model assumes);
+the correlation column then reads "multilevel".
+
 Usage: python jobs/compare_methods.py [--seeds 3] [--epochs 4] [--correlations 0.9 0.5 0 -0.5]
        [--methods mean pcgrad mgda] [--representation] [--workers 0] [--architectures hard mmoe]
+       [--generator mmoe|multilevel]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from distributed_mtml.aggregation import METHODS
 from distributed_mtml.architectures import ARCHITECTURES
 from distributed_mtml.data.generators import make_suite
 from distributed_mtml.report import table
+from distributed_mtml.search.summary import test_value
 from distributed_mtml.stats import fmt
 
 REPRESENTATION = " (repr.)"  # a Gram method with aggregation.gradients: representation
@@ -51,8 +57,18 @@ def _losses(suite_dir: str, method: str, seed: int, epochs: int, steps: int, wor
         aggregation={"method": name, "gradients": gradients},
     )
     metrics = benchlib.train(cfg, f"compare-{architecture}-{name}-{gradients}").metrics
-    test = [v for k, v in metrics.items() if k.startswith("test/") and k.endswith("/loss")]
-    return metrics["val/mean_loss"], sum(test) / len(test)
+    return metrics["val/mean_loss"], test_value(metrics, "val/mean_loss")  # many tasks: their logged mean
+
+
+def _suite(generator: str, correlation: float | str, seed: int) -> str:
+    """A suite of the comparison: two mmoe tasks at `correlation`, or a multilevel table's groups."""
+    suite = os.path.join(benchlib.WORKDIR, f"{generator}-{correlation}-{seed}")
+    if generator == "mmoe":
+        make_suite("mmoe", suite, {"tasks": 2, "correlation": correlation, "features": 16, "sines": 2,
+                                   "rows": 1256, "train_rows": 256, "seed": seed})
+    else:
+        make_suite("multilevel", suite, {"groups": 12, "rows": 40, "features": 4, "seed": seed, "one_table": True})
+    return suite
 
 
 def main() -> None:
@@ -65,6 +81,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="0: local mode, the same updates (the exchange reproduces one process) in a fraction of the time")
     parser.add_argument("--architectures", nargs="*", default=["hard"], choices=list(ARCHITECTURES))
+    parser.add_argument("--generator", choices=["mmoe", "multilevel"], default="mmoe",
+                        help="multilevel: groups of one table, no correlation sweep")
     parser.add_argument("--representation", action="store_true",
                         help="each Gram method also with aggregation.gradients: representation, beside parameters")
     args = parser.parse_args()
@@ -76,12 +94,10 @@ def main() -> None:
     label = {run: f"{run[0]} {run[1]}" if several else run[1] for run in runs}
     anchor = ("hard" if "hard" in args.architectures else args.architectures[0], "mean")
     rows = []
-    for p in args.correlations:
+    for p in (args.correlations if args.generator == "mmoe" else ["multilevel"]):
         losses: dict[tuple, list[tuple[float, float]]] = {run: [] for run in runs}
         for seed in range(args.seeds):
-            suite = os.path.join(benchlib.WORKDIR, f"mmoe-{p}-{seed}")
-            make_suite("mmoe", suite, {"tasks": 2, "correlation": p, "features": 16, "sines": 2,
-                                       "rows": 1256, "train_rows": 256, "seed": seed})
+            suite = _suite(args.generator, p, seed)
             for run in runs:
                 losses[run].append(_losses(suite, run[1], seed, args.epochs, args.steps, args.workers, run[0]))
                 print(f"[compare] p={p} seed {seed} {label[run]}: val loss {losses[run][-1][0]:.4f}, "
