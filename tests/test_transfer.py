@@ -18,8 +18,9 @@ SOURCE_TASKS = [TaskShape("classify", "classification", 10, 2), TaskShape("regre
 NEW_TARGET = TaskShape("new", "regression", 10)
 
 
-def _inputs(target=NEW_TARGET, meta=None, tasks=SOURCE_TASKS):
-    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8, 4]), heads="separate" if meta else "shared_plus_offset")
+def _inputs(target=NEW_TARGET, meta=None, tasks=SOURCE_TASKS, architecture="hard"):
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[16, 8, 4]), heads="separate" if meta else "shared_plus_offset",
+                      architecture=architecture)
     model = MultiTaskModel(cfg, tasks, seed=0)  # a meta-learned model's one head is its own (meta.checkpoint)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, target.num_features, generator=g)
@@ -150,3 +151,34 @@ def test_meta_adapt_takes_meta_sgd_rates_from_the_learner():
     for name, _ in built.model.head.named_parameters():
         assert torch.equal(built.rates[f"head.{name}"], learned[f"task_modules.meta.head.{name}"].detach())
     assert torch.equal(built.rates["trunk.0.weight"], learned["trunk.0.weight"].detach())
+
+
+@pytest.mark.parametrize("architecture", ["mmoe", "cgc", "ple", "cross_stitch"])
+def test_a_source_that_learned_how_tasks_relate_transfers_through_the_target_s_own_part(architecture):
+    """The target gets what a new group gets (the source tasks' gates averaged, cross-stitch's
+    mean column): finetune trains it with everything, linear_probe leaves it and the trunk
+    frozen, nearest_head starts from the nearest task's own part and head, scratch builds the
+    architecture anew; partial and adapter, which cut a stack of layers, say why not."""
+    from distributed_mtml.architectures import ARCHITECTURES
+
+    inputs = _inputs(architecture=architecture)
+    known = [m.mix for m in inputs.model.task_modules.values()]
+    built, changed = _trained_names("finetune", inputs)
+    assert built.model.mix is not None and changed == {n for n, _ in built.model.named_parameters()}
+    start = ARCHITECTURES[architecture].new_task_part(known)
+    x = inputs.train[0]
+    with torch.no_grad():
+        fresh = build("finetune", inputs, 1, 4, seed=0).model
+        shared = inputs.model.trunk(x)
+        torch.testing.assert_close(fresh(x), fresh.head(start(x, shared)))  # the source's trunk, the averaged part
+    built, changed = _trained_names("linear_probe", inputs)
+    assert changed == {n for n, _ in built.model.named_parameters() if n.startswith("head.")}
+    assert any(n.startswith("mix.") for n, _ in built.model.named_parameters()) == (architecture != "cross_stitch")
+    built, changed = _trained_names("nearest_head", inputs)
+    assert changed == {n for n, _ in built.model.named_parameters()} and built.model.mix is not None
+    built, _ = _trained_names("scratch", inputs)
+    assert built.model.mix is not None
+    for strategy in ("partial", "adapter"):
+        with pytest.raises(InputError, match=f"'{strategy}' works on a trunk that is one stack of layers; the source's "
+                                             f"architecture '{architecture}' is not"):
+            check(strategy, inputs, 1)

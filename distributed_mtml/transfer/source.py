@@ -93,10 +93,6 @@ def load_inputs(config: Config, tracker: Tracker) -> TransferInputs:
         if getattr(t, key) is None:
             raise InputError(f"transfer.{key}: required")
     model, source_config, learner = load_source(t.source, tracker, config.tracking.experiment)
-    architecture = source_config.get("model", {}).get("architecture", "hard")
-    if architecture != "hard":
-        raise InputError(f"transfer.source: a model of architecture '{architecture}'; transfer strategies take a "
-                         "model of architecture 'hard' for now")
     suite_dir = ensure_suite_at(t.target)
     spec = checked_suite(suite_dir)
     tasks = {task.name: task for task in spec.tasks}

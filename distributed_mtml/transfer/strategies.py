@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from distributed_mtml.architectures import ARCHITECTURES
 from distributed_mtml.config import ModelConfig
 from distributed_mtml.errors import InputError
 from distributed_mtml.models import META_TASK, build_trunk, new_task_head, task_loss
@@ -48,12 +49,16 @@ class Adapter(nn.Module):
 
 
 class TargetModel(nn.Module):
-    def __init__(self, input_map: nn.Module, trunk: nn.Module, head: nn.Module):
+    """input map -> trunk -> (the architecture's part for the target: its gate, its column) -> head."""
+
+    def __init__(self, input_map: nn.Module, trunk: nn.Module, head: nn.Module, mix: nn.Module | None = None):
         super().__init__()
-        self.input_map, self.trunk, self.head = input_map, trunk, head
+        self.input_map, self.trunk, self.head, self.mix = input_map, trunk, head, mix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(self.input_map(x)))
+        inputs = self.input_map(x)
+        shared = self.trunk(inputs)
+        return self.head(shared if self.mix is None else self.mix(inputs, shared))
 
 
 @dataclass
@@ -82,6 +87,18 @@ def _new_head(inputs: TransferInputs, seed: int) -> nn.Module:
     return new_task_head(_model_config(inputs), inputs.target, inputs.model.shared_heads, _trunk_in(inputs))
 
 
+def _target_part(inputs: TransferInputs) -> nn.Module | None:
+    """The target's part of a source architecture with task parts (`architectures/`): what the
+    source's tasks' parts share, as for a new group (their gates averaged); None under `hard`."""
+    make = ARCHITECTURES[_model_config(inputs).architecture].new_task_part
+    return make([m.mix for m in inputs.model.task_modules.values()]) if make is not None else None
+
+
+def _sequential(inputs: TransferInputs) -> bool:
+    """Whether the source's trunk is one stack of layers (`hard`), which partial and adapter cut."""
+    return _model_config(inputs).architecture == "hard"
+
+
 def _compatible_heads(inputs: TransferInputs) -> list[str]:
     t = inputs.target
     return [n for n, s in inputs.model.tasks.items() if s.type == t.type and s.out_width == t.out_width]
@@ -108,6 +125,10 @@ def check(strategy: str, inputs: TransferInputs, partial_layers: int) -> None:
     if s.needs_source_head and not _compatible_heads(inputs):
         raise InputError(f"transfer.strategies: '{strategy}' found no source head of type {t.type} "
                          f"with {t.out_width} outputs")
+    if s.needs_layer_stack and not _sequential(inputs):
+        able = ", ".join(n for n, other in STRATEGIES.items() if not other.needs_layer_stack)
+        raise InputError(f"transfer.strategies: '{strategy}' works on a trunk that is one stack of layers; the source's "
+                         f"architecture '{_model_config(inputs).architecture}' is not (use {able})")
     if "partial_layers" in s.settings and partial_layers > len(_linears(inputs.model.trunk)):
         raise InputError(f"transfer.partial_layers: {partial_layers} exceeds the trunk's "
                          f"{len(_linears(inputs.model.trunk))} layers")
@@ -116,9 +137,10 @@ def check(strategy: str, inputs: TransferInputs, partial_layers: int) -> None:
 def _nearest_head(inputs: TransferInputs) -> str:
     """The compatible source head with the lowest loss on the K examples, before any training."""
     x, y = inputs.train
+    model = inputs.model
     with torch.no_grad():
-        features = inputs.model.trunk(x)
-        losses = {n: float(task_loss(inputs.target, inputs.model.task_modules[n].head(features), y))
+        shared = model.trunk(x)
+        losses = {n: float(task_loss(inputs.target, model.task_modules[n].head(model.task_modules[n].features(x, shared)), y))
                   for n in _compatible_heads(inputs)}
     return min(losses, key=losses.get)
 
@@ -148,17 +170,21 @@ def _scratch(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Optio
     torch.manual_seed(o.seed)
     cfg = _model_config(inputs)
     fresh = build_trunk(cfg, [inputs.target])
-    model = TargetModel(nn.Identity(), fresh, new_task_head(cfg, inputs.target, nn.ModuleDict(), _linears(fresh)[0].in_features))
+    width = _linears(fresh)[0].in_features
+    part = ARCHITECTURES[cfg.architecture].task_part
+    model = TargetModel(nn.Identity(), fresh, new_task_head(cfg, inputs.target, nn.ModuleDict(), width),
+                        part(cfg, width, 0, 1) if part is not None else None)
     return Built(model, [n for n, _ in model.named_parameters()])
 
 
 def _finetune(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
-    model = TargetModel(nn.Identity(), trunk, head)
+    model = TargetModel(nn.Identity(), trunk, head, _target_part(inputs))
     return Built(model, [n for n, _ in model.named_parameters()])
 
 
 def _linear_probe(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
-    model = TargetModel(nn.Identity(), trunk, head)
+    """The representation frozen: the trunk and, under a gated architecture, the target's gate."""
+    model = TargetModel(nn.Identity(), trunk, head, _target_part(inputs))
     return Built(model, [n for n, _ in model.named_parameters() if n.startswith("head.")])
 
 
@@ -179,8 +205,9 @@ def _adapter(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Optio
 
 
 def _nearest(inputs: TransferInputs, trunk: nn.Module, head: nn.Module, o: Options) -> Built:
-    chosen_head = inputs.model.task_modules[_nearest_head(inputs)].head.standalone()  # shared part included
-    model = TargetModel(nn.Identity(), trunk, chosen_head)
+    nearest = inputs.model.task_modules[_nearest_head(inputs)]
+    chosen_head = nearest.head.standalone()  # shared part included
+    model = TargetModel(nn.Identity(), trunk, chosen_head, copy.deepcopy(nearest.mix))  # and its gate or column
     return Built(model, [n for n, _ in model.named_parameters()])
 
 
@@ -206,6 +233,7 @@ class Strategy:
     maps_features: bool = False  # works when the target's features differ from the source's
     needs_meta_source: bool = False
     needs_source_head: bool = False  # a source head of the target's type and width
+    needs_layer_stack: bool = False  # cuts the trunk's layers: a `hard` source only
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -214,10 +242,10 @@ STRATEGIES: dict[str, Strategy] = {
     "finetune": Strategy("every parameter of the source trunk and a new head trains", _finetune),
     "linear_probe": Strategy("the trunk frozen, a new head trains", _linear_probe),
     "partial": Strategy("the top transfer.partial_layers trunk layers and a new head train", _partial,
-                        settings=("lr", "partial_layers")),
+                        settings=("lr", "partial_layers"), needs_layer_stack=True),
     "adapter": Strategy("residual bottleneck adapters on the frozen trunk, starting as the identity (plus a linear "
                         "input map when the target's features differ)", _adapter, settings=("lr", "adapter_width"),
-                        maps_features=True),
+                        maps_features=True, needs_layer_stack=True),
     "meta_adapt": Strategy("a meta-learned source's own inner rule: its rate, Meta-SGD's rates, ANIL's head-only step",
                            _meta_adapt, settings=(), needs_meta_source=True),
     "nearest_head": Strategy("the source head of the target's kind that fits the K rows best, then fine-tuned",
