@@ -126,7 +126,8 @@ def check(strategy: str, inputs: TransferInputs, partial_layers: int) -> None:
         raise InputError(f"transfer.strategies: '{strategy}' found no source head of type {t.type} "
                          f"with {t.out_width} outputs")
     if s.needs_layer_stack and not _sequential(inputs):
-        able = ", ".join(n for n, other in STRATEGIES.items() if not other.needs_layer_stack)
+        able = ", ".join(n for n, other in STRATEGIES.items()
+                         if not other.needs_layer_stack and (inputs.learner is not None or not other.needs_meta_source))
         raise InputError(f"transfer.strategies: '{strategy}' works on a trunk that is one stack of layers; the source's "
                          f"architecture '{_model_config(inputs).architecture}' is not (use {able})")
     if "partial_layers" in s.settings and partial_layers > len(_linears(inputs.model.trunk)):
