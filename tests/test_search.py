@@ -108,3 +108,28 @@ def test_a_search_chooses_by_validation_and_only_its_repeats_score_the_test_spli
     assert pick in {r.info.run_id for r in repeats}
     assert c.search_logged_models([parent.info.experiment_id], filter_string=f"source_run_id = '{parent.info.run_id}'")
     assert "best by validation: training.lr=" in out
+
+
+def test_the_driver_ends_each_trial_s_run_as_the_trial_ended(tmp_path, capsys):
+    """A trial that fails: its run FAILED; one ASHA stopped (no last result of its own): FINISHED
+    and tagged; one that ended by itself: its run as it left it. Progress counts the stage's trials."""
+    from types import SimpleNamespace
+
+    from distributed_mtml.search.run import _child_runs
+    from distributed_mtml.search.trial import RUN_ID
+    from distributed_mtml.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = [tracker.create_run("e", name, {}, {}) for name in ("failed", "stopped", "done")]
+    tracker.set_status(runs[2], "FINISHED")
+    trials = [SimpleNamespace(last_result={RUN_ID: runs[0], "monitor": 1.0}, status="RUNNING"),
+              SimpleNamespace(last_result={RUN_ID: runs[1], "monitor": 1.0, "epochs_done": 2}, status="RUNNING"),
+              SimpleNamespace(last_result={RUN_ID: runs[2], "monitor": 0.5, "kept": 0.5}, status="RUNNING")]
+    callback = _child_runs(tracker, "search", 4)
+    callback.on_trial_error(0, trials, trials[0])
+    callback.on_trial_complete(0, trials, trials[1])
+    callback.on_trial_complete(0, trials, trials[2])
+    got = [tracker.client().get_run(r) for r in runs]
+    assert [r.info.status for r in got] == ["FAILED", "FINISHED", "FINISHED"]
+    assert [r.data.tags.get("mtml.stopped_by") for r in got] == [None, "ASHA", None]
+    assert "[tune] search trials 1/4 | 2 running | 0 pending" in capsys.readouterr().out
