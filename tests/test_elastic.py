@@ -139,7 +139,8 @@ def _train_config(tmp_path, workers) -> dict:
     return {
         "suite": {"generator": "mmoe", "path": str(tmp_path / "suite"),
                   "options": {"rows": 3000, "tasks": 3, "features": 8, "seed": 0}},
-        "model": {"trunk": {"widths": [64, 64], "activation": "tanh"}},
+        # mmoe: each task's gate moves with its task when the group shrinks and grows (as its head does)
+        "model": {"trunk": {"widths": [64, 64], "activation": "tanh"}, "architecture": "mmoe", "experts": 2},
         "training": {"epochs": 40, "batch_size": 64, "steps_per_epoch": 30, "lr": 0.003, "seed": 0},
         "scaling": {"num_workers": workers, **WORKER},
     }

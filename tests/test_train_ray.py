@@ -506,7 +506,9 @@ def test_streamed_tasks_train_through_ray_data(ray_session, tmp_path, seed_suite
     pq.write_table(table.set_column(table.column_names.index("y"), "y", pa.array(y)), path)
     config = _config(tmp_path, seed_suite, data={"max_in_memory_mb": 0, "shuffle_buffer_rows": 50, "standardize": "task"},
                      training={"epochs": 2, "batch_size": 16, "steps_per_epoch": 12, "lr": 0.02},
-                     model={"heads": "separate"})  # the model whose epoch 1 improves on epoch 0 (see `best` below)
+                     model={"heads": "separate", "architecture": "mmoe", "experts": 2})
+    # separate heads: the model whose epoch 1 improves on epoch 0 (see `best` below); mmoe: a task's
+    # gate streams with its task (the other tests stream `hard`)
     before = _dataset_readers(ray_session)
     out = run_training(config, "streamed", _tracker(tmp_path))
     readers = {name: logs for name, logs in _dataset_readers(ray_session).items() if name not in before}
