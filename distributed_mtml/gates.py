@@ -66,8 +66,12 @@ def mean_weights(model: MultiTaskModel, suite_dir: str, split: str = "val") -> t
     names = [t.name for t in tasks if t.name in sums]
     weights = np.stack([(sums[n] / rows[n]).numpy() for n in names])
     own = any(hasattr(m.mix, "own") for m in model.task_modules.values())
-    experts = weights.shape[1] - int(own)
-    return weights, names, [f"expert {e + 1}" for e in range(experts)] + ([OWN] if own else [])
+    return weights, names, column_names(weights.shape[1], own)
+
+
+def column_names(width: int, own: bool) -> list[str]:
+    """The names of a task's `width` gate columns: `expert 1`, ..., then `OWN` under cgc and ple."""
+    return [f"expert {e + 1}" for e in range(width - int(own))] + ([OWN] if own else [])
 
 
 def key_name(column: str) -> str:
@@ -97,8 +101,7 @@ def epoch_metrics(trunk: torch.nn.Module, modules: torch.nn.ModuleDict, inputs: 
             elif hasattr(mix, "shared_weights"):
                 adapted = modules[name].adapter(x)
                 w = mix.shared_weights(adapted, trunk(adapted)).double().mean(0).cpu().tolist()
-                own = hasattr(mix, "own")
-                names = [f"expert {e + 1}" for e in range(len(w) - int(own))] + ([OWN] if own else [])
+                names = column_names(len(w), hasattr(mix, "own"))
                 out.update({f"gates/{name}/{key_name(c)}": v for c, v in zip(names, w)})
     return out
 

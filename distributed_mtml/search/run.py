@@ -131,20 +131,22 @@ def _child_runs(tracker: Tracker, stage: str, total: int):
     return ChildRuns()
 
 
-def _searched(results, keys: list[str], epochs: int) -> list[dict]:
-    """Each search trial: its setting, kept validation value (nan: it failed), epochs and seconds."""
+def _searched(results, keys: list[str], mode: str) -> list[dict]:
+    """Each search trial: its setting, kept validation value (nan: it failed; ASHA stopped it:
+    its best epoch's so far, by `mode`), the epochs it ran and its seconds."""
     out = []
     for result in results:
         metrics = result.metrics or {}
         values = {k: result.config[k] for k in keys}
         kept = metrics.get("kept", math.nan) if result.error is None else math.nan
         stopped = result.error is None and "kept" not in metrics
-        if stopped:  # ASHA ended it: its best epoch so far
-            history = result.metrics_dataframe
-            kept = float(history["monitor"].min() if history is not None and len(history) else math.nan)
-        done = metrics.get("epochs_done", epochs if not stopped else math.nan)
+        history = result.metrics_dataframe
+        epochs = history.get("epochs_done") if history is not None else None
+        if stopped and history is not None and len(history):
+            kept = float(history["monitor"].min() if mode == "min" else history["monitor"].max())
         out.append({"values": values, "setting": setting(values), "kept": kept, "stopped": stopped,
-                    "epochs": done, "seconds": metrics.get("time_total_s", math.nan)})
+                    "epochs": float(epochs.max()) if epochs is not None and epochs.notna().any() else math.nan,
+                    "seconds": metrics.get("time_total_s", math.nan)})
     return out
 
 
@@ -177,7 +179,7 @@ def run_search(config: Config, where: str, tracker: Tracker, run_name: str, addr
         say(f"[tune] search: {config.tune.num_samples} settings of {', '.join(space)}, ASHA on {config.checkpoint.monitor}")
         restore = _restorable(storage, "search", parent) if resume else None
         searched = _tuner(config, tune_space(space), "search", tracker, parent, run_name, restore).fit()
-        trials = _searched(searched, list(space), config.training.epochs)
+        trials = _searched(searched, list(space), config.checkpoint.mode)
         best = _best(trials, config.checkpoint.mode)
         say(f"[tune] best by validation: {best['setting']} ({config.checkpoint.monitor} {best['kept']:.4g}); "
             f"{config.tune.repeats} repeats with new seeds")

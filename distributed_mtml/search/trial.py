@@ -74,7 +74,7 @@ def training_trial(values: dict[str, Any], base: dict, parent: str, stage: str, 
     from distributed_mtml.tracking import Tracker
     from distributed_mtml.train.launch import run_training
 
-    config = trial_config(base, {k: v for k, v in values.items() if k != "repeat"})
+    config = trial_config(base, values)
     if config.scaling.local:
         torch.set_num_threads(1)  # a trial's share of the CPUs: several run at once
     begin = time.perf_counter()
