@@ -223,10 +223,67 @@ def mlflow_dataset_entity(dataset: Any) -> Any:
 
 
 def mlflow_schema_head() -> str:
-    """The store schema revision this MLflow needs (MLflow checks it privately; no public call)."""
-    from mlflow.store.db.utils import _get_latest_schema_revision
+    """The store schema revision this MLflow needs (MLflow checks it privately; no public call).
+    Alembic finds it by importing all of MLflow's migration scripts, 0.9 s of every command that
+    opens a store here; it is kept in the user's cache, keyed by the migration files' names and
+    times, so an MLflow upgrade (or an edited migration) asks alembic again."""
+    import hashlib
 
-    return _get_latest_schema_revision()
+    import mlflow.store.db_migrations as migrations
+
+    versions = os.path.join(os.path.dirname(migrations.__file__), "versions")
+    names = sorted(n for n in os.listdir(versions) if n.endswith(".py"))
+    stamp = "".join(f"{n}:{os.stat(os.path.join(versions, n)).st_mtime_ns};" for n in names)
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    cached = os.path.join(cache_folder(), f"mlflow-schema-head-{key}")
+    with contextlib.suppress(OSError):
+        with open(cached) as f:
+            head = f.read().strip()
+        if head:
+            return head
+    from mlflow.store.db.utils import _get_latest_schema_revision  # alembic and SQLAlchemy with it
+
+    head = _get_latest_schema_revision()
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        partial = f"{cached}.{os.getpid()}"
+        with open(partial, "w") as f:
+            f.write(head)
+        os.replace(partial, cached)
+    return head
+
+
+@contextlib.contextmanager
+def mlflow_requirements_unscanned() -> Iterator[None]:
+    """MLflow's model logging without its scan of every installed distribution. Logging a model
+    checks each pip requirement against this environment, and first maps every installed
+    package to its modules (`packages_distributions`, 1 s of a 10 s run here) though it only
+    needs the versions. Ours are pinned from this environment's own versions, so the check
+    cannot differ; an empty map makes MLflow read each version directly. The map is MLflow's
+    private module global, left as it was."""
+    try:
+        from mlflow.utils import requirements_utils as reqs
+    except ImportError:
+        yield
+        return
+    if not hasattr(reqs, "_MODULES_TO_PACKAGES"):
+        _once("mlflow-requirements-map", "MLflow's requirement map moved; model logging scans installed packages")
+        yield
+        return
+    scanned = reqs._MODULES_TO_PACKAGES
+    if scanned is None:
+        reqs._MODULES_TO_PACKAGES = {}
+    try:
+        yield
+    finally:
+        if scanned is None:
+            reqs._MODULES_TO_PACKAGES = None
+
+
+def cache_folder() -> str:
+    """Where what is made once a machine is kept: `$XDG_CACHE_HOME/distributed_mtml` or
+    `~/.cache/distributed_mtml`."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distributed_mtml")
 
 
 def mlflow_store_tables() -> set[str]:

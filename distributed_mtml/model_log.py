@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from typing import TYPE_CHECKING
 
+from distributed_mtml import compat
 from distributed_mtml.artifacts import MODEL_NAME, WEIGHTS
 from distributed_mtml.errors import InputError
 from distributed_mtml.predict import Predictor
@@ -81,7 +82,8 @@ def log_mlflow_model(tracker: Tracker, run_id: str, checkpoint: str, example: "p
             outputs = infer_signature(example, predictor.predict(example)).outputs
         signature = ModelSignature(_input_schema(predictor, example), outputs, infer_signature(params={"tasks": ""}).params)
         experiment = tracker.client().get_run(run_id).info.experiment_id
-        with tracker.active(experiment):  # Model.log writes through MLflow's current store and experiment
+        # Model.log writes through MLflow's current store and experiment
+        with tracker.active(experiment), compat.mlflow_requirements_unscanned():
             return Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, step=step,
                              python_model=PYFUNC_FILE, artifacts={WEIGHTS: weights}, code_paths=[PACKAGE_DIR],
                              signature=signature, input_example=example, pip_requirements=requirements(),

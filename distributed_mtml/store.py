@@ -107,7 +107,7 @@ def template() -> str | None:
     import mlflow
     from filelock import FileLock
 
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distributed_mtml")
+    folder = compat.cache_folder()
     path = os.path.join(folder, f"mlflow-{mlflow.__version__}-{compat.mlflow_schema_head()}.db")
     try:
         os.makedirs(folder, exist_ok=True)

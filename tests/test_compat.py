@@ -69,6 +69,34 @@ def test_mlflow_store_schema_head_and_tables(tmp_path):
     assert {"runs", "metrics", "registered_models"} <= compat.mlflow_store_tables() <= tables
 
 
+def test_mlflow_schema_head_is_cached_per_migrations(tmp_path, monkeypatch):
+    """Alembic is asked once; later commands read the head from the cache, and a cache from other
+    migration files is not used."""
+    from mlflow.store.db import utils
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    head = compat.mlflow_schema_head()
+    assert head == utils._get_latest_schema_revision()
+    monkeypatch.setattr(utils, "_get_latest_schema_revision", lambda: pytest.fail("alembic asked again"))
+    assert compat.mlflow_schema_head() == head
+    (cached,) = (tmp_path / "distributed_mtml").glob("mlflow-schema-head-*")
+    cached.rename(tmp_path / "elsewhere")
+    monkeypatch.setattr(utils, "_get_latest_schema_revision", lambda: "asked")
+    assert compat.mlflow_schema_head() == "asked"
+
+
+def test_mlflow_requirements_unscanned_reads_versions_and_restores_the_map():
+    """Model logging's requirement check inside: no scan of installed distributions, a mismatch
+    still found (read from the package's own version), and MLflow's map left as it was."""
+    from mlflow.utils import requirements_utils as reqs
+
+    before = reqs._MODULES_TO_PACKAGES
+    with compat.mlflow_requirements_unscanned():
+        assert reqs._check_requirement_satisfied("torch==0.0.1").installed_version is not None
+        assert reqs._MODULES_TO_PACKAGES == {} if before is None else reqs._MODULES_TO_PACKAGES is before
+    assert reqs._MODULES_TO_PACKAGES is before
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
 def test_glibc_takes_the_mmap_threshold(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
