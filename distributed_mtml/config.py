@@ -272,10 +272,18 @@ class ScalingSection(_Section):
 
 
 class AggregationConfig(_Section):
-    method: str = Field("mean", description="mean, pcgrad, cagrad, mgda, upgrad, imtl, graddrop, uw, dwa")
+    method: str = Field("mean", description="a name of aggregation.METHODS: mean, pcgrad, cagrad, mgda, upgrad, dualproj, "
+                        "aligned_mtl, nash_mtl, fairgrad, config, imtl, graddrop, uw, dwa (docs: reference/registries)")
     c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
     leak: float = Field(0.0, ge=0, le=1, description="GradDrop's leak: fraction of every gradient kept unmasked")
     temperature: float = Field(2.0, gt=0, description="DWA's softmax temperature T")
+    reg_eps: float = Field(1e-4, ge=0, description="UPGrad's and DualProj's regularisation of the dual-cone projection "
+                           "(added to the trace-normalised Gram's diagonal)")
+    scale_mode: Literal["min", "median", "rmse"] = Field(
+        "min", description="Aligned-MTL's scale: the smallest, median or mean nonzero eigenvalue of the Gram")
+    max_norm: float = Field(1.0, ge=0, description="Nash-MTL's largest update norm (0: no clip)")
+    fairgrad_alpha: float = Field(1.0, ge=0, description="FairGrad's alpha: 1 proportional fairness, larger favours "
+                                  "the worst-off task, 0 the mean")
     gradients: Literal["parameters", "representation"] = Field(
         "parameters", description="what a Gram method compares: each task's trunk-parameter gradient (one backward per "
         "task) or its gradient at the trunk's output (MGDA-UB: one trunk backward per step, whatever the task count)"

@@ -17,7 +17,20 @@ from typing import Callable, Literal
 
 import torch
 
-from distributed_mtml.aggregation import cagrad, graddrop, imtl, mean, mgda, pcgrad, upgrad
+from distributed_mtml.aggregation import (
+    aligned_mtl,
+    cagrad,
+    conflict_free,
+    dualproj,
+    fairgrad,
+    graddrop,
+    imtl,
+    mean,
+    mgda,
+    nash_mtl,
+    pcgrad,
+    upgrad,
+)
 from distributed_mtml.aggregation.loss_weighting import DynamicWeightAverage, LossWeighting, UncertaintyWeighting
 
 
@@ -30,6 +43,7 @@ class Method:
     loss_weighting: type[LossWeighting] | None = None  # loss: built per worker as cls(owned, order, **params)
     params: tuple[str, ...] = ()  # keys of the `aggregation` config section it takes
     needs_exchange: bool = True  # False: DDP's own gradient average carries the method
+    mean_scale: bool = True  # identical task gradients give their mean (False: the method's own step size)
 
 
 METHODS: dict[str, Method] = {
@@ -39,7 +53,18 @@ METHODS: dict[str, Method] = {
         "CAGrad: best worst-case improvement near the mean (Liu et al. 2021)", weights=cagrad.weights, params=("c",)
     ),
     "mgda": Method("MGDA: min-norm point of the convex hull (Desideri 2012; Sener & Koltun 2018)", weights=mgda.weights),
-    "upgrad": Method("UPGrad: mean of projections onto the dual cone (Quinton & Rey 2024)", weights=upgrad.weights),
+    "upgrad": Method("UPGrad: mean of projections onto the dual cone (Quinton & Rey 2024)", weights=upgrad.weights,
+                     params=("reg_eps",)),
+    "dualproj": Method("DualProj: the mean projected onto the dual cone (Lopez-Paz & Ranzato 2017)",
+                       weights=dualproj.weights, params=("reg_eps",)),
+    "aligned_mtl": Method("Aligned-MTL: gradients made orthogonal and equal in size (Senushkin et al. 2023)",
+                          weights=aligned_mtl.weights, params=("scale_mode",)),
+    "nash_mtl": Method("Nash-MTL: the tasks' Nash bargaining solution (Navon et al. 2022)", weights=nash_mtl.weights,
+                       params=("max_norm",), mean_scale=False),
+    "fairgrad": Method("FairGrad: alpha-fair shares of the improvement (Ban & Ji 2024)", weights=fairgrad.weights,
+                       params=("fairgrad_alpha",), mean_scale=False),
+    "config": Method("ConFIG: the direction at equal angles to every task (Liu et al. 2025)",
+                     weights=conflict_free.weights),
     "imtl": Method("IMTL-G: equal projection onto every task direction (Liu et al. 2021)", weights=imtl.weights),
     "graddrop": Method(
         "GradDrop: per coordinate keep one randomly drawn sign (Chen et al. 2020)",
