@@ -273,7 +273,8 @@ class ScalingSection(_Section):
 
 class AggregationConfig(_Section):
     method: str = Field("mean", description="a name of aggregation.METHODS: mean, pcgrad, cagrad, mgda, upgrad, dualproj, "
-                        "aligned_mtl, nash_mtl, fairgrad, config, imtl, graddrop, uw, dwa (docs: reference/registries)")
+                        "aligned_mtl, nash_mtl, fairgrad, config, imtl, graddrop, uw, dwa, rlw, gls, stch, famo (docs: "
+                        "reference/registries)")
     c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
     leak: float = Field(0.0, ge=0, le=1, description="GradDrop's leak: fraction of every gradient kept unmasked")
     temperature: float = Field(2.0, gt=0, description="DWA's softmax temperature T")
@@ -284,6 +285,10 @@ class AggregationConfig(_Section):
     max_norm: float = Field(1.0, ge=0, description="Nash-MTL's largest update norm (0: no clip)")
     fairgrad_alpha: float = Field(1.0, ge=0, description="FairGrad's alpha: 1 proportional fairness, larger favours "
                                   "the worst-off task, 0 the mean")
+    stch_mu: float = Field(1.0, gt=0, description="STCH's smoothing mu: small approaches the worst task alone")
+    stch_warmup: int = Field(4, ge=0, description="STCH's epochs of log losses before the nadir point is measured")
+    famo_lr: float = Field(0.025, gt=0, description="FAMO's learning rate of the task-weight logits")
+    famo_decay: float = Field(0.001, ge=0, description="FAMO's L2 decay of the task-weight logits")
     gradients: Literal["parameters", "representation"] = Field(
         "parameters", description="what a Gram method compares: each task's trunk-parameter gradient (one backward per "
         "task) or its gradient at the trunk's output (MGDA-UB: one trunk backward per step, whatever the task count)"

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from distributed_mtml.aggregation import GRADIENT_METHODS, METHODS, combine
+from distributed_mtml.aggregation import GRADIENT_METHODS, METHODS, combine, loss_weighting
 from distributed_mtml.aggregation.exchange import gather_task_grads
 from distributed_mtml.aggregation.loss_weighting import DynamicWeightAverage, UncertaintyWeighting
 
@@ -260,6 +260,111 @@ def test_dwa_equal_for_two_epochs_then_favours_the_slow_task():
     restored = DynamicWeightAverage(["b"], ["a", "b"])
     restored.load_state_dict(dwa.state_dict())
     assert restored.multipliers().item() == pytest.approx(expected.item())
+
+
+LOSS_NAMES = sorted(n for n, m in METHODS.items() if m.kind == "loss")
+
+
+def _loss_gradients(weighting, losses: list[float]) -> torch.Tensor:
+    """d total / d L_i of the weighting at these losses (its multipliers, as autograd sees them)."""
+    values = [torch.tensor(v, requires_grad=True) for v in losses]
+    weighting.total(values).backward()
+    return torch.stack([v.grad for v in values])
+
+
+def test_gls_is_the_geometric_mean_s_gradient():
+    gls = loss_weighting(METHODS["gls"], ["a", "b", "c"], ["a", "b", "c"], {})
+    losses = torch.tensor([0.5, 2.0, 0.1], dtype=torch.float64, requires_grad=True)
+    torch.exp(torch.log(losses).mean()).backward()
+    assert torch.allclose(_loss_gradients(gls, [0.5, 2.0, 0.1]).double() / 3, losses.grad, rtol=1e-6)
+    assert gls.weights()["c"] > gls.weights()["a"] > gls.weights()["b"]  # the smallest loss weighs most
+
+
+def test_stch_takes_log_losses_then_a_smooth_maximum_over_the_nadir_point():
+    """Warm-up: the gradient of sum log L_i (over K); after it, of mu logsumexp(log(L / n) / mu),
+    n the epoch-mean losses of the epoch after the warm-up: state that a checkpoint restores."""
+    stch = loss_weighting(METHODS["stch"], ["a", "b"], ["a", "b"], {"stch_mu": 0.5, "stch_warmup": 1})
+    assert torch.allclose(_loss_gradients(stch, [0.5, 2.0]), torch.tensor([1 / 0.5, 1 / 2.0]) / 1)
+    stch.end_epoch(torch.tensor([1.0, 1.0]))
+    assert torch.allclose(_loss_gradients(stch, [0.5, 2.0]), torch.tensor([2.0, 0.5]))  # still warming up
+    nadir = torch.tensor([0.4, 4.0], dtype=torch.float64)
+    stch.end_epoch(nadir)
+    losses = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    (0.5 * torch.logsumexp(torch.log(losses / nadir) / 0.5, 0)).backward()
+    assert torch.allclose(_loss_gradients(stch, [0.5, 2.0]).double() / 2, losses.grad, rtol=1e-6)
+    restored = loss_weighting(METHODS["stch"], ["a", "b"], ["a", "b"], {"stch_mu": 0.5, "stch_warmup": 1})
+    restored.load_state_dict(stch.state_dict())
+    assert torch.equal(_loss_gradients(restored, [0.5, 2.0]), _loss_gradients(stch, [0.5, 2.0]))
+
+
+def test_famo_moves_weight_to_the_task_whose_loss_falls_slowly():
+    """The multipliers average 1; a task whose loss halves every step loses weight (softmax of
+    the logits) to one that stays, and a restored state goes on exactly as the original."""
+    famo = loss_weighting(METHODS["famo"], ["fast", "slow"], ["fast", "slow"], {"famo_lr": 0.1})
+    for step in range(30):
+        grads = _loss_gradients(famo, [0.5**step, 1.0])
+        assert float(famo.multipliers().mean()) == pytest.approx(1.0, rel=1e-5)
+    z = torch.softmax(famo.logits, 0)  # the learned task weights
+    assert z[1] > 0.6 > 0.4 > z[0]
+    # the gradient is K z_i / (c L_i) with c = sum z / L: the log-loss objective's, normalised
+    assert grads[0] == pytest.approx(float(2 * z[0] / ((z / torch.tensor([0.5**29, 1.0])).sum() * 0.5**29)), rel=1e-4)
+    twin = loss_weighting(METHODS["famo"], ["fast", "slow"], ["fast", "slow"], {"famo_lr": 0.1})
+    twin.load_state_dict(famo.state_dict())
+    assert torch.equal(_loss_gradients(twin, [0.3, 0.9]), _loss_gradients(famo, [0.3, 0.9]))
+
+
+def test_rlw_draws_afresh_each_step_the_same_on_every_rank_and_averages_one():
+    """Two ranks (owning a and b) draw the same step's weights from the run's seed and step count;
+    over many steps the multipliers average 1, and another seed draws differently."""
+    ranks = [loss_weighting(METHODS["rlw"], [n], ["a", "b"], {}, seed=3) for n in ("a", "b")]
+    other = loss_weighting(METHODS["rlw"], ["a", "b"], ["a", "b"], {}, seed=4)
+    drawn = []
+    for _ in range(400):
+        together = torch.cat([_loss_gradients(r, [1.0]) for r in ranks])
+        assert together.sum() == pytest.approx(2.0, rel=1e-5)  # K softmax sums to K
+        drawn.append(together)
+        _loss_gradients(other, [1.0, 1.0])
+    assert not torch.equal(drawn[0], drawn[1])
+    assert torch.stack(drawn).mean(0).tolist() == pytest.approx([1.0, 1.0], abs=0.05)
+    assert not torch.equal(other.multipliers(), ranks[0].multipliers().repeat(2)[:2])
+
+
+def _loss_worker(rank, placement, port, out):
+    """Each rank's multipliers over a few steps, its losses all-reduced by the worker's gather."""
+    from distributed_mtml.train.worker import _step_losses
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(placement))
+    order = sorted(n for tasks in placement for n in tasks)
+    for name in LOSS_NAMES:
+        weighting = loss_weighting(METHODS[name], placement[rank], order, {}, gather=_step_losses(placement[rank], order, 2),
+                                   seed=5)
+        seen = []
+        for step in range(6):
+            values = [torch.tensor(0.9 ** (step * (order.index(n) + 1)), requires_grad=True) for n in placement[rank]]
+            weighting.total(values).backward()
+            seen.append(torch.stack([v.grad for v in values]))
+            weighting.end_epoch(torch.tensor([0.8 ** (step + i) for i in range(len(order))], dtype=torch.float64))
+        torch.save(torch.stack(seen), f"{out}/{name}-rank{rank}.pt")
+    _exit_cleanly()
+
+
+def test_loss_weightings_across_workers_equal_one_process_holding_every_task(tmp_path):
+    """GLS, STCH and FAMO read every task's loss each step through one all-reduce; RLW draws the
+    same weights on every rank: each rank's multipliers equal one process's with all tasks."""
+    placement = [["a", "c"], ["b"]]
+    mp.spawn(_loss_worker, args=(placement, free_port(), str(tmp_path)), nprocs=2)
+    order = ["a", "b", "c"]
+    for name in LOSS_NAMES:
+        alone = loss_weighting(METHODS[name], order, order, {}, seed=5)
+        seen = []
+        for step in range(6):
+            seen.append(_loss_gradients(alone, [0.9 ** (step * (i + 1)) for i in range(3)]))
+            alone.end_epoch(torch.tensor([0.8 ** (step + i) for i in range(3)], dtype=torch.float64))
+        reference = torch.stack(seen)
+        for rank, tasks in enumerate(placement):
+            got = torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=True)
+            assert torch.allclose(got, reference[:, [order.index(n) for n in tasks]], rtol=1e-6), (name, rank)
 
 
 def _exit_cleanly() -> None:

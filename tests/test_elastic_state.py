@@ -4,6 +4,7 @@ test_elastic.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from distributed_mtml.aggregation import METHODS, loss_weighting
@@ -79,6 +80,42 @@ def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp
         assert set(restored[name]) == set(state), name
         for k, v in state.items():
             assert torch.equal(restored[name][k], v), (name, k)
+
+
+REPLICATED = [n for n, m in METHODS.items() if m.kind == "loss" and m.state and n != "uw"]  # UW's state is per task
+
+
+@pytest.mark.parametrize("method", REPLICATED)
+def test_a_stateful_weighting_goes_on_after_a_checkpoint_by_another_placement(tmp_path, method):
+    """DWA's history, RLW's step count, STCH's nadir point, FAMO's logits and moments: the same on
+    every rank (each reads every task's losses), saved by rank 0 of [[t0, t2], [t1]] and restored
+    into one rank holding all three tasks, which then weighs the next step as a run that never
+    stopped."""
+    cfg = validate_config({"model": {"trunk": {"widths": [8]}}, "aggregation": {"method": method}})
+    step_losses = lambda step: [0.9 ** (step * (i + 1)) + 0.1 * i for i in range(3)]  # noqa: E731
+    current = {}
+    alone = loss_weighting(METHODS[method], NAMES, NAMES, {}, seed=2)
+    placement = [["t0", "t2"], ["t1"]]
+    ranks = [loss_weighting(METHODS[method], owned, NAMES, {}, gather=lambda _: current["all"], seed=2)
+             for owned in placement]
+    for step in range(7):
+        current["all"] = torch.tensor(step_losses(step)).double()  # as the worker gathers float32 losses
+        alone.total([torch.tensor(v) for v in step_losses(step)])
+        for owned, weighting in zip(placement, ranks):
+            weighting.total([torch.tensor(step_losses(step)[NAMES.index(n)]) for n in owned])
+        if step % 2:
+            for w in (alone, *ranks):
+                w.end_epoch(current["all"] * 0.5)
+    for r, (owned, weighting) in enumerate(zip(placement, ranks)):
+        trunk, shared, modules, _, optimizer = _rank(cfg, owned)
+        save_worker_state(str(tmp_path), r, 3, "{}", trunk, modules, optimizer, weighting, shared=shared)
+    trunk, shared, modules, _, _ = _rank(cfg, NAMES)
+    restored = loss_weighting(METHODS[method], NAMES, NAMES, {}, seed=2)
+    groups = parameter_groups(trunk, modules, restored, shared)
+    optimizer = make_optimizer("adam", [p for ps in groups.values() for p in ps], 1e-2, 0.0)
+    restore_worker_state(str(tmp_path), trunk, modules, optimizer, restored, shared)
+    nxt = [torch.tensor(v) for v in step_losses(7)]
+    assert torch.equal(restored.total(nxt), alone.total(nxt)) and torch.equal(restored.multipliers(), alone.multipliers())
 
 
 def test_a_meta_batch_is_the_same_episodes_whatever_the_worker_count():

@@ -237,12 +237,16 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, seed
     """SIGKILL one worker after the first checkpoint: with max_failures the group restarts
     from that checkpoint, the run finishes with every epoch logged once and the restart
     recorded, and its final metrics equal those of an uninterrupted run with the same seed
-    (batches and dropout are seeded per epoch, optimiser state is checkpointed)."""
+    (batches and dropout are seeded per epoch, optimiser state is checkpointed). It trains with
+    FAMO, whose logits, their Adam moments and last losses are the same on both ranks (each step
+    all-reduces every task's loss): restored wrong, the weights and so the metrics would differ.
+    Every stateful method's checkpoint round trip: test_elastic_state."""
     import signal
     import threading
     import time
 
-    sections = {"training": {"epochs": 6, "steps_per_epoch": 40}, "checkpoint": {"every_n_epochs": 1, "max_failures": 2}}
+    sections = {"training": {"epochs": 6, "steps_per_epoch": 40}, "checkpoint": {"every_n_epochs": 1, "max_failures": 2},
+                "aggregation": {"method": "famo"}}
     killed = []
 
     def kill_after_first_checkpoint():

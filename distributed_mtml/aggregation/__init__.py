@@ -4,7 +4,14 @@
   (and a seed, for methods with a random order) to K weights w; the update is sum_i w_i g_i.
 - "coordinate": a function of the full [K, P] task gradients (GradDrop), for rules that
   look at every coordinate and so cannot be written with G alone.
-- "loss": a per-task multiplier on the losses before an ordinary DDP backward (UW, DWA).
+- "loss": a per-task multiplier on the losses before an ordinary DDP backward (UW, DWA, RLW,
+  GLS, STCH, FAMO). Those that need every task's loss at each step (`step_losses`) get it by one
+  all-reduce of K floats; none needs a task gradient.
+
+Capability flags on each entry say what a method needs beyond its kind: `state` (kept across
+steps and saved with the checkpoint: DWA's loss history, FAMO's logits, STCH's nadir point, RLW's
+step count, UW's learned log-variances), `step_losses`, and `mean_scale` (False where identical
+task gradients do not give their mean: the method's own step size).
 
 Methods never touch `.grad` or `torch.distributed`: the exchange lives in `exchange.py`.
 All follow the mean convention: with no conflict each task weighs 1/K, the DDP average.
@@ -31,7 +38,16 @@ from distributed_mtml.aggregation import (
     pcgrad,
     upgrad,
 )
-from distributed_mtml.aggregation.loss_weighting import DynamicWeightAverage, LossWeighting, UncertaintyWeighting
+from distributed_mtml.aggregation.famo import FastAdaptiveWeighting
+from distributed_mtml.aggregation.gls import GeometricLossStrategy
+from distributed_mtml.aggregation.loss_weighting import (
+    DynamicWeightAverage,
+    Gather,
+    LossWeighting,
+    UncertaintyWeighting,
+)
+from distributed_mtml.aggregation.rlw import RandomLossWeighting
+from distributed_mtml.aggregation.stch import SmoothTchebycheff
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,8 @@ class Method:
     params: tuple[str, ...] = ()  # keys of the `aggregation` config section it takes
     needs_exchange: bool = True  # False: DDP's own gradient average carries the method
     mean_scale: bool = True  # identical task gradients give their mean (False: the method's own step size)
+    state: bool = False  # keeps state across steps, saved with the checkpoint
+    step_losses: bool = False  # needs every task's loss at each step (one all-reduce of K floats)
 
 
 METHODS: dict[str, Method] = {
@@ -72,11 +90,29 @@ METHODS: dict[str, Method] = {
     ),
     "uw": Method(
         "uncertainty weighting: learned per-task log-variance (Kendall et al. 2018)",
-        kind="loss", loss_weighting=UncertaintyWeighting, needs_exchange=False,
+        kind="loss", loss_weighting=UncertaintyWeighting, needs_exchange=False, state=True,
     ),
     "dwa": Method(
         "dynamic weight average: weight by the epoch-to-epoch loss ratio (Liu et al. 2019)",
-        kind="loss", loss_weighting=DynamicWeightAverage, params=("temperature",), needs_exchange=False,
+        kind="loss", loss_weighting=DynamicWeightAverage, params=("temperature",), needs_exchange=False, state=True,
+    ),
+    "rlw": Method(
+        "random loss weighting: a fresh softmax-normal draw each step (Lin et al. 2022)",
+        kind="loss", loss_weighting=RandomLossWeighting, needs_exchange=False, state=True,
+    ),
+    "gls": Method(
+        "geometric loss strategy: the geometric mean of the losses (Chennupati et al. 2019)",
+        kind="loss", loss_weighting=GeometricLossStrategy, needs_exchange=False, step_losses=True,
+    ),
+    "stch": Method(
+        "smooth Tchebycheff: a smooth maximum of nadir-normalised log losses (Lin et al. 2024)",
+        kind="loss", loss_weighting=SmoothTchebycheff, params=("stch_mu", "stch_warmup"), needs_exchange=False,
+        state=True, step_losses=True, mean_scale=False,
+    ),
+    "famo": Method(
+        "FAMO: weights learned from each loss's fall, O(1) per step (Liu et al. 2023)",
+        kind="loss", loss_weighting=FastAdaptiveWeighting, params=("famo_lr", "famo_decay"), needs_exchange=False,
+        state=True, step_losses=True,
     ),
 }
 
@@ -85,11 +121,14 @@ GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
 
 
 def loss_weighting(method: Method, owned: list[str], order: list[str], options: dict,
-                   types: dict[str, str] | None = None) -> LossWeighting:
+                   types: dict[str, str] | None = None, gather: Gather | None = None, seed: int = 0) -> LossWeighting:
     """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise.
-    `types` (task -> "classification" | "regression") picks UW's form per task."""
+    `types` (task -> "classification" | "regression") picks UW's form per task; `gather` gives
+    every task's loss where the method needs it (`step_losses`; default: this process holds
+    every task); `seed` is the run's."""
     cls = method.loss_weighting or LossWeighting
-    return cls(owned, order, types, **options) if cls is not LossWeighting else cls(owned, order, types)
+    own = options if cls is not LossWeighting else {}
+    return cls(owned, order, types, gather=gather, seed=seed, **own)
 
 
 def combine(grads: torch.Tensor, method: Method | str, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:

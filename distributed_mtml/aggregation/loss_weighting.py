@@ -10,17 +10,37 @@ the Gram methods' weights (1/K each for `mean`); that is what `weights()` report
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
+from distributed_mtml.segments import in_suite_order
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+"""The owned tasks' values ([n], `owned` order) -> every task's ([K], suite order), the same on
+every rank: the worker's all-reduce of one float per task, or in one process a reordering."""
+
 
 class LossWeighting(nn.Module):
-    """Equal weights; the base of the others."""
+    """Equal weights; the base of the others.
 
-    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None):
+    A weighting that needs every task's loss at each step (GLS, STCH, FAMO) reads them through
+    `suite_losses`, detached: its multipliers then come out the same on every rank, and a rank
+    only multiplies the losses it owns. `seed` is the run's, for weightings that draw (RLW)."""
+
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
+                 gather: Gather | None = None, seed: int = 0):
         super().__init__()
-        self.owned, self.order = owned, order
+        self.owned, self.order, self.seed = owned, order, seed
         self.types = types or {}  # task -> "classification" | "regression" (default)
+        self.gather = gather or (lambda values: in_suite_order(values, owned, order, 0.0))
+        where = {name: i for i, name in enumerate(order)}
+        self.places = torch.tensor([where[name] for name in owned], dtype=torch.long)  # owned tasks' suite places
+
+    def suite_losses(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """This step's loss of every task, [K] float64 in suite order, detached."""
+        return self.gather(torch.stack([loss.detach().double() for loss in losses]))
 
     def multipliers(self) -> torch.Tensor:
         """One multiplier per owned task, in `owned` order."""
@@ -59,8 +79,8 @@ class UncertaintyWeighting(LossWeighting):
     small weight. Each s_i lives on the worker that owns the task: only its loss depends on it.
     """
 
-    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None):
-        super().__init__(owned, order, types)
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None, **common):
+        super().__init__(owned, order, types, **common)
         self.log_var = nn.ParameterList([nn.Parameter(torch.tensor(-0.5)) for _ in owned])  # one per task
         factor = [1.0 if self.types.get(n) == "classification" else 0.5 for n in owned]
         self.register_buffer("factor", torch.tensor(factor), persistent=False)
@@ -87,8 +107,8 @@ class DynamicWeightAverage(LossWeighting):
     """
 
     def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
-                 temperature: float = 2.0):
-        super().__init__(owned, order, types)
+                 temperature: float = 2.0, **common):
+        super().__init__(owned, order, types, **common)
         self.temperature = temperature
         self.register_buffer("history", torch.zeros(2, len(order), dtype=torch.float64))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
@@ -98,7 +118,7 @@ class DynamicWeightAverage(LossWeighting):
             return torch.ones(len(self.owned))
         ratio = self.history[1] / self.history[0].clamp_min(1e-12)
         w = len(self.order) * torch.softmax(ratio / self.temperature, dim=0)
-        return w[[self.order.index(n) for n in self.owned]].float()
+        return w[self.places].float()
 
     def end_epoch(self, epoch_losses: torch.Tensor) -> None:
         self.history = torch.stack([self.history[1], epoch_losses.to(self.history)])

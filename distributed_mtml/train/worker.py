@@ -106,6 +106,18 @@ def _average_parameters(module: nn.Module, world: int) -> None:
     vector_to_parameters(flat / world, module.parameters())
 
 
+def _step_losses(mine: list[str], order: list[str], world: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a loss weighting that needs every task's loss at each step reads them with: each rank
+    fills its own tasks' places and one all-reduce of K floats sums the disjoint entries."""
+    def gather(values: torch.Tensor) -> torch.Tensor:
+        out = in_suite_order(values, mine, order, 0.0)
+        if world > 1:
+            dist.all_reduce(out)
+        return out
+
+    return gather
+
+
 def _suite_losses(sums: torch.Tensor, mine: list[str], order: list[str], steps: int, world: int) -> torch.Tensor:
     """Every task's mean training loss this epoch, [K] in suite order, the same on every rank:
     each rank fills the tasks it owns (`sums`, in the order of `mine`) and one all-reduce sums
@@ -268,7 +280,8 @@ class Worker:
         shared = build_shared_heads(cfg.model, shapes, t.seed).to(device)  # every rank holds all of them
         modules = build_task_modules(cfg.model, shapes, t.seed, only=mine, shared=shared, rows=plan.train_rows).to(device)
         types = {s.name: s.type for s in shapes}
-        weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types).to(device)
+        weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types,
+                                   _step_losses(mine, order, world), t.seed).to(device)
         groups = parameter_groups(trunk, modules, weighting, shared)  # the checkpoint cuts the optimiser's state by them
         optimizer = make_optimizer(t.optimizer, [p for ps in groups.values() for p in ps], t.lr, t.weight_decay)
         optimizer.register_step_pre_hook(lambda *_: sync_shared_grads(shared, world))

@@ -1,0 +1,50 @@
+"""STCH: smooth Tchebycheff scalarisation, a smooth maximum of the normalised log losses.
+
+Reference: Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective Optimization",
+ICML 2024, in the form of the authors' multi-task code: for the first `stch_warmup` epochs the
+objective is sum_i log L_i (multiplier 1/L_i in our mean convention); the mean training losses of
+the epoch after those become the nadir point n (state, checkpointed); from then on the objective
+is mu log sum_i exp(log(L_i / n_i) / mu), whose multiplier for task i is K softmax_i / L_i.
+Small `stch_mu` approaches the worst task alone, large mu the log losses' mean. Needs every
+task's loss at each step (one all-reduce of K floats across workers).
+
+Not the mean's scale: a multiplier of 1/L_i makes steps larger as losses fall (the log loss's
+own scale), as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distributed_mtml.aggregation.loss_weighting import LossWeighting
+
+FLOOR = 1e-20  # the authors' offset inside the logarithm
+
+
+class SmoothTchebycheff(LossWeighting):
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
+                 stch_mu: float = 1.0, stch_warmup: int = 4, **common):
+        super().__init__(owned, order, types, **common)
+        self.mu, self.warmup = stch_mu, stch_warmup
+        self.register_buffer("nadir", torch.zeros(len(order), dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last", torch.ones(len(owned)), persistent=False)
+
+    def multipliers(self) -> torch.Tensor:
+        """The last step's."""
+        return self.last
+
+    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        every = self.suite_losses(losses).clamp_min(FLOOR)
+        if self.seen <= self.warmup:
+            m = 1 / every
+        else:
+            share = torch.softmax(torch.log(every / self.nadir) / self.mu, 0)
+            m = len(self.order) * share / every
+        self.last = m[self.places].float().to(self.last.device)
+        return super().total(losses)
+
+    def end_epoch(self, epoch_losses: torch.Tensor) -> None:
+        self.seen += 1
+        if self.seen == self.warmup + 1:
+            self.nadir = epoch_losses.to(self.nadir).clamp_min(FLOOR)
