@@ -273,7 +273,7 @@ class ScalingSection(_Section):
 
 class AggregationConfig(_Section):
     method: str = Field("mean", description="a name of aggregation.METHODS: mean, pcgrad, cagrad, mgda, upgrad, dualproj, "
-                        "aligned_mtl, nash_mtl, fairgrad, config, imtl, graddrop, uw, dwa, rlw, gls, stch, famo (docs: "
+                        "aligned_mtl, nash_mtl, fairgrad, config, gradvac, imtl, graddrop, uw, dwa, rlw, gls, stch, famo (docs: "
                         "reference/registries)")
     c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
     leak: float = Field(0.0, ge=0, le=1, description="GradDrop's leak: fraction of every gradient kept unmasked")
@@ -285,6 +285,7 @@ class AggregationConfig(_Section):
     max_norm: float = Field(1.0, ge=0, description="Nash-MTL's largest update norm (0: no clip)")
     fairgrad_alpha: float = Field(1.0, ge=0, description="FairGrad's alpha: 1 proportional fairness, larger favours "
                                   "the worst-off task, 0 the mean")
+    gradvac_beta: float = Field(0.5, ge=0, le=1, description="GradVac's EMA rate of the target cosines")
     stch_mu: float = Field(1.0, gt=0, description="STCH's smoothing mu: small approaches the worst task alone")
     stch_warmup: int = Field(4, ge=0, description="STCH's epochs of log losses before the nadir point is measured")
     famo_lr: float = Field(0.025, gt=0, description="FAMO's learning rate of the task-weight logits")

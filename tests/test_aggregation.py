@@ -37,14 +37,14 @@ def test_identical_gradients_give_the_mean(name):
         assert torch.allclose(agg, g[0], atol=1e-5), seed
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "upgrad", "graddrop"])
+@pytest.mark.parametrize("name", ["pcgrad", "upgrad", "graddrop", "dualproj", "gradvac"])
 def test_non_conflicting_gradients_give_the_mean(name):
     g = torch.tensor([[1.0, 0.2, 0.0], [0.3, 1.0, 0.0], [0.1, 0.1, 1.0]])
     agg, _ = combine(g, name, seed=0)
     assert torch.allclose(agg, g.mean(0), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [n for n in GRAM_NAMES if n != "pcgrad"])
+@pytest.mark.parametrize("name", [n for n in GRAM_NAMES if n not in ("pcgrad", "gradvac")])  # their seeded order
 def test_permutation_equivariance(name):
     g = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     perm = [2, 0, 1]
@@ -84,6 +84,34 @@ def test_update_equals_torchjd_on_the_same_jacobians(name):
             theirs = ref(j) / (len(j) if scale == "k" else scale)
         ours, _ = combine(j, name, seed=0)
         assert float((ours - theirs).norm() / theirs.norm()) < 1e-6, (name, trial)
+
+
+def test_gradvac_equals_torchjd_step_after_step_with_its_targets_as_state():
+    """Two tasks (so no random order to match), conflicting every other step: the update equals
+    torchjd's GradVac (over K: it sums) at every step, its EMA targets carried in the state, and
+    a restored state goes on the same."""
+    import warnings
+
+    from torchjd import aggregation as tjd
+
+    from distributed_mtml.aggregation.gradvac import Targets
+
+    ref, state = tjd.GradVac(beta=0.3), Targets(["a", "b"], ["a", "b"])
+    gen = torch.Generator().manual_seed(11)
+    for step in range(8):
+        j = torch.randn(2, 9, dtype=torch.float64, generator=gen)
+        if step % 2:
+            j[1] = -0.5 * j[0] + 0.3 * j[1]
+        ours, _ = combine(j, "gradvac", seed=step, gradvac_beta=0.3, state=state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = ref(j) / 2
+        assert float((ours - theirs).norm() / theirs.norm()) < 1e-12, step
+    assert state.phi_hat[0, 1] < 0  # the targets learned the conflict
+    twin = Targets(["a", "b"], ["a", "b"])
+    twin.load_state_dict(state.state_dict())
+    j = torch.randn(2, 9, dtype=torch.float64, generator=gen)
+    assert torch.equal(combine(j, "gradvac", seed=9, state=twin)[0], combine(j, "gradvac", seed=9, state=state)[0])
 
 
 def test_nash_mtl_holds_its_condition_where_the_cvxpy_reference_stops_short():

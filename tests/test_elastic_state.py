@@ -82,27 +82,38 @@ def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp
             assert torch.equal(restored[name][k], v), (name, k)
 
 
-REPLICATED = [n for n, m in METHODS.items() if m.kind == "loss" and m.state and n != "uw"]  # UW's state is per task
+REPLICATED = [n for n, m in METHODS.items() if m.state and n != "uw"]  # UW's state is per task
+
+
+def _step(method: str, weighting, losses: list[torch.Tensor], step: int) -> None:
+    """One step's use of the weighting's state: a loss weighting's total, a Gram method's weights
+    (on a Gram made from the step's losses, the same on every rank)."""
+    weighting.total(losses)
+    if METHODS[method].kind == "gram":
+        j = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        j[1] = -0.5 * j[0] + 0.2 * j[1]  # a conflict, so targets move
+        METHODS[method].weights(j @ j.T, seed=step, **weighting.gram_options())
 
 
 @pytest.mark.parametrize("method", REPLICATED)
 def test_a_stateful_weighting_goes_on_after_a_checkpoint_by_another_placement(tmp_path, method):
-    """DWA's history, RLW's step count, STCH's nadir point, FAMO's logits and moments: the same on
-    every rank (each reads every task's losses), saved by rank 0 of [[t0, t2], [t1]] and restored
-    into one rank holding all three tasks, which then weighs the next step as a run that never
-    stopped."""
+    """DWA's history, RLW's step count, STCH's nadir point, FAMO's logits and moments, GradVac's
+    target cosines: the same on every rank (each reads every task's losses, or the same Gram),
+    saved by rank 0 of [[t0, t2], [t1]] and restored into one rank holding all three tasks, which
+    then weighs the next step as a run that never stopped."""
     cfg = validate_config({"model": {"trunk": {"widths": [8]}}, "aggregation": {"method": method}})
     step_losses = lambda step: [0.9 ** (step * (i + 1)) + 0.1 * i for i in range(3)]  # noqa: E731
     current = {}
-    alone = loss_weighting(METHODS[method], NAMES, NAMES, {}, seed=2)
+    options = {"stch_warmup": 1} if method == "stch" else {}  # its nadir point is measured after 2 epochs
+    alone = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2)
     placement = [["t0", "t2"], ["t1"]]
-    ranks = [loss_weighting(METHODS[method], owned, NAMES, {}, gather=lambda _: current["all"], seed=2)
+    ranks = [loss_weighting(METHODS[method], owned, NAMES, options, gather=lambda _: current["all"], seed=2)
              for owned in placement]
     for step in range(7):
         current["all"] = torch.tensor(step_losses(step)).double()  # as the worker gathers float32 losses
-        alone.total([torch.tensor(v) for v in step_losses(step)])
+        _step(method, alone, [torch.tensor(v) for v in step_losses(step)], step)
         for owned, weighting in zip(placement, ranks):
-            weighting.total([torch.tensor(step_losses(step)[NAMES.index(n)]) for n in owned])
+            _step(method, weighting, [torch.tensor(step_losses(step)[NAMES.index(n)]) for n in owned], step)
         if step % 2:
             for w in (alone, *ranks):
                 w.end_epoch(current["all"] * 0.5)
@@ -110,12 +121,15 @@ def test_a_stateful_weighting_goes_on_after_a_checkpoint_by_another_placement(tm
         trunk, shared, modules, _, optimizer = _rank(cfg, owned)
         save_worker_state(str(tmp_path), r, 3, "{}", trunk, modules, optimizer, weighting, shared=shared)
     trunk, shared, modules, _, _ = _rank(cfg, NAMES)
-    restored = loss_weighting(METHODS[method], NAMES, NAMES, {}, seed=2)
+    restored = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2)
     groups = parameter_groups(trunk, modules, restored, shared)
     optimizer = make_optimizer("adam", [p for ps in groups.values() for p in ps], 1e-2, 0.0)
     restore_worker_state(str(tmp_path), trunk, modules, optimizer, restored, shared)
     nxt = [torch.tensor(v) for v in step_losses(7)]
     assert torch.equal(restored.total(nxt), alone.total(nxt)) and torch.equal(restored.multipliers(), alone.multipliers())
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), alone.state_dict().values()))
+    fresh = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2).state_dict()
+    assert any(not torch.equal(v, fresh[k]) for k, v in alone.state_dict().items())  # the state had moved
 
 
 def test_a_meta_batch_is_the_same_episodes_whatever_the_worker_count():

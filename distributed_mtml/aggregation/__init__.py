@@ -10,7 +10,7 @@
 
 Capability flags on each entry say what a method needs beyond its kind: `state` (kept across
 steps and saved with the checkpoint: DWA's loss history, FAMO's logits, STCH's nadir point, RLW's
-step count, UW's learned log-variances), `step_losses`, and `mean_scale` (False where identical
+step count, UW's learned log-variances, GradVac's target cosines), `step_losses`, and `mean_scale` (False where identical
 task gradients do not give their mean: the method's own step size).
 
 Methods never touch `.grad` or `torch.distributed`: the exchange lives in `exchange.py`.
@@ -31,6 +31,7 @@ from distributed_mtml.aggregation import (
     dualproj,
     fairgrad,
     graddrop,
+    gradvac,
     imtl,
     mean,
     mgda,
@@ -83,6 +84,8 @@ METHODS: dict[str, Method] = {
                        params=("fairgrad_alpha",), mean_scale=False),
     "config": Method("ConFIG: the direction at equal angles to every task (Liu et al. 2025)",
                      weights=conflict_free.weights),
+    "gradvac": Method("GradVac: cosines raised to learned per-pair targets (Wang et al. 2021)", weights=gradvac.weights,
+                      loss_weighting=gradvac.Targets, params=("gradvac_beta",), state=True),
     "imtl": Method("IMTL-G: equal projection onto every task direction (Liu et al. 2021)", weights=imtl.weights),
     "graddrop": Method(
         "GradDrop: per coordinate keep one randomly drawn sign (Chen et al. 2020)",
@@ -122,12 +125,13 @@ GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
 
 def loss_weighting(method: Method, owned: list[str], order: list[str], options: dict,
                    types: dict[str, str] | None = None, gather: Gather | None = None, seed: int = 0) -> LossWeighting:
-    """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise.
+    """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise (for a
+    Gram method with state, its holder: GradVac's targets).
     `types` (task -> "classification" | "regression") picks UW's form per task; `gather` gives
     every task's loss where the method needs it (`step_losses`; default: this process holds
     every task); `seed` is the run's."""
     cls = method.loss_weighting or LossWeighting
-    own = options if cls is not LossWeighting else {}
+    own = options if method.kind == "loss" else {}  # a Gram method's options go to its weights function
     return cls(owned, order, types, gather=gather, seed=seed, **own)
 
 

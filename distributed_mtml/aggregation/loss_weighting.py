@@ -38,6 +38,10 @@ class LossWeighting(nn.Module):
         where = {name: i for i, name in enumerate(order)}
         self.places = torch.tensor([where[name] for name in owned], dtype=torch.long)  # owned tasks' suite places
 
+    def gram_options(self) -> dict:
+        """What a Gram method with state takes beside its config options (GradVac: its targets)."""
+        return {}
+
     def suite_losses(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """This step's loss of every task, [K] float64 in suite order, detached."""
         return self.gather(torch.stack([loss.detach().double() for loss in losses]))

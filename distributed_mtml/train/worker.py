@@ -80,18 +80,19 @@ def _make_step(
     cfg = plan.config
     agg = cfg.aggregation
     method, order = agg.resolved(), [s.name for s in plan.task_shapes()]
+    options = {**agg.options(), **weighting.gram_options()}
     half = torch.bfloat16 if cfg.training.precision == "bf16" else None  # forward and losses only
     if agg.gradients == "representation":
         return lambda batch, seed: representation_step(
-            trunk, modules, shapes, batch, optimizer, placement, order, method, seed, agg.options(), half)
+            trunk, modules, shapes, batch, optimizer, placement, order, method, seed, options, half)
     if method.needs_exchange:
         if method.kind == "gram" and world > 1 and all(len(tasks) == 1 for tasks in placement):
             ddp, gathered = overlap.wrap_trunk(trunk, device, cfg.scaling.bucket_cap_mb)
             rank_order = [placement.index([name]) for name in order]
             return lambda batch, seed: overlap.overlapped_step(
-                ddp, gathered, modules, shapes, batch, optimizer, rank_order, method, seed, agg.options(), half)
+                ddp, gathered, modules, shapes, batch, optimizer, rank_order, method, seed, options, half)
         return lambda batch, seed: aggregated_step(
-            trunk, modules, shapes, batch, optimizer, placement, order, method, seed, agg.options(), half)
+            trunk, modules, shapes, batch, optimizer, placement, order, method, seed, options, half)
     local_sgd = cfg.training.sync_every > 1
     synced = _wrap_trunk(trunk, plan, device) if world > 1 and not local_sgd else trunk
     weighted_total = weighting.total if method.kind == "loss" else None
