@@ -273,7 +273,7 @@ class ScalingSection(_Section):
 
 class AggregationConfig(_Section):
     method: str = Field("mean", description="a name of aggregation.METHODS: mean, pcgrad, cagrad, mgda, upgrad, dualproj, "
-                        "aligned_mtl, nash_mtl, fairgrad, config, gradvac, imtl, graddrop, uw, dwa, rlw, gls, stch, famo (docs: "
+                        "aligned_mtl, nash_mtl, fairgrad, config, gradvac, imtl, graddrop, uw, dwa, rlw, gls, stch, famo, gradnorm, db_mtl (docs: "
                         "reference/registries)")
     c: float = Field(0.4, ge=0, description="CAGrad's c: radius of the ball around the mean gradient")
     leak: float = Field(0.0, ge=0, le=1, description="GradDrop's leak: fraction of every gradient kept unmasked")
@@ -288,6 +288,9 @@ class AggregationConfig(_Section):
     gradvac_beta: float = Field(0.5, ge=0, le=1, description="GradVac's EMA rate of the target cosines")
     stch_mu: float = Field(1.0, gt=0, description="STCH's smoothing mu: small approaches the worst task alone")
     stch_warmup: int = Field(4, ge=0, description="STCH's epochs of log losses before the nadir point is measured")
+    gradnorm_alpha: float = Field(1.5, ge=0, description="GradNorm's alpha: how hard tasks that train slowly are pushed")
+    gradnorm_lr: float = Field(0.025, gt=0, description="GradNorm's step size for its task weights")
+    db_beta: float = Field(0.9, ge=0, lt=1, description="DB-MTL's EMA rate of the task gradient sizes")
     famo_lr: float = Field(0.025, gt=0, description="FAMO's learning rate of the task-weight logits")
     famo_decay: float = Field(0.001, ge=0, description="FAMO's L2 decay of the task-weight logits")
     gradients: Literal["parameters", "representation"] = Field(

@@ -293,10 +293,19 @@ def test_dwa_equal_for_two_epochs_then_favours_the_slow_task():
 LOSS_NAMES = sorted(n for n, m in METHODS.items() if m.kind == "loss")
 
 
+def _weighting(name: str, owned: list[str], order: list[str], options: dict | None = None, **common):
+    """The method's weighting with W, a 2 x 2 shared weight of ones that `_loss_gradients` makes
+    every loss read, for the methods that measure task gradients there (GradNorm, DB-MTL)."""
+    return loss_weighting(METHODS[name], owned, order, options or {}, shared=torch.nn.Parameter(torch.ones(2, 2)),
+                          **common)
+
+
 def _loss_gradients(weighting, losses: list[float]) -> torch.Tensor:
-    """d total / d L_i of the weighting at these losses (its multipliers, as autograd sees them)."""
+    """d total / d L_i of the weighting at these losses (its multipliers, as autograd sees them).
+    Each loss is L_i x mean(W) (= L_i), so its gradient at W has norm L_i / 2."""
     values = [torch.tensor(v, requires_grad=True) for v in losses]
-    weighting.total(values).backward()
+    shared = getattr(weighting, "at", (None,))[0]
+    weighting.total([v * shared.mean() for v in values] if shared is not None else values).backward()
     return torch.stack([v.grad for v in values])
 
 
@@ -357,6 +366,33 @@ def test_rlw_draws_afresh_each_step_the_same_on_every_rank_and_averages_one():
     assert not torch.equal(other.multipliers(), ranks[0].multipliers().repeat(2)[:2])
 
 
+def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
+    """Equal training rates, task b's gradient at W 4x task a's: the weights move toward equal
+    G_i = w_i n_i (b's weight falls), keep summing to K, and one step is the paper's rule."""
+    gn = _weighting("gradnorm", ["a", "b"], ["a", "b"], {"gradnorm_lr": 0.05})
+    for _ in range(40):
+        _loss_gradients(gn, [0.5, 2.0])  # norms at W: 0.25 and 1.0; rates stay 1
+    w = gn.task_weights
+    assert w.sum() == pytest.approx(2.0) and w[1] < 0.6 < 1.4 < w[0]
+    n, before = torch.tensor([0.25, 1.0], dtype=torch.float64), w.clone()
+    g = before * n
+    expected = (before - 0.05 * torch.sign(g - g.mean()) * n).clamp_min(1e-6)
+    _loss_gradients(gn, [0.5, 2.0])
+    assert torch.allclose(gn.task_weights, expected * 2 / expected.sum())
+
+
+def test_db_mtl_scales_every_log_loss_gradient_to_the_largest():
+    """At the first step (no EMA yet) every task's weighted gradient at W has the size of the
+    largest gradient of a log loss, max_j |d log L_j / d W| (task b's here, sqrt 3)."""
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    db = loss_weighting(METHODS["db_mtl"], ["a", "b", "c"], ["a", "b", "c"], {}, shared=w)
+    losses = [0.5 * w[0].mean(), 2.0 * w[1].mean() ** 3, 0.1 * 5 * w[2].mean()]
+    db.total(losses)
+    sizes = [float(torch.autograd.grad(m * loss, w, retain_graph=True)[0].norm())
+             for m, loss in zip(db.multipliers(), losses)]
+    assert sizes == pytest.approx([3**0.5] * 3, rel=1e-5)
+
+
 def _loss_worker(rank, placement, port, out):
     """Each rank's multipliers over a few steps, its losses all-reduced by the worker's gather."""
     from distributed_mtml.train.worker import _step_losses
@@ -365,26 +401,24 @@ def _loss_worker(rank, placement, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=len(placement))
     order = sorted(n for tasks in placement for n in tasks)
     for name in LOSS_NAMES:
-        weighting = loss_weighting(METHODS[name], placement[rank], order, {}, gather=_step_losses(placement[rank], order, 2),
-                                   seed=5)
+        weighting = _weighting(name, placement[rank], order, gather=_step_losses(placement[rank], order, 2), seed=5)
         seen = []
         for step in range(6):
-            values = [torch.tensor(0.9 ** (step * (order.index(n) + 1)), requires_grad=True) for n in placement[rank]]
-            weighting.total(values).backward()
-            seen.append(torch.stack([v.grad for v in values]))
+            seen.append(_loss_gradients(weighting, [0.9 ** (step * (order.index(n) + 1)) for n in placement[rank]]))
             weighting.end_epoch(torch.tensor([0.8 ** (step + i) for i in range(len(order))], dtype=torch.float64))
         torch.save(torch.stack(seen), f"{out}/{name}-rank{rank}.pt")
     _exit_cleanly()
 
 
 def test_loss_weightings_across_workers_equal_one_process_holding_every_task(tmp_path):
-    """GLS, STCH and FAMO read every task's loss each step through one all-reduce; RLW draws the
-    same weights on every rank: each rank's multipliers equal one process's with all tasks."""
+    """GLS, STCH, FAMO, GradNorm and DB-MTL read every task's loss (and the last two its gradient
+    norm at W) each step through one all-reduce; RLW draws the same weights on every rank: each
+    rank's multipliers equal one process's with all tasks."""
     placement = [["a", "c"], ["b"]]
     mp.spawn(_loss_worker, args=(placement, free_port(), str(tmp_path)), nprocs=2)
     order = ["a", "b", "c"]
     for name in LOSS_NAMES:
-        alone = loss_weighting(METHODS[name], order, order, {}, seed=5)
+        alone = _weighting(name, order, order, seed=5)
         seen = []
         for step in range(6):
             seen.append(_loss_gradients(alone, [0.9 ** (step * (i + 1)) for i in range(3)]))

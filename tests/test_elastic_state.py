@@ -4,6 +4,8 @@ test_elastic.py)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -85,10 +87,14 @@ def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp
 REPLICATED = [n for n, m in METHODS.items() if m.state and n != "uw"]  # UW's state is per task
 
 
+SHARED = torch.nn.Parameter(torch.ones(2, 2))  # the trunk's last weight matrix, for GradNorm and DB-MTL
+
+
 def _step(method: str, weighting, losses: list[torch.Tensor], step: int) -> None:
-    """One step's use of the weighting's state: a loss weighting's total, a Gram method's weights
-    (on a Gram made from the step's losses, the same on every rank)."""
-    weighting.total(losses)
+    """One step's use of the weighting's state: a loss weighting's total (each loss reading
+    SHARED), a Gram method's weights (on a Gram made from the step's losses, the same on every
+    rank)."""
+    weighting.total([loss * SHARED.mean() for loss in losses])
     if METHODS[method].kind == "gram":
         j = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
         j[1] = -0.5 * j[0] + 0.2 * j[1]  # a conflict, so targets move
@@ -103,32 +109,41 @@ def test_a_stateful_weighting_goes_on_after_a_checkpoint_by_another_placement(tm
     then weighs the next step as a run that never stopped."""
     cfg = validate_config({"model": {"trunk": {"widths": [8]}}, "aggregation": {"method": method}})
     step_losses = lambda step: [0.9 ** (step * (i + 1)) + 0.1 * i for i in range(3)]  # noqa: E731
-    current = {}
     options = {"stch_warmup": 1} if method == "stch" else {}  # its nadir point is measured after 2 epochs
-    alone = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2)
+    gathered = []  # every suite-wide vector the one process read, which each rank's all-reduce would give
+
+    def record(values):
+        gathered.append(values)
+        return values
+
+    def replay():  # a rank's gather: the same vectors, in the order it asks for them
+        cursor = itertools.count()
+        return lambda _: gathered[next(cursor)]
+
+    alone = loss_weighting(METHODS[method], NAMES, NAMES, options, gather=record, seed=2, shared=SHARED)
     placement = [["t0", "t2"], ["t1"]]
-    ranks = [loss_weighting(METHODS[method], owned, NAMES, options, gather=lambda _: current["all"], seed=2)
-             for owned in placement]
+    ranks = [loss_weighting(METHODS[method], owned, NAMES, options, gather=replay(), seed=2,
+                            shared=SHARED) for owned in placement]
     for step in range(7):
-        current["all"] = torch.tensor(step_losses(step)).double()  # as the worker gathers float32 losses
         _step(method, alone, [torch.tensor(v) for v in step_losses(step)], step)
         for owned, weighting in zip(placement, ranks):
             _step(method, weighting, [torch.tensor(step_losses(step)[NAMES.index(n)]) for n in owned], step)
         if step % 2:
             for w in (alone, *ranks):
-                w.end_epoch(current["all"] * 0.5)
+                w.end_epoch(torch.tensor(step_losses(step), dtype=torch.float64) * 0.5)
     for r, (owned, weighting) in enumerate(zip(placement, ranks)):
         trunk, shared, modules, _, optimizer = _rank(cfg, owned)
         save_worker_state(str(tmp_path), r, 3, "{}", trunk, modules, optimizer, weighting, shared=shared)
     trunk, shared, modules, _, _ = _rank(cfg, NAMES)
-    restored = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2)
+    restored = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2, shared=SHARED)
     groups = parameter_groups(trunk, modules, restored, shared)
     optimizer = make_optimizer("adam", [p for ps in groups.values() for p in ps], 1e-2, 0.0)
     restore_worker_state(str(tmp_path), trunk, modules, optimizer, restored, shared)
     nxt = [torch.tensor(v) for v in step_losses(7)]
+    nxt = [v * SHARED.mean() for v in nxt]
     assert torch.equal(restored.total(nxt), alone.total(nxt)) and torch.equal(restored.multipliers(), alone.multipliers())
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), alone.state_dict().values()))
-    fresh = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2).state_dict()
+    fresh = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2, shared=SHARED).state_dict()
     assert any(not torch.equal(v, fresh[k]) for k, v in alone.state_dict().items())  # the state had moved
 
 

@@ -10,7 +10,9 @@
 
 Capability flags on each entry say what a method needs beyond its kind: `state` (kept across
 steps and saved with the checkpoint: DWA's loss history, FAMO's logits, STCH's nadir point, RLW's
-step count, UW's learned log-variances, GradVac's target cosines), `step_losses`, and `mean_scale` (False where identical
+step count, UW's learned log-variances, GradVac's target cosines, GradNorm's weights, DB-MTL's
+gradient sizes), `step_losses`, `shared_layer` (each task's gradient norm at the trunk's last
+weight matrix, one autograd.grad per owned task: GradNorm, DB-MTL), and `mean_scale` (False where identical
 task gradients do not give their mean: the method's own step size).
 
 Methods never touch `.grad` or `torch.distributed`: the exchange lives in `exchange.py`.
@@ -39,8 +41,10 @@ from distributed_mtml.aggregation import (
     pcgrad,
     upgrad,
 )
+from distributed_mtml.aggregation.db_mtl import DualBalancing
 from distributed_mtml.aggregation.famo import FastAdaptiveWeighting
 from distributed_mtml.aggregation.gls import GeometricLossStrategy
+from distributed_mtml.aggregation.gradnorm import GradNorm
 from distributed_mtml.aggregation.loss_weighting import (
     DynamicWeightAverage,
     Gather,
@@ -63,6 +67,7 @@ class Method:
     mean_scale: bool = True  # identical task gradients give their mean (False: the method's own step size)
     state: bool = False  # keeps state across steps, saved with the checkpoint
     step_losses: bool = False  # needs every task's loss at each step (one all-reduce of K floats)
+    shared_layer: bool = False  # needs each task's gradient norm at the trunk's last weight matrix
 
 
 METHODS: dict[str, Method] = {
@@ -117,6 +122,16 @@ METHODS: dict[str, Method] = {
         kind="loss", loss_weighting=FastAdaptiveWeighting, params=("famo_lr", "famo_decay"), needs_exchange=False,
         state=True, step_losses=True,
     ),
+    "gradnorm": Method(
+        "GradNorm: weights learned to equalise gradient norms' training rates (Chen et al. 2018)",
+        kind="loss", loss_weighting=GradNorm, params=("gradnorm_alpha", "gradnorm_lr"), needs_exchange=False,
+        state=True, step_losses=True, shared_layer=True,
+    ),
+    "db_mtl": Method(
+        "DB-MTL: log losses with gradient sizes balanced to the largest (Lin et al. 2023)",
+        kind="loss", loss_weighting=DualBalancing, params=("db_beta",), needs_exchange=False,
+        state=True, step_losses=True, shared_layer=True, mean_scale=False,
+    ),
 }
 
 GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
@@ -124,14 +139,21 @@ GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
 
 
 def loss_weighting(method: Method, owned: list[str], order: list[str], options: dict,
-                   types: dict[str, str] | None = None, gather: Gather | None = None, seed: int = 0) -> LossWeighting:
+                   types: dict[str, str] | None = None, gather: Gather | None = None, seed: int = 0,
+                   shared: torch.nn.Parameter | None = None) -> LossWeighting:
     """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise (for a
     Gram method with state, its holder: GradVac's targets).
     `types` (task -> "classification" | "regression") picks UW's form per task; `gather` gives
     every task's loss where the method needs it (`step_losses`; default: this process holds
-    every task); `seed` is the run's."""
+    every task); `seed` is the run's; `shared` the trunk's last weight matrix, for the methods
+    that measure task gradients there."""
     cls = method.loss_weighting or LossWeighting
     own = options if method.kind == "loss" else {}  # a Gram method's options go to its weights function
+    if method.shared_layer:
+        if shared is None:
+            raise ValueError(f"{method.summary.split(':')[0]} measures task gradients at the trunk's last weight "
+                             "matrix, and this trunk has none")
+        own = {**own, "shared": shared}
     return cls(owned, order, types, gather=gather, seed=seed, **own)
 
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distributed_mtml import compat, gates, relations
-from distributed_mtml.aggregation import loss_weighting, overlap
+from distributed_mtml.aggregation import loss_weighting, overlap, shared_layer
 from distributed_mtml.aggregation.exchange import aggregated_step
 from distributed_mtml.aggregation.representation import representation_step
 from distributed_mtml.data.stream import StreamedBatches, dataset_batches, dataset_name, task_features
@@ -282,7 +282,7 @@ class Worker:
         modules = build_task_modules(cfg.model, shapes, t.seed, only=mine, shared=shared, rows=plan.train_rows).to(device)
         types = {s.name: s.type for s in shapes}
         weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types,
-                                   _step_losses(mine, order, world), t.seed).to(device)
+                                   _step_losses(mine, order, world), t.seed, shared_layer.last_weight(trunk)).to(device)
         groups = parameter_groups(trunk, modules, weighting, shared)  # the checkpoint cuts the optimiser's state by them
         optimizer = make_optimizer(t.optimizer, [p for ps in groups.values() for p in ps], t.lr, t.weight_decay)
         optimizer.register_step_pre_hook(lambda *_: sync_shared_grads(shared, world))

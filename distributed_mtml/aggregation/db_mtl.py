@@ -1,0 +1,51 @@
+"""DB-MTL: dual balancing, of the losses' scales (log losses) and of the gradients' sizes.
+
+Reference: Lin et al., "Dual-Balancing for Multi-Task Learning", 2023. Each loss is taken as
+log L_i (scale balancing), and each task's gradient of log L_i is scaled to the largest such
+gradient among the tasks (magnitude balancing), with the sizes averaged over steps (an EMA of
+rate `db_beta`).
+
+As a loss weighting on the DDP path (no task gradients exchanged), the sizes are measured at the
+last shared layer (`shared_layer`): n_i = |d L_i / d W| / L_i, their EMA m_i, and task i's
+multiplier on L_i is (max_j m_j / m_i) / L_i. The paper balances an EMA of each task's whole
+shared gradient vector; here the EMA is of its size at W, and the update is that of the current
+gradients. Not the mean's scale: the step follows the largest task gradient, as in the paper.
+The EMA is state, the same on every rank (one all-reduce of K floats a step), saved with the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distributed_mtml.aggregation.loss_weighting import LossWeighting
+from distributed_mtml.aggregation.shared_layer import norms
+
+FLOOR = 1e-8  # the paper's offset inside the logarithm
+
+
+class DualBalancing(LossWeighting):
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
+                 db_beta: float = 0.9, shared: nn.Parameter | None = None, **common):
+        super().__init__(owned, order, types, **common)
+        self.beta = db_beta
+        self.at = (shared,)  # W, in a tuple: the trunk's parameter, not this module's
+        self.register_buffer("sizes", torch.zeros(len(order), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last", torch.ones(len(owned)), persistent=False)
+
+    def multipliers(self) -> torch.Tensor:
+        """The last step's."""
+        return self.last
+
+    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        every = self.suite_losses(losses) + FLOOR
+        scale = torch.ones_like(every)
+        if self.at[0] is not None:
+            size = self.gather(norms(losses, self.at[0])) / every
+            self.sizes = size if self.steps == 0 else self.beta * self.sizes + (1 - self.beta) * size
+            self.steps += 1
+            scale = self.sizes.max() / self.sizes.clamp_min(1e-30)
+        self.last = (scale / every)[self.places].float().to(self.last.device)
+        return super().total(losses)
