@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distributed_mtml.aggregation.loss_weighting import LossWeighting
+from distributed_mtml.aggregation.loss_weighting import StepWeighting
 from distributed_mtml.aggregation.shared_layer import norms
 
 FLOOR = 1e-8  # the paper's offset inside the logarithm
 
 
-class DualBalancing(LossWeighting):
+class DualBalancing(StepWeighting):
     def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
                  db_beta: float = 0.9, shared: nn.Parameter | None = None, **common):
         super().__init__(owned, order, types, **common)
@@ -33,19 +33,10 @@ class DualBalancing(LossWeighting):
         self.at = (shared,)  # W, in a tuple: the trunk's parameter, not this module's
         self.register_buffer("sizes", torch.zeros(len(order), dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last", torch.ones(len(owned)), persistent=False)
 
-    def multipliers(self) -> torch.Tensor:
-        """The last step's."""
-        return self.last
-
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
         every = self.suite_losses(losses) + FLOOR
-        scale = torch.ones_like(every)
-        if self.at[0] is not None:
-            size = self.gather(norms(losses, self.at[0])) / every
-            self.sizes = size if self.steps == 0 else self.beta * self.sizes + (1 - self.beta) * size
-            self.steps += 1
-            scale = self.sizes.max() / self.sizes.clamp_min(1e-30)
-        self.last = (scale / every)[self.places].float().to(self.last.device)
-        return super().total(losses)
+        size = self.gather(norms(losses, self.at[0])) / every
+        self.sizes = size if self.steps == 0 else self.beta * self.sizes + (1 - self.beta) * size
+        self.steps += 1
+        return self.sizes.max() / self.sizes.clamp_min(1e-30) / every

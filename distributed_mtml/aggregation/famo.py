@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from distributed_mtml.aggregation.loss_weighting import LossWeighting
+from distributed_mtml.aggregation.loss_weighting import StepWeighting
 
 OFFSET = 1e-8  # inside the logarithms, as the paper's code
 BETAS = (0.9, 0.999)  # Adam's defaults, as the paper's optimiser of the logits
 
 
-class FastAdaptiveWeighting(LossWeighting):
+class FastAdaptiveWeighting(StepWeighting):
     def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
                  famo_lr: float = 0.025, famo_decay: float = 0.001, **common):
         super().__init__(owned, order, types, **common)
@@ -32,21 +32,14 @@ class FastAdaptiveWeighting(LossWeighting):
         for name in ("logits", "moment", "square", "previous"):
             self.register_buffer(name, torch.zeros(k, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last", torch.ones(len(owned)), persistent=False)
 
-    def multipliers(self) -> torch.Tensor:
-        """The last step's."""
-        return self.last
-
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
         every = self.suite_losses(losses).to(self.logits) + OFFSET
         if self.steps > 0:
             self._learn(torch.log(self.previous) - torch.log(every))
         self.previous, self.steps = every, self.steps + 1
         z = torch.softmax(self.logits, 0)
-        c = (z / every).sum()
-        self.last = (len(self.order) * z / (c * every))[self.places].float().to(self.last.device)
-        return super().total(losses)
+        return len(self.order) * z / ((z / every).sum() * every)
 
     def _learn(self, fall: torch.Tensor) -> None:
         """One Adam step of the logits on d/dxi of sum_i softmax(xi)_i fall_i, plus L2."""

@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from distributed_mtml.aggregation.loss_weighting import LossWeighting
+from distributed_mtml.aggregation.loss_weighting import StepWeighting
 
 FLOOR = 1e-12  # a loss of exactly zero would have an infinite multiplier
 
 
-class GeometricLossStrategy(LossWeighting):
+class GeometricLossStrategy(StepWeighting):
     def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None, **common):
         super().__init__(owned, order, types, **common)
-        self.register_buffer("last", torch.ones(len(owned)), persistent=False)
 
-    def multipliers(self) -> torch.Tensor:
-        """The last step's."""
-        return self.last
-
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
         every = self.suite_losses(losses).clamp_min(FLOOR)
-        geometric = torch.exp(torch.log(every).mean())
-        self.last = (geometric / every[self.places]).float().to(self.last.device)
-        return super().total(losses)
+        return torch.exp(torch.log(every).mean()) / every

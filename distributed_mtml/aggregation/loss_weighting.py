@@ -74,6 +74,26 @@ class LossWeighting(nn.Module):
         """Every task's mean training loss this epoch, [K] in suite order, same on all ranks."""
 
 
+class StepWeighting(LossWeighting):
+    """A weighting whose multipliers come from each step's losses (GLS, STCH, FAMO, DB-MTL):
+    `suite_multipliers` gives every task's, in suite order, and `multipliers` is the last step's
+    owned part (what `weights()` reports)."""
+
+    def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None, **common):
+        super().__init__(owned, order, types, **common)
+        self.register_buffer("last", torch.ones(len(owned)), persistent=False)
+
+    def multipliers(self) -> torch.Tensor:
+        return self.last
+
+    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        self.last = self.suite_multipliers(losses)[self.places].float().to(self.last.device)
+        return super().total(losses)
+
+    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class UncertaintyWeighting(LossWeighting):
     """UW (Kendall et al., CVPR 2018) with a learned s_i = log sigma_i^2 per task, in the paper's
     form for each task type: regression L_i / (2 e^{s_i}) + s_i / 2 (Gaussian likelihood),

@@ -16,33 +16,25 @@ from __future__ import annotations
 
 import torch
 
-from distributed_mtml.aggregation.loss_weighting import LossWeighting
+from distributed_mtml.aggregation.loss_weighting import StepWeighting
 
 FLOOR = 1e-20  # the authors' offset inside the logarithm
 
 
-class SmoothTchebycheff(LossWeighting):
+class SmoothTchebycheff(StepWeighting):
     def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None,
                  stch_mu: float = 1.0, stch_warmup: int = 4, **common):
         super().__init__(owned, order, types, **common)
         self.mu, self.warmup = stch_mu, stch_warmup
         self.register_buffer("nadir", torch.zeros(len(order), dtype=torch.float64))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last", torch.ones(len(owned)), persistent=False)
 
-    def multipliers(self) -> torch.Tensor:
-        """The last step's."""
-        return self.last
-
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
         every = self.suite_losses(losses).clamp_min(FLOOR)
         if self.seen <= self.warmup:
-            m = 1 / every
-        else:
-            share = torch.softmax(torch.log(every / self.nadir) / self.mu, 0)
-            m = len(self.order) * share / every
-        self.last = m[self.places].float().to(self.last.device)
-        return super().total(losses)
+            return 1 / every
+        share = torch.softmax(torch.log(every / self.nadir) / self.mu, 0)
+        return len(self.order) * share / every
 
     def end_epoch(self, epoch_losses: torch.Tensor) -> None:
         self.seen += 1
