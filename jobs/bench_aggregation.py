@@ -12,9 +12,12 @@ Target: at most 1.5x mean's step time on the medium trunk.
 workers (the article's trunk, batch 64 per task), samples/s of `mean`, and of `mgda` and
 `pcgrad` on parameter gradients (one trunk backward per task) and on representation
 gradients (`aggregation.gradients: representation`, one per step), each as a ratio to `mean`.
-Target: representation at least 0.5x mean at 128 tasks.
+Target: representation at least 0.5x mean at 128 tasks. With `--methods`, those methods
+instead: the loss weightings (FAMO's target: at least 0.8x mean at 128 tasks), and each Gram
+method on the gradients `--gradients` names.
 
-Usage: python jobs/bench_aggregation.py [--epochs 3] [--steps 200] [--many 128 [--trunk 100,256]]
+Usage: python jobs/bench_aggregation.py [--epochs 3] [--steps 200] [--many 128 [--trunk 100,256]
+       [--methods famo gls mgda] [--gradients parameters representation]]
 """
 
 from __future__ import annotations
@@ -44,17 +47,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200, help="steps per epoch for the article's model")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
+    parser.add_argument("--gradients", nargs="*", default=["parameters", "representation"],
+                        choices=["parameters", "representation"], help="--many: what the Gram methods compare")
     parser.add_argument("--many", type=int, default=0, help="K: the many-task comparison instead (see above)")
     parser.add_argument("--trunk", default="100,50", help="--many's trunk widths; representation needs the last above K")
     args = parser.parse_args()
     if args.many:
-        return _many_tasks(args.many, args.epochs, args.steps, [int(w) for w in args.trunk.split(",")])
+        return _many_tasks(args.many, args.epochs, args.steps, [int(w) for w in args.trunk.split(",")],
+                           args.methods or ["mgda", "pcgrad"], args.gradients)
     rows = []
     for model, (widths, scale) in MODELS.items():
         steps = max(int(args.steps * scale), 10)
         step_ms = {}
-        for method in ["mean", *[m for m in args.methods if m != "mean"]]:
+        for method in ["mean", *[m for m in args.methods or METHODS if m != "mean"]]:
             cfg = benchlib.config(
                 suite={"generator": "seed-example", "options": {"rows": 4000}},
                 model={"trunk": {"widths": widths}},
@@ -70,22 +76,23 @@ def main() -> None:
     print(table(["model", "method", "ms/step", "x mean", "MB received/rank/step", "final val loss"], rows))
 
 
-def _many_tasks(k: int, epochs: int, steps: int, widths: list[int]) -> None:
-    """mean, and mgda and pcgrad on parameter and on representation gradients, at K tasks."""
+def _many_tasks(k: int, epochs: int, steps: int, widths: list[int], methods: list[str], kinds: list[str]) -> None:
+    """mean, and each method at K tasks: a Gram method on each of `kinds` of gradients."""
     from distributed_mtml.data.generators import make_suite
 
     suite = f"{benchlib.WORKDIR}/mmoe-{k}"
     make_suite("mmoe", suite, {"tasks": k, "features": k + 8, "rows": 1000, "seed": 0})  # mmoe needs features > tasks
     rows, mean = [], None
-    for method, gradients in [("mean", "parameters"), *[(m, g) for m in ("mgda", "pcgrad")
-                                                        for g in ("parameters", "representation")]]:
+    gram = {m for m, entry in METHODS.items() if entry.kind == "gram" and entry.needs_exchange}
+    runs = [(m, g) for m in methods if m != "mean" for g in (kinds if m in gram else ["parameters"])]
+    for method, gradients in [("mean", "parameters"), *runs]:
         cfg = benchlib.config(suite={"path": suite}, model={"trunk": {"widths": widths}},
                               training={"epochs": epochs, "batch_size": BATCH, "steps_per_epoch": steps},
                               scaling={"num_workers": WORKERS}, aggregation={"method": method, "gradients": gradients})
         out = benchlib.train(cfg, f"many-{method}-{gradients}")
         rate = benchlib.best_throughput(out)
         mean = mean or rate
-        rows.append([method, "" if method == "mean" else gradients, f"{rate:,.0f}", f"{rate / mean:.2f}x",
+        rows.append([method, gradients if method in gram else "", f"{rate:,.0f}", f"{rate / mean:.2f}x",
                      out.metrics["val/mean_loss"]])
         print(f"[bench] {k} tasks {method} {gradients}: {rate:,.0f} samples/s", flush=True)
     print()

@@ -170,14 +170,14 @@ def test_config_makes_equal_angles_and_aligned_mtl_equal_orthogonal_parts():
 
 
 def test_dual_cone_projections_conflict_with_no_task_beyond_the_regularisation():
-    """DualProj and UPGrad: no task's directional derivative below -reg_eps x |v|^2 in
-    trace-normalised units, even for nearly opposite gradients; reg_eps = 0 with independent
-    gradients is the exact projection (no conflict at all), and no conflict leaves the mean."""
+    """DualProj and UPGrad: task j's directional derivative at least -reg_eps tr(G) w_j, even for
+    nearly opposite gradients; reg_eps = 0 with independent gradients is the exact projection (no
+    conflict at all), and no conflict leaves the mean."""
     g = torch.tensor([[1.0, 0.0, 0.0], [-3.0, 1e-7, 0.0], [0.2, 0.1, 1.0]], dtype=torch.float64)
     for name in ("dualproj", "upgrad"):
         agg, w = combine(g, name, seed=0)
         trace = float(torch.diagonal(_gram(g)).sum())
-        assert (g @ agg).min() / trace >= -1e-4 * float(w @ w) * 1.0001, name
+        assert ((g @ agg) >= -1e-4 * trace * w * (1 + 1e-9)).all(), name
         exact, _ = combine(g[[0, 2]], name, seed=0, reg_eps=0.0)
         assert (g[[0, 2]] @ exact).min() >= -1e-12, name
     calm = torch.tensor([[1.0, 0.2, 0.0], [0.3, 1.0, 0.0]], dtype=torch.float64)

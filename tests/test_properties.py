@@ -76,11 +76,14 @@ def test_mgda_is_the_min_norm_point_of_the_hull(grads):
 @SETTINGS
 @given(task_gradients())
 def test_upgrad_update_conflicts_with_no_task(grads):
-    """With dependent gradients (K > P) the box QP's projected gradient converges too slowly
-    to meet this tolerance within its budget: a known limit, noted in the README."""
+    """Up to its regularisation: task j's derivative at least -reg_eps tr(G) w_j (its weight w_j),
+    with reg_eps 1e-4, plus 1e-9 of the scale for the solver. With dependent gradients (K > P) the
+    box QP's projected gradient converges too slowly for that within its budget: a known limit,
+    noted in the README."""
     assume(_independent(grads))
-    d, _ = combine(grads, "upgrad", seed=0)
-    assert bool((grads @ d >= -1e-4 * _scale(grads)).all())
+    d, w = combine(grads, "upgrad", seed=0)
+    trace = float((grads.double() ** 2).sum())
+    assert bool((grads.double() @ d.double() >= -1e-4 * trace * w.double() - 1e-9 * _scale(grads)).all())
 
 
 @SETTINGS
@@ -148,6 +151,19 @@ def test_cagrad_matches_an_independent_solver_on_badly_scaled_gradients(spread):
         d_ref = g0 + c * np.linalg.norm(g0) * (j.T @ ref.x) / np.linalg.norm(j.T @ ref.x)
         if (j @ d_ref).min() >= 0:
             assert primal >= -tol
+
+
+@pytest.mark.parametrize("seed", [964, 2598])
+def test_cagrad_is_exact_where_projected_gradient_stalls_on_a_wrong_support(seed):
+    """Two of 3,000 random 5-task Jacobians with gradient norms spread over 1e4 (drawn as the test
+    above draws them) left projected gradient on a support whose face has no stationary point:
+    the duality gap was 6.4e-4 |g0|^2. Closed to 1e-9 by trying every support."""
+    rng = np.random.default_rng(seed)
+    j = rng.normal(size=(5, 50))
+    j *= np.exp(rng.uniform(0, np.log(1e4), size=(5, 1))) / np.linalg.norm(j, axis=1, keepdims=True)
+    dual, primal = _cagrad_optimum(torch.from_numpy(j), 0.4)
+    g0 = j.mean(0)
+    assert abs(dual - primal) <= 1e-9 * float(g0 @ g0)
 
 
 @SETTINGS

@@ -8,6 +8,10 @@ paper's rescale=1). c = 0 is plain averaging.
 Exactness: projected gradient finds the optimum's support but, on badly scaled gradients
 (norms spread over 1000x), not its weights. On a fixed support the optimum has a closed form
 (`_on_support`), so an active-set search started from the iterate's support finishes exactly.
+On gradient norms spread over 1e4 the iterate can stall on a wrong support, one whose face has
+no stationary point at all (measured: 2 of 3,000 random 5-task Jacobians, the dual 60% above its
+minimum); the search then tries every support (2^K - 1 closed forms, up to K = 12 tasks) and
+keeps the one where the optimality conditions hold.
 """
 
 import numpy as np
@@ -70,8 +74,8 @@ def _polish(g: np.ndarray, gb: np.ndarray, s: float, w: np.ndarray) -> np.ndarra
     support = w > 1e-6
     for _ in range(2 * len(w)):
         exact = _on_support(g, gb, s, support)
-        if exact is None:
-            break
+        if exact is None:  # a face without a stationary point: the iterate stalled on a wrong support
+            return _every_support(g, gb, s, w)
         if exact.min() < 0:
             support[np.argmin(exact)] = False
             if not support.any():
@@ -85,3 +89,26 @@ def _polish(g: np.ndarray, gb: np.ndarray, s: float, w: np.ndarray) -> np.ndarra
         # F is flat at its minimum: the exact point may read higher by rounding alone
         return exact if dual(g, gb, s, exact) <= dual(g, gb, s, w) + 1e-12 * abs(dual(g, gb, s, w)) else w
     return w
+
+
+ENUMERATE_UP_TO = 12  # tasks: 4,095 faces, each a K x K pseudo-inverse
+
+
+def _every_support(g: np.ndarray, gb: np.ndarray, s: float, w: np.ndarray) -> np.ndarray:
+    """The minimiser of F by its optimality conditions on every face: F is convex, so the face
+    point with non-negative weights whose gradient is nowhere below the face's multiplier is the
+    optimum. Returns the iterate `w` above ENUMERATE_UP_TO tasks or if no face qualifies."""
+    k = len(w)
+    if k > ENUMERATE_UP_TO:
+        return w
+    best, value = w, dual(g, gb, s, w)
+    for mask in range(1, 2**k):
+        support = np.array([(mask >> i) & 1 == 1 for i in range(k)])
+        exact = _on_support(g, gb, s, support)
+        if exact is None or exact.min() < 0:
+            continue
+        grad = _grad(g, gb, s, exact)
+        lam = grad[support] @ exact[support]
+        if (grad - lam).min() >= -1e-9 * max(np.abs(grad).max(), 1e-30) and dual(g, gb, s, exact) < value:
+            best, value = exact, dual(g, gb, s, exact)
+    return best

@@ -6,9 +6,9 @@ Descent for Multi-Objective Optimization", 2024, Proposition 1).
 
 Conditioning: with nearly opposite gradients G is nearly singular and the QP's optimum moves
 far on rounding noise. As torchjd does, the QP is solved on G divided by its trace (the
-Jacobian at unit Frobenius norm) plus `reg_eps` x I: the projected update then conflicts with no
-task by more than reg_eps x |v|^2 in those units, and a G whose trace is below 1e-30 (no task
-moves) gives v = u.
+Jacobian at unit Frobenius norm) plus `reg_eps` x I. The QP's optimality conditions then give
+(G v)_j >= -reg_eps tr(G) v_j: the update J^T v conflicts with task j by at most reg_eps x tr(G)
+x its weight. A G whose trace is below 1e-30 (no task moves) gives v = u.
 """
 
 import torch
