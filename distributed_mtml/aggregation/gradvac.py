@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from distributed_mtml.aggregation.loss_weighting import LossWeighting
+from distributed_mtml.aggregation.simplex import unit_scale
 
-EPS = 1e-8  # in the denominators, as torchjd's
+EPS = 1e-8  # in the denominators, as torchjd's, here relative to the mean gradient norm (G at unit mean diagonal)
 
 
 class Targets(LossWeighting):
@@ -38,7 +39,7 @@ class Targets(LossWeighting):
 
 def weights(gram: torch.Tensor, *, seed: int = 0, gradvac_beta: float = 0.5, state: Targets | None = None
             ) -> torch.Tensor:
-    k = gram.shape[0]
+    k, gram = gram.shape[0], unit_scale(gram)  # cosines and the gain are scale-free; EPS is not
     phi_hat = state.phi_hat.to(gram) if state is not None else torch.zeros(k, k, dtype=gram.dtype)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.arange(k)
@@ -48,9 +49,9 @@ def weights(gram: torch.Tensor, *, seed: int = 0, gradvac_beta: float = 0.5, sta
     for j in orders.T:  # the p-th other task of every task's order
         cg = c @ gram  # row i: g_i^adjusted . g_m for every m
         own = (c * cg).sum(1).clamp_min(0).sqrt()  # |g_i^adjusted|
-        phi = cg[rows, j] / (own * norms[j] + EPS)
+        phi = (cg[rows, j] / (own * norms[j] + EPS)).clamp(-1, 1)  # a Gram rounded from float32 is not quite PSD
         target = phi_hat[rows, j]
-        low = phi < target
+        low = (phi < target) & (own > 0) & (norms[j] > 0)  # a task without a gradient has no direction to move
         gain = own * (target * (1 - phi**2).clamp_min(0).sqrt() - phi * (1 - target**2).clamp_min(0).sqrt()) \
             / (norms[j] * (1 - target**2).clamp_min(0).sqrt() + EPS)
         c[rows, j] += torch.where(low, gain, 0.0)
