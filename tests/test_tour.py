@@ -28,7 +28,7 @@ SHORTER = {  # appended to a step whose command starts so: same commands, less c
     "mtml meta-train": ["--set", "meta.iterations=60", "--set", "meta.report_every=20", "--set", "meta.val_tasks=20"],
     "mtml evaluate --run <RUN_ID> --shots": ["--tasks", "50"],
     "mtml transfer": ["--set", "transfer.steps=20", "--set", "transfer.strategies=[scratch,finetune]"],
-    "mtml tune": ["--set", "training.epochs=2", "--set", "tune.num_samples=2", "--set", "tune.repeats=2"],
+    "mtml tune": ["--set", "training.epochs=2", "--set", "tune.num_samples=2", "--set", "tune.repeats=1"],
 }
 
 
