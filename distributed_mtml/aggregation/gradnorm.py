@@ -42,8 +42,7 @@ class GradNorm(LossWeighting):
         every = self.suite_losses(losses)
         if not bool(self.initial.any()):
             self.initial = every.clamp_min(1e-12)
-        if self.at[0] is not None:
-            self._learn(every, self.gather(norms(losses, self.at[0])))
+        self._learn(every, self.gather(norms(losses, self.at[0])))
         return out
 
     def _learn(self, every: torch.Tensor, norms: torch.Tensor) -> None:

@@ -108,8 +108,9 @@ def _average_parameters(module: nn.Module, world: int) -> None:
 
 
 def _step_losses(mine: list[str], order: list[str], world: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What a loss weighting that needs every task's loss at each step reads them with: each rank
-    fills its own tasks' places and one all-reduce of K floats sums the disjoint entries."""
+    """How a loss weighting reads every task's value (each step's losses, each epoch's mean
+    losses): each rank fills its own tasks' places and one all-reduce of K floats sums the
+    disjoint entries."""
     def gather(values: torch.Tensor) -> torch.Tensor:
         out = in_suite_order(values, mine, order, 0.0)
         if world > 1:
@@ -117,16 +118,6 @@ def _step_losses(mine: list[str], order: list[str], world: int) -> Callable[[tor
         return out
 
     return gather
-
-
-def _suite_losses(sums: torch.Tensor, mine: list[str], order: list[str], steps: int, world: int) -> torch.Tensor:
-    """Every task's mean training loss this epoch, [K] in suite order, the same on every rank:
-    each rank fills the tasks it owns (`sums`, in the order of `mine`) and one all-reduce sums
-    the disjoint entries."""
-    out = in_suite_order(sums.double() / steps, mine, order, 0.0)
-    if world > 1:
-        dist.all_reduce(out)
-    return out.cpu()
 
 
 REFIT_ROWS = 10_000
@@ -345,7 +336,7 @@ class Worker:
         if method.kind != "loss":
             return {}
         weights = {f"aggregation/{n}/weight": w for n, w in self.weighting.weights().items()}
-        self.weighting.end_epoch(_suite_losses(sums, self.mine, order, steps, self.world))
+        self.weighting.end_epoch(self.weighting.gather(sums.double() / steps).cpu())  # every task's epoch mean
         return weights
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
