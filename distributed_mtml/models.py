@@ -21,7 +21,7 @@ from distributed_mtml.data.prepare import TaskPrep
 from distributed_mtml.data.scan import TaskScan
 from distributed_mtml.data.suite import TaskData
 from distributed_mtml.heads import HEADS, build_shared, group_key
-from distributed_mtml.heads.shared_plus_offset import stacked_outputs, stacked_penalties
+from distributed_mtml.heads.shared_plus_offset import stacked_output, stacked_penalties
 from distributed_mtml.segments import row_tasks, segment_means
 
 if TYPE_CHECKING:
@@ -165,10 +165,11 @@ def build_task_modules(
 
 
 def head_parameters(modules: nn.ModuleDict) -> list[nn.Parameter]:
-    """Every parameter the tasks' heads and adapters use: their own, then the shared parts they
-    refer to (once each)."""
-    shared = {id(m.head.shared): m.head.shared for m in modules.values() if getattr(m.head, "shared", None) is not None}
-    return [*modules.parameters(), *(p for part in shared.values() for p in part.parameters())]
+    """Every parameter the tasks' heads and adapters use: their own, then the parts they refer to
+    (once each): the shared head parts and a worker's stacked offsets (`heads/offset_bank.py`)."""
+    parts = {id(part): part for m in modules.values() for part in (getattr(m.head, "shared", None),
+                                                                    getattr(m.head, "bank", None)) if part is not None}
+    return [*modules.parameters(), *(p for part in parts.values() for p in part.parameters())]
 
 
 def task_loss(task: TaskShape, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -184,8 +185,9 @@ def task_losses(
     shapes: dict[str, TaskShape],
     batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
     autocast: torch.dtype | None = None,
-) -> list[torch.Tensor]:
-    """Every batch's loss, with all tasks through the trunk in one forward call.
+) -> torch.Tensor:
+    """Every batch's loss, [tasks] in the batches' order, with all tasks through the trunk in one
+    forward call (a vector, not a list: a thousand tasks' losses are one tensor to sum or weigh).
 
     One trunk forward per step (not one per task) keeps DDP's one-forward-one-backward
     contract and gives the trunk larger, more efficient matrix products. `autocast` (bf16)
@@ -196,25 +198,28 @@ def task_losses(
     device = next(iter(batches.values()))[0].device.type
     with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         inputs = [modules[n].adapter(batches[n][0]) for n in names]
-        if len(inputs) == 1:  # one task per worker is the common case: skip the cat/split copies
-            features = [trunk(inputs[0])]
-        else:
-            features = trunk(torch.cat(inputs)).split([len(x) for x in inputs])
+        sizes = [len(x) for x in inputs]
+        features = trunk(inputs[0] if len(inputs) == 1 else torch.cat(inputs))  # one task a worker: no copy
         if modules[names[0]].mix is not None:
-            features = [modules[n].features(x, f) for n, x, f in zip(names, inputs, features)]
+            parts = features.split(sizes)
+            features = torch.cat([modules[n].features(x, f) for n, x, f in zip(names, inputs, parts)])
         heads = [modules[n].head for n in names]
-        stacked = stacked_outputs(heads, list(features)) if len(heads) > 1 else None
-        if stacked is not None:  # many tasks of one shared head: losses by segment means, penalties at once
-            return list(_segment_losses(shapes[names[0]], stacked, [batches[n][1] for n in names])
-                        + stacked_penalties(heads).to(stacked[0].dtype))
-        return [_with_penalty(task_loss(shapes[n], modules[n].head(f), batches[n][1]), modules[n].head)
-                for n, f in zip(names, features)]
+        output = stacked_output(heads, features, sizes) if len(heads) > 1 else None
+        if output is not None:  # many tasks of one shared head: rows kept joined, losses by segment means
+            targets = torch.cat([batches[n][1] for n in names])
+            return _segment_losses(shapes[names[0]], output, targets, sizes) + stacked_penalties(heads).to(output.dtype)
+        return torch.stack([_with_penalty(task_loss(shapes[n], modules[n].head(f), batches[n][1]), modules[n].head)
+                            for n, f in zip(names, features.split(sizes))])
 
 
-def _segment_losses(shape: TaskShape, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """`task_loss` of tasks of one type and width at once: per-row losses, then each task's mean."""
-    sizes = [len(t) for t in targets]
-    output, target = torch.cat(outputs), torch.cat(targets)
+def by_task(names: list[str], losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A step's losses (`task_losses`), detached, by task: what the step functions return."""
+    return dict(zip(names, losses.detach().unbind()))
+
+
+def _segment_losses(shape: TaskShape, output: torch.Tensor, target: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """`task_loss` of tasks of one type and width at once, their rows joined (`sizes` a task):
+    per-row losses, then each task's mean."""
     if shape.type == "classification":
         rows = F.cross_entropy(output, target, reduction="none")
     else:

@@ -55,7 +55,7 @@ def test_each_architecture_gives_every_task_its_outputs_and_trains_its_shared_an
         assert model(name, x).shape == (len(x), model.tasks[name].out_width)
     losses = task_losses(model.trunk, model.task_modules, model.tasks, batches)
     assert len(losses) == 3 and all(torch.isfinite(loss) for loss in losses)
-    torch.stack(losses).sum().backward()
+    losses.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trunk.parameters() if p.dim() == 2)
     for module in model.task_modules.values():
         assert (module.mix is None) == (architecture == "hard")

@@ -11,25 +11,34 @@ import torch
 
 from distributed_mtml.aggregation import METHODS, loss_weighting
 from distributed_mtml.config import validate_config
+from distributed_mtml.heads.offset_bank import BankRow, bind_offsets
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
 from distributed_mtml.runtime.placement import place_tasks
 from distributed_mtml.runtime.worker import make_optimizer
-from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
+from distributed_mtml.train.checkpoint import (
+    optimised_parameters,
+    parameter_groups,
+    restore_worker_state,
+    save_worker_state,
+)
 
 SHAPES = [TaskShape(f"t{i}", "regression", 4) for i in range(3)]
 NAMES = [s.name for s in SHAPES]
 
 
-def _rank(cfg, owned: list[str]):
+def _rank(cfg, owned: list[str], bound: bool = False):
     """One rank's parts as the worker builds them: trunk, the shared head parts (the default
-    heads share one), its tasks' modules, UW, Adam."""
+    heads share one), its tasks' modules (`bound`: their offsets in one bank, as a worker has
+    them), UW, Adam."""
     torch.manual_seed(0)
     trunk = build_trunk(cfg.model, SHAPES)
     shared = build_shared_heads(cfg.model, SHAPES, 0)
     modules = build_task_modules(cfg.model, SHAPES, 0, only=owned, shared=shared)
+    if bound:
+        bind_offsets(modules)
     weighting = loss_weighting(METHODS["uw"], owned, NAMES, {}, {n: "regression" for n in NAMES})
     groups = parameter_groups(trunk, modules, weighting, shared)
-    optimizer = make_optimizer("adam", [p for ps in groups.values() for p in ps], 1e-2, 0.0)
+    optimizer = make_optimizer("adam", optimised_parameters(groups), 1e-2, 0.0)
     return trunk, shared, modules, weighting, optimizer
 
 
@@ -46,22 +55,27 @@ def _train(parts, steps: int, seed: int) -> None:
 
 def _state_by_parameter(parts) -> dict[str, dict]:
     """Each task's (and the trunk's) parameters with their Adam state, by a name that does not
-    depend on the rank: what must survive a change of worker count."""
+    depend on the rank: what must survive a change of worker count (a task's offsets in a bank:
+    its rows of the bank's values and moments)."""
     trunk, shared, modules, weighting, optimizer = parts
     out = {}
-    for key, params in parameter_groups(trunk, modules, weighting, shared).items():
-        for i, p in enumerate(params):
-            out[f"{key}.{i}"] = {"value": p.detach().clone(), **{k: v.clone() for k, v in optimizer.state[p].items()}}
+    for key, entries in parameter_groups(trunk, modules, weighting, shared).items():
+        for i, entry in enumerate(entries):
+            p, row = (entry.param, entry.index) if isinstance(entry, BankRow) else (entry, None)
+            cut = (lambda v: v) if row is None else (lambda v, r=row, p=p: v[r] if v.shape == p.shape else v)  # noqa: E731
+            out[f"{key}.{i}"] = {"value": cut(p.detach()).clone(), **{k: cut(v).clone() for k, v in optimizer.state[p].items()}}
     return out
 
 
-def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp_path):
+@pytest.mark.parametrize("saved_bound,restored_bound", [(False, False), (True, False), (True, True), (False, True)])
+def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp_path, saved_bound, restored_bound):
     """Saved by ranks [[t0, t2], [t1]], restored by one rank with all three tasks: every task's
     head, loss weight and Adam moments, and the trunk's, come back as they were, and the heads'
-    refit state (rank 0's: every rank holds the same)."""
+    refit state (rank 0's: every rank holds the same). Offsets held in a bank (`offset_bank`,
+    as a worker holds them) or not, on either side: the files are the same."""
     cfg = validate_config({"model": {"trunk": {"widths": [8]}}})
     placement = place_tasks(NAMES, 2)
-    ranks = [_rank(cfg, owned) for owned in placement]
+    ranks = [_rank(cfg, owned, saved_bound) for owned in placement]
     for r, parts in enumerate(ranks):
         _train(parts, steps=3, seed=r)
     ranks[1][0].load_state_dict(ranks[0][0].state_dict())  # DDP keeps the trunks equal
@@ -70,7 +84,7 @@ def test_a_checkpoint_of_two_ranks_restores_into_one_rank_holding_every_task(tmp
         save_worker_state(str(tmp_path), r, 4, "{}", trunk, modules, optimizer, weighting, shared=shared,
                           refit={"var": torch.arange(3.0, dtype=torch.float64), "prior": 0.5})
 
-    alone = _rank(cfg, NAMES)
+    alone = _rank(cfg, NAMES, restored_bound)
     trunk, shared, modules, weighting, optimizer = alone
     next_epoch, _, refit = restore_worker_state(str(tmp_path), trunk, modules, optimizer, weighting, shared)
     assert next_epoch == 5
@@ -137,7 +151,7 @@ def test_a_stateful_weighting_goes_on_after_a_checkpoint_by_another_placement(tm
     trunk, shared, modules, _, _ = _rank(cfg, NAMES)
     restored = loss_weighting(METHODS[method], NAMES, NAMES, options, seed=2, shared=SHARED)
     groups = parameter_groups(trunk, modules, restored, shared)
-    optimizer = make_optimizer("adam", [p for ps in groups.values() for p in ps], 1e-2, 0.0)
+    optimizer = make_optimizer("adam", optimised_parameters(groups), 1e-2, 0.0)
     restore_worker_state(str(tmp_path), trunk, modules, optimizer, restored, shared)
     nxt = [torch.tensor(v) for v in step_losses(7)]
     nxt = [v * SHARED.mean() for v in nxt]

@@ -484,22 +484,69 @@ def test_many_offset_heads_in_one_pass_give_each_tasks_loss_and_gradient(kind):
     def run(stacked: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         for p in [*trunk.parameters(), *shared.parameters(), *modules.parameters()]:
             p.grad = None
-        original = models.stacked_outputs
-        models.stacked_outputs = original if stacked else (lambda heads, features: None)
+        original = models.stacked_output
+        models.stacked_output = original if stacked else (lambda heads, joined, sizes: None)
         try:
             losses = models.task_losses(trunk, modules, shapes, batches)
         finally:
-            models.stacked_outputs = original
-        torch.stack(losses).sum().backward()
-        return torch.stack(losses).detach(), [p.grad.clone() for p in [*trunk.parameters(), *shared.parameters(),
+            models.stacked_output = original
+        losses.sum().backward()
+        return losses.detach(), [p.grad.clone() for p in [*trunk.parameters(), *shared.parameters(),
                                                                        *modules.parameters()]]
 
     features = [trunk(x).detach() for x, _ in batches.values()]
-    assert models.stacked_outputs([m.head for m in modules.values()], features) is not None  # the one pass ran
+    assert models.stacked_output([m.head for m in modules.values()], torch.cat(features), [len(f) for f in features]
+                                 ) is not None  # the one pass ran
     (fast, fast_grads), (slow, slow_grads) = run(True), run(False)
     torch.testing.assert_close(fast, slow)
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_offsets_bound_to_one_stacked_bank_train_read_and_save_as_each_tasks_own():
+    """A worker binds its tasks' offsets to one [T, k, d] and [T, k] parameter pair
+    (`offset_bank`): the losses and each task's gradient are those of unbound heads, heads taken
+    in another order or a subset run through the bank's rows, and a task's state dict is the one
+    it had unbound (and loads back into its row)."""
+    from distributed_mtml import models
+    from distributed_mtml.heads.offset_bank import bind_offsets
+
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[8]), heads="shared_plus_offset", head_penalty=2.0)
+    shapes = {f"t{i}": TaskShape(f"t{i}", "regression", 4) for i in range(5)}
+
+    def build(bound: bool):
+        torch.manual_seed(0)
+        trunk = build_trunk(cfg, list(shapes.values()))
+        shared = build_shared_heads(cfg, list(shapes.values()), 0)
+        modules = build_task_modules(cfg, list(shapes.values()), 0, shared=shared, rows={n: 5 + i for i, n in enumerate(shapes)})
+        with torch.no_grad():
+            for i, m in enumerate(modules.values()):
+                for p in m.head.offsets:
+                    p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p) * (i + 1) / 5)
+        banks = bind_offsets(modules) if bound else torch.nn.ModuleList()
+        return trunk, modules, banks
+
+    batches = {n: (torch.randn(3 + i, 4), torch.randn(3 + i)) for i, n in enumerate(shapes)}
+    (trunk, plain, _), (_, bound, banks) = build(False), build(True)
+    assert len(banks) == 1 and banks[0].weight.shape[:2] == (5, 1) and not list(bound.parameters())
+    losses = [models.task_losses(trunk, m, shapes, batches) for m in (plain, bound)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for loss, m in zip(losses, (plain, bound)):
+        loss.sum().backward(inputs=models.head_parameters(m))
+    for row, m in enumerate(plain.values()):
+        torch.testing.assert_close(banks[0].weight.grad[row], m.head.offsets[0].grad, rtol=0, atol=0)
+        torch.testing.assert_close(banks[0].bias.grad[row], m.head.offsets[1].grad, rtol=0, atol=0)
+    some = ["t3", "t0", "t4"]
+    features = [trunk(batches[n][0]).detach() for n in some]
+    stacked = shared_plus_offset.stacked_outputs([bound[n].head for n in some], features)
+    for n, f, out in zip(some, features, stacked):
+        torch.testing.assert_close(out, plain[n].head(f))
+    for n in shapes:
+        saved = plain[n].state_dict()
+        assert list(bound[n].state_dict()) == list(saved)
+        assert all(torch.equal(bound[n].state_dict()[k], v) for k, v in saved.items())
+    bound["t2"].load_state_dict(plain["t4"].state_dict())
+    assert torch.equal(banks[0].weight[2], plain["t4"].head.offsets[0]) and torch.equal(banks[0].bias[2], plain["t4"].head.offsets[1])
 
 
 @pytest.mark.parametrize("rows", [6, 20])

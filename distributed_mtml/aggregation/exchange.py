@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_mtml.aggregation import Method, combine
-from distributed_mtml.models import head_parameters, task_losses
+from distributed_mtml.models import by_task, head_parameters, task_losses
 
 
 def gather_task_grads(local: torch.Tensor, placement: list[list[str]], order: list[str]) -> torch.Tensor:
@@ -42,7 +42,7 @@ ROW_WISE = (nn.Linear, nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Dropout)  # no lay
 def task_trunk_gradients(
     trunk: nn.Module, modules: nn.ModuleDict, shapes: dict, batches: dict, keep_graph: bool = False,
     autocast: torch.dtype | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each owned task's loss and its flat trunk gradient [n, P], from one shared forward.
 
     A trunk of Linear layers between row-wise functions (what `layers.mlp` builds without layer
@@ -61,7 +61,7 @@ def task_trunk_gradients(
 
 
 def _one_backward(trunk: nn.Sequential, modules: nn.ModuleDict, shapes: dict, batches: dict, keep_graph: bool,
-                  autocast: torch.dtype | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                  autocast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row belongs to one task and no layer mixes rows, so one backward of the summed loss
     gives each row, at every Linear's output, the gradient of its own task's loss. A task's
     weight gradient is then the sum over its rows of (output gradient x input), one matrix
@@ -76,7 +76,7 @@ def _one_backward(trunk: nn.Sequential, modules: nn.ModuleDict, shapes: dict, ba
     finally:
         for h in hooks:
             h.remove()
-    deltas = torch.autograd.grad(torch.stack(losses).sum(), [out for _, out in seen], retain_graph=keep_graph)
+    deltas = torch.autograd.grad(losses.sum(), [out for _, out in seen], retain_graph=keep_graph)
     sizes = [len(y) for _, y in batches.values()]
     parts = []
     for layer, (inputs, _), delta in zip(linears, seen, deltas):
@@ -109,9 +109,9 @@ def aggregated_step(
     losses, stacked = task_trunk_gradients(trunk, modules, shapes, batches, keep_graph=True, autocast=autocast)
     params = [p for p in trunk.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    torch.stack(losses).sum().backward(inputs=head_parameters(modules))
+    losses.sum().backward(inputs=head_parameters(modules))
     all_grads = gather_task_grads(stacked, placement, order) if len(placement) > 1 else stacked
     aggregated, w = combine(all_grads, method, seed, **options)
     write_grad(params, aggregated)
     optimizer.step()
-    return {n: loss.detach() for n, loss in zip(names, losses)}, w
+    return by_task(names, losses), w

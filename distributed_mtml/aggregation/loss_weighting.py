@@ -17,6 +17,12 @@ from torch import nn
 
 from distributed_mtml.segments import in_suite_order
 
+
+def as_vector(losses: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The owned tasks' losses as one [tasks] tensor: `models.task_losses` gives one; a list of
+    scalar losses is stacked."""
+    return losses if isinstance(losses, torch.Tensor) else torch.stack(list(losses))
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """The owned tasks' values ([n], `owned` order) -> every task's ([K], suite order), the same on
 every rank: the worker's all-reduce of one float per task, or in one process a reordering."""
@@ -42,9 +48,9 @@ class LossWeighting(nn.Module):
         """What a Gram method with state takes beside its config options (GradVac: its targets)."""
         return {}
 
-    def suite_losses(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_losses(self, losses: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """This step's loss of every task, [K] float64 in suite order, detached."""
-        return self.gather(torch.stack([loss.detach().double() for loss in losses]))
+        return self.gather(as_vector(losses).detach().double())
 
     def multipliers(self) -> torch.Tensor:
         """One multiplier per owned task, in `owned` order."""
@@ -52,8 +58,8 @@ class LossWeighting(nn.Module):
 
     def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The sum of the owned tasks' weighted losses, with any regulariser."""
-        m = self.multipliers().to(losses[0].device)
-        return (torch.stack(losses) * m).sum()
+        losses = as_vector(losses)
+        return (losses * self.multipliers().to(losses.device)).sum()
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         """The learned parameters that belong to one owned task: they move with it when an

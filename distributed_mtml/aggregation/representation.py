@@ -26,7 +26,7 @@ from torch import nn
 from distributed_mtml.aggregation import Method
 from distributed_mtml.aggregation.exchange import gather_task_grads
 from distributed_mtml.collective import sum_grads
-from distributed_mtml.models import learned_width, task_losses
+from distributed_mtml.models import by_task, learned_width, task_losses
 
 
 def task_representations(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict,
@@ -47,7 +47,7 @@ def task_representations(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict,
         losses = task_losses(trunk, modules, shapes, batches, autocast)
     finally:
         handle.remove()
-    torch.stack(losses).sum().backward()  # the heads' gradients, and every row's dL_t/dZ into the leaf
+    losses.sum().backward()  # the heads' gradients, and every row's dL_t/dZ into the leaf
     return cut["z"], losses, cut["leaf"].grad
 
 
@@ -83,7 +83,7 @@ def representation_step(
     if len(placement) > 1:
         sum_grads(params, dist.get_world_size())  # the trunk's sum_t w_t g_t: each rank holds its tasks' part
     optimizer.step()
-    return {n: loss.detach() for n, loss in zip(names, losses)}, w
+    return by_task(names, losses), w
 
 
 def _accumulate(params: list[nn.Parameter], grads: tuple) -> None:

@@ -59,7 +59,14 @@ def shared(out_width: int, cfg: ModelConfig, trunk_out: int) -> nn.Module:
 
 
 class OffsetHead(nn.Module):
-    """The shared head evaluated at its parameters plus this task's offsets (zero at start)."""
+    """The shared head evaluated at its parameters plus this task's offsets (zero at start).
+
+    In training a worker binds its tasks' offsets to one stacked `heads.stacked.OffsetBank`: the
+    offsets are then row `row` of its parameters, and the head's state dict still holds them as
+    its own (`offsets.0`, `offsets.1`), so a saved head reads the same bound or not."""
+
+    bank: nn.Module | None = None  # set by `bind`; not registered: the worker's optimiser holds it
+    row: int = 0
 
     def __init__(self, shared_part: nn.Module, penalty: float | str, rows: int):
         super().__init__()
@@ -72,11 +79,39 @@ class OffsetHead(nn.Module):
         # the last layer's penalty per input and the bias (`em` learns it; else lam on each)
         self.register_buffer("precision", torch.full((shared_part[1].in_features + 1,), lam, dtype=torch.float64))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Heads saved before `precision` existed penalised every input alike, by lam."""
+    @property
+    def offsets(self) -> nn.ParameterList | list[torch.Tensor]:
+        """The task's deviation of each shared parameter: its own parameters, or its row of the bank."""
+        if self.bank is None:
+            return self._modules["offsets"]
+        return [self.bank.weight[self.row], self.bank.bias[self.row]]
+
+    def bind(self, bank: nn.Module, row: int) -> None:
+        """From now on the offsets are row `row` of `bank` (which starts from their values)."""
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "row", row)
+        self._modules["offsets"] = nn.ParameterList()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.bank is not None:  # a bound head's file holds its row, as an unbound head's own offsets
+            for i, v in enumerate(self.offsets):
+                destination[f"{prefix}offsets.{i}"] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        """Heads saved before `precision` existed penalised every input alike, by lam. A bound
+        head takes its offsets into its row of the bank."""
         if prefix + "lam" in state_dict and prefix + "precision" not in state_dict:
             state_dict[prefix + "precision"] = torch.full_like(self.precision, float(state_dict[prefix + "lam"]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.bank is not None:
+            with torch.no_grad():
+                for i, v in enumerate(self.offsets):
+                    key = f"{prefix}offsets.{i}"
+                    if key in state_dict:
+                        v.copy_(state_dict.pop(key))
+                    else:
+                        missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
 
     def _with_offsets(self) -> dict[str, torch.Tensor]:
         return {n: p + v for (n, p), v in zip(self.shared.named_parameters(), self.offsets)}
@@ -116,33 +151,53 @@ class OffsetHead(nn.Module):
 
 def _one_shared_linear(heads: list[nn.Module]) -> bool:
     """Whether `heads` are `OffsetHead`s with offsets over one shared head that is a single linear
-    layer (no `model.head_hidden`): what lets many tasks go through it at once."""
+    layer (no `model.head_hidden`): what lets many tasks go through it at once. (A bound head is
+    one: `offset_bank` binds no other.)"""
     first = heads[0] if heads else None
     return isinstance(first, OffsetHead) and not len(first.shared[0]) and all(
-        isinstance(h, OffsetHead) and h.shared is first.shared and len(h.offsets) == 2 for h in heads)
+        isinstance(h, OffsetHead) and h.shared is first.shared and (h.bank is not None or len(h.offsets) == 2)
+        for h in heads)
+
+
+def _stacked(heads: list[OffsetHead]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads' offsets as [T, k, d] and [T, k]: their bank itself when they are its rows in
+    order (a worker's step: no copy), its rows indexed, or each head's own stacked."""
+    bank = heads[0].bank
+    if bank is not None and all(h.bank is bank for h in heads):
+        if len(heads) == len(bank.weight) and all(h.row == i for i, h in enumerate(heads)):
+            return bank.weight, bank.bias
+        rows = torch.tensor([h.row for h in heads], device=bank.weight.device)
+        return bank.weight[rows], bank.bias[rows]
+    return torch.stack([h.offsets[0] for h in heads]), torch.stack([h.offsets[1] for h in heads])
+
+
+def stacked_output(heads: list[nn.Module], joined: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+    """Many tasks' outputs in one pass when their heads are `OffsetHead`s of one shared linear
+    layer (no `model.head_hidden`): `joined` holds `sizes[i]` rows of task i in order, and each
+    row goes through W + V_t, b + c_t of its task, the offsets stacked by task and gathered by row
+    (one matrix product, not a call a task). [rows, k]; None for other heads."""
+    if not _one_shared_linear(heads):
+        return None
+    task = row_tasks(sizes, joined.device)
+    weight, bias = _stacked(heads)  # [T, k, d], [T, k]
+    last = heads[0].shared[1]
+    out = nn.functional.linear(joined, last.weight, last.bias) + torch.einsum("nd,nkd->nk", joined, weight[task].to(joined.dtype))
+    return out + bias[task]
 
 
 def stacked_outputs(heads: list[nn.Module], features: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """Many tasks' outputs in one pass when their heads are `OffsetHead`s of one shared linear
-    layer (no `model.head_hidden`): each row through W + V_t, b + c_t of its task, the offsets
-    stacked by task and gathered by row (one matrix product, not a call a task). None otherwise."""
+    """`stacked_output` of each task's own rows, one output per task."""
     if not _one_shared_linear(heads):
         return None
-    first = heads[0]
     sizes = [len(f) for f in features]
-    task = row_tasks(sizes, features[0].device)
-    joined = torch.cat(features)
-    weight, bias = torch.stack([h.offsets[0] for h in heads]), torch.stack([h.offsets[1] for h in heads])  # [T, k, d], [T, k]
-    last = first.shared[1]
-    out = nn.functional.linear(joined, last.weight, last.bias) + torch.einsum("nd,nkd->nk", joined, weight[task].to(joined.dtype))
-    return list((out + bias[task]).split(sizes))
+    return list(stacked_output(heads, torch.cat(features), sizes).split(sizes))
 
 
 def stacked_penalties(heads: list[nn.Module]) -> torch.Tensor:
     """Each `OffsetHead`'s `penalty` (0 where it has none), as one [T] tensor."""
-    scale = torch.tensor([float(h.lam) / h.rows for h in heads], device=heads[0].offsets[0].device)
-    squares = torch.stack([h.offsets[0] for h in heads]).pow(2).flatten(1).sum(1)
-    return scale * (squares + torch.stack([h.offsets[1] for h in heads]).pow(2).sum(1))
+    weight, bias = _stacked(heads)
+    scale = (torch.stack([h.lam for h in heads]) / torch.tensor([h.rows for h in heads], dtype=torch.float64)).to(weight)
+    return scale * (weight.pow(2).flatten(1).sum(1) + bias.pow(2).sum(1))
 
 
 def _loo_errors(u: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -208,8 +263,14 @@ def _set_solutions(heads: list[OffsetHead], solutions: torch.Tensor, lam: float,
         return
     weights = solutions[:, :-1].to(heads[0].offsets[-2]).view(len(heads), *heads[0].offsets[-2].shape)
     biases = solutions[:, -1:].to(heads[0].offsets[-1])
-    torch._foreach_copy_([h.offsets[-2] for h in heads], list(weights.unbind(0)))
-    torch._foreach_copy_([h.offsets[-1] for h in heads], list(biases.unbind(0)))
+    bank = heads[0].bank
+    if bank is not None and all(h.bank is bank for h in heads):  # their rows of the bank, one indexed copy each
+        rows = torch.tensor([h.row for h in heads], device=bank.weight.device)
+        with torch.no_grad():
+            bank.weight[rows], bank.bias[rows] = weights, biases
+    else:
+        torch._foreach_copy_([h.offsets[-2] for h in heads], list(weights.unbind(0)))
+        torch._foreach_copy_([h.offsets[-1] for h in heads], list(biases.unbind(0)))
     torch._foreach_copy_([h.precision for h in heads], [precision.to(heads[0].precision)] * len(heads))
     torch._foreach_copy_([h.lam for h in heads], [torch.tensor(lam, dtype=torch.float64)] * len(heads))
 

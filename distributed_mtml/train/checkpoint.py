@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from distributed_mtml import __version__
+from distributed_mtml.heads.offset_bank import BankRow, entries, optimised
 from distributed_mtml.runtime.checkpoint import (
     SHARED_HEADS_FILE,
     STATE_FILE,
@@ -45,28 +46,41 @@ def tasks_optim_file(rank: int) -> str:
 
 
 def parameter_groups(trunk: nn.Module, modules: nn.ModuleDict, weighting: nn.Module,
-                     shared: nn.ModuleDict | None = None) -> dict[str, list[nn.Parameter]]:
+                     shared: nn.ModuleDict | None = None) -> dict[str, list[nn.Parameter | BankRow]]:
     """'trunk' (with the shared head parts, the same on every rank as the trunk) and each owned
-    task -> its parameters. The optimiser takes them in this order, so its state (indexed by
-    position) can be cut into the same groups."""
-    groups = {"trunk": [*trunk.parameters(), *(shared.parameters() if shared is not None else ())]}
+    task -> its parameters, a bound head's offsets as its rows of the worker's bank
+    (`offset_bank.entries`). The optimiser takes them in this order (`optimised`), so its state
+    (indexed by position) can be cut into the same groups."""
+    groups: dict[str, list[nn.Parameter | BankRow]] = {
+        "trunk": [*trunk.parameters(), *(shared.parameters() if shared is not None else ())]}
     for name, module in modules.items():
-        groups[name] = [*module.parameters(), *weighting.task_parameters(name)]
+        groups[name] = [*entries(module), *weighting.task_parameters(name)]
     return groups
 
 
-def _spans(groups: dict[str, list[nn.Parameter]]) -> dict[str, range]:
-    spans, start = {}, 0
-    for key, params in groups.items():
-        spans[key] = range(start, start + len(params))
-        start += len(params)
-    return spans
+def optimised_parameters(groups: dict[str, list[nn.Parameter | BankRow]]) -> list[nn.Parameter]:
+    """What the optimiser takes: every parameter of `groups`, in order, each once."""
+    return optimised([entry for group in groups.values() for entry in group])
+
+
+def _cut(entry: nn.Parameter | BankRow, state: dict[int, dict], index: dict[int, int]) -> dict:
+    """The optimiser's state of one entry: a parameter's, or a bank row's part of its bank's."""
+    if not isinstance(entry, BankRow):
+        return state.get(index[id(entry)], {})
+    whole = state.get(index[id(entry.param)], {})
+    return {k: v[entry.index] if _shaped(v, entry.param.shape) else v for k, v in whole.items()}
+
+
+def _shaped(value: object, shape: torch.Size) -> bool:
+    """Whether an optimiser state value has a bank's (or a row's) shape: Adam's moments, which
+    are cut by row; not its step count, which every row shares."""
+    return isinstance(value, torch.Tensor) and value.shape == shape
 
 
 def save_worker_state(directory: str, rank: int, epoch: int, plan: str, trunk: nn.Module,
                       modules: nn.ModuleDict, optimizer: torch.optim.Optimizer, weighting: nn.Module,
                       monitor: dict | None = None, shared: nn.ModuleDict | None = None, refit: dict | None = None,
-                      groups: dict[str, list[nn.Parameter]] | None = None) -> None:
+                      groups: dict[str, list[nn.Parameter | BankRow]] | None = None) -> None:
     """This rank's share of a checkpoint: rank 0 the run's state, the trunk and the shared head
     parts, every rank its tasks. `plan`: the run's plan as `plan_text`; `monitor`: the
     best-model and early-stopping state (`runtime/monitor.py`); `refit`: what the heads' refit
@@ -75,8 +89,8 @@ def save_worker_state(directory: str, rank: int, epoch: int, plan: str, trunk: n
     the caller keeps them (a walk over every task's parameters otherwise)."""
     groups = groups or parameter_groups(trunk, modules, weighting, shared)
     state = optimizer.state_dict()
-    per_param = [state["state"].get(i, {}) for i in range(sum(len(p) for p in groups.values()))]
-    spans = _spans(groups)
+    index = {id(p): i for i, p in enumerate(optimised_parameters(groups))}
+    cut = {key: [_cut(entry, state["state"], index) for entry in group] for key, group in groups.items()}
     if rank == 0:
         run_state = {"epoch": epoch, "plan": plan, "version": __version__, "monitor": monitor or {},
                      "refit": refit or {}}
@@ -84,11 +98,11 @@ def save_worker_state(directory: str, rank: int, epoch: int, plan: str, trunk: n
         torch.save(trunk.state_dict(), os.path.join(directory, TRUNK_FILE))
         if shared is not None and len(shared):
             torch.save(shared.state_dict(), os.path.join(directory, SHARED_HEADS_FILE))
-        torch.save({"optimizer": [per_param[i] for i in spans["trunk"]], "param_groups": state["param_groups"],
+        torch.save({"optimizer": cut["trunk"], "param_groups": state["param_groups"],
                     "weighting": weighting.shared_state()}, os.path.join(directory, TRUNK_OPTIM_FILE))
     torch.save(packed({name: module.state_dict() for name, module in modules.items()}),
                os.path.join(directory, tasks_file(rank)))
-    torch.save(packed({name: {"optimizer": [per_param[i] for i in spans[name]],
+    torch.save(packed({name: {"optimizer": cut[name],
                               "weighting": [p.detach().clone() for p in weighting.task_parameters(name)]}
                        for name in modules}), os.path.join(directory, tasks_optim_file(rank)))
 
@@ -108,7 +122,8 @@ def restore_worker_state(directory: str, trunk: nn.Module, modules: nn.ModuleDic
         load_state_dict(module, states[name], f"{directory} (task '{name}')")
     trunk_path = os.path.join(directory, TRUNK_OPTIM_FILE)
     if os.path.exists(trunk_path):
-        _restore_optimizer(directory, modules, optimizer, weighting, load_file(trunk_path))
+        groups = parameter_groups(trunk, modules, weighting, shared)
+        _restore_optimizer(directory, modules, optimizer, weighting, load_file(trunk_path), groups)
     state = load_state(directory)
     return int(state["epoch"]) + 1, state.get("monitor", {}), state.get("refit", {})
 
@@ -120,16 +135,33 @@ def load_shared_heads(shared: nn.ModuleDict | None, directory: str) -> None:
 
 
 def _restore_optimizer(directory: str, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
-                       weighting: nn.Module, saved_trunk: dict) -> None:
-    per_param = list(saved_trunk["optimizer"])
+                       weighting: nn.Module, saved_trunk: dict, groups: dict[str, list[nn.Parameter | BankRow]]) -> None:
+    """The optimiser's state from the trunk's file and each task's (wherever it was saved), a
+    bank's put together from its tasks' rows."""
     weighting.load_state_dict({**weighting.state_dict(), **saved_trunk["weighting"]})
+    saved = {"trunk": list(saved_trunk["optimizer"])}
     by_task = ranked_states(directory, OPTIM_PREFIX)
     for name in modules:
-        saved = by_task.get(name) or load_file(os.path.join(directory, task_optim_file(name)))
-        per_param += saved["optimizer"]
+        task = by_task.get(name) or load_file(os.path.join(directory, task_optim_file(name)))
+        saved[name] = task["optimizer"]
         with torch.no_grad():
-            for p, value in zip(weighting.task_parameters(name), saved["weighting"]):
+            for p, value in zip(weighting.task_parameters(name), task["weighting"]):
                 p.copy_(value)
-    groups = [{**g, "params": current["params"]}
-              for g, current in zip(saved_trunk["param_groups"], optimizer.state_dict()["param_groups"])]
-    optimizer.load_state_dict({"state": {i: s for i, s in enumerate(per_param) if s}, "param_groups": groups})
+    params = optimised_parameters(groups)
+    index = {id(p): i for i, p in enumerate(params)}
+    state: dict[int, dict] = {}
+    rows: dict[int, dict[int, dict]] = {}
+    for key, group in groups.items():
+        for entry, value in zip(group, saved[key]):
+            if isinstance(entry, BankRow):
+                rows.setdefault(index[id(entry.param)], {})[entry.index] = value
+            elif value:
+                state[index[id(entry)]] = value
+    for i, by_row in rows.items():
+        values = [by_row[r] for r in range(len(by_row))]
+        if values[0]:
+            state[i] = {k: torch.stack([v[k] for v in values]) if _shaped(v0, params[i].shape[1:]) else v0
+                        for k, v0 in values[0].items()}
+    param_groups = [{**g, "params": current["params"]}
+                    for g, current in zip(saved_trunk["param_groups"], optimizer.state_dict()["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed_mtml.models import TaskShape, task_losses
+from distributed_mtml.models import TaskShape, by_task, task_losses
 from distributed_mtml.segments import row_places, row_tasks
 
 
@@ -95,7 +95,7 @@ def multitask_step(
     if weighted_total is not None:
         total = weighted_total(losses)
     else:
-        total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        total = losses.sum()
     optimizer.zero_grad(set_to_none=True)
     (total if loss_scale == 1.0 else total * loss_scale).backward()
     if trunk_grad_scale != 1.0:
@@ -103,4 +103,4 @@ def multitask_step(
             if p.grad is not None:
                 p.grad.mul_(trunk_grad_scale)
     optimizer.step()
-    return {n: loss.detach() for n, loss in zip(names, losses)}
+    return by_task(names, losses)

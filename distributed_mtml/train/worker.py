@@ -31,6 +31,7 @@ from distributed_mtml.data.tasks import load_suite_spec, load_tasks
 from distributed_mtml.evaluate import head_inputs, split_metrics
 from distributed_mtml.faults import FaultInjector, FiniteLossGuard
 from distributed_mtml.heads import HEADS, group_key, sync_shared_grads
+from distributed_mtml.heads.offset_bank import BankRow, bind_offsets
 from distributed_mtml.heads.shared_plus_offset import SharedLast, stacked_outputs
 from distributed_mtml.metrics import regression_metrics_by_task
 from distributed_mtml.models import TaskShape, build_shared_heads, build_task_modules, build_trunk
@@ -39,7 +40,12 @@ from distributed_mtml.runtime.checkpoint import plan_text
 from distributed_mtml.runtime.monitor import Monitor
 from distributed_mtml.runtime.worker import ReportCadence, everyones, make_optimizer
 from distributed_mtml.segments import in_suite_order
-from distributed_mtml.train.checkpoint import parameter_groups, restore_worker_state, save_worker_state
+from distributed_mtml.train.checkpoint import (
+    optimised_parameters,
+    parameter_groups,
+    restore_worker_state,
+    save_worker_state,
+)
 from distributed_mtml.train.plan import TrainPlan
 from distributed_mtml.train.step import TaskBatches, epochs, multitask_step
 
@@ -242,7 +248,7 @@ class Worker:
     fault: FaultInjector
     guard: FiniteLossGuard
     cadence: ReportCadence
-    groups: dict[str, list[nn.Parameter]]  # `parameter_groups`: how a checkpoint cuts the optimiser's state
+    groups: dict[str, list[nn.Parameter | BankRow]]  # `parameter_groups`: how a checkpoint cuts the optimiser's state
     pending: list[dict] = field(default_factory=list)  # epochs not yet reported
     best: tuple[int, tempfile.TemporaryDirectory] | None = None  # an unreported best epoch's saved state
     held: dict = field(default_factory=dict)  # streamed tasks' small val splits, after their first pass
@@ -271,11 +277,12 @@ class Worker:
         trunk = build_trunk(cfg.model, shapes).to(device)
         shared = build_shared_heads(cfg.model, shapes, t.seed).to(device)  # every rank holds all of them
         modules = build_task_modules(cfg.model, shapes, t.seed, only=mine, shared=shared, rows=plan.train_rows).to(device)
+        bind_offsets(modules)  # the owned tasks' offsets as one stacked parameter per shared head
         types = {s.name: s.type for s in shapes}
         weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types,
                                    _step_losses(mine, order, world), t.seed, shared_layer.last_weight(trunk)).to(device)
         groups = parameter_groups(trunk, modules, weighting, shared)  # the checkpoint cuts the optimiser's state by them
-        optimizer = make_optimizer(t.optimizer, [p for ps in groups.values() for p in ps], t.lr, t.weight_decay)
+        optimizer = make_optimizer(t.optimizer, optimised_parameters(groups), t.lr, t.weight_decay)
         optimizer.register_step_pre_hook(lambda *_: sync_shared_grads(shared, world))
         start_epoch, monitor, refit = 0, Monitor.of(cfg), {}
         checkpoint = local.get_checkpoint()
