@@ -36,8 +36,41 @@ def test_many_tasks_rows_are_drawn_together_as_each_alone_would_be_and_in_whole_
     assert (shuffled_rows(5, [3], [10], 3, [10])[0] != first[:10]).any()  # and each epoch
     x, y = torch.randn(10, 2), torch.arange(10.0)
     alone = [b[1].tolist() for b in TaskBatches(x, y, 4, seed=5, task_index=3).epoch(2, 3)]
-    beside = epochs([TaskBatches(x, y, 4, 5, 3), TaskBatches(x[:4], y[:4], 4, 5, 7)], 2, 3)[0]
+    beside = [group[0] for group in epochs([TaskBatches(x, y, 4, 5, 3), TaskBatches(x[:4], y[:4], 4, 5, 7)], 2, 3)]
     assert [b[1].tolist() for b in beside] == alone
+
+
+def test_tasks_held_joined_give_each_step_the_batches_each_task_draws_alone():
+    """`join_rows` holds small tasks' rows in one tensor (a task's own rows a view of it) and
+    `epochs` gathers a step's batches of all of them at once: the same rows as each task's own
+    draw, in the sources' order, with a task too large to join and one of another width beside."""
+    from distributed_mtml.train import step
+    from distributed_mtml.train.step import epochs, join_rows
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [5, 9, 3, 12]
+    data = [(torch.randn(n, 3, generator=g), torch.randn(n, generator=g)) for n in sizes]
+    odd = (torch.randn(6, 2, generator=g), torch.randn(6, generator=g))
+
+    def sources(joined: bool):
+        out = [TaskBatches(x, y, 4, 1, i) for i, (x, y) in enumerate(data)] + [TaskBatches(*odd, 4, 1, 9)]
+        if joined:
+            original, step.JOIN_ROWS = step.JOIN_ROWS, 10  # the 12-row task stays apart
+            try:
+                join_rows(out[:4])
+            finally:
+                step.JOIN_ROWS = original
+        return out
+
+    joined = sources(True)
+    assert joined[0].joined is not None and joined[0].joined[0] is joined[2].joined[0] and joined[3].joined is None
+    assert all(torch.equal(b.x, x) for b, (x, _) in zip(joined, data))  # a task's rows, now a view
+    for epoch in (0, 3):
+        alone = list(epochs(sources(False), epoch, 4))
+        together = list(epochs(joined, epoch, 4))
+        assert len(together) == len(alone) == 4
+        for a, b in zip(alone, together):
+            assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
 def test_multitask_step_gradient_is_the_mean_task_gradient():

@@ -51,6 +51,7 @@ class TaskBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, task_index: int):
         self.x, self.y, self.batch_size = x, y, min(batch_size, len(y))
         self.seed, self.task_index = seed, task_index
+        self.joined: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (rows of many tasks, their targets, where its own start)
 
     def epoch(self, epoch: int, steps: int, rows: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`steps` batches; `rows`: this epoch's rows where `epochs` drew them for many tasks at once."""
@@ -61,13 +62,53 @@ class TaskBatches:
             yield self.x[batch], self.y[batch]
 
 
-def epochs(batches: list, epoch: int, steps: int) -> list[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """Each source's batches of the epoch, the in-memory tasks' (`TaskBatches`) rows drawn together;
-    a streamed task's source (`data.stream.StreamedBatches`) draws its own."""
+JOIN_ROWS = 10_000
+"""Tasks with up to this many train rows are held joined (`join_rows`): a step's batches of a
+thousand small tasks are then one gather, not two a task. A larger task gathers its own."""
+
+
+def join_rows(batches: list[TaskBatches]) -> None:
+    """Holds the small tasks' train rows in one tensor (and their targets in another), each task's
+    own rows becoming a view of it, where they share feature width and dtypes: what lets `epochs`
+    take every task's batch of a step in one gather. Memory stays the same once the caller drops
+    the originals (the worker keeps the views as the tasks' train splits)."""
+    small = [b for b in batches if len(b.y) <= JOIN_ROWS]
+    if len(small) < 2 or len({(b.x.shape[1:], b.x.dtype, b.y.shape[1:], b.y.dtype) for b in small}) > 1:
+        return
+    x, y = torch.cat([b.x for b in small]), torch.cat([b.y for b in small])
+    start = 0
+    for b in small:
+        n = len(b.y)
+        b.x, b.y, b.joined = x[start : start + n], y[start : start + n], (x, y, start)
+        start += n
+
+
+def epochs(batches: list, epoch: int, steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each step's batch of every source, in order. The in-memory tasks' (`TaskBatches`) rows are
+    drawn together; those held joined (`join_rows`) are taken in one gather a step and split by
+    task (the same rows as each task's own gather); a streamed task's source
+    (`data.stream.StreamedBatches`) draws its own."""
     held = [b for b in batches if isinstance(b, TaskBatches)]
     drawn = dict(zip(map(id, held), shuffled_rows(held[0].seed, [b.task_index for b in held], [len(b.y) for b in held],
                                                   epoch, [steps * b.batch_size for b in held]))) if held else {}
-    return [b.epoch(epoch, steps, drawn[id(b)]) if id(b) in drawn else b.epoch(epoch, steps) for b in batches]
+    first = next((b.joined[0] for b in held if b.joined is not None), None)
+    joined = [b for b in held if b.joined is not None and b.joined[0] is first]
+    places = {id(b) for b in joined}
+    own = {i: b.epoch(epoch, steps, drawn.get(id(b))) for i, b in enumerate(batches) if id(b) not in places}
+    if not joined:
+        yield from (list(group) for group in zip(*own.values()))
+        return
+    x, y = joined[0].joined[:2]
+    index = torch.from_numpy(np.concatenate([drawn[id(b)].reshape(steps, b.batch_size) + b.joined[2] for b in joined], 1))
+    index, sizes = index.to(x.device), [b.batch_size for b in joined]
+    at = [i for i, b in enumerate(batches) if id(b) in places]
+    for step in range(steps):
+        group: list = [None] * len(batches)
+        for i, part in zip(at, zip(x[index[step]].split(sizes), y[index[step]].split(sizes))):
+            group[i] = part
+        for i, stream in own.items():
+            group[i] = next(stream)
+        yield group
 
 
 def multitask_step(

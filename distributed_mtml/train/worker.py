@@ -47,7 +47,7 @@ from distributed_mtml.train.checkpoint import (
     save_worker_state,
 )
 from distributed_mtml.train.plan import TrainPlan
-from distributed_mtml.train.step import TaskBatches, epochs, multitask_step
+from distributed_mtml.train.step import TaskBatches, epochs, join_rows, multitask_step
 
 
 def _wrap_trunk(trunk: nn.Module, plan: TrainPlan, device: torch.device) -> nn.Module:
@@ -294,6 +294,10 @@ class Worker:
             _average_parameters(trunk, world)  # what DDP's constructor would do: start in agreement
         step_fn = _make_step(plan, placement, trunk, modules, {s.name: s for s in shapes}, optimizer, weighting, device, world)
         batches = {n: _task_batches(plan, n, data, order.index(n), device) for n in mine}
+        join_rows([b for b in batches.values() if isinstance(b, TaskBatches)])
+        for n, b in batches.items():  # a joined task's train split is its view of the joined rows
+            if isinstance(b, TaskBatches):
+                data[n]["train"] = (b.x, b.y)
         return cls(plan, plan_text(payload), rank, world, device, placement, mine, data, trunk, shared, modules, weighting, optimizer, monitor,
                    start_epoch, step_fn, batches, FaultInjector(rank, checkpoint is not None, world < plan.config.scaling.max_workers),
                    FiniteLossGuard(order, mine, device), ReportCadence(t.report_every_s, world, device), groups, em_state=refit)
@@ -309,8 +313,7 @@ class Worker:
         weight_sums = torch.zeros(len(order), dtype=torch.float64)
         relation_sums: dict[str, float] = {}
         samples, measured, begin = 0, 0, time.perf_counter()
-        streams = epochs([self.batches[n] for n in self.mine], epoch, steps)
-        for step, group in enumerate(zip(*streams)):
+        for step, group in enumerate(epochs([self.batches[n] for n in self.mine], epoch, steps)):
             batch = self.fault.strike(epoch, step, dict(zip(self.mine, group)))
             if cfg.relations.enabled and step % cfg.relations.every_n_steps == 0:
                 found = relations.measure(self.trunk, self.modules, shapes, batch, self.placement, order,
