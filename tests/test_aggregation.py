@@ -393,6 +393,30 @@ def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
     assert torch.allclose(gn.task_weights, expected * 2 / expected.sum())
 
 
+@pytest.mark.parametrize("architecture", ["hard", "mmoe", "cross_stitch"])
+def test_task_gradient_norms_at_the_last_layer_from_one_backward_equal_one_grad_a_task(architecture):
+    """`shared_layer.norms` from the rows' gradients at the last Linear's output (one backward)
+    equals one autograd.grad of each task's loss to W (what it does where W is no Linear's), with tasks
+    of different sizes and types, layer norm, passthrough, experts and gates, stitched columns."""
+    from distributed_mtml.aggregation import shared_layer
+    from distributed_mtml.config import ModelConfig, TrunkConfig
+    from distributed_mtml.models import TaskShape, build_task_modules, build_trunk, task_losses
+
+    cfg = ModelConfig(trunk=TrunkConfig(widths=[8, 6], layer_norm=True, passthrough=True), architecture=architecture)
+    shapes = {"a": TaskShape("a", "regression", 4), "b": TaskShape("b", "classification", 4, 3),
+              "c": TaskShape("c", "regression", 4), "d": TaskShape("d", "regression", 4)}
+    torch.manual_seed(0)
+    trunk = build_trunk(cfg, list(shapes.values()))
+    modules = build_task_modules(cfg, list(shapes.values()), 0)
+    layer = shared_layer.watch(trunk)
+    sizes = {"a": 3, "b": 5, "c": 2, "d": 7}
+    batches = {n: (torch.randn(k, 4), torch.randint(0, 3, (k,)) if n == "b" else torch.randn(k)) for n, k in sizes.items()}
+    losses = task_losses(trunk, modules, shapes, batches)
+    fast, slow = shared_layer.norms(losses, layer, list(sizes.values())), shared_layer.norms(losses, layer.weight)
+    assert (layer.module is None) == (architecture == "cross_stitch") and (slow > 0).all()  # its W: a stitch matrix
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=0)
+
+
 def test_db_mtl_scales_every_log_loss_gradient_to_the_largest():
     """At the first step (no EMA yet) every task's weighted gradient at W has the size of the
     largest gradient of a log loss, max_j |d log L_j / d W| (task b's here, sqrt 3)."""

@@ -52,6 +52,7 @@ from distributed_mtml.aggregation.loss_weighting import (
     UncertaintyWeighting,
 )
 from distributed_mtml.aggregation.rlw import RandomLossWeighting
+from distributed_mtml.aggregation.shared_layer import LastLayer
 from distributed_mtml.aggregation.stch import SmoothTchebycheff
 
 
@@ -140,13 +141,13 @@ GRADIENT_METHODS = [name for name, m in METHODS.items() if m.kind != "loss"]
 
 def loss_weighting(method: Method, owned: list[str], order: list[str], options: dict,
                    types: dict[str, str] | None = None, gather: Gather | None = None, seed: int = 0,
-                   shared: torch.nn.Parameter | None = None) -> LossWeighting:
+                   shared: torch.nn.Parameter | LastLayer | None = None) -> LossWeighting:
     """The per-worker loss weighting: the method's own for "loss" methods, equal otherwise (for a
     Gram method with state, its holder: GradVac's targets).
     `types` (task -> "classification" | "regression") picks UW's form per task; `gather` gives
     every task's loss where the method needs it (`step_losses`; default: this process holds
-    every task); `seed` is the run's; `shared` the trunk's last weight matrix, for the methods
-    that measure task gradients there."""
+    every task); `seed` is the run's; `shared` the trunk's last weight matrix (or
+    `shared_layer.watch` of the trunk), for the methods that measure task gradients there."""
     cls = method.loss_weighting or LossWeighting
     own = options if method.kind == "loss" else {}  # a Gram method's options go to its weights function
     if method.shared_layer:

@@ -34,9 +34,9 @@ class DualBalancing(StepWeighting):
         self.register_buffer("sizes", torch.zeros(len(order), dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         every = self.suite_losses(losses) + FLOOR
-        size = self.gather(norms(losses, self.at[0])) / every
+        size = self.gather(norms(losses, self.at[0], rows)) / every
         self.sizes = size if self.steps == 0 else self.beta * self.sizes + (1 - self.beta) * size
         self.steps += 1
         return self.sizes.max() / self.sizes.clamp_min(1e-30) / every

@@ -33,7 +33,7 @@ class FastAdaptiveWeighting(StepWeighting):
             self.register_buffer(name, torch.zeros(k, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         every = self.suite_losses(losses).to(self.logits) + OFFSET
         if self.steps > 0:
             self._learn(torch.log(self.previous) - torch.log(every))

@@ -20,6 +20,6 @@ class GeometricLossStrategy(StepWeighting):
     def __init__(self, owned: list[str], order: list[str], types: dict[str, str] | None = None, **common):
         super().__init__(owned, order, types, **common)
 
-    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         every = self.suite_losses(losses).clamp_min(FLOOR)
         return torch.exp(torch.log(every).mean()) / every

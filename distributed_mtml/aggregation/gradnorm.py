@@ -37,12 +37,12 @@ class GradNorm(LossWeighting):
     def multipliers(self) -> torch.Tensor:
         return self.task_weights[self.places].float()
 
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def total(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         out = super().total(losses)  # this step's weights; the update below is for the next
         every = self.suite_losses(losses)
         if not bool(self.initial.any()):
             self.initial = every.clamp_min(1e-12)
-        self._learn(every, self.gather(norms(losses, self.at[0])))
+        self._learn(every, self.gather(norms(losses, self.at[0], rows)))
         return out
 
     def _learn(self, every: torch.Tensor, norms: torch.Tensor) -> None:

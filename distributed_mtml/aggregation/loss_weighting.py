@@ -56,8 +56,9 @@ class LossWeighting(nn.Module):
         """One multiplier per owned task, in `owned` order."""
         return torch.ones(len(self.owned))
 
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """The sum of the owned tasks' weighted losses, with any regulariser."""
+    def total(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+        """The sum of the owned tasks' weighted losses, with any regulariser. `rows`: each owned
+        task's rows in this step's batch, where the step knows them (`shared_layer.norms` uses them)."""
         losses = as_vector(losses)
         return (losses * self.multipliers().to(losses.device)).sum()
 
@@ -92,11 +93,11 @@ class StepWeighting(LossWeighting):
     def multipliers(self) -> torch.Tensor:
         return self.last
 
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        self.last = self.suite_multipliers(losses)[self.places].float().to(self.last.device)
+    def total(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+        self.last = self.suite_multipliers(losses, rows)[self.places].float().to(self.last.device)
         return super().total(losses)
 
-    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -124,7 +125,7 @@ class UncertaintyWeighting(LossWeighting):
     def multipliers(self) -> torch.Tensor:
         return self.factor * torch.exp(-self.log_variances())
 
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def total(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         return super().total(losses) + 0.5 * self.log_variances().sum()
 
 

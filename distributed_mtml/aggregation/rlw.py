@@ -24,7 +24,7 @@ class RandomLossWeighting(LossWeighting):
         z = torch.randn(len(self.order), generator=draw, dtype=torch.float64)
         return (len(self.order) * torch.softmax(z, 0))[self.places].float()
 
-    def total(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def total(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         out = super().total(losses)
         self.steps += 1
         return out

@@ -29,7 +29,7 @@ class SmoothTchebycheff(StepWeighting):
         self.register_buffer("nadir", torch.zeros(len(order), dtype=torch.float64))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
-    def suite_multipliers(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def suite_multipliers(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         every = self.suite_losses(losses).clamp_min(FLOOR)
         if self.seen <= self.warmup:
             return 1 / every

@@ -118,7 +118,7 @@ def multitask_step(
     batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     loss_scale: float,
-    weighted_total: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+    weighted_total: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
     trunk_grad_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
@@ -134,7 +134,7 @@ def multitask_step(
     names = list(batches)
     losses = task_losses(trunk, modules, shapes, batches, autocast)
     if weighted_total is not None:
-        total = weighted_total(losses)
+        total = weighted_total(losses, [len(y) for _, y in batches.values()])
     else:
         total = losses.sum()
     optimizer.zero_grad(set_to_none=True)

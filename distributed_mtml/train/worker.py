@@ -279,8 +279,9 @@ class Worker:
         modules = build_task_modules(cfg.model, shapes, t.seed, only=mine, shared=shared, rows=plan.train_rows).to(device)
         bind_offsets(modules)  # the owned tasks' offsets as one stacked parameter per shared head
         types = {s.name: s.type for s in shapes}
-        weighting = loss_weighting(cfg.aggregation.resolved(), mine, order, cfg.aggregation.options(), types,
-                                   _step_losses(mine, order, world), t.seed, shared_layer.last_weight(trunk)).to(device)
+        method = cfg.aggregation.resolved()
+        weighting = loss_weighting(method, mine, order, cfg.aggregation.options(), types, _step_losses(mine, order, world),
+                                   t.seed, shared_layer.watch(trunk) if method.shared_layer else None).to(device)
         groups = parameter_groups(trunk, modules, weighting, shared)  # the checkpoint cuts the optimiser's state by them
         optimizer = make_optimizer(t.optimizer, optimised_parameters(groups), t.lr, t.weight_decay)
         optimizer.register_step_pre_hook(lambda *_: sync_shared_grads(shared, world))
