@@ -75,8 +75,9 @@ def test_a_search_chooses_by_validation_and_only_its_repeats_score_the_test_spli
         "model": {"trunk": {"widths": [16]}}, "training": {"epochs": 3, "batch_size": 32},
         "scaling": {"num_workers": 0}, "checkpoint": {"dir": str(tmp_path / "runs")},
         "search": {"space": {"training.lr": {"grid": [1.0e-4, 3.0e-3]}}},
-        "tune": {"num_samples": 1, "repeats": 2, "cpus_per_trial": 0.5}}))
-    assert main(["tune", "--config", str(path), "--tracking-uri", uri]) == 0
+        "tune": {"num_samples": 1, "repeats": 2, "cpus_per_trial": 0.5,
+                 "grace_period": 4}}))  # no rung before the end: with two trials at once, ASHA's stop would
+    assert main(["tune", "--config", str(path), "--tracking-uri", uri]) == 0  # hang on which reaches it first
     out = capsys.readouterr().out
     c = Tracker(uri).client()
     runs = c.search_runs([c.get_experiment_by_name("distributed-mtml").experiment_id])

@@ -43,7 +43,8 @@ def test_many_tasks_rows_are_drawn_together_as_each_alone_would_be_and_in_whole_
 def test_tasks_held_joined_give_each_step_the_batches_each_task_draws_alone():
     """`join_rows` holds small tasks' rows in one tensor (a task's own rows a view of it) and
     `epochs` gathers a step's batches of all of them at once: the same rows as each task's own
-    draw, in the sources' order, with a task too large to join and one of another width beside."""
+    draw, in the sources' order, with a task too large to join, one of another width and a
+    streamed source beside."""
     from distributed_mtml.train import step
     from distributed_mtml.train.step import epochs, join_rows
 
@@ -52,8 +53,12 @@ def test_tasks_held_joined_give_each_step_the_batches_each_task_draws_alone():
     data = [(torch.randn(n, 3, generator=g), torch.randn(n, generator=g)) for n in sizes]
     odd = (torch.randn(6, 2, generator=g), torch.randn(6, generator=g))
 
+    class Streamed:  # a streamed task's source (`data.stream.StreamedBatches`): it draws its own rows
+        def epoch(self, epoch: int, steps: int):
+            return iter([(torch.full((2, 3), float(epoch * 10 + s)), torch.zeros(2)) for s in range(steps)])
+
     def sources(joined: bool):
-        out = [TaskBatches(x, y, 4, 1, i) for i, (x, y) in enumerate(data)] + [TaskBatches(*odd, 4, 1, 9)]
+        out = [TaskBatches(x, y, 4, 1, i) for i, (x, y) in enumerate(data)] + [TaskBatches(*odd, 4, 1, 9), Streamed()]
         if joined:
             original, step.JOIN_ROWS = step.JOIN_ROWS, 10  # the 12-row task stays apart
             try:

@@ -94,7 +94,8 @@ def epochs(batches: list, epoch: int, steps: int) -> Iterator[list[tuple[torch.T
     first = next((b.joined[0] for b in held if b.joined is not None), None)
     joined = [b for b in held if b.joined is not None and b.joined[0] is first]
     places = {id(b) for b in joined}
-    own = {i: b.epoch(epoch, steps, drawn.get(id(b))) for i, b in enumerate(batches) if id(b) not in places}
+    own = {i: b.epoch(epoch, steps, drawn[id(b)]) if id(b) in drawn else b.epoch(epoch, steps)
+           for i, b in enumerate(batches) if id(b) not in places}
     if not joined:
         yield from (list(group) for group in zip(*own.values()))
         return
