@@ -212,11 +212,6 @@ def task_losses(
                             for n, f in zip(names, features.split(sizes))])
 
 
-def by_task(names: list[str], losses: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A step's losses (`task_losses`), detached, by task: what the step functions return."""
-    return dict(zip(names, losses.detach().unbind()))
-
-
 def _segment_losses(shape: TaskShape, output: torch.Tensor, target: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """`task_loss` of tasks of one type and width at once, their rows joined (`sizes` a task):
     per-row losses, then each task's mean."""

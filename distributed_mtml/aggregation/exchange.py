@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_mtml.aggregation import Method, combine
-from distributed_mtml.models import by_task, head_parameters, task_losses
+from distributed_mtml.models import head_parameters, task_losses
 
 
 def gather_task_grads(local: torch.Tensor, placement: list[list[str]], order: list[str]) -> torch.Tensor:
@@ -99,13 +99,12 @@ def aggregated_step(
     seed: int,
     options: dict,
     autocast: torch.dtype | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step with a conflict-aware trunk update; returns task losses and the weights [K].
 
     Each owned task's trunk gradient is taken separately from one shared forward; the heads
     and adapters get their own task's plain gradient; the trunk gets sum_k w_k g_k.
     """
-    names = list(batches)
     losses, stacked = task_trunk_gradients(trunk, modules, shapes, batches, keep_graph=True, autocast=autocast)
     params = [p for p in trunk.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
@@ -114,4 +113,4 @@ def aggregated_step(
     aggregated, w = combine(all_grads, method, seed, **options)
     write_grad(params, aggregated)
     optimizer.step()
-    return by_task(names, losses), w
+    return losses.detach(), w

@@ -77,7 +77,7 @@ def overlapped_step(
     seed: int,
     options: dict,
     autocast: torch.dtype | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step with one task per rank; returns the task loss and the weights [K] in suite order.
 
     `rank_order[k]` is the rank that owns the suite's k-th task, so every method sees the
@@ -94,4 +94,4 @@ def overlapped_step(
     w_by_rank[rank_order] = w
     state.apply(w_by_rank)
     optimizer.step()
-    return {name: loss.detach()}, w
+    return loss.detach().view(1), w

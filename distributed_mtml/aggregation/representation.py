@@ -26,7 +26,7 @@ from torch import nn
 from distributed_mtml.aggregation import Method
 from distributed_mtml.aggregation.exchange import gather_task_grads
 from distributed_mtml.collective import sum_grads
-from distributed_mtml.models import by_task, learned_width, task_losses
+from distributed_mtml.models import learned_width, task_losses
 
 
 def task_representations(trunk: nn.Module, modules: nn.ModuleDict, shapes: dict,
@@ -63,7 +63,7 @@ def representation_step(
     seed: int,
     options: dict,
     autocast: torch.dtype | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step with weights from the representation Gram; returns task losses and weights [K]."""
     names = list(batches)
     optimizer.zero_grad(set_to_none=True)
@@ -83,7 +83,7 @@ def representation_step(
     if len(placement) > 1:
         sum_grads(params, dist.get_world_size())  # the trunk's sum_t w_t g_t: each rank holds its tasks' part
     optimizer.step()
-    return by_task(names, losses), w
+    return losses.detach(), w
 
 
 def _accumulate(params: list[nn.Parameter], grads: tuple) -> None:

@@ -4,8 +4,9 @@ With a thousand tasks of one shared regression head, each task's offsets were tw
 parameters: every step stacked them into [T, k, d] and [T, k] to run the tasks at once, and the
 optimiser updated 2T tensors. Bound to a bank, a task's offsets are row `row` of the bank's two
 parameters: the step indexes them by task id, with no copy, and the optimiser updates two
-tensors (`jobs/bench_offset_bank.py`, one core, 5,000 tasks of 8 rows: 320 ms a step with a
-parameter pair per task, 84 ms with the bank).
+tensors (`jobs/bench_offset_bank.py`, one core, 5,000 tasks of 8 rows: 300 ms a step with a
+parameter pair per task, 64 ms with the bank). Each bound head's `lam` is a view of the bank's,
+so the step reads every task's penalty strength at once too.
 
 What is saved does not change: a task's state dict holds its row as its own offsets
 (`OffsetHead`), and a checkpoint cuts the optimiser's state of the bank into each task's rows
@@ -36,6 +37,8 @@ class OffsetBank(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.stack([h.offsets[0].detach() for h in heads]))
         self.bias = nn.Parameter(torch.stack([h.offsets[1].detach() for h in heads]))
+        self.register_buffer("lam", torch.stack([h.lam for h in heads]))  # each head's lam is its row's view
+        self.register_buffer("train_rows", torch.tensor([h.rows for h in heads], dtype=torch.float64))
 
     def rows(self, index: int) -> list[BankRow]:
         return [BankRow(self.weight, index), BankRow(self.bias, index)]

@@ -91,6 +91,7 @@ class OffsetHead(nn.Module):
         object.__setattr__(self, "bank", bank)
         object.__setattr__(self, "row", row)
         self._modules["offsets"] = nn.ParameterList()
+        self._buffers["lam"] = bank.lam[row]  # a view: a refit or a load writes the bank's
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -196,7 +197,11 @@ def stacked_outputs(heads: list[nn.Module], features: list[torch.Tensor]) -> lis
 def stacked_penalties(heads: list[nn.Module]) -> torch.Tensor:
     """Each `OffsetHead`'s `penalty` (0 where it has none), as one [T] tensor."""
     weight, bias = _stacked(heads)
-    scale = (torch.stack([h.lam for h in heads]) / torch.tensor([h.rows for h in heads], dtype=torch.float64)).to(weight)
+    bank = heads[0].bank
+    if bank is not None and weight is bank.weight:  # every row of the bank, in order
+        scale = (bank.lam / bank.train_rows).to(weight)
+    else:
+        scale = (torch.stack([h.lam for h in heads]) / torch.tensor([h.rows for h in heads], dtype=torch.float64)).to(weight)
     return scale * (weight.pow(2).flatten(1).sum(1) + bias.pow(2).sum(1))
 
 

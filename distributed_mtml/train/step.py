@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed_mtml.models import TaskShape, by_task, task_losses
+from distributed_mtml.models import TaskShape, task_losses
 from distributed_mtml.segments import row_places, row_tasks
 
 
@@ -122,17 +122,16 @@ def multitask_step(
     weighted_total: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
     trunk_grad_scale: float = 1.0,
-) -> dict[str, torch.Tensor]:
+) -> torch.Tensor:
     """Forward all owned tasks' batches (under `autocast`), backward the scaled (weighted) sum
     of their losses, scale the trunk's gradient, step. Returns each task's (detached,
-    unweighted) loss.
+    unweighted) loss, [tasks] in the batches' order.
 
     With `loss_scale` 1/K (K tasks in the suite) every head and adapter gets the gradient of
     the suite's mean loss, however many workers there are; DDP averages the trunk's gradient
     over W ranks, so `trunk_grad_scale` W makes it the sum over ranks, the suite's mean again.
     (Scaling the loss by W/K instead gives the same trunk, but heads whose gradient, and Adam
     moments, depend on W: a run could not move tasks between worker counts.)"""
-    names = list(batches)
     losses = task_losses(trunk, modules, shapes, batches, autocast)
     if weighted_total is not None:
         total = weighted_total(losses, [len(y) for _, y in batches.values()])
@@ -145,4 +144,4 @@ def multitask_step(
             if p.grad is not None:
                 p.grad.mul_(trunk_grad_scale)
     optimizer.step()
-    return by_task(names, losses)
+    return losses.detach()

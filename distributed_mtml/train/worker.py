@@ -71,8 +71,9 @@ def _make_step(
     weighting: nn.Module,
     device: torch.device,
     world: int,
-) -> Callable[[dict, int], tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    """The step function for this run: (batch, seed) -> (task losses, task weights or None).
+) -> Callable[[dict, int], tuple[torch.Tensor, torch.Tensor | None]]:
+    """The step function for this run: (batch, seed) -> (the batch's task losses in its order,
+    task weights or None).
 
     - Gradient methods with one task per rank: DDP whose hook all-gathers the buckets during
       the backward (`aggregation.overlap`), the fastest exchange.
@@ -327,7 +328,7 @@ class Worker:
                 weight_sums += w
             if local_sgd and ((step + 1) % t.sync_every == 0 or step + 1 == steps):
                 _average_parameters(self.trunk, self.world)
-            values = torch.stack([losses[n] for n in self.mine]).detach()
+            values = losses.detach()  # the owned tasks', in the batch's order (`mine`)
             sums += values
             self.guard.observe(values, step)
             samples += sum(len(y) for _, y in group)
