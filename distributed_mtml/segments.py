@@ -28,9 +28,10 @@ def segment_means(values: torch.Tensor, tasks: torch.Tensor, sizes: list[int]) -
 
 
 def in_suite_order(values: torch.Tensor, owned: list[str], order: list[str], fill: float) -> torch.Tensor:
-    """`values` of the `owned` tasks (in that order) at their places in the suite's `order`,
-    `fill` elsewhere: a rank's share of a suite-wide vector that one all-reduce completes."""
-    out = torch.full((len(order),), fill, dtype=values.dtype, device=values.device)
+    """`values` of the `owned` tasks (in that order; a row each where they have columns) at their
+    places in the suite's `order`, `fill` elsewhere: a rank's share of a suite-wide vector (or
+    table) that one all-reduce completes."""
+    out = torch.full((len(order), *values.shape[1:]), fill, dtype=values.dtype, device=values.device)
     places = {name: i for i, name in enumerate(order)}
     out[torch.tensor([places[name] for name in owned], device=values.device)] = values
     return out

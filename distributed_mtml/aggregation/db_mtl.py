@@ -10,7 +10,7 @@ last shared layer (`shared_layer`): n_i = |d L_i / d W| / L_i, their EMA m_i, an
 multiplier on L_i is (max_j m_j / m_i) / L_i. The paper balances an EMA of each task's whole
 shared gradient vector; here the EMA is of its size at W, and the update is that of the current
 gradients. Not the mean's scale: the step follows the largest task gradient, as in the paper.
-The EMA is state, the same on every rank (one all-reduce of K floats a step), saved with the
+The EMA is state, the same on every rank (one all-reduce of the K losses and K norms a step), saved with the
 checkpoint.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distributed_mtml.aggregation.loss_weighting import StepWeighting
-from distributed_mtml.aggregation.shared_layer import norms
+from distributed_mtml.aggregation.shared_layer import suite_losses_and_norms
 
 FLOOR = 1e-8  # the paper's offset inside the logarithm
 
@@ -35,8 +35,9 @@ class DualBalancing(StepWeighting):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def suite_multipliers(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
-        every = self.suite_losses(losses) + FLOOR
-        size = self.gather(norms(losses, self.at[0], rows)) / every
+        every, norms = suite_losses_and_norms(losses, self.at[0], rows, self.gather)
+        every = every + FLOOR
+        size = norms / every
         self.sizes = size if self.steps == 0 else self.beta * self.sizes + (1 - self.beta) * size
         self.steps += 1
         return self.sizes.max() / self.sizes.clamp_min(1e-30) / every

@@ -9,7 +9,7 @@ gradient step of `gradnorm_lr`, then are renormalised to sum to K. `gradnorm_alp
 1.5 for its tasks) sets how hard slow tasks are pushed.
 
 Across workers the weights are the same on every rank: each rank measures n_i of its own tasks,
-and the norms and losses of all come from one all-reduce each (2K floats a step). The weights
+and the norms and losses of all come from one all-reduce (2K floats a step). The weights
 and L(0) are state, saved with the checkpoint. The paper trains w with the network's optimiser;
 here it is a plain gradient step, so that it stays the same on every rank without an optimiser
 state of its own.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from distributed_mtml.aggregation.loss_weighting import LossWeighting
-from distributed_mtml.aggregation.shared_layer import norms
+from distributed_mtml.aggregation.shared_layer import suite_losses_and_norms
 
 
 class GradNorm(LossWeighting):
@@ -39,10 +39,10 @@ class GradNorm(LossWeighting):
 
     def total(self, losses: torch.Tensor | list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         out = super().total(losses)  # this step's weights; the update below is for the next
-        every = self.suite_losses(losses)
+        every, norms = suite_losses_and_norms(losses, self.at[0], rows, self.gather)
         if not bool(self.initial.any()):
             self.initial = every.clamp_min(1e-12)
-        self._learn(every, self.gather(norms(losses, self.at[0], rows)))
+        self._learn(every, norms)
         return out
 
     def _learn(self, every: torch.Tensor, norms: torch.Tensor) -> None:

@@ -3,8 +3,8 @@
 Both papers measure a task's pull on the shared network at its last shared weight matrix W
 (cheaper than the whole trunk, and for a plain trunk the layer every head reads). Here W is the
 trunk's last parameter of two or more dimensions in module order: an MLP trunk's last Linear, an
-expert trunk's last expert's. The norms of all tasks come from the weighting's gather (one
-all-reduce of K floats across workers).
+expert trunk's last expert's. The norms of all tasks come with their losses from the
+weighting's gather (one all-reduce of 2K floats across workers, `suite_losses_and_norms`).
 
 How a rank takes its own tasks' norms:
 - W an `nn.Linear`'s weight (`watch` finds it and keeps what its last forward saw): one backward
@@ -18,6 +18,7 @@ How a rank takes its own tasks' norms:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -68,6 +69,16 @@ def norms(losses: torch.Tensor | list[torch.Tensor], at: nn.Parameter | LastLaye
         (grad,) = torch.autograd.grad(loss, layer.weight, retain_graph=True, allow_unused=True)
         out.append(grad.detach().double().norm() if grad is not None else torch.zeros((), dtype=torch.float64))
     return torch.stack(out)
+
+
+def suite_losses_and_norms(losses: torch.Tensor | list[torch.Tensor], at: nn.Parameter | LastLayer,
+                           rows: list[int] | None, gather: Callable[[torch.Tensor], torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every task's loss and its gradient norm at W, [K] float64 each in suite order, from one
+    gather of both (one all-reduce of 2K floats a step, not two of K)."""
+    vector = losses if isinstance(losses, torch.Tensor) else torch.stack(list(losses))
+    both = gather(torch.stack([vector.detach().double(), norms(losses, at, rows)], 1))
+    return both[:, 0], both[:, 1]
 
 
 def _from_rows(losses: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor], rows: list[int]) -> torch.Tensor:
