@@ -10,7 +10,11 @@ fresh `mtml train` process timed from start to exit, side by side in one run:
   local mode    `scaling.num_workers: 0`: the training function in the command's own process
 The kept epoch and its validation loss are printed beside each: they must agree. Then a
 training search over the same job (`mtml tune` with a `search:` section): 16 local-mode trials
-of learning rate x aggregation method under ASHA, and one repeat of the best.
+of learning rate x aggregation method under ASHA, and one repeat of the best. The anchor, last:
+scikit-learn in a fresh process of its own (imports included), a standardised MLP of the
+article's trunk widths (100, 50) per task for the same 60 epochs, fitted on train and scored on
+val (its mean val MSE in the targets' own units, which `val/mean_loss` is not: it is on
+standardised targets).
 Targets: local mode at most 6 s, 2 workers at most 25 s, the 16-trial search at most
 3 minutes.
 """
@@ -82,8 +86,41 @@ def main() -> None:
     wall = _search(suite, a.epochs)
     rows.append(["16-trial search", f"{wall:.1f}", f"{wall / base:.2f}x", "", ""])
     print(f"[bench] 16-trial search: {wall:.1f} s", flush=True)
+    wall, mse = _scikit_learn(suite, a.epochs)
+    rows.append(["scikit-learn MLP per task", f"{wall:.1f}", f"{wall / base:.2f}x", "", f"(val MSE {mse:.4f})"])
+    print(f"[bench] scikit-learn: {wall:.1f} s", flush=True)
     print()
     print(table(["mode", "wall s", "x every epoch", "kept epoch", "its val/mean_loss"], rows))
+
+
+ANCHOR = """
+import glob, os, sys, warnings
+import numpy as np, pandas as pd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+warnings.filterwarnings("ignore", category=ConvergenceWarning)
+errors = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.parquet"))):
+    d = pd.read_parquet(path)
+    x, y = d.drop(columns=["y", "split"]).to_numpy(), d["y"].to_numpy()
+    train, val = (d["split"] == "train").to_numpy(), (d["split"] == "val").to_numpy()
+    model = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(100, 50), batch_size=32, learning_rate_init=0.003,
+                                                         max_iter=int(sys.argv[2]), random_state=0))
+    model.fit(x[train], y[train])
+    errors.append(float(np.mean((model.predict(x[val]) - y[val]) ** 2)))
+print(np.mean(errors))
+"""
+
+
+def _scikit_learn(suite: str, epochs: int) -> tuple[float, float]:
+    """(wall seconds, mean val MSE) of the anchor (see the module's docstring), its own process."""
+    begin = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", ANCHOR, suite, str(epochs)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the scikit-learn anchor failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - begin, float(done.stdout.strip().splitlines()[-1])
 
 
 def _search(suite: str, epochs: int) -> float:
