@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from distributed_mtml.aggregation.loss_weighting import as_vector
+
 
 @dataclass
 class LastLayer:
@@ -63,7 +65,7 @@ def norms(losses: torch.Tensor | list[torch.Tensor], at: nn.Parameter | LastLaye
     layer = at if isinstance(at, LastLayer) else LastLayer(at)
     seen = layer.seen
     if seen is not None and rows is not None and sum(rows) == len(seen[0]) and seen[1].requires_grad:
-        return _from_rows(torch.stack(list(losses)) if isinstance(losses, list) else losses, seen, rows)
+        return _from_rows(as_vector(losses), seen, rows)
     out = []
     for loss in losses:
         (grad,) = torch.autograd.grad(loss, layer.weight, retain_graph=True, allow_unused=True)
@@ -76,8 +78,7 @@ def suite_losses_and_norms(losses: torch.Tensor | list[torch.Tensor], at: nn.Par
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every task's loss and its gradient norm at W, [K] float64 each in suite order, from one
     gather of both (one all-reduce of 2K floats a step, not two of K)."""
-    vector = losses if isinstance(losses, torch.Tensor) else torch.stack(list(losses))
-    both = gather(torch.stack([vector.detach().double(), norms(losses, at, rows)], 1))
+    both = gather(torch.stack([as_vector(losses).detach().double(), norms(losses, at, rows)], 1))
     return both[:, 0], both[:, 1]
 
 

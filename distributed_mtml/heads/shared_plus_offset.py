@@ -61,7 +61,7 @@ def shared(out_width: int, cfg: ModelConfig, trunk_out: int) -> nn.Module:
 class OffsetHead(nn.Module):
     """The shared head evaluated at its parameters plus this task's offsets (zero at start).
 
-    In training a worker binds its tasks' offsets to one stacked `heads.stacked.OffsetBank`: the
+    In training a worker binds its tasks' offsets to one stacked `heads.offset_bank.OffsetBank`: the
     offsets are then row `row` of its parameters, and the head's state dict still holds them as
     its own (`offsets.0`, `offsets.1`), so a saved head reads the same bound or not."""
 
@@ -160,16 +160,25 @@ def _one_shared_linear(heads: list[nn.Module]) -> bool:
         for h in heads)
 
 
-def _stacked(heads: list[OffsetHead]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The heads' offsets as [T, k, d] and [T, k]: their bank itself when they are its rows in
-    order (a worker's step: no copy), its rows indexed, or each head's own stacked."""
+def _bank_rows(heads: list[OffsetHead]) -> tuple[nn.Module, torch.Tensor | None] | None:
+    """(the bank every head of `heads` is bound to, their rows of it; None when they are all its
+    rows in order: a worker's step), or None when they are not all rows of one bank."""
     bank = heads[0].bank
-    if bank is not None and all(h.bank is bank for h in heads):
-        if len(heads) == len(bank.weight) and all(h.row == i for i, h in enumerate(heads)):
-            return bank.weight, bank.bias
-        rows = torch.tensor([h.row for h in heads], device=bank.weight.device)
-        return bank.weight[rows], bank.bias[rows]
-    return torch.stack([h.offsets[0] for h in heads]), torch.stack([h.offsets[1] for h in heads])
+    if bank is None or not all(h.bank is bank for h in heads):
+        return None
+    if len(heads) == len(bank.weight) and all(h.row == i for i, h in enumerate(heads)):
+        return bank, None
+    return bank, torch.tensor([h.row for h in heads], device=bank.weight.device)
+
+
+def _stacked(heads: list[OffsetHead]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads' offsets as [T, k, d] and [T, k]: their bank itself (no copy), its rows indexed,
+    or each head's own stacked."""
+    found = _bank_rows(heads)
+    if found is None:
+        return torch.stack([h.offsets[0] for h in heads]), torch.stack([h.offsets[1] for h in heads])
+    bank, rows = found
+    return (bank.weight, bank.bias) if rows is None else (bank.weight[rows], bank.bias[rows])
 
 
 def stacked_output(heads: list[nn.Module], joined: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
@@ -197,11 +206,13 @@ def stacked_outputs(heads: list[nn.Module], features: list[torch.Tensor]) -> lis
 def stacked_penalties(heads: list[nn.Module]) -> torch.Tensor:
     """Each `OffsetHead`'s `penalty` (0 where it has none), as one [T] tensor."""
     weight, bias = _stacked(heads)
-    bank = heads[0].bank
-    if bank is not None and weight is bank.weight:  # every row of the bank, in order
-        scale = (bank.lam / bank.train_rows).to(weight)
-    else:
-        scale = (torch.stack([h.lam for h in heads]) / torch.tensor([h.rows for h in heads], dtype=torch.float64)).to(weight)
+    found = _bank_rows(heads)
+    if found is None:
+        scale = torch.stack([h.lam for h in heads]) / torch.tensor([h.rows for h in heads], dtype=torch.float64)
+    else:  # the bank holds every head's lam and rows
+        bank, rows = found
+        scale = bank.lam / bank.train_rows if rows is None else (bank.lam / bank.train_rows)[rows]
+    scale = scale.to(weight)
     return scale * (weight.pow(2).flatten(1).sum(1) + bias.pow(2).sum(1))
 
 
@@ -268,9 +279,10 @@ def _set_solutions(heads: list[OffsetHead], solutions: torch.Tensor, lam: float,
         return
     weights = solutions[:, :-1].to(heads[0].offsets[-2]).view(len(heads), *heads[0].offsets[-2].shape)
     biases = solutions[:, -1:].to(heads[0].offsets[-1])
-    bank = heads[0].bank
-    if bank is not None and all(h.bank is bank for h in heads):  # their rows of the bank, one indexed copy each
-        rows = torch.tensor([h.row for h in heads], device=bank.weight.device)
+    found = _bank_rows(heads)
+    if found is not None:  # their rows of the bank, one copy each
+        bank, rows = found
+        rows = slice(None) if rows is None else rows
         with torch.no_grad():
             bank.weight[rows], bank.bias[rows] = weights, biases
     else:
